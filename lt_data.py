@@ -1,0 +1,594 @@
+"""Long-tailed datasets, their balanced twins, shot groups and SSL views.
+
+Shared by every training script and by ``linear_probe.py``. Run it to inspect a split:
+
+    python lt_data.py --dataset cifar10 --imbalance-ratio 100
+    python lt_data.py --dataset synthetic --synthetic-classes 20 --imbalance-profile step
+
+Datasets (``--dataset``):
+  cifar10, cifar100  torchvision's on-disk python format under ``--data-dir``.
+  imagenet-lt        OLTR split files (``relative/path label`` lines) over an image root.
+  imagefolder        ``--data-dir`` holding ``train/`` and ``val/`` folders of class folders.
+  synthetic          procedurally generated, class-structured images; no files, no download.
+
+Long-tail construction (Cao et al. 2019, "LDAM"): class i keeps int(n_max * r^(-i/(C-1)))
+images (``exp``) or half the classes keep n_max and half n_max/r (``step``); which images
+is a seeded per-class choice. The *balanced twin* has the same total and uniform class
+counts, drawn from the same call (Liu et al. 2022 compare pre-training on both).
+
+Every training sample is returned as ``(views, label, index)`` where ``index`` is the
+sample's position in the pre-training set (0..N-1), so per-example weights can be indexed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import sys
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional, Sequence
+
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+DATASETS = ("cifar10", "cifar100", "imagenet-lt", "imagefolder", "synthetic")
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SYNTHETIC_MEAN, SYNTHETIC_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+class DataError(ValueError):
+    """Bad data arguments or missing files; scripts print the message as one line and exit 2."""
+
+
+@dataclass
+class DataArgs:
+    """Data flags shared by every training script and the probe."""
+
+    dataset: Literal["cifar10", "cifar100", "imagenet-lt", "imagefolder", "synthetic"] = "cifar10"
+    """which data set: cifar10/cifar100 (torchvision's python format), imagenet-lt (split files over an image root), imagefolder (train/ and val/ class folders), synthetic (generated, no files)"""
+    data_dir: str = "data"
+    """root of the data: CIFAR's parent folder of cifar-10-batches-py, the image root for imagenet-lt, the folder holding train/ and val/ for imagefolder"""
+    split_file: Optional[str] = None
+    """imagenet-lt: training split file of `relative/path label` lines (e.g. ImageNet_LT_train.txt)"""
+    test_split_file: Optional[str] = None
+    """imagenet-lt: evaluation split file; default: the --split-file name with 'train' replaced by 'test'"""
+    index_file: Optional[str] = None
+    """optional text file of training-set indices (whitespace separated) that replaces the long-tail construction, e.g. SDCLR/BCL split files"""
+    imbalance_ratio: Optional[float] = None
+    """head/tail class-size ratio r >= 1; default 100 for cifar10/cifar100/synthetic, 1 (use as is) for imagenet-lt/imagefolder"""
+    imbalance_profile: Literal["exp", "step"] = "exp"
+    """exp: class i keeps int(n_max * r^(-i/(C-1))); step: first half of the classes keep n_max, the rest int(n_max/r)"""
+    balanced_twin: bool = False
+    """pre-train on the balanced twin: same total size as the long-tailed set, uniform class counts"""
+    split_seed: int = 0
+    """seed of the per-class choice of images (0 is the field's reference)"""
+    synthetic_classes: int = 10
+    """synthetic: number of classes"""
+    synthetic_per_class: int = 500
+    """synthetic: training images per class before long-tail subsampling (n_max)"""
+    synthetic_test_per_class: int = 100
+    """synthetic: test images per class"""
+    image_size: Optional[int] = None
+    """input resolution; default 32 for cifar/synthetic, 224 for imagenet-lt/imagefolder"""
+    download: bool = True
+    """download CIFAR when it is missing and the network allows it"""
+
+
+# --------------------------------------------------------------------------- long-tail counts
+
+
+def long_tail_counts(n_max: int | Sequence[int], num_classes: int, imbalance_ratio: float,
+                     profile: str = "exp") -> list[int]:
+    """Per-class image counts of the standard long-tailed construction.
+
+    exp:  n_i = int(n_max * (1/r) ** (i / (C - 1)))   (Cao et al. 2019; CIFAR-10-LT r=100 -> 5000 ... 50)
+    step: n_i = n_max for i < C/2, int(n_max / r) otherwise.
+    ``n_max`` may be a list of available images per class; counts never exceed it and are at least 1
+    (only tiny test sets reach that floor: CIFAR-100 at r=100 keeps 5 images in its tail class).
+    """
+    if imbalance_ratio < 1:
+        raise DataError(f"--imbalance-ratio must be >= 1 (head/tail size ratio), got {imbalance_ratio}")
+    if profile not in ("exp", "step"):
+        raise DataError(f"--imbalance-profile must be exp or step, got {profile!r}")
+    available = [n_max] * num_classes if isinstance(n_max, int) else list(n_max)
+    head = max(available)
+    counts = []
+    for i in range(num_classes):
+        if profile == "exp":
+            n = int(head * (1 / imbalance_ratio) ** (i / max(num_classes - 1, 1)))
+        else:
+            n = head if i < num_classes // 2 else int(head / imbalance_ratio)
+        counts.append(min(max(n, 1), available[i]))
+    return counts
+
+
+def balanced_counts(total: int, num_classes: int) -> list[int]:
+    """Uniform class counts summing to ``total`` (the remainder goes to the first classes)."""
+    base, rest = divmod(total, num_classes)
+    return [base + (1 if i < rest else 0) for i in range(num_classes)]
+
+
+def select_per_class(targets: Sequence[int], counts: Sequence[int], seed: int) -> list[int]:
+    """A seeded random choice of ``counts[c]`` indices of each class c, returned sorted."""
+    by_class: list[list[int]] = [[] for _ in counts]
+    for i, y in enumerate(targets):
+        by_class[y].append(i)
+    g = torch.Generator().manual_seed(seed)
+    chosen: list[int] = []
+    for c, (pool, n) in enumerate(zip(by_class, counts)):
+        if n > len(pool):
+            raise DataError(f"class {c} has {len(pool)} images, {n} requested")
+        perm = torch.randperm(len(pool), generator=g)[:n].tolist()
+        chosen.extend(pool[j] for j in perm)
+    return sorted(chosen)
+
+
+def class_histogram(targets: Sequence[int], num_classes: int) -> list[int]:
+    return torch.bincount(torch.as_tensor(list(targets), dtype=torch.long), minlength=num_classes).tolist()
+
+
+def shot_groups(class_counts: Sequence[int], rule: str = "thirds") -> dict[str, list[int]]:
+    """Many / medium / few classes of a long-tailed training set.
+
+    thresholds (ImageNet-LT, OLTR convention): many > 100 images, few < 20, medium 20..100 inclusive.
+    thirds (SDCLR/BCL CIFAR convention): classes sorted by count (descending, ties by class
+    index), split into thirds; with C = 3q+m the first m extra classes go to many, then medium.
+    """
+    C = len(class_counts)
+    if rule == "thresholds":
+        return {"many": [c for c in range(C) if class_counts[c] > 100],
+                "medium": [c for c in range(C) if 20 <= class_counts[c] <= 100],
+                "few": [c for c in range(C) if class_counts[c] < 20]}
+    order = sorted(range(C), key=lambda c: (-class_counts[c], c))
+    q, m = divmod(C, 3)
+    sizes = [q + (m > 0), q + (m > 1), q]
+    return {"many": sorted(order[:sizes[0]]), "medium": sorted(order[sizes[0]:sizes[0] + sizes[1]]),
+            "few": sorted(order[sizes[0] + sizes[1]:])}
+
+
+# --------------------------------------------------------------------------- base image sets
+
+
+class ImageSet:
+    """A list of labelled images: ``targets`` and ``image(i) -> PIL.Image``."""
+
+    targets: list[int]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def image(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+
+class ArrayImages(ImageSet):
+    """Images held in memory as a uint8 array [N, H, W, 3] (CIFAR)."""
+
+    def __init__(self, array, targets: list[int]):
+        self.array, self.targets = array, targets
+
+    def image(self, i: int) -> Image.Image:
+        return Image.fromarray(self.array[i])
+
+
+class FileImages(ImageSet):
+    """Images read from files: ``samples`` is a list of (path, label)."""
+
+    def __init__(self, samples: list[tuple[str, int]]):
+        self.paths = [p for p, _ in samples]
+        self.targets = [y for _, y in samples]
+
+    def image(self, i: int) -> Image.Image:
+        with open(self.paths[i], "rb") as f:
+            return Image.open(f).convert("RGB")
+
+
+class SyntheticImages(ImageSet):
+    """Procedurally generated, class-structured images, deterministic by (seed, split, index).
+
+    Class c is an oriented periodic pattern with its own orientation (in [0, pi/2], mirrored at
+    random per image so horizontal flips keep the class), spatial frequency and edge sharpness.
+    Each image draws its phase, two colours, contrast, an occluding rectangle and pixel noise at
+    random, so the mean colour carries no class information and neighbouring classes overlap:
+    learnable, but not trivially.
+    """
+
+    def __init__(self, num_classes: int, per_class: int, image_size: int, seed: int, train: bool):
+        if num_classes < 2 or per_class < 1 or image_size < 8:
+            raise DataError("synthetic data needs >= 2 classes, >= 1 image per class and --image-size >= 8")
+        g = torch.Generator().manual_seed(seed)
+        self.theta = torch.rand(num_classes, generator=g) * (math.pi / 2)
+        self.freq = 1.5 + 3.5 * torch.rand(num_classes, generator=g)  # cycles per image
+        self.sharp = 1.0 + 5.0 * torch.rand(num_classes, generator=g)
+        self.size, self.seed, self.split = image_size, seed, 0 if train else 1
+        self.targets = [i % num_classes for i in range(num_classes * per_class)]
+        ax = torch.linspace(-0.5, 0.5, image_size)
+        self.yy, self.xx = torch.meshgrid(ax, ax, indexing="ij")
+
+    def image(self, i: int) -> Image.Image:
+        c = self.targets[i]
+        g = torch.Generator().manual_seed(((self.seed * 2 + self.split) * 1_000_003 + i) % (2**63))
+        r = torch.rand(12, generator=g)
+        theta = self.theta[c] + 0.08 * (r[0] - 0.5)
+        theta = torch.where(r[1] < 0.5, theta, math.pi - theta)
+        freq = self.freq[c] * (0.9 + 0.2 * r[2])
+        u = self.xx * torch.cos(theta) + self.yy * torch.sin(theta)
+        wave = torch.tanh(self.sharp[c] * torch.sin(2 * math.pi * (freq * u + r[3])))
+        wave = wave * (0.5 + 0.5 * r[4])
+        a, b = torch.rand(3, generator=g), torch.rand(3, generator=g)
+        img = a[:, None, None] * (1 + wave) / 2 + b[:, None, None] * (1 - wave) / 2
+        s = self.size
+        h, w = int(r[5] * s / 2), int(r[6] * s / 2)
+        y0, x0 = int(r[7] * (s - h)), int(r[8] * (s - w))
+        img[:, y0:y0 + h, x0:x0 + w] = torch.rand(3, 1, 1, generator=g)
+        img = img + 0.08 * torch.randn(img.shape, generator=g)
+        arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+        return Image.fromarray(arr.numpy())
+
+
+def _read_cifar(root: str, name: str, train: bool, download: bool) -> ArrayImages:
+    """CIFAR in torchvision's on-disk format (the 'python version' pickles)."""
+    import numpy as np
+
+    folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
+    files = ([f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]) if name == "cifar10" \
+        else (["train"] if train else ["test"])
+    paths = [os.path.join(root, folder, f) for f in files]
+    if not all(os.path.isfile(p) for p in paths):
+        if download:
+            try:
+                import torchvision.datasets as D
+                (D.CIFAR10 if name == "cifar10" else D.CIFAR100)(root, train=train, download=True)
+            except Exception as e:  # offline: say where the files go
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise DataError(f"{name} not found in {os.path.join(root, folder)} and the download failed "
+                                f"({reason}); put the extracted python-version archive there "
+                                f"(--data-dir {root}) or use --dataset synthetic") from None
+        else:
+            raise DataError(f"{name} not found in {os.path.join(root, folder)}; put the extracted python-version "
+                            f"archive there, pass --download, or use --dataset synthetic")
+    arrays, targets = [], []
+    for p in paths:
+        try:
+            with open(p, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+        except Exception as e:
+            raise DataError(f"cannot read {p}: {e}") from None
+        arrays.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+    return ArrayImages(np.concatenate(arrays).transpose(0, 2, 3, 1).copy(), [int(y) for y in targets])
+
+
+def _read_split_file(root: str, split_file: str) -> FileImages:
+    if not os.path.isfile(split_file):
+        raise DataError(f"split file not found: {split_file}")
+    samples, missing = [], []
+    with open(split_file) as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise DataError(f"{split_file}:{lineno}: expected 'relative/path label', got {line.strip()!r}")
+            path = os.path.join(root, parts[0])
+            if not os.path.isfile(path):
+                missing.append(parts[0])
+            samples.append((path, int(parts[1])))
+    if missing:
+        raise DataError(f"{split_file}: {len(missing)} listed images not found under {root} "
+                        f"(first: {missing[0]}); check --data-dir")
+    if not samples:
+        raise DataError(f"split file {split_file} lists no images")
+    return FileImages(samples)
+
+
+def _read_image_folder(folder: str) -> tuple[FileImages, list[str]]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+    if not os.path.isdir(folder):
+        raise DataError(f"image folder not found: {folder} (expected class folders of images)")
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if not classes:
+        raise DataError(f"{folder} holds no class folders")
+    try:
+        samples = make_dataset(folder, {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS)
+    except FileNotFoundError as e:
+        raise DataError(str(e).splitlines()[0]) from None
+    return FileImages(samples), classes
+
+
+# --------------------------------------------------------------------------- the data bundle
+
+
+@dataclass
+class LTData:
+    """Everything a script needs: the full training set, its long-tailed subset and balanced twin."""
+
+    name: str
+    train_full: ImageSet         # every training image (the probe trains on it by default)
+    test: ImageSet
+    lt_indices: list[int]        # the long-tailed subset of train_full
+    twin_indices: list[int]      # same size, uniform class counts
+    num_classes: int
+    image_size: int
+    mean: tuple
+    std: tuple
+    shot_rule: str
+
+    @property
+    def class_counts(self) -> list[int]:
+        return class_histogram([self.train_full.targets[i] for i in self.lt_indices], self.num_classes)
+
+    @property
+    def groups(self) -> dict[str, list[int]]:
+        return shot_groups(self.class_counts, self.shot_rule)
+
+    def pretrain_indices(self, balanced_twin: bool) -> list[int]:
+        return self.twin_indices if balanced_twin else self.lt_indices
+
+
+def resolved_ratio(args: DataArgs) -> float:
+    """--imbalance-ratio with its default filled in: 1 (as is) for natural data sets, 100 otherwise."""
+    if args.imbalance_ratio is not None:
+        return args.imbalance_ratio
+    return 1.0 if args.dataset in ("imagenet-lt", "imagefolder") else 100.0
+
+
+def build_data(args: DataArgs) -> LTData:
+    """Load ``args.dataset`` and build its long-tailed subset and balanced twin. Raises DataError."""
+    if args.dataset not in DATASETS:
+        raise DataError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+    natural = args.dataset in ("imagenet-lt", "imagefolder")
+    ratio = resolved_ratio(args)
+    if ratio < 1 or not math.isfinite(ratio):
+        raise DataError(f"--imbalance-ratio must be >= 1 (head/tail size ratio), got {ratio}")
+    size = args.image_size or (224 if natural else 32)
+    if size < 8:
+        raise DataError(f"--image-size must be >= 8, got {size}")
+    mean, std = (CIFAR_MEAN, CIFAR_STD) if args.dataset.startswith("cifar") else \
+        (SYNTHETIC_MEAN, SYNTHETIC_STD) if args.dataset == "synthetic" else (IMAGENET_MEAN, IMAGENET_STD)
+
+    if args.dataset in ("cifar10", "cifar100"):
+        train = _read_cifar(args.data_dir, args.dataset, True, args.download)
+        test = _read_cifar(args.data_dir, args.dataset, False, args.download)
+    elif args.dataset == "synthetic":
+        train = SyntheticImages(args.synthetic_classes, args.synthetic_per_class, size, args.split_seed, True)
+        test = SyntheticImages(args.synthetic_classes, args.synthetic_test_per_class, size, args.split_seed, False)
+    elif args.dataset == "imagenet-lt":
+        if not args.split_file:
+            raise DataError("--dataset imagenet-lt needs --split-file (e.g. ImageNet_LT_train.txt)")
+        test_file = args.test_split_file or os.path.join(
+            os.path.dirname(args.split_file), os.path.basename(args.split_file).replace("train", "test"))
+        if test_file == args.split_file:
+            raise DataError("cannot derive the test split from --split-file; pass --test-split-file")
+        train, test = _read_split_file(args.data_dir, args.split_file), _read_split_file(args.data_dir, test_file)
+    else:
+        train, classes = _read_image_folder(os.path.join(args.data_dir, "train"))
+        test, test_classes = _read_image_folder(os.path.join(args.data_dir, "val"))
+        if classes != test_classes:
+            raise DataError(f"class count mismatch: {len(classes)} class folders in train/, "
+                            f"{len(test_classes)} in val/ (or different names)")
+
+    num_classes = max(train.targets) + 1
+    if min(train.targets) < 0 or len(set(train.targets)) != num_classes:
+        raise DataError(f"training labels must cover 0..C-1; found {len(set(train.targets))} distinct "
+                        f"labels with max {num_classes - 1}")
+    if min(test.targets) < 0 or max(test.targets) >= num_classes:
+        raise DataError(f"class count mismatch: test labels reach {max(test.targets)}, "
+                        f"training has {num_classes} classes")
+
+    available = class_histogram(train.targets, num_classes)
+    if args.index_file:
+        lt_indices = _read_index_file(args.index_file, len(train))
+    elif ratio == 1 and natural:
+        lt_indices = list(range(len(train)))   # naturally long-tailed: use as is
+    else:
+        counts = long_tail_counts(available, num_classes, ratio, args.imbalance_profile)
+        lt_indices = select_per_class(train.targets, counts, args.split_seed)
+    twin_counts = balanced_counts(len(lt_indices), num_classes)
+    short = [c for c in range(num_classes) if available[c] < twin_counts[c]]
+    if short and args.balanced_twin:
+        raise DataError(f"no balanced twin: class {short[0]} has {available[short[0]]} images, the twin needs "
+                        f"{twin_counts[short[0]]} per class (imagenet-lt: use --dataset imagefolder on the full "
+                        f"ImageNet train/ with --imbalance-ratio)")
+    twin_indices = [] if short else select_per_class(train.targets, twin_counts, args.split_seed + 1)
+    rule = "thresholds" if natural else "thirds"
+    return LTData(args.dataset, train, test, lt_indices, twin_indices, num_classes, size, mean, std, rule)
+
+
+def _read_index_file(path: str, n: int) -> list[int]:
+    if not os.path.isfile(path):
+        raise DataError(f"index file not found: {path}")
+    with open(path) as f:
+        words = f.read().split()
+    try:
+        idx = [int(w) for w in words]
+    except ValueError:
+        raise DataError(f"{path}: expected whitespace-separated integer indices") from None
+    bad = [i for i in idx if not 0 <= i < n]
+    if not idx or bad:
+        raise DataError(f"{path}: {len(bad)} indices outside 0..{n - 1}" if bad else f"{path} holds no index")
+    return idx
+
+
+# --------------------------------------------------------------------------- views
+
+
+def _color_ops(image_size: int, jitter=(0.4, 0.4, 0.4, 0.1), blur_p: float = 0.0) -> list:
+    ops = [T.RandomHorizontalFlip(),
+           T.RandomApply([T.ColorJitter(*jitter)], p=0.8),
+           T.RandomGrayscale(p=0.2)]
+    if blur_p > 0:
+        k = max(3, int(0.1 * image_size) // 2 * 2 + 1)
+        ops.append(T.RandomApply([T.GaussianBlur(k, sigma=(0.1, 2.0))], p=blur_p))
+    return ops
+
+
+def ssl_augment(image_size: int, mean, std, scale=(0.2, 1.0), blur: Optional[bool] = None) -> T.Compose:
+    """SimSiam/MoCo-v2 augmentation: RandomResizedCrop, flip, colour jitter p .8, grayscale p .2,
+    Gaussian blur p .5 only at ImageNet resolutions (no blur at 32 px, as in the CIFAR recipes)."""
+    blur = image_size >= 96 if blur is None else blur
+    return T.Compose([T.RandomResizedCrop(image_size, scale=scale, antialias=True),
+                      *_color_ops(image_size, blur_p=0.5 if blur else 0.0),
+                      T.ToTensor(), T.Normalize(mean, std)])
+
+
+def supervised_augment(image_size: int, mean, std) -> T.Compose:
+    """Standard supervised augmentation: pad-4 random crop and flip at CIFAR sizes (LDAM recipe),
+    RandomResizedCrop and flip at ImageNet sizes."""
+    crop = T.RandomResizedCrop(image_size, antialias=True) if image_size >= 64 else \
+        T.Compose([T.Resize((image_size, image_size), antialias=True), T.RandomCrop(image_size, padding=image_size // 8)])
+    return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+
+class TwoViews:
+    """Two independent augmentations of the same image (SimSiam)."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, img):
+        return [self.transform(img), self.transform(img)]
+
+
+class MultiCrop:
+    """``num_global`` crops at ``global_size`` then ``num_local`` crops at ``local_size`` (MSN focal views,
+    DINO/ExCB local views). Returns a list, global crops first."""
+
+    def __init__(self, global_size: int, local_size: int, num_global: int, num_local: int, mean, std,
+                 global_scale=(0.3, 1.0), local_scale=(0.05, 0.3), blur: Optional[bool] = None):
+        self.global_t = ssl_augment(global_size, mean, std, global_scale, blur)
+        self.local_t = ssl_augment(local_size, mean, std, local_scale, blur)
+        self.num_global, self.num_local = num_global, num_local
+
+    def __call__(self, img):
+        return [self.global_t(img) for _ in range(self.num_global)] + \
+            [self.local_t(img) for _ in range(self.num_local)]
+
+
+def eval_transform(image_size: int, mean, std) -> T.Compose:
+    """Deterministic evaluation view: resize to 1.14x and centre-crop at ImageNet sizes, resize only below 64 px."""
+    if image_size >= 64:
+        return T.Compose([T.Resize(int(round(image_size * 256 / 224)), antialias=True), T.CenterCrop(image_size),
+                          T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose([T.Resize((image_size, image_size), antialias=True), T.ToTensor(), T.Normalize(mean, std)])
+
+
+# --------------------------------------------------------------------------- datasets, samplers, loaders
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """``images[indices[k]]`` through ``transform``, returned as (views, label, k).
+
+    An item may be an int or an ``(int, seed)`` pair (from ResumableSampler): with a seed the
+    augmentation's random draws are a function of (seed) alone, so a resumed run sees exactly
+    the views an uninterrupted one would, whatever the worker count or skipped batches.
+    """
+
+    def __init__(self, images: ImageSet, indices: Sequence[int], transform: Callable):
+        self.images, self.indices, self.transform = images, list(indices), transform
+        self.targets = [images.targets[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item):
+        k, seed = item if isinstance(item, tuple) else (item, None)
+        img = self.images.image(self.indices[k])
+        if seed is None:
+            return self.transform(img), self.targets[k], k
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img), self.targets[k], k
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Distributed, deterministic, resumable epoch sampler yielding ``(index, augmentation_seed)``.
+
+    The epoch's order is a function of (seed, epoch): a random permutation (instance sampling) or
+    N draws with replacement at probability 1/(C * n_class) (class-balanced sampling). Rank r takes
+    positions r, r+R, r+2R, ... (the last N mod R positions are dropped, as the training loop drops
+    incomplete batches anyway); so the b-th batch of R processes at batch B is exactly the b-th
+    batch of one process at batch R*B, and both take floor(N / (R*B)) steps per epoch.
+    ``set_epoch(epoch, skip)`` drops this rank's first ``skip`` samples (resume mid-epoch).
+    """
+
+    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True, labels: Optional[Sequence[int]] = None):
+        self.n, self.replicas, self.rank, self.seed, self.shuffle = num_samples, num_replicas, rank, seed, shuffle
+        self.weights = None
+        if labels is not None:
+            y = torch.as_tensor(list(labels))
+            self.weights = 1.0 / torch.bincount(y).double()[y]
+        self.epoch, self.skip = 0, 0
+        self.per_rank = num_samples // num_replicas
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return self.per_rank - self.skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        elif self.shuffle:
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g)
+        mine = slice(self.rank + self.skip * self.replicas, self.per_rank * self.replicas, self.replicas)
+        return iter(zip(order[mine].tolist(), seeds[mine].tolist()))
+
+
+def make_loader(dataset, batch_size: int, num_workers: int, sampler=None, drop_last: bool = False,
+                pin_memory: Optional[bool] = None) -> torch.utils.data.DataLoader:
+    """A DataLoader that keeps a GPU fed: worker processes, pinned memory, persistent workers, prefetching."""
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
+        num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def describe(data: LTData, args: DataArgs) -> str:
+    """A printable summary of the split: per-class counts, totals, shot groups."""
+    counts = data.class_counts
+    twin = class_histogram([data.train_full.targets[i] for i in data.twin_indices], data.num_classes) \
+        if data.twin_indices else None
+    lines = [f"dataset {data.name}: {data.num_classes} classes, {len(data.train_full)} training images "
+             f"available, {len(data.test)} test images, image size {data.image_size}",
+             f"long-tailed set: {len(data.lt_indices)} images, head/tail {max(counts)}/{min(counts)} "
+             f"= {max(counts) / max(min(counts), 1):.1f}"
+             + (f" (index file {args.index_file})" if args.index_file else ""),
+             "balanced twin: " + (f"{len(data.twin_indices)} images, {min(twin)}..{max(twin)} per class"
+                                  if twin else "not available (some class is too small)"),
+             "per-class counts: " + ", ".join(map(str, counts))]
+    rule = ("ImageNet-LT thresholds: many > 100, medium 20..100, few < 20" if data.shot_rule == "thresholds"
+            else "thirds of the classes sorted by count")
+    lines.append(f"shot groups ({rule}):")
+    for name, cls in data.groups.items():
+        lines.append(f"  {name:6s} {len(cls):4d} classes, {sum(counts[c] for c in cls):7d} images: "
+                     + (", ".join(map(str, cls)) if len(cls) <= 40 else f"{cls[:40]} ..."))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    import tyro
+    args = tyro.cli(DataArgs, args=argv, description="Inspect a long-tailed split: per-class counts, total, "
+                    "balanced twin and shot groups.")
+    try:
+        print(describe(build_data(args), args))
+    except DataError as e:
+        print(f"lt_data.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

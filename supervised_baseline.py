@@ -1,0 +1,475 @@
+"""Supervised baseline: cross-entropy on the long-tailed set, probed like the SSL methods.
+
+Liu, HaoChen, Gaidon, Ma (ICLR 2022), "Self-supervised Learning is More Robust to Dataset Imbalance",
+measure every method against this: a ResNet trained with labels on the same long-tailed set
+(instance sampling; class-balanced sampling as a variant), whose frozen backbone is then probed
+with the same linear probe. Their core number is the relative gap (A_balanced - A_long-tailed) /
+A_balanced between pre-training on the long-tailed set and on its same-size balanced twin.
+
+    python supervised_baseline.py --dataset cifar10 --imbalance-ratio 100
+    python supervised_baseline.py --dataset synthetic --epochs 5         # no data needed
+    torchrun --nproc_per_node 4 supervised_baseline.py --batch-size 32    # --batch-size is per process
+    python linear_probe.py runs/<run-name>/backbone.pt
+
+Sections marked "shared" are textually identical in supervised_baseline.py, simsiam_rwsam.py,
+msn_prior.py and excb.py (tests/test_skeleton.py enforces it): diff two scripts to see the method.
+"""
+
+# ============================================================ shared: imports
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+import lt_data
+from linear_probe import CHECKPOINT_FORMAT, EXPORT_FORMAT, build_backbone, feature_dim
+
+
+# ============================================================ shared: arguments
+@dataclass
+class Args(lt_data.DataArgs):
+    run_name: Optional[str] = None
+    """run folder name under --output-dir; default: <method>_<dataset>_r<ratio>[_twin]_s<seed>. An existing run of that name resumes"""
+    output_dir: str = "runs"
+    """where run folders go (TensorBoard events, checkpoint.pt, backbone.pt)"""
+    seed: int = 1
+    """seed of initialisation, data order and augmentations"""
+    deterministic: bool = False
+    """deterministic kernels (torch.use_deterministic_algorithms); slower on GPU, needed for bit-identical resume there"""
+    max_steps: Optional[int] = None
+    """stop after this many optimisation steps (smoke runs); the schedules still span --epochs"""
+    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    """autocast dtype: bf16 (CPU and recent GPUs), fp16 (with a GradScaler; CUDA), none (fp32)"""
+    compile: bool = False
+    """torch.compile the training model"""
+    sync_bn: bool = False
+    """SyncBatchNorm across processes (CUDA only); otherwise BatchNorm statistics are per process"""
+    sampling: Literal["instance", "class-balanced"] = "instance"
+    """instance: each image once per epoch; class-balanced: draws with probability 1/(C*n_class) (uses labels: an oracle for SSL)"""
+    num_workers: Optional[int] = None
+    """data-loading processes per training process; default: min(8, CPU cores per process)"""
+    log_every: int = 50
+    """log to TensorBoard and print a progress line every this many steps"""
+    checkpoint_every: int = 500
+    """also write checkpoint.pt every this many steps (always at the end of an epoch and of the run)"""
+
+    # ======================================================== method: arguments
+    arch: Literal["resnet18", "resnet50"] = "resnet18"
+    """backbone; the CIFAR stem (3x3 conv, no max-pool) is used below 64 px"""
+    epochs: int = 200
+    """training epochs (the LDAM CIFAR-LT recipe uses 200)"""
+    batch_size: int = 128
+    """batch size per process (the global batch is this times the number of processes)"""
+    lr: float = 0.2
+    """SGD learning rate for a global batch of 256, scaled linearly with the global batch"""
+    weight_decay: float = 2e-4
+    """SGD weight decay"""
+    warmup_epochs: int = 5
+    """linear learning-rate warm-up epochs before the cosine decay"""
+    label_smoothing: float = 0.0
+    """cross-entropy label smoothing"""
+
+
+# ============================================================ method: model and loss
+METHOD = "supervised"
+
+
+def train_transform(args: Args, data: lt_data.LTData):
+    """One supervised view per image."""
+    return lt_data.supervised_augment(data.image_size, data.mean, data.std)
+
+
+class Model(nn.Module):
+    """A torchvision ResNet backbone and a linear classifier."""
+
+    export_prefix = "backbone."  # what backbone.pt exports
+
+    def __init__(self, args: Args, data: lt_data.LTData):
+        super().__init__()
+        self.backbone_spec = {"arch": args.arch, "arch_kwargs": {"cifar_stem": data.image_size < 64}}
+        self.backbone = build_backbone(args.arch, **self.backbone_spec["arch_kwargs"])
+        self.classifier = nn.Linear(feature_dim(args.arch), data.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(x))
+
+
+def make_optimizer(args: Args, model: Model, lr: float) -> torch.optim.Optimizer:
+    """SGD with momentum; no weight decay on biases and BatchNorm parameters."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=0.9)
+
+
+def lr_factor(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Linear warm-up over --warmup-epochs, then cosine decay to 0."""
+    warmup = args.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total_steps - warmup, 1)))
+
+
+def on_epoch_start(run: "Run", epoch: int) -> None:
+    """Nothing to refresh per epoch for the supervised baseline."""
+
+
+def train_step(run: "Run", batch) -> dict[str, torch.Tensor]:
+    """Cross-entropy on one batch; returns the loss and the batch accuracy (no host sync)."""
+    x, y, _ = batch
+    with run.autocast():
+        logits = run.ddp_model(x)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=run.args.label_smoothing)
+    optimizer_step(run, loss)
+    return {"loss": loss.detach(), "charts/train_accuracy": (logits.argmax(1) == y).float().mean()}
+
+
+# ============================================================ shared: runtime
+class RunError(Exception):
+    """A condition that stops the run with one clear line and exit code 2."""
+
+
+@dataclass
+class Run:
+    """Everything a training step needs."""
+
+    args: Args
+    device: torch.device
+    rank: int
+    world_size: int
+    data: lt_data.LTData
+    train_set: lt_data.IndexedDataset
+    model: nn.Module
+    ddp_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: Optional[torch.dtype]
+    steps_per_epoch: int
+    total_steps: int
+    run_dir: str
+    step: int = 0
+    epoch: int = 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+
+def optimizer_step(run: Run, loss: torch.Tensor, clip_grad: Optional[float] = None) -> None:
+    """Backward (scaled for fp16), optional gradient clipping on unscaled gradients, optimizer step."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if clip_grad is not None:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+
+
+def setup_distributed() -> tuple[torch.device, int, int]:
+    """DDP from torchrun's environment: NCCL on CUDA, gloo on CPU; returns (device, rank, world size)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return device, rank, world_size
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path: str) -> None:
+    """Write to a temporary file, fsync, rename: a crash never leaves a half-written file at ``path``."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# flags that may differ when a run resumes; any other change is refused
+RESUMABLE_FLAGS = ("max_steps", "num_workers", "log_every", "checkpoint_every", "compile", "download", "data_dir",
+                   "output_dir")
+
+
+def backbone_meta(run: Run) -> dict:
+    """What linear_probe.py needs to rebuild the backbone and its data."""
+    data_args = {f.name: getattr(run.args, f.name) for f in dataclasses.fields(lt_data.DataArgs)}
+    data_args.update(image_size=run.data.image_size, imbalance_ratio=lt_data.resolved_ratio(run.args))
+    return {**run.model.backbone_spec, "prefix": run.model.export_prefix, "method": METHOD, "data": data_args,
+            "step": run.step}
+
+
+def save_checkpoint(run: Run, path: str) -> None:
+    """Model, optimizer, scaler, scheduler, step, every rank's RNG states and the args (collective call)."""
+    states = [None] * run.world_size
+    if run.world_size > 1:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if run.rank == 0:
+        atomic_save({"format": CHECKPOINT_FORMAT, "model": run.model.state_dict(),
+                     "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+                     "scheduler": run.scheduler.state_dict(), "step": run.step, "world_size": run.world_size,
+                     "rng": states, "args": dataclasses.asdict(run.args), "backbone": backbone_meta(run)}, path)
+
+
+def load_checkpoint(run: Run, path: str) -> None:
+    """Resume: refuse a checkpoint of other flags; restore everything save_checkpoint wrote."""
+    try:
+        ckpt = torch.load(path, map_location=run.device, weights_only=True)
+    except Exception as e:
+        raise RunError(f"cannot resume from {path} ({str(e).strip().splitlines()[0][:200]}); "
+                       f"move it away to start afresh") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"{path} is not a checkpoint of these scripts; move it away to start afresh")
+    old, new = ckpt["args"], dataclasses.asdict(run.args)
+    changed = [k for k in new if k not in RESUMABLE_FLAGS and old.get(k) != new[k]]
+    if changed or ckpt["backbone"]["method"] != METHOD:
+        what = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} -> {new[k]}" for k in changed) or "another method"
+        raise RunError(f"{path} was written with other flags ({what}); resume with the same command or "
+                       f"choose another --run-name")
+    if ckpt["world_size"] != run.world_size:
+        raise RunError(f"{path} was written by {ckpt['world_size']} processes, this run has {run.world_size}; "
+                       f"the global batch, learning rate and data order would change")
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"]:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.step = ckpt["step"]
+    set_rng_state(ckpt["rng"][run.rank])
+
+
+def export_backbone(run: Run, path: str) -> None:
+    """backbone.pt: the backbone's state dict in plain torchvision layout, loadable with strict=True."""
+    prefix = run.model.export_prefix
+    state = {k[len(prefix):]: v for k, v in run.model.state_dict().items() if k.startswith(prefix)}
+    atomic_save({"format": EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
+
+
+class Logger:
+    """Rank-0 TensorBoard (charts/ and losses/ namespaces) and a progress line; no host sync between logs."""
+
+    def __init__(self, run: Run, resumed: bool):
+        self.run, self.sums, self.count = run, {}, 0
+        self.writer = None
+        self.t0, self.step0 = time.perf_counter(), run.step
+        if run.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(run.run_dir, purge_step=run.step if resumed else None)
+            if not resumed:
+                rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(dataclasses.asdict(run.args).items()))
+                self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+
+    def accumulate(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            if v.ndim == 0:
+                self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        self.last = metrics
+        self.count += 1
+
+    def write(self) -> None:
+        """Mean of each scalar since the last write, histograms of the last step, lr, images/s, ETA."""
+        run, keys = self.run, list(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).div(self.count).tolist() if keys else []
+        elapsed = time.perf_counter() - self.t0
+        images_per_s = (run.step - self.step0) * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
+        eta = (run.total_steps - run.step) * elapsed / max(run.step - self.step0, 1)
+        if self.writer is not None:
+            for k, v in zip(keys, values):
+                self.writer.add_scalar(k if "/" in k else f"losses/{k}", v, run.step)
+            for k, v in self.last.items():
+                if v.ndim > 0:
+                    self.writer.add_histogram(k, v.detach().float().cpu(), run.step)
+            self.writer.add_scalar("charts/learning_rate", run.optimizer.param_groups[0]["lr"], run.step)
+            self.writer.add_scalar("charts/images_per_second", images_per_s, run.step)
+            self.writer.add_scalar("charts/epoch", run.step / run.steps_per_epoch, run.step)
+            loss = dict(zip(keys, values)).get("loss", float("nan"))
+            print(f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss {loss:.4f} "
+                  f"| {images_per_s:.0f} img/s | eta {eta / 3600:.0f}h{eta % 3600 / 60:02.0f}m", flush=True)
+        self.sums, self.count, self.t0, self.step0 = {}, 0, time.perf_counter(), run.step
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def check_finite(run: Run, first_bad: torch.Tensor, ckpt_path: str) -> None:
+    """Stop on a non-finite loss (checked at log and checkpoint steps, so no per-step host sync)."""
+    if run.world_size > 1:
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    bad = int(first_bad)
+    if bad < 2**62:
+        kept = f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path) else \
+            "no checkpoint was written"
+        raise RunError(f"non-finite loss at step {bad} (epoch {bad // run.steps_per_epoch + 1}); stopping, {kept}. "
+                       f"Try a lower --lr or --amp none")
+
+
+def validate(args: Args, world_size: int) -> None:
+    """Fail fast on arguments that cannot work, before any data is read."""
+    for name in ("batch_size", "epochs", "log_every", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise RunError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.lr <= 0:
+        raise RunError(f"--lr must be > 0, got {args.lr}")
+    if args.sync_bn and not torch.cuda.is_available():
+        raise RunError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise RunError(f"--num-workers must be >= 0, got {args.num_workers}")
+
+
+def train(args: Args) -> str:
+    """Build everything, resume if the run exists, train, export; returns the run folder."""
+    device, rank, world_size = setup_distributed()
+    validate(args, world_size)
+    ratio = lt_data.resolved_ratio(args)
+    run_name = args.run_name or f"{METHOD}_{args.dataset}_r{ratio:g}{'_twin' if args.balanced_twin else ''}_s{args.seed}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    ckpt_path, export_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "backbone.pt")
+    if rank == 0:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            probe = os.path.join(run_dir, f".write-test{os.getpid()}")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise RunError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
+    data = lt_data.build_data(args)
+    train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(args.balanced_twin),
+                                       train_transform(args, data))
+    global_batch = args.batch_size * world_size
+    if global_batch > len(train_set):
+        raise RunError(f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
+                       f"{len(train_set)} training images")
+
+    seed_everything(args.seed, args.deterministic)  # same initial weights on every rank
+    model = Model(args, data).to(device)
+    if args.sync_bn and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    if args.compile:
+        ddp_model = torch.compile(ddp_model)
+    optimizer = make_optimizer(args, model, args.lr * global_batch / 256)  # linear scaling rule, global batch
+    sampler = lt_data.ResumableSampler(len(train_set), world_size, rank, args.seed,
+                                       labels=train_set.targets if args.sampling == "class-balanced" else None)
+    steps_per_epoch = len(sampler) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(args, s, total_steps, steps_per_epoch))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    run = Run(args, device, rank, world_size, data, train_set, model, ddp_model, optimizer, scheduler, scaler,
+              amp_dtype, steps_per_epoch, total_steps, run_dir)
+    resumed = os.path.exists(ckpt_path)
+    if resumed:
+        load_checkpoint(run, ckpt_path)
+    else:
+        torch.manual_seed(args.seed * 1000 + rank)  # ranks draw different masks, noise, ...
+    workers = args.num_workers if args.num_workers is not None else \
+        min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    loader = lt_data.make_loader(train_set, args.batch_size, workers, sampler, drop_last=True)
+    stop_step = min(total_steps, args.max_steps or total_steps)
+    if rank == 0:
+        print(f"{METHOD}: {len(train_set)} training images, {data.num_classes} classes, global batch "
+              f"{global_batch} on {world_size} x {device.type}, {steps_per_epoch} steps/epoch, "
+              + (f"resuming at step {run.step} of {stop_step}" if resumed else f"{stop_step} steps") + f" -> {run_dir}",
+              flush=True)
+
+    logger = Logger(run, resumed)
+    first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss
+    inject_nan = int(os.environ.get("SSL_IMBALANCE_INJECT_NAN_AT_STEP", "-1"))  # for the tests of the guard
+    run.model.train()
+    while run.step < stop_step:
+        run.epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
+        sampler.set_epoch(run.epoch, skip=done_in_epoch * args.batch_size)
+        if done_in_epoch == 0:
+            on_epoch_start(run, run.epoch)
+        for batch in loader:
+            batch = [[v.to(device, non_blocking=True) for v in x] if isinstance(x, list)
+                     else x.to(device, non_blocking=True) for x in batch]
+            metrics = train_step(run, batch)
+            run.scheduler.step()
+            run.step += 1
+            if run.step == inject_nan:
+                metrics["loss"] = metrics["loss"] + float("nan")
+            first_bad = torch.where(torch.isfinite(metrics["loss"]), first_bad, torch.full_like(first_bad, run.step))
+            logger.accumulate(metrics)
+            end_of_epoch = run.step % steps_per_epoch == 0
+            if run.step % args.log_every == 0 or run.step == stop_step or end_of_epoch:
+                check_finite(run, first_bad, ckpt_path)
+                logger.write()
+            if run.step % args.checkpoint_every == 0 or run.step == stop_step or end_of_epoch:
+                check_finite(run, first_bad, ckpt_path)
+                save_checkpoint(run, ckpt_path)
+            if run.step >= stop_step:
+                break
+    if rank == 0:
+        export_backbone(run, export_path)
+        print(f"done: step {run.step}; checkpoint {ckpt_path}; backbone {export_path}; probe with: "
+              f"python linear_probe.py {export_path}", flush=True)
+    logger.close()
+    return run_dir
+
+
+def main() -> None:
+    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+    try:
+        train(args)
+    except (RunError, lt_data.DataError) as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Shared test helpers: tiny data in the real on-disk formats and subprocess runs of the scripts."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# A tiny synthetic long-tailed set: 4 classes, 32 images of the head class, 16 px. Steps take milliseconds.
+TINY_DATA = ["--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-per-class", "32",
+             "--synthetic-test-per-class", "8", "--image-size", "16", "--imbalance-ratio", "4"]
+
+
+def script_env(threads: int | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_script(script: str, *args: str, cwd, env: dict | None = None, timeout: float = 600,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run a top-level script as a user would: ``python script.py ARGS`` in ``cwd``."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env or script_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_torchrun(script: str, *args: str, cwd, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           str(ROOT / script), *args], cwd=cwd, env=script_env(threads=1), capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def write_cifar(root: Path, name: str, per_class_train: int, per_class_test: int, seed: int = 0) -> list[int]:
+    """CIFAR-10/100 in torchvision's on-disk python format (pickled dicts of uint8 rows); returns train labels."""
+    rng = np.random.default_rng(seed)
+    classes = 10 if name == "cifar10" else 100
+    key = "labels" if name == "cifar10" else "fine_labels"
+
+    def batch(per_class):
+        labels = rng.permutation(np.repeat(np.arange(classes), per_class)).tolist()
+        data = rng.integers(0, 256, size=(len(labels), 3 * 32 * 32), dtype=np.uint8)
+        return {"data": data, key: labels}
+
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True)
+    train = batch(per_class_train)
+    if name == "cifar10":
+        n = len(train[key])
+        for i in range(5):  # five data batches, like the real archive
+            part = slice(i * n // 5, (i + 1) * n // 5)
+            with open(folder / f"data_batch_{i + 1}", "wb") as f:
+                pickle.dump({"data": train["data"][part], key: train[key][part]}, f)
+        files = {"test_batch": batch(per_class_test)}
+    else:
+        files = {"train": train, "test": batch(per_class_test)}
+    for fname, entry in files.items():
+        with open(folder / fname, "wb") as f:
+            pickle.dump(entry, f)
+    return train[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_supervised_run(tmp_path_factory):
+    """One short supervised run on tiny synthetic data, shared by the probe and export tests."""
+    cwd = tmp_path_factory.mktemp("sup")
+    run_script("supervised_baseline.py", *TINY_DATA, "--batch-size", "8", "--epochs", "2", "--num-workers", "0",
+               "--run-name", "tiny", "--log-every", "2", cwd=cwd)
+    return cwd / "runs" / "tiny"
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)

@@ -1,0 +1,262 @@
+"""lt_data: long-tail counts, twins, shot groups, the real on-disk formats, synthetic data, samplers, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
+
+import lt_data
+from conftest import ROOT, run_script, write_cifar
+
+
+# ------------------------------------------------------------------ counts against the field's table
+
+def test_cifar10_lt_r100_counts_are_the_standard():
+    assert lt_data.long_tail_counts(5000, 10, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+
+
+@pytest.mark.parametrize("classes,n_max,ratio,total", [
+    (10, 5000, 10, 20431), (10, 5000, 50, 13996), (10, 5000, 100, 12406),
+    (100, 500, 10, 19573), (100, 500, 50, 12608), (100, 500, 100, 10847)])
+def test_totals_match_the_spec_table(classes, n_max, ratio, total):
+    counts = lt_data.long_tail_counts(n_max, classes, ratio)
+    assert sum(counts) == total
+    assert counts[0] == n_max and counts[-1] == int(n_max / ratio)
+
+
+def test_step_profile_and_ratio_one():
+    assert lt_data.long_tail_counts(500, 10, 10, "step") == [500] * 5 + [50] * 5
+    assert lt_data.long_tail_counts(500, 10, 1) == [500] * 10
+    with pytest.raises(lt_data.DataError, match="imbalance-ratio"):
+        lt_data.long_tail_counts(500, 10, 0.5)
+
+
+def test_balanced_counts_keep_the_total():
+    assert lt_data.balanced_counts(12406, 10) == [1241] * 6 + [1240] * 4
+    assert sum(lt_data.balanced_counts(10847, 100)) == 10847
+
+
+def test_shot_groups_thresholds_and_thirds():
+    counts = [1280, 101, 100, 20, 19, 5]
+    g = lt_data.shot_groups(counts, "thresholds")
+    assert g == {"many": [0, 1], "medium": [2, 3], "few": [4, 5]}  # many > 100, medium 20..100, few < 20
+    g = lt_data.shot_groups([5, 50, 500, 7, 70, 700, 1000, 1, 2, 3], "thirds")
+    assert g == {"many": [2, 4, 5, 6], "medium": [0, 1, 3], "few": [7, 8, 9]}
+
+
+# ------------------------------------------------------------------ CIFAR in torchvision's format
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_files_load_through_the_user_path(tmp_path, name):
+    per_class = 50 if name == "cifar10" else 6
+    labels = write_cifar(tmp_path, name, per_class, 3)
+    args = lt_data.DataArgs(dataset=name, data_dir=str(tmp_path), imbalance_ratio=10, download=False)
+    data = lt_data.build_data(args)
+    assert len(data.train_full) == len(labels) and data.train_full.targets == labels
+    assert len(data.test) == 3 * data.num_classes and data.num_classes == (10 if name == "cifar10" else 100)
+    # n_i = int(n_max * 10^(-i/(C-1))): hand values for n_max = 50, C = 10
+    expected = [50, 38, 29, 23, 17, 13, 10, 8, 6, 5] if name == "cifar10" else \
+        [max(1, int(6 * 0.1 ** (i / 99))) for i in range(100)]  # a class keeps >= 1
+    assert data.class_counts == expected
+    assert len(data.twin_indices) == len(data.lt_indices)
+    twin = lt_data.class_histogram([labels[i] for i in data.twin_indices], data.num_classes)
+    assert max(twin) - min(twin) <= 1
+    img = data.train_full.image(0)
+    assert img.size == (32, 32) and img.mode == "RGB"
+
+
+def test_cifar_selection_is_seeded(tmp_path):
+    write_cifar(tmp_path, "cifar10", 50, 2)
+    a = lt_data.DataArgs(dataset="cifar10", data_dir=str(tmp_path), imbalance_ratio=10, download=False)
+    d1, d2 = lt_data.build_data(a), lt_data.build_data(a)
+    d3 = lt_data.build_data(dataclasses.replace(a, split_seed=1))
+    assert d1.lt_indices == d2.lt_indices and d1.lt_indices != d3.lt_indices
+    assert d1.class_counts == d3.class_counts
+
+
+def test_missing_cifar_offline_says_where_to_put_it(tmp_path):
+    args = lt_data.DataArgs(dataset="cifar10", data_dir=str(tmp_path), download=False)
+    with pytest.raises(lt_data.DataError, match="cifar-10-batches-py.*synthetic"):
+        lt_data.build_data(args)
+
+
+def test_index_file_replaces_the_construction(tmp_path):
+    write_cifar(tmp_path, "cifar10", 20, 2)
+    (tmp_path / "split.txt").write_text("0\n5\n7\n100\n")
+    args = lt_data.DataArgs(dataset="cifar10", data_dir=str(tmp_path), index_file=str(tmp_path / "split.txt"),
+                            download=False)
+    assert lt_data.build_data(args).lt_indices == [0, 5, 7, 100]
+    (tmp_path / "bad.txt").write_text("0 99999\n")
+    with pytest.raises(lt_data.DataError, match="outside"):
+        lt_data.build_data(dataclasses.replace(args, index_file=str(tmp_path / "bad.txt")))
+
+
+# ------------------------------------------------------------------ ImageNet-LT split files and ImageFolder
+
+def _write_tree(root, split, counts, size=20):
+    lines = []
+    for c, n in enumerate(counts):
+        (root / split / f"n{c:04d}").mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            rel = f"{split}/n{c:04d}/img{i}.png"
+            Image.new("RGB", (size, size), (c * 40 % 256, i * 10 % 256, 0)).save(root / rel)
+            lines.append(f"{rel} {c}")
+    return lines
+
+
+def test_imagenet_lt_split_files(tmp_path):
+    train = _write_tree(tmp_path, "train", [6, 3, 1])
+    test = _write_tree(tmp_path, "val", [2, 2, 2])
+    (tmp_path / "LT_train.txt").write_text("\n".join(train) + "\n")
+    (tmp_path / "LT_test.txt").write_text("\n".join(test) + "\n")
+    args = lt_data.DataArgs(dataset="imagenet-lt", data_dir=str(tmp_path), split_file=str(tmp_path / "LT_train.txt"),
+                            image_size=16)
+    data = lt_data.build_data(args)
+    assert data.class_counts == [6, 3, 1] and len(data.test) == 6   # used as is
+    assert data.groups == {"many": [], "medium": [], "few": [0, 1, 2]}  # ImageNet-LT thresholds
+    ds = lt_data.IndexedDataset(data.train_full, data.lt_indices, lt_data.eval_transform(16, data.mean, data.std))
+    x, y, k = ds[9]
+    assert x.shape == (3, 16, 16) and y == 2 and k == 9
+    # unknown paths: one clear error naming the first missing file
+    (tmp_path / "LT_train.txt").write_text("train/nope/x.png 0\n" + "\n".join(train))
+    with pytest.raises(lt_data.DataError, match="not found.*nope/x.png"):
+        lt_data.build_data(args)
+    with pytest.raises(lt_data.DataError, match="split file not found"):
+        lt_data.build_data(dataclasses.replace(args, split_file=str(tmp_path / "missing_train.txt")))
+
+
+def test_imagefolder_as_is_and_long_tailed(tmp_path):
+    _write_tree(tmp_path, "train", [8, 8, 8, 8])
+    _write_tree(tmp_path, "val", [1, 1, 1, 1])
+    args = lt_data.DataArgs(dataset="imagefolder", data_dir=str(tmp_path), image_size=16)
+    assert lt_data.build_data(args).class_counts == [8, 8, 8, 8]
+    lt = lt_data.build_data(dataclasses.replace(args, imbalance_ratio=8))
+    assert lt.class_counts == [8, 4, 2, 1] and len(lt.twin_indices) == 15
+    (tmp_path / "val" / "extra").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "val" / "extra" / "a.png")
+    with pytest.raises(lt_data.DataError, match="class count mismatch"):
+        lt_data.build_data(args)
+
+
+# ------------------------------------------------------------------ synthetic data
+
+def _pixels(img):
+    return pil_to_tensor(img)
+
+
+def test_synthetic_is_deterministic_and_split_dependent():
+    a = lt_data.SyntheticImages(5, 4, 24, seed=3, train=True)
+    b = lt_data.SyntheticImages(5, 4, 24, seed=3, train=True)
+    t = lt_data.SyntheticImages(5, 4, 24, seed=3, train=False)
+    assert torch.equal(_pixels(a.image(7)), _pixels(b.image(7)))
+    assert not torch.equal(_pixels(a.image(7)), _pixels(t.image(7)))
+    assert a.image(0).size == (24, 24) and len(a) == 20
+
+
+def _nearest_mean_accuracy(ftr, ytr, fte, yte):
+    means = torch.stack([ftr[ytr == c].mean(0) for c in range(int(ytr.max()) + 1)])
+    return (torch.cdist(fte, means).argmin(1) == yte).float().mean().item()
+
+
+def test_synthetic_classes_are_not_separable_by_mean_colour_but_by_structure():
+    def feats(ds):
+        xs = torch.stack([_pixels(ds.image(i)).float() / 255 for i in range(len(ds))])
+        colour = xs.mean((2, 3))
+        spectrum = torch.fft.fft2(xs.mean(1)).abs()[:, :8, :8].flatten(1).log1p()  # orientation/frequency energy
+        return colour, spectrum, torch.tensor(ds.targets)
+    c_tr, s_tr, y_tr = feats(lt_data.SyntheticImages(10, 60, 32, 0, True))
+    c_te, s_te, y_te = feats(lt_data.SyntheticImages(10, 30, 32, 0, False))
+    by_colour = _nearest_mean_accuracy(c_tr, y_tr, c_te, y_te)
+    by_structure = _nearest_mean_accuracy(s_tr, y_tr, s_te, y_te)
+    assert by_colour < 0.2            # chance is 0.1
+    assert by_structure > 0.4         # the class is in the pattern
+    assert by_structure < 0.95        # ...but not trivially
+
+
+# ------------------------------------------------------------------ views and samplers
+
+def test_views_shapes_and_index():
+    data = lt_data.build_data(lt_data.DataArgs(dataset="synthetic", synthetic_per_class=8, imbalance_ratio=2))
+    two = lt_data.IndexedDataset(data.train_full, data.lt_indices,
+                                 lt_data.TwoViews(lt_data.ssl_augment(32, data.mean, data.std)))
+    views, y, k = two[(3, 123)]
+    assert len(views) == 2 and views[0].shape == (3, 32, 32) and k == 3
+    assert y == data.train_full.targets[data.lt_indices[3]]
+    again, _, _ = two[(3, 123)]
+    assert torch.equal(views[0], again[0]) and not torch.equal(views[0], views[1])  # seeded, independent views
+    mc = lt_data.MultiCrop(32, 16, 2, 3, data.mean, data.std)(data.train_full.image(0))
+    assert [v.shape[-1] for v in mc] == [32, 32, 16, 16, 16]
+    big = lt_data.ssl_augment(224, data.mean, data.std)(Image.new("RGB", (300, 260)))
+    assert big.shape == (3, 224, 224)
+    assert lt_data.eval_transform(224, data.mean, data.std)(Image.new("RGB", (300, 260))).shape == (3, 224, 224)
+
+
+def test_sampler_ranks_partition_the_single_process_batches():
+    one = list(lt_data.ResumableSampler(23, 1, 0, seed=5))
+    r0, r1 = list(lt_data.ResumableSampler(23, 2, 0, seed=5)), list(lt_data.ResumableSampler(23, 2, 1, seed=5))
+    B = 4  # 2 processes x B == 1 process x 2B, batch by batch
+    for b in range(len(r0) // B):
+        assert sorted(r0[b * B:(b + 1) * B] + r1[b * B:(b + 1) * B]) == sorted(one[2 * b * B:2 * (b + 1) * B])
+    assert sorted(i for i, _ in one) == list(range(23))
+    assert len(r0) == len(r1) == 11 and len(r0) // B == len(one) // (2 * B)  # same number of steps
+
+
+def test_sampler_resume_skips_exactly_and_epochs_differ():
+    s = lt_data.ResumableSampler(20, 2, 1, seed=0)
+    s.set_epoch(3)
+    full = list(s)
+    s.set_epoch(3, skip=4)
+    assert list(s) == full[4:] and len(s) == len(full) - 4
+    s.set_epoch(4)
+    assert list(s) != full
+
+
+def test_class_balanced_sampler_equalises_classes():
+    labels = [0] * 90 + [1] * 9 + [2] * 1
+    s = lt_data.ResumableSampler(len(labels), labels=labels, seed=0)
+    counts = torch.zeros(3)
+    for e in range(30):
+        s.set_epoch(e)
+        for i, _ in s:
+            counts[labels[i]] += 1
+    assert (counts / counts.sum() - 1 / 3).abs().max() < 0.03
+
+
+def test_works_with_distributed_sampler():
+    data = lt_data.build_data(lt_data.DataArgs(dataset="synthetic", synthetic_per_class=8, imbalance_ratio=2))
+    ds = lt_data.IndexedDataset(data.train_full, data.lt_indices, lt_data.eval_transform(32, data.mean, data.std))
+    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=1, shuffle=True, seed=0)
+    x, y, k = next(iter(lt_data.make_loader(ds, 4, 0, sampler)))
+    assert x.shape == (4, 3, 32, 32) and k.tolist() == list(sampler)[:4]
+
+
+# ------------------------------------------------------------------ command line
+
+def test_cli_prints_the_split(tmp_path):
+    write_cifar(tmp_path, "cifar10", 50, 1)
+    out = run_script("lt_data.py", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--imbalance-ratio", "10",
+                     "--no-download", cwd=tmp_path).stdout
+    assert "50, 38, 29, 23, 17, 13, 10, 8, 6, 5" in out and "199 images" in out
+    assert "many" in out and "balanced twin: 199 images" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "synthetic", "--imbalance-ratio", "0.5"], "imbalance-ratio must be >= 1"),
+    (["--dataset", "imagenet-lt", "--split-file", "missing_train.txt"], "split file not found"),
+    (["--dataset", "cifar10", "--data-dir", "nowhere", "--no-download"], "not found"),
+])
+def test_cli_bad_arguments_one_line(tmp_path, args, message):
+    proc = run_script("lt_data.py", *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_unknown_dataset_is_refused(tmp_path):
+    proc = run_script("lt_data.py", "--dataset", "mnist", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "mnist" in proc.stderr
