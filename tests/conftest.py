@@ -20,6 +20,16 @@ TINY_DATA = ["--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-
              "--synthetic-test-per-class", "8", "--image-size", "16", "--imbalance-ratio", "4"]
 
 
+# Per training script: its tiny configuration (data + a small model), and one architecture flag change with
+# the words the refusal to resume must contain. Add a script here and tests/test_scripts.py covers it.
+TINY_ARGS = {
+    "supervised_baseline.py": [*TINY_DATA],
+}
+ARCH_CHANGE = {
+    "supervised_baseline.py": (["--arch", "resnet50"], "--arch resnet18 -> resnet50"),
+}
+
+
 def script_env(threads: int | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
     env["PYTHONPATH"] = str(ROOT)

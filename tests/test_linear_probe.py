@@ -1,0 +1,119 @@
+"""linear_probe: metrics on features whose answer is known by construction, loading, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torchvision
+
+import linear_probe as lp
+from conftest import run_script
+
+
+def _clusters(n_per_class, classes=4, dim=16, spread=0.1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.eye(dim)[:classes] * 3
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    return centres[y] + spread * torch.randn(len(y), dim, generator=g), y
+
+
+def test_knn_recovers_separated_clusters_and_weights_votes():
+    f, y = _clusters(30)
+    ft, yt = _clusters(10, seed=1)
+    assert torch.equal(lp.knn_predict(f, y, ft, 4, k=200), yt)
+    # hand case: one neighbour of class 0 at cos 1, two of class 1 at cos 0.5; T=0.1 -> e^10 > 2 e^5
+    train = torch.tensor([[1.0, 0.0], [0.5, math.sqrt(0.75)], [0.5, -math.sqrt(0.75)]])
+    pred = lp.knn_predict(train, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.0]]), 2, k=3, temperature=0.1)
+    assert pred.item() == 0
+    pred = lp.knn_predict(train, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.0]]), 2, k=3, temperature=10.0)
+    assert pred.item() == 1   # at a high temperature the two votes outweigh the one
+
+
+def test_linear_probe_separates_linearly_separable_features():
+    f, y = _clusters(50, spread=0.5)
+    ft, yt = _clusters(20, spread=0.5, seed=2)
+    clf = lp.train_linear(f, y, 4, epochs=20, lr=0.5, batch_size=32, weight_decay=0.0, seed=0)
+    assert (clf(ft).argmax(1) == yt).float().mean() == 1.0
+
+
+def test_accuracy_report_groups_by_hand():
+    target = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    pred = target.clone()
+    pred[[3, 6, 7, 10, 11]] = 9    # class 1 half right, class 3 and 5 all wrong
+    groups = {"many": [0, 1], "medium": [2, 3], "few": [4, 5]}
+    r = lp.accuracy_report(pred, target, 6, groups)
+    assert r["per_class"] == [100.0, 50.0, 100.0, 0.0, 100.0, 0.0]
+    assert r["top1"] == pytest.approx(700 / 12)
+    assert (r["many"], r["medium"], r["few"]) == (75.0, 50.0, 50.0)
+    assert r["group_std"] == pytest.approx(math.sqrt(((75 - 175 / 3) ** 2 + 2 * (50 - 175 / 3) ** 2) / 3))
+
+
+def test_few_shot_indices():
+    y = torch.tensor([0] * 10 + [1] * 3)
+    idx = lp.few_shot_indices(y, 5, seed=0)
+    assert (y[idx] == 0).sum() == 5 and (y[idx] == 1).sum() == 3
+    assert not torch.equal(idx, lp.few_shot_indices(y, 5, seed=1))
+
+
+def test_exported_backbone_loads_into_plain_torchvision(tiny_supervised_run):
+    export = torch.load(tiny_supervised_run / "backbone.pt", weights_only=True)
+    model = torchvision.models.resnet18()
+    model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)   # the CIFAR stem, as in the README
+    model.maxpool = torch.nn.Identity()
+    model.fc = torch.nn.Identity()
+    model.load_state_dict(export["state_dict"], strict=True)
+    loaded, meta = lp.load_backbone(str(tiny_supervised_run / "checkpoint.pt"))
+    x = torch.randn(2, 3, 16, 16)
+    model.eval(), loaded.eval()
+    assert torch.equal(model(x), loaded(x)) and meta["method"] == "supervised"
+
+
+def test_probe_cli_end_to_end(tiny_supervised_run, tmp_path):
+    out = tmp_path / "probe.json"
+    proc = run_script("linear_probe.py", str(tiny_supervised_run / "backbone.pt"), "--epochs", "3", "--shots", "2",
+                      "--few-shot-seeds", "2", "--num-workers", "0", "--output", str(out), "--tensorboard",
+                      cwd=tmp_path)
+    assert "| linear |" in proc.stdout and "| knn |" in proc.stdout and "2-shot" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["dataset"] == "synthetic" and res["num_test"] == 32 and res["num_train"] == 128  # every image
+    assert res["groups"] == {"many": [0, 1], "medium": [2], "few": [3]}   # thirds of 4 long-tailed classes
+    assert len(res["linear"]["per_class"]) == 4 and len(res["few_shot"]["2"]["runs"]) == 2
+    # the long-tailed training set instead of the balanced one
+    run_script("linear_probe.py", str(tiny_supervised_run / "checkpoint.pt"), "--train-on", "long-tailed",
+               "--epochs", "2", "--num-workers", "0", "--output", str(tmp_path / "lt.json"), cwd=tmp_path)
+    res_lt = json.loads((tmp_path / "lt.json").read_text())
+    # int(32 * 4^(-i/3)) for i = 0..3
+    assert res_lt["num_train"] == 32 + 20 + 12 + 8 and res_lt["train_on"] == "long-tailed"
+
+
+def test_probe_out_of_domain(tiny_supervised_run, tmp_path):
+    proc = run_script("linear_probe.py", str(tiny_supervised_run / "backbone.pt"), "--dataset", "synthetic",
+                      "--synthetic-classes", "3", "--synthetic-per-class", "5", "--synthetic-test-per-class", "2",
+                      "--split-seed", "7", "--epochs", "2", "--num-workers", "0", "--output",
+                      str(tmp_path / "ood.json"), cwd=tmp_path)
+    res = json.loads((tmp_path / "ood.json").read_text())
+    assert res["num_train"] == 15 and res["num_test"] == 6 and len(res["linear"]["per_class"]) == 3
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupted", "not_a_backbone", "pickled_object"])
+def test_probe_refuses_bad_checkpoints_in_one_line(tmp_path, case):
+    path = tmp_path / "x.pt"
+    if case == "corrupted":
+        path.write_bytes(b"\x00garbage" * 10)
+    elif case == "not_a_backbone":
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif case == "pickled_object":
+        torch.save({"format": lp.EXPORT_FORMAT, "backbone": {}, "state_dict": {}, "evil": _Pickled()}, path)
+    proc = run_script("linear_probe.py", str(path), "--dataset", "synthetic", cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    expected = {"missing": "not found", "corrupted": "cannot load", "not_a_backbone": "not a backbone",
+                "pickled_object": "weights_only"}[case]
+    assert expected in proc.stderr
+
+
+class _Pickled:
+    """An arbitrary Python object: weights_only=True must refuse to unpickle it."""

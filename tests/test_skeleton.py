@@ -1,0 +1,52 @@
+"""The shared skeleton is textually identical across the training scripts, in the same order."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = ["supervised_baseline.py", "simsiam_rwsam.py", "msn_prior.py", "excb.py"]
+MARKER = re.compile(r"^ *# =+ (shared|method): (.+)$")
+SHARED = ["imports", "arguments", "runtime"]
+
+
+def sections(path):
+    """[(kind, name, text)] from one marker line to the next."""
+    out, current = [], None
+    for line in path.read_text().splitlines(keepends=True):
+        m = MARKER.match(line)
+        if m:
+            current = [m.group(1), m.group(2).strip(), ""]
+            out.append(current)
+        elif current is not None:
+            current[2] += line
+    return [tuple(s) for s in out]
+
+
+def present():
+    return [s for s in SCRIPTS if (ROOT / s).exists()]
+
+
+@pytest.mark.parametrize("script", present())
+def test_shared_sections_in_order(script):
+    shared = [name for kind, name, _ in sections(ROOT / script) if kind == "shared"]
+    assert shared == SHARED
+
+
+@pytest.mark.parametrize("script", [s for s in present() if s != SCRIPTS[0]])
+def test_shared_sections_identical_to_the_reference(script):
+    ref = {name: text for kind, name, text in sections(ROOT / SCRIPTS[0]) if kind == "shared"}
+    for kind, name, text in sections(ROOT / script):
+        if kind == "shared":
+            assert text == ref[name], f"shared section '{name}' of {script} differs from {SCRIPTS[0]}"
+
+
+def test_marker_parser_sees_a_difference(tmp_path):
+    a = tmp_path / "a.py"
+    a.write_text("# ===== shared: imports\nimport os\n# ===== method: x\npass\n")
+    b = tmp_path / "b.py"
+    b.write_text("# ===== shared: imports\nimport sys\n# ===== method: x\npass\n")
+    assert sections(a)[0] != sections(b)[0] and sections(a)[1] == sections(b)[1]
