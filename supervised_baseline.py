@@ -219,11 +219,15 @@ def set_rng_state(state: dict) -> None:
 def atomic_save(obj, path: str) -> None:
     """Write to a temporary file, fsync, rename: a crash never leaves a half-written file at ``path``."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -426,6 +430,10 @@ def train(args: Args) -> str:
     logger = Logger(run, resumed)
     first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss
     inject_nan = int(os.environ.get("SSL_IMBALANCE_INJECT_NAN_AT_STEP", "-1"))  # for the tests of the guard
+    if os.environ.get("SSL_IMBALANCE_BN_RUNNING_STATS") == "1":  # for the DDP-equivalence tests: BatchNorm uses
+        for m in model.modules():                                # running statistics, so the only per-process
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):   # batch statistics are the method's own
+                m.register_forward_pre_hook(lambda mod, _: setattr(mod, "training", False))
     run.model.train()
     while run.step < stop_step:
         run.epoch, done_in_epoch = divmod(run.step, steps_per_epoch)

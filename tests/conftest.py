@@ -48,10 +48,13 @@ def run_script(script: str, *args: str, cwd, env: dict | None = None, timeout: f
     return proc
 
 
-def run_torchrun(script: str, *args: str, cwd, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_torchrun(script: str, *args: str, cwd, nproc: int = 2, env: dict | None = None,
+                 timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N script.py ARGS`` on CPU (gloo), one thread per process."""
+    env = {**(env or script_env()), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           str(ROOT / script), *args], cwd=cwd, env=script_env(threads=1), capture_output=True,
-                          text=True, timeout=timeout)
+                           str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

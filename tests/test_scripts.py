@@ -5,13 +5,19 @@ Parametrised over the scripts present; each script's tiny configuration is in co
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+
+import linear_probe
+import lt_data
 
 from conftest import ARCH_CHANGE, ROOT, TINY_ARGS, run_script, run_torchrun, script_env
 
@@ -107,10 +113,13 @@ def test_torchrun_two_processes_gloo(tmp_path, script):
     (["--dataset", "cifar10", "--data-dir", "nowhere", "--no-download"], "use --dataset synthetic"),
     (["--output-dir", "afile"], "cannot write to the run folder"),
     (["--sync-bn"], "--sync-bn needs CUDA"),
+    (["--dataset", "imagenet-lt", "--data-dir", ".", "--split-file", "lt_train.txt"], "listed images not found"),
 ])
 @per_script
 def test_bad_input_one_clear_line(tmp_path, script, extra, message):
     (tmp_path / "afile").write_text("a file, not a folder")
+    (tmp_path / "lt_train.txt").write_text("train/n01/missing.png 0\n")
+    (tmp_path / "lt_test.txt").write_text("val/n01/missing.png 0\n")
     proc = run_script(script, *base(script), "--max-steps", "1", "--num-workers", "0", *extra, cwd=tmp_path, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
@@ -129,3 +138,92 @@ def test_help_explains_every_flag(tmp_path, script):
                  "--balanced-twin", "--image-size", "--epochs", "--max-steps", "--batch-size", "--lr", "--seed",
                  "--amp", "--num-workers", "--run-name", "--sampling"):
         assert flag in out
+
+
+@per_script
+def test_ddp_step_matches_one_process_at_twice_the_batch(tmp_path, script):
+    """2 processes x B == 1 process x 2B after one step, to float tolerance. BatchNorm is switched to its
+    running statistics (a test seam): per-process BatchNorm batch statistics are the one legitimate
+    difference (README), everything else that depends on the batch must be global."""
+    env = {**script_env(), "SSL_IMBALANCE_BN_RUNNING_STATS": "1"}
+    args = [*TINY_ARGS[script], "--max-steps", "1", "--num-workers", "0", "--amp", "none"]
+    run_torchrun(script, *args, "--batch-size", "8", "--run-name", "two", cwd=tmp_path, env=env)
+    run_script(script, *args, "--batch-size", "16", "--run-name", "one", cwd=tmp_path, env=env)
+    one, two = _load(tmp_path / "runs" / "one" / "checkpoint.pt"), _load(tmp_path / "runs" / "two" / "checkpoint.pt")
+    for k, v in one["model"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(two["model"][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def _import_script(script):
+    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+@per_script
+def test_export_loads_strict_into_torchvision_and_gives_the_training_features(tmp_path, script):
+    run_script(script, *base(script), "--max-steps", "2", "--num-workers", "0", "--run-name", "e", cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "e"
+    ckpt, export = _load(run_dir / "checkpoint.pt"), _load(run_dir / "backbone.pt")
+    module = _import_script(script)
+    args = module.Args(**ckpt["args"])
+    model = module.Model(args, lt_data.build_data(args))
+    model.load_state_dict(ckpt["model"])
+    trained = functools.reduce(getattr, model.export_prefix.rstrip(".").split("."), model)
+    meta = export["backbone"]
+    plain = linear_probe.build_backbone(meta["arch"], **meta["arch_kwargs"])   # plain torchvision model
+    plain.load_state_dict(export["state_dict"], strict=True)
+    from_ckpt, _ = linear_probe.load_backbone(str(run_dir / "checkpoint.pt"))   # the probe takes either file
+    x = torch.randn(4, 3, 16, 16)
+    for m in (trained, plain, from_ckpt):
+        m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), trained(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(from_ckpt(x), plain(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["corrupted", "pickled_object"])
+def test_resume_refuses_an_unsafe_or_corrupted_checkpoint(tmp_path, case):
+    script = "supervised_baseline.py"   # the shared runtime's resume path, the same text in every script
+    run_dir = tmp_path / "runs" / "x"
+    run_dir.mkdir(parents=True)
+    if case == "corrupted":
+        (run_dir / "checkpoint.pt").write_bytes(b"\x00not a checkpoint" * 20)
+    else:
+        torch.save({"format": linear_probe.CHECKPOINT_FORMAT, "payload": _Pickled()}, run_dir / "checkpoint.pt")
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    proc = run_script(script, *base(script), "--max-steps", "1", "--num-workers", "0", "--run-name", "x",
+                      cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "cannot resume" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    if case == "pickled_object":
+        assert "Weights only load failed" in proc.stderr
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+
+
+class _Pickled:
+    """An arbitrary Python object: weights_only=True must refuse to unpickle it."""
+
+
+def test_every_torch_load_is_weights_only():
+    for path in sorted(ROOT.glob("*.py")):
+        for call in re.findall(r"torch\.load\((.*)", path.read_text()):
+            assert "weights_only=True" in call, f"{path.name}: torch.load({call}"
+
+
+def test_atomic_save_never_leaves_a_half_written_file(tmp_path):
+    module = _import_script("supervised_baseline.py")
+    target = tmp_path / "checkpoint.pt"
+    module.atomic_save({"step": 1}, str(target))
+    with pytest.raises(Exception):
+        module.atomic_save({"bad": _Unpicklable()}, str(target))   # fails half-way through writing
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]   # no temporary file left behind
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle")
