@@ -1,0 +1,174 @@
+"""What does each method's training step cost against the passes it intrinsically needs?
+
+For every method at 32 px and batch 64, in bf16 autocast and in fp32, on the device present:
+  limit     the forward and backward passes the method needs, timed on random tensors here;
+  step      one real training step of the script's own code (train_step: loss, balancing, EMA, weights,
+            optimizer), on the same random batch;
+  loop      the script's full loop including its DataLoader (a --max-steps run, images/s from its log);
+  pipeline  the data pipeline alone (the script's own transform and loader), images/s.
+Prints a markdown table of medians and the ratio step / limit. Asserts nothing.
+
+    python benchmarks/step_cost.py                      # every method, bf16 and fp32
+    python benchmarks/step_cost.py --methods supervised --amp bf16 --repeats 10
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import lt_data  # noqa: E402
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(ROOT, name))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------ the intrinsic passes of each method
+def limit_supervised(model, views, labels, autocast):
+    """One forward and backward of backbone + classifier on one view."""
+    with autocast():
+        logits = model(views)
+    F.cross_entropy(logits.float(), labels).backward()
+
+
+# method: (script, intrinsic passes)
+METHODS: dict[str, tuple[str, Callable]] = {
+    "supervised": ("supervised_baseline.py", limit_supervised),
+}
+
+
+@dataclass
+class BenchArgs:
+    """Step cost of every method against its intrinsic forward/backward passes."""
+
+    methods: tuple[str, ...] = tuple(METHODS)
+    """methods to measure"""
+    amp: tuple[Literal["bf16", "none"], ...] = ("bf16", "none")
+    """autocast settings to measure"""
+    batch_size: int = 64
+    """batch size"""
+    image_size: int = 32
+    """input resolution"""
+    repeats: int = 8
+    """timed repetitions per measurement (the median is reported), after 2 warm-ups"""
+    loop_steps: int = 12
+    """steps of the full-loop run (its images/s excludes the first log interval)"""
+    num_workers: int = 2
+    """DataLoader workers of the pipeline and loop measurements"""
+
+
+def median_time(fn: Callable, repeats: int) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def make_run(module, args, device):
+    """The script's own Run, built the way its train() builds it (one process)."""
+    data = lt_data.build_data(args)
+    train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(False), module.train_transform(args, data))
+    torch.manual_seed(args.seed)
+    model = module.Model(args, data).to(device)
+    optimizer = module.make_optimizer(args, model, args.lr * args.batch_size / 256)
+    spe = len(train_set) // args.batch_size
+    total = args.epochs * spe
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: module.lr_factor(args, s, total, spe))
+    amp_dtype = {"bf16": torch.bfloat16, "none": None}[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    run = module.Run(args, device, 0, 1, data, train_set, model, model, optimizer, scheduler, scaler, amp_dtype,
+                     spe, total, tempfile.mkdtemp())
+    return run
+
+
+def real_batch(run, batch_size, device):
+    """A batch from the script's own pipeline, moved to the device (shapes and dtypes as in training)."""
+    loader = lt_data.make_loader(run.train_set, batch_size, 0, sampler=None, drop_last=True)
+    views, labels, idx = next(iter(loader))
+    move = lambda x: [v.to(device) for v in x] if isinstance(x, list) else x.to(device)  # noqa: E731
+    return move(views), labels.to(device), idx.to(device)
+
+
+def pipeline_rate(run, batch_size, workers, batches=10) -> float:
+    sampler = lt_data.ResumableSampler(len(run.train_set), seed=0)
+    loader = lt_data.make_loader(run.train_set, batch_size, workers, sampler, drop_last=True)
+    it = iter(loader)
+    next(it)
+    t = time.perf_counter()
+    n = 0
+    for _ in range(batches):
+        next(it)
+        n += batch_size
+    return n / (time.perf_counter() - t)
+
+
+def loop_rate(script, data_flags, args: BenchArgs, amp) -> float:
+    """images/s of the script's own full loop (DataLoader included), from its last progress line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([sys.executable, os.path.join(ROOT, script), *data_flags, "--amp", amp, "--batch-size",
+                              str(args.batch_size), "--max-steps", str(args.loop_steps), "--log-every",
+                              str(args.loop_steps // 2), "--num-workers", str(args.num_workers), "--output-dir", tmp],
+                             capture_output=True, text=True, check=True).stdout
+    last = [line for line in out.splitlines() if "img/s" in line][-1]
+    return float(last.split("|")[1].split()[0])
+
+
+def main(args: BenchArgs) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data_flags = ["--dataset", "synthetic", "--image-size", str(args.image_size), "--imbalance-ratio", "10"]
+    print(f"device {device}, batch {args.batch_size}, {args.image_size} px, torch threads {torch.get_num_threads()}")
+    rows = []
+    for method in args.methods:
+        script, limit = METHODS[method]
+        module = load_script(script)
+        for amp in args.amp:
+            margs = tyro.cli(module.Args, args=[*data_flags, "--amp", amp, "--batch-size", str(args.batch_size)])
+            run = make_run(module, margs, device)
+            views, labels, idx = real_batch(run, args.batch_size, device)
+            run.model.train()
+
+            def intrinsic():
+                run.model.zero_grad(set_to_none=True)
+                limit(run.model, views, labels, run.autocast)
+
+            t_limit = median_time(intrinsic, args.repeats)
+            t_step = median_time(lambda: module.train_step(run, (views, labels, idx)), args.repeats)
+            loop = loop_rate(script, data_flags, args, amp)
+            pipe = pipeline_rate(run, args.batch_size, args.num_workers)
+            rows.append((method, amp, t_limit, t_step, loop, pipe))
+            print(f"{method} {amp}: limit {t_limit * 1e3:.0f} ms, step {t_step * 1e3:.0f} ms, ratio "
+                  f"{t_step / t_limit:.3f}; loop {loop:.0f} img/s; pipeline {pipe:.0f} img/s", flush=True)
+    print("\n| method | amp | step / limit | model img/s (step) | full loop img/s | pipeline img/s (workers="
+          f"{args.num_workers}) | pipeline / model |\n|---|---|---|---|---|---|---|")
+    for method, amp, t_limit, t_step, loop, pipe in rows:
+        model_rate = args.batch_size / t_step
+        print(f"| {method} | {amp} | {t_step / t_limit:.3f} | {model_rate:.0f} | {loop:.0f} | {pipe:.0f} | "
+              f"{pipe / model_rate:.2f} |")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(BenchArgs))
