@@ -105,17 +105,17 @@ def load_backbone(path: str) -> tuple[nn.Module, dict]:
 # --------------------------------------------------------------------------- probes on features
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def extract_features(model: nn.Module, dataset, batch_size: int, num_workers: int, device: torch.device,
                      amp: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features and labels of every item of ``dataset`` (eval mode, no drop_last), in order."""
-    model.eval().to(device)
+    model.eval().to(device, memory_format=torch.channels_last)
     loader = lt_data.make_loader(dataset, batch_size, num_workers, sampler=None, drop_last=False)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     feats, labels = [], []
     for x, y, _ in loader:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            feats.append(model(x.to(device, non_blocking=True)).float().cpu())
+            feats.append(model(x.to(device, non_blocking=True, memory_format=torch.channels_last)).float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
