@@ -484,6 +484,8 @@ def train_step(run: "Run", batch) -> dict[str, torch.Tensor]:
             "losses/regulariser": t["regulariser"].detach(),
             "charts/kl_mean_to_prior": (p_mean * (log_pm - torch.log(prior))).sum(),
             "charts/kl_prior_to_mean": (prior * (torch.log(prior) - log_pm)).sum(),
+            "charts/kl_sorted_to_prior":
+                (sorted_usage * (torch.log(sorted_usage.clamp_min(1e-12)) - torch.log(prior))).sum(),
             "charts/prototype_entropy": entropy, "charts/effective_prototypes": entropy.exp(),
             "charts/prototypes_in_use": (counts > 0).sum().float(),
             "charts/target_max_prob": q.max(dim=1).values.mean(),

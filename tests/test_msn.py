@@ -230,7 +230,7 @@ def test_schedules_follow_msn_with_the_horizon():
 
 # --------------------------------------------------------------------------- behaviour
 
-def _train_prototypes(prior, iters, steps=300, seed=0):
+def _train_prototypes(prior, iters, steps=100, seed=0):
     """Fixed synthetic features (8 unequal clusters), learnable prototypes, Adam on msn_loss."""
     g = torch.Generator().manual_seed(seed)
     centres = F.normalize(torch.randn(8, 16, generator=g), dim=1)
@@ -258,20 +258,28 @@ def _kl(p, q):
     return (p * (p / q).log()).sum().item()
 
 
-def test_power_law_prior_moves_sorted_usage_toward_the_prior():
+@pytest.fixture(scope="module")
+def trained_usage():
+    """Prototype usage before/after training with each prior (the power law without Sinkhorn, the uniform with)."""
+    return {"power-law": _train_prototypes(M.power_law_prior(16, 1.0), iters=0),
+            "uniform": _train_prototypes(M.power_law_prior(16, 0.0), iters=3)}
+
+
+def test_power_law_prior_moves_sorted_usage_toward_the_prior(trained_usage):
     pi = M.power_law_prior(16, 1.0)
-    before, after = _train_prototypes(pi, iters=0)
+    before, after = trained_usage["power-law"]
     sb, sa = before.sort(descending=True).values, after.sort(descending=True).values
     assert _kl(sa, pi) < 0.5 * _kl(sb, pi)
-    uniform = torch.full((16,), 1 / 16)
-    assert _kl(sa, pi) < _kl(sa, uniform)            # closer to the power law than to uniform
+    assert _kl(sa, pi) < _kl(sa, torch.full((16,), 1 / 16))        # closer to the power law than to uniform
+    other = trained_usage["uniform"][1].sort(descending=True).values
+    assert _kl(sa, pi) < 0.5 * _kl(other, pi)                        # the uniform prior does not do this
 
 
-def test_uniform_prior_moves_usage_toward_uniform():
+def test_uniform_prior_moves_usage_toward_uniform(trained_usage):
     uniform = M.power_law_prior(16, 0.0)
-    before, after = _train_prototypes(uniform, iters=3)
+    before, after = trained_usage["uniform"]
     assert _kl(after, uniform) < 0.5 * _kl(before, uniform)
-    assert _kl(after, uniform) < _kl(after.sort(descending=True).values, M.power_law_prior(16, 1.0))
+    assert _kl(after, uniform) < 0.5 * _kl(trained_usage["power-law"][1], uniform)   # the power law does not
 
 
 # --------------------------------------------------------------------------- DDP exactness (2 gloo processes)
@@ -342,10 +350,18 @@ def test_power_law_smoke_run_logs_the_method_metrics(tmp_path):
     acc = EventAccumulator(str(tmp_path / "runs" / "pl"))
     acc.Reload()
     scalars, hists = set(acc.Tags()["scalars"]), set(acc.Tags()["histograms"])
-    for tag in ("losses/cross_entropy", "losses/regulariser", "charts/kl_mean_to_prior", "charts/prototype_entropy",
+    for tag in ("losses/cross_entropy", "losses/regulariser", "charts/kl_mean_to_prior", "charts/kl_sorted_to_prior",
+                "charts/prototype_entropy",
                 "charts/prototypes_in_use", "charts/ema_momentum", "charts/images_per_second"):
         assert tag in scalars, tag
     assert {"charts/sorted_usage", "charts/sorted_usage_over_prior"} <= hists
     ckpt = torch.load(tmp_path / "runs" / "pl" / "checkpoint.pt", weights_only=True)
     torch.testing.assert_close(ckpt["model"]["prior"], M.power_law_prior(16, 0.25))
     assert ckpt["args"]["sinkhorn"] is None and ckpt["backbone"]["prefix"] == "target_encoder."
+
+
+def test_impossible_view_sizes_fail_with_one_line(tmp_path):
+    proc = run_script("msn_prior.py", *TINY_ARGS["msn_prior.py"], "--focal-size", "6", "--max-steps", "1",
+                      "--num-workers", "0", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "--focal-size 6 is not a multiple of --patch-size 4" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
