@@ -24,9 +24,12 @@ TINY_DATA = ["--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-
 # the words the refusal to resume must contain. Add a script here and tests/test_scripts.py covers it.
 TINY_ARGS = {
     "supervised_baseline.py": [*TINY_DATA],
+    "simsiam_rwsam.py": [*TINY_DATA, "--proj-dim", "64", "--pred-dim", "16", "--reweight-warmup", "0",
+                         "--reweight-every", "1"],
 }
 ARCH_CHANGE = {
     "supervised_baseline.py": (["--arch", "resnet50"], "--arch resnet18 -> resnet50"),
+    "simsiam_rwsam.py": (["--arch", "resnet50"], "--arch resnet18 -> resnet50"),
 }
 
 
