@@ -125,10 +125,11 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
 
         L_w = 1/2 mean_i w_i D(p1_i, sg(z2_i)) + 1/2 mean_i w_i D(p2_i, sg(z1_i)),  D(p, z) = -cos(p, z),
 
-    sg = stop-gradient (applied here). ``weights=None`` means w_i = 1 (plain SimSiam). Computed in fp32.
+    sg = stop-gradient (applied here). ``weights=None`` means w_i = 1 (plain SimSiam). Computed in fp32 (or fp64).
     """
-    d1 = -F.cosine_similarity(p1.float(), z2.detach().float(), dim=-1)
-    d2 = -F.cosine_similarity(p2.float(), z1.detach().float(), dim=-1)
+    dt = torch.promote_types(p1.dtype, torch.float32)
+    d1 = -F.cosine_similarity(p1.to(dt), z2.detach().to(dt), dim=-1)
+    d2 = -F.cosine_similarity(p2.to(dt), z1.detach().to(dt), dim=-1)
     if weights is None:
         return 0.5 * d1.mean() + 0.5 * d2.mean()
     w = weights.to(d1.dtype)
@@ -146,7 +147,8 @@ def sam_perturbation(params, rho: float, adaptive: bool = True) -> list[torch.Te
     params = list(params)
     with torch.no_grad():
         having = [p for p in params if p.grad is not None]
-        scaled = [(p.abs() * p.grad if adaptive else p.grad).float() for p in having]
+        scaled = [(p.abs() * p.grad if adaptive else p.grad).to(torch.promote_types(p.dtype, torch.float32))
+                  for p in having]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled])) if scaled \
             else torch.zeros(())
         factor = rho / (norm + 1e-12)

@@ -24,8 +24,8 @@ TINY_DATA = ["--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-
 # the words the refusal to resume must contain. Add a script here and tests/test_scripts.py covers it.
 TINY_ARGS = {
     "supervised_baseline.py": [*TINY_DATA],
-    "simsiam_rwsam.py": [*TINY_DATA, "--proj-dim", "64", "--pred-dim", "16", "--reweight-warmup", "0",
-                         "--reweight-every", "1"],
+    "simsiam_rwsam.py": [*TINY_DATA[:-4], "--image-size", "8", *TINY_DATA[-2:], "--proj-dim", "32", "--pred-dim",
+                         "8", "--reweight-warmup", "0", "--reweight-every", "1"],   # 8 px: two passes per step
 }
 ARCH_CHANGE = {
     "supervised_baseline.py": (["--arch", "resnet50"], "--arch resnet18 -> resnet50"),
