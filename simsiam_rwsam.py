@@ -114,8 +114,6 @@ class Args(lt_data.DataArgs):
 
 
 # ============================================================ method: model and loss
-import copy  # noqa: E402
-
 METHOD = "simsiam_rwsam"
 
 
