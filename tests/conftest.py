@@ -27,10 +27,13 @@ TINY_ARGS = {
     "msn_prior.py": [*TINY_DATA, "--arch", "vit_tiny", "--vit-layers", "2", "--vit-dim", "32", "--vit-heads", "2",
                      "--patch-size", "4", "--focal-size", "8", "--num-focal", "2", "--head-hidden", "32",
                      "--head-out", "16", "--num-prototypes", "16", "--warmup-epochs", "1"],
+    "simsiam_rwsam.py": [*TINY_DATA[:-4], "--image-size", "8", *TINY_DATA[-2:], "--proj-dim", "32", "--pred-dim",
+                         "8", "--reweight-warmup", "0", "--reweight-every", "1"],   # 8 px: two passes per step
 }
 ARCH_CHANGE = {
     "supervised_baseline.py": (["--arch", "resnet50"], "--arch resnet18 -> resnet50"),
     "msn_prior.py": (["--vit-layers", "3"], "--vit-layers 2 -> 3"),
+    "simsiam_rwsam.py": (["--arch", "resnet50"], "--arch resnet18 -> resnet50"),
 }
 
 

@@ -1,0 +1,773 @@
+"""SimSiam with re-weighted sharpness-aware minimisation (rwSAM).
+
+Liu, HaoChen, Gaidon, Ma (ICLR 2022), "Self-supervised Learning is More Robust to Dataset Imbalance":
+SimSiam (Chen & He 2021: projector, predictor, symmetric negative cosine with stop-gradient) trained
+with a sharpness-aware optimiser whose adversarial (ascent) step uses a *re-weighted* loss: examples in
+low-density regions of the representation space (the rare ones) get larger weights, so it is their
+sharpness that gets penalised. Each step: (1) gradient g of the weighted loss; (2) ascent
+e = rho theta^2 g / || |theta| g || (ASAM; SAM: rho g / ||g||), one global norm; (3) gradient of the
+unweighted loss at theta + e on the same two views; (4) restore theta, SGD step with that gradient.
+Weights come from a Gaussian kernel density estimate on L2-normalised backbone features of the
+un-augmented training images (label-free), recomputed every --reweight-every epochs.
+
+    python simsiam_rwsam.py --dataset cifar10 --imbalance-ratio 100                 # rwSAM (ASAM + KDE weights)
+    python simsiam_rwsam.py --dataset cifar10 --sam none                          # plain SimSiam
+    python simsiam_rwsam.py --dataset cifar10 --reweight none                     # plain ASAM
+    python simsiam_rwsam.py --dataset cifar10 --reweight label --rho 7            # oracle label weights
+    python simsiam_rwsam.py --dataset synthetic --epochs 5 --batch-size 64        # no data needed
+    torchrun --nproc_per_node 4 simsiam_rwsam.py --batch-size 128                 # --batch-size is per process
+    python linear_probe.py runs/<run-name>/backbone.pt
+
+Sections marked "shared" are textually identical in supervised_baseline.py, simsiam_rwsam.py,
+msn_prior.py and excb.py (tests/test_skeleton.py enforces it): diff two scripts to see the method.
+"""
+
+# ============================================================ shared: imports
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+import lt_data
+from linear_probe import CHECKPOINT_FORMAT, EXPORT_FORMAT, build_backbone, feature_dim
+
+
+# ============================================================ shared: arguments
+@dataclass
+class Args(lt_data.DataArgs):
+    run_name: Optional[str] = None
+    """run folder name under --output-dir; default: <method>_<dataset>_r<ratio>[_twin]_s<seed>. An existing run of that name resumes"""
+    output_dir: str = "runs"
+    """where run folders go (TensorBoard events, checkpoint.pt, backbone.pt)"""
+    seed: int = 1
+    """seed of initialisation, data order and augmentations"""
+    deterministic: bool = False
+    """deterministic kernels (torch.use_deterministic_algorithms); slower on GPU, needed for bit-identical resume there"""
+    max_steps: Optional[int] = None
+    """stop after this many optimisation steps (smoke runs); the schedules still span --epochs"""
+    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    """autocast dtype: bf16 (CPU and recent GPUs), fp16 (with a GradScaler; CUDA), none (fp32)"""
+    compile: bool = False
+    """torch.compile the training model"""
+    channels_last: bool = True
+    """channels-last memory format for the model and images (faster convolutions on CPU and tensor-core GPUs)"""
+    sync_bn: bool = False
+    """SyncBatchNorm across processes (CUDA only); otherwise BatchNorm statistics are per process"""
+    sampling: Literal["instance", "class-balanced"] = "instance"
+    """instance: each image once per epoch; class-balanced: draws with probability 1/(C*n_class) (uses labels: an oracle for SSL)"""
+    num_workers: Optional[int] = None
+    """data-loading processes per training process; default: min(8, CPU cores per process)"""
+    log_every: int = 50
+    """log to TensorBoard and print a progress line every this many steps"""
+    checkpoint_every: int = 500
+    """also write checkpoint.pt every this many steps (always at the end of an epoch and of the run)"""
+
+    # ======================================================== method: arguments
+    arch: Literal["resnet18", "resnet50"] = "resnet18"
+    """backbone; the CIFAR stem (3x3 conv, no max-pool) is used below 64 px"""
+    epochs: int = 800
+    """training epochs (the paper's CIFAR code trains 800 to 1600)"""
+    batch_size: int = 512
+    """batch size per process (the global batch is this times the number of processes)"""
+    lr: float = 0.03
+    """SGD learning rate for a global batch of 256, scaled linearly (0.06 at the paper's batch 512)"""
+    weight_decay: float = 5e-4
+    """SGD weight decay (all parameters, as in SimSiam's CIFAR recipe)"""
+    proj_dim: int = 2048
+    """projector width (hidden and output) and predictor output"""
+    pred_dim: int = 512
+    """predictor bottleneck width"""
+    sam: Literal["asam", "sam", "none"] = "asam"
+    """sharpness-aware step: asam (adaptive, e = rho theta^2 g / || |theta| g ||), sam (e = rho g / ||g||), none (plain SimSiam)"""
+    rho: float = 0.5
+    """radius of the ascent step (ASAM scale; the paper's code uses 0.5 by default, 7 for CIFAR label weights, 2 on ImageNet)"""
+    reweight: Literal["kde", "label", "none"] = "kde"
+    """weights of the ascent loss: kde (label-free density, the paper's method), label (oracle: base^frequency rank), none (plain (A)SAM); ignored with --sam none"""
+    reweight_warmup: int = 10
+    """epochs of uniform weights before the first KDE"""
+    reweight_every: int = 10
+    """recompute the KDE weights every this many epochs (from --reweight-warmup on)"""
+    kde_bandwidth: float = 0.3
+    """Gaussian kernel bandwidth h on L2-normalised features (squared distances lie in [0, 4])"""
+    kde_alpha: float = 1.0
+    """weights are proportional to density^(-alpha)"""
+    kde_max_ratio: float = 10.0
+    """weights are clipped so that max / min <= this"""
+    kde_reference: int = 0
+    """KDE against a random reference subset of this many training images (cost O(N M)); 0: all images (O(N^2))"""
+    kde_chunk_size: int = 4096
+    """block size of the chunked KDE (memory ~ 3 x chunk^2 floats)"""
+    label_base: float = 1.2
+    """--reweight label: w = base^(rank of the class by training frequency, 0 = most frequent), as the paper's code"""
+
+
+# ============================================================ method: model and loss
+METHOD = "simsiam_rwsam"
+
+
+def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
+                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SimSiam's symmetric loss (Chen & He 2021, eq. 2-3), optionally re-weighted per example (rwSAM's L_w):
+
+        L_w = 1/2 mean_i w_i D(p1_i, sg(z2_i)) + 1/2 mean_i w_i D(p2_i, sg(z1_i)),  D(p, z) = -cos(p, z),
+
+    sg = stop-gradient (applied here). ``weights=None`` means w_i = 1 (plain SimSiam). Computed in fp32 (or fp64).
+    """
+    dt = torch.promote_types(p1.dtype, torch.float32)
+    d1 = -F.cosine_similarity(p1.to(dt), z2.detach().to(dt), dim=-1)
+    d2 = -F.cosine_similarity(p2.to(dt), z1.detach().to(dt), dim=-1)
+    if weights is None:
+        return 0.5 * d1.mean() + 0.5 * d2.mean()
+    w = weights.to(d1.dtype)
+    return 0.5 * (w * d1).mean() + 0.5 * (w * d2).mean()
+
+
+def sam_perturbation(params, rho: float, adaptive: bool = True) -> list[torch.Tensor]:
+    """The ascent vector e of (adaptive) sharpness-aware minimisation, from each parameter's current ``.grad``.
+
+    ASAM (Kwon et al. 2021, with T_theta = |theta|; Liu et al. 2022, rwSAM step 2):
+        e = rho theta^2 * g / (|| |theta| * g ||_2 + 1e-12)
+    SAM (Foret et al. 2021, eq. 2):  e = rho g / (||g||_2 + 1e-12).
+    The norm is one global norm over all given parameters; parameters without a gradient get zeros.
+    """
+    params = list(params)
+    with torch.no_grad():
+        having = [p for p in params if p.grad is not None]
+        scaled = [(p.abs() * p.grad if adaptive else p.grad).to(torch.promote_types(p.dtype, torch.float32))
+                  for p in having]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled])) if scaled \
+            else torch.zeros(())
+        factor = rho / (norm + 1e-12)
+        out, it = [], iter(scaled)
+        for p in params:
+            if p.grad is None:
+                out.append(torch.zeros_like(p))
+            else:
+                s = next(it)
+                out.append(((p.abs() * s if adaptive else s) * factor).to(p.dtype))
+    return out
+
+
+def _kde_log_density(queries: torch.Tensor, reference: torch.Tensor, bandwidth: float, chunk_size: int,
+                     query_ids: Optional[torch.Tensor] = None, reference_ids: Optional[torch.Tensor] = None
+                     ) -> torch.Tensor:
+    """log p_i = log mean_j exp(-||q_i - r_j||^2 / (2 h^2)) over the reference points j with
+    reference_ids[j] != query_ids[i] (self excluded when ids are given). Rows of ``queries`` and ``reference``
+    are unit vectors, so ||q - r||^2 = 2 - 2 q.r. Blockwise log-sum-exp: memory O(chunk^2), no underflow."""
+    n, m = queries.shape[0], reference.shape[0]
+    out = torch.empty(n, dtype=torch.float32, device=queries.device)
+    inv = 1.0 / (2.0 * bandwidth * bandwidth)
+    for qs in range(0, n, chunk_size):
+        q = queries[qs:qs + chunk_size]
+        parts, selves = [], torch.zeros(q.shape[0], device=q.device)
+        for rs in range(0, m, chunk_size):
+            logk = (q @ reference[rs:rs + chunk_size].T).mul_(2).sub_(2).clamp_(max=0).mul_(inv)  # -d^2 / (2h^2)
+            if query_ids is not None and reference_ids is not None:
+                same = query_ids[qs:qs + chunk_size, None] == reference_ids[None, rs:rs + chunk_size]
+                logk.masked_fill_(same, -math.inf)
+                selves += same.sum(1)
+            parts.append(torch.logsumexp(logk, dim=1))
+        count = (m - selves).clamp_(min=1)
+        out[qs:qs + chunk_size] = torch.logsumexp(torch.stack(parts, 1), dim=1) - count.log()
+    return out
+
+
+def _weights_from_log_density(log_density: torch.Tensor, alpha: float, max_ratio: float) -> torch.Tensor:
+    """w_i proportional to p_i^(-alpha), the largest clipped to max_ratio times the smallest, mean 1."""
+    logw = -alpha * log_density.double()
+    logw = torch.minimum(logw, logw.min() + math.log(max_ratio))
+    w = (logw - logw.max()).exp()
+    return (w / w.mean()).float()
+
+
+def kde_weights(features: torch.Tensor, bandwidth: float, alpha: float = 1.0, max_ratio: float = 10.0,
+                reference: Optional[torch.Tensor] = None, chunk_size: int = 4096) -> torch.Tensor:
+    """Label-free per-example weights of rwSAM (Liu et al. 2022): rare = low density = large weight.
+
+    f_i = features_i / ||features_i||; p_i = mean_j exp(-||f_i - f_j||^2 / (2 h^2)) with h = ``bandwidth``,
+    over the reference points j: by default all other examples (self excluded); ``reference`` = a 1-d integer
+    tensor of indices into ``features`` (a random subset of M points: cost O(N M); self excluded where
+    present) or a float tensor of reference features (nothing excluded).
+    w_i proportional to p_i^(-alpha), clipped so that max(w) / min(w) <= ``max_ratio``, normalised to mean 1.
+    Computed in blocks of ``chunk_size`` x ``chunk_size`` (bounded memory).
+    """
+    f = F.normalize(features.float(), dim=1)
+    ids = torch.arange(f.shape[0], device=f.device)
+    if reference is None:
+        log_p = _kde_log_density(f, f, bandwidth, chunk_size, ids, ids)
+    elif not reference.is_floating_point():
+        ref_ids = reference.to(f.device).long()
+        log_p = _kde_log_density(f, f[ref_ids], bandwidth, chunk_size, ids, ref_ids)
+    else:
+        log_p = _kde_log_density(f, F.normalize(reference.float().to(f.device), dim=1), bandwidth, chunk_size)
+    return _weights_from_log_density(log_p, alpha, max_ratio)
+
+
+def _gather_rows(x: torch.Tensor, rows_per_rank: int) -> torch.Tensor:
+    """Concatenate every rank's rows (each padded to rows_per_rank) in rank order."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    padded = x.new_zeros((rows_per_rank, *x.shape[1:]))
+    padded[:x.shape[0]] = x
+    out = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, padded)
+    return torch.cat(out)
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int, int]:
+    """Contiguous shard [start, stop) of n examples for one rank, and the padded shard size."""
+    per = -(-n // world_size)
+    return min(rank * per, n), min((rank + 1) * per, n), per
+
+
+def sharded_kde_weights(local_features: torch.Tensor, n: int, bandwidth: float, alpha: float = 1.0,
+                        max_ratio: float = 10.0, reference: Optional[torch.Tensor] = None,
+                        chunk_size: int = 4096) -> torch.Tensor:
+    """``kde_weights`` under DDP: each rank holds the features of its ``shard_bounds`` rows; features are
+    all-gathered, each rank estimates its rows' densities, densities are all-gathered, so every rank ends
+    with the same N weights (= kde_weights on all features; ``reference``: integer indices, same on all ranks)."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    start, stop, per = shard_bounds(n, rank, world)
+    mine = F.normalize(local_features.float(), dim=1)
+    f = _gather_rows(mine, per)[:n]
+    ids = torch.arange(n, device=f.device)
+    ref_ids = ids if reference is None else reference.to(f.device).long()
+    log_p = _kde_log_density(mine, f[ref_ids], bandwidth, chunk_size, ids[start:stop], ref_ids)
+    return _weights_from_log_density(_gather_rows(log_p, per)[:n], alpha, max_ratio)
+
+
+def label_weights(labels, num_classes: int, base: float) -> torch.Tensor:
+    """Oracle weights of the paper's code: w = base^(rank of the example's class by frequency, 0 = most
+    frequent; ties by class index), normalised to mean 1."""
+    y = torch.as_tensor(list(labels), dtype=torch.long)
+    counts = torch.bincount(y, minlength=num_classes)
+    order = sorted(range(num_classes), key=lambda c: (-int(counts[c]), c))
+    rank = torch.empty(num_classes, dtype=torch.float64)
+    rank[torch.tensor(order)] = torch.arange(num_classes, dtype=torch.float64)
+    w = torch.as_tensor(base, dtype=torch.float64) ** rank[y]
+    return (w / w.mean()).float()
+
+
+def _check_method_args(args: Args) -> None:
+    for name in ("rho", "kde_bandwidth", "kde_alpha"):
+        if not getattr(args, name) > 0:
+            raise RunError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not args.kde_max_ratio >= 1:
+        raise RunError(f"--kde-max-ratio must be >= 1, got {args.kde_max_ratio}")
+    for name in ("reweight_every", "kde_chunk_size", "proj_dim", "pred_dim"):
+        if getattr(args, name) < 1:
+            raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.reweight_warmup < 0 or args.kde_reference < 0:
+        raise RunError("--reweight-warmup and --kde-reference must be >= 0")
+    if not args.label_base > 0:
+        raise RunError(f"--label-base must be > 0, got {args.label_base}")
+
+
+def train_transform(args: Args, data: lt_data.LTData):
+    """Two SimSiam views per image (RandomResizedCrop 0.2-1, flip, jitter .4/.4/.4/.1 p .8, grayscale p .2)."""
+    _check_method_args(args)  # the first method hook the runtime calls: refuse bad method flags early
+    return lt_data.TwoViews(lt_data.ssl_augment(data.image_size, data.mean, data.std))
+
+
+class Model(nn.Module):
+    """ResNet backbone, SimSiam projector and predictor, and the per-example ascent weights (a buffer)."""
+
+    export_prefix = "backbone."  # what backbone.pt exports
+
+    def __init__(self, args: Args, data: lt_data.LTData):
+        super().__init__()
+        self.backbone_spec = {"arch": args.arch, "arch_kwargs": {"cifar_stem": data.image_size < 64}}
+        self.backbone = build_backbone(args.arch, **self.backbone_spec["arch_kwargs"])
+        d, h, b = feature_dim(args.arch), args.proj_dim, args.pred_dim
+        self.projector = nn.Sequential(nn.Linear(d, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True),
+                                       nn.Linear(h, h, bias=False), nn.BatchNorm1d(h, affine=False))
+        self.predictor = nn.Sequential(nn.Linear(h, b, bias=False), nn.BatchNorm1d(b), nn.ReLU(inplace=True),
+                                       nn.Linear(b, h))
+        train_idx = data.pretrain_indices(args.balanced_twin)
+        if args.reweight == "label":
+            w = label_weights([data.train_full.targets[i] for i in train_idx], data.num_classes, args.label_base)
+        else:
+            w = torch.ones(len(train_idx))
+        self.register_buffer("sample_weights", w)  # saved in checkpoints: a resumed run keeps its weights
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
+        """(p1, p2, z1, z2); both views in one call so DDP sees one forward per backward."""
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        return self.predictor(z1), self.predictor(z2), z1, z2
+
+
+def make_optimizer(args: Args, model: Model, lr: float) -> torch.optim.Optimizer:
+    """SGD momentum 0.9 with weight decay on all parameters (SimSiam's CIFAR recipe); the base optimiser of (A)SAM."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay)
+
+
+def lr_factor(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Cosine decay from the base lr to 0 (SimSiam), per step."""
+    return 0.5 * (1 + math.cos(math.pi * step / max(total_steps, 1)))
+
+
+@torch.no_grad()
+def backbone_features(run: "Run", start: int, stop: int) -> torch.Tensor:
+    """Eval-mode backbone features of un-augmented training images start..stop-1 (fp32, not normalised)."""
+    data, ds_idx = run.data, run.train_set.indices[start:stop]
+    dataset = lt_data.IndexedDataset(data.train_full, ds_idx, lt_data.eval_transform(data.image_size, data.mean,
+                                                                                     data.std))
+    workers = run.args.num_workers if run.args.num_workers is not None else min(4, os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=max(run.args.batch_size, 256), shuffle=False,
+                                         num_workers=workers, generator=torch.Generator())  # no global RNG draw
+    backbone, feats = run.model.backbone, []
+    backbone.eval()
+    try:
+        for x, _, _ in loader:
+            with run.autocast():
+                feats.append(backbone(to_device(x, run)).float())
+    finally:
+        run.model.train()
+    dim = feature_dim(run.args.arch)
+    return torch.cat(feats) if feats else torch.zeros(0, dim, device=run.device)
+
+
+def on_epoch_start(run: "Run", epoch: int) -> None:
+    """--reweight kde: recompute the KDE weights at epochs warmup, warmup + every, ... (all ranks identical)."""
+    args = run.args
+    if args.sam == "none" or args.reweight != "kde" or epoch < args.reweight_warmup or \
+            (epoch - args.reweight_warmup) % args.reweight_every:
+        return
+    t0, n = time.perf_counter(), len(run.train_set)
+    start, stop, _ = shard_bounds(n, run.rank, run.world_size)
+    local = backbone_features(run, start, stop)
+    reference = None
+    if 0 < args.kde_reference < n:  # same subset on every rank: a function of (seed, epoch)
+        g = torch.Generator().manual_seed(args.seed * 7919 + epoch)
+        reference = torch.randperm(n, generator=g)[:args.kde_reference].sort().values
+    w = sharded_kde_weights(local, n, args.kde_bandwidth, args.kde_alpha, args.kde_max_ratio, reference,
+                            args.kde_chunk_size)
+    run.model.sample_weights.copy_(w)
+    if run.rank == 0:
+        print(f"epoch {epoch + 1}: KDE weights of {n} images in {time.perf_counter() - t0:.1f}s "
+              f"(min {w.min().item():.3f}, max {w.max().item():.3f})", flush=True)
+
+
+def _batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+
+
+def train_step(run: "Run", batch) -> dict[str, torch.Tensor]:
+    """SimSiam loss; with --sam: weighted ascent pass, unweighted descent pass at theta + e, SGD step at theta."""
+    (x1, x2), _, idx = batch
+    args, model, opt = run.args, run.model, run.optimizer
+    with run.autocast():
+        p1, p2, z1, z2 = run.ddp_model(x1, x2)
+    z_std = F.normalize(z1.detach().float(), dim=1).std(0).mean()
+    if args.sam == "none":
+        loss = simsiam_loss(p1, p2, z1, z2)
+        optimizer_step(run, loss)
+        return {"loss": loss.detach(), "charts/output_std": z_std}
+
+    # 1. gradient of the weighted loss at theta (DDP averages it over ranks: the global gradient)
+    w = model.sample_weights[idx] if args.reweight != "none" else None
+    loss_w = simsiam_loss(p1, p2, z1, z2, w)
+    opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss_w).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if run.scaler.is_enabled():  # fp16: unscale this pass by hand (unscale_ may run once per update())
+        inv = 1.0 / run.scaler._get_scale_async()
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(inv)
+    # 2. ascent e, one global norm; a non-finite gradient (fp16 overflow) gives e = 0, no host sync
+    e = sam_perturbation(params, args.rho, adaptive=args.sam == "asam")
+    e_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in e]))
+    ok = torch.isfinite(e_norm)
+    e = [torch.where(ok, t, torch.zeros_like(t)) for t in e]
+    saved = [p.detach().clone() for p in params]
+    bn_saved = [b.clone() for b in _batchnorm_buffers(model)]
+    with torch.no_grad():
+        torch._foreach_add_(params, e)
+    # 3. unweighted loss and its gradient at theta + e, same views
+    with run.autocast():
+        q1, q2, y1, y2 = run.ddp_model(x1, x2)
+    loss = simsiam_loss(q1, q2, y1, y2)
+    opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    # 4. back to theta (exact copy), keep the first pass's BatchNorm statistics, base SGD step
+    with torch.no_grad():
+        torch._foreach_copy_(params, saved)
+        for b, s in zip(_batchnorm_buffers(model), bn_saved):
+            b.copy_(s)
+    run.scaler.step(opt)
+    run.scaler.update()
+    d1 = simsiam_loss(p1.detach(), p2.detach(), z1, z2)
+    out = {"loss": loss.detach(), "losses/ascent_weighted": loss_w.detach(), "losses/first_pass": d1,
+           "charts/perturbation_norm": torch.where(ok, e_norm, torch.zeros_like(e_norm)),
+           "charts/output_std": z_std}
+    if w is not None:
+        out.update({"charts/batch_weights": w, "charts/weight_min": model.sample_weights.min(),
+                    "charts/weight_max": model.sample_weights.max()})
+    return out
+
+
+# ============================================================ shared: runtime
+class RunError(Exception):
+    """A condition that stops the run with one clear line and exit code 2."""
+
+
+@dataclass
+class Run:
+    """Everything a training step needs."""
+
+    args: Args
+    device: torch.device
+    rank: int
+    world_size: int
+    data: lt_data.LTData
+    train_set: lt_data.IndexedDataset
+    model: nn.Module
+    ddp_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: Optional[torch.dtype]
+    steps_per_epoch: int
+    total_steps: int
+    run_dir: str
+    step: int = 0
+    epoch: int = 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+
+def optimizer_step(run: Run, loss: torch.Tensor, clip_grad: Optional[float] = None) -> None:
+    """Backward (scaled for fp16), optional gradient clipping on unscaled gradients, optimizer step."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if clip_grad is not None:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+
+
+def to_device(x: torch.Tensor, run: Run) -> torch.Tensor:
+    """Move a batch tensor to the device (asynchronously from pinned memory); images in channels-last."""
+    if x.ndim == 4 and run.args.channels_last:
+        return x.to(run.device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(run.device, non_blocking=True)
+
+
+def setup_distributed() -> tuple[torch.device, int, int]:
+    """DDP from torchrun's environment: NCCL on CUDA, gloo on CPU; returns (device, rank, world size)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return device, rank, world_size
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path: str) -> None:
+    """Write to a temporary file, fsync, rename: a crash never leaves a half-written file at ``path``."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# flags that may differ when a run resumes; any other change is refused
+RESUMABLE_FLAGS = ("max_steps", "num_workers", "log_every", "checkpoint_every", "compile", "channels_last", "download",
+                   "data_dir", "output_dir")
+
+
+def backbone_meta(run: Run) -> dict:
+    """What linear_probe.py needs to rebuild the backbone and its data."""
+    data_args = {f.name: getattr(run.args, f.name) for f in dataclasses.fields(lt_data.DataArgs)}
+    data_args.update(image_size=run.data.image_size, imbalance_ratio=lt_data.resolved_ratio(run.args))
+    return {**run.model.backbone_spec, "prefix": run.model.export_prefix, "method": METHOD, "data": data_args,
+            "step": run.step}
+
+
+def save_checkpoint(run: Run, path: str) -> None:
+    """Model, optimizer, scaler, scheduler, step, every rank's RNG states and the args (collective call)."""
+    states = [None] * run.world_size
+    if run.world_size > 1:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if run.rank == 0:
+        atomic_save({"format": CHECKPOINT_FORMAT, "model": run.model.state_dict(),
+                     "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+                     "scheduler": run.scheduler.state_dict(), "step": run.step, "world_size": run.world_size,
+                     "rng": states, "args": dataclasses.asdict(run.args), "backbone": backbone_meta(run)}, path)
+
+
+def load_checkpoint(run: Run, path: str) -> None:
+    """Resume: refuse a checkpoint of other flags; restore everything save_checkpoint wrote."""
+    try:
+        ckpt = torch.load(path, map_location=run.device, weights_only=True)
+    except Exception as e:
+        raise RunError(f"cannot resume from {path} ({str(e).strip().splitlines()[0][:200]}); "
+                       f"move it away to start afresh") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"{path} is not a checkpoint of these scripts; move it away to start afresh")
+    old, new = ckpt["args"], dataclasses.asdict(run.args)
+    changed = [k for k in new if k not in RESUMABLE_FLAGS and old.get(k) != new[k]]
+    if changed or ckpt["backbone"]["method"] != METHOD:
+        what = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} -> {new[k]}" for k in changed) or "another method"
+        raise RunError(f"{path} was written with other flags ({what}); resume with the same command or "
+                       f"choose another --run-name")
+    if ckpt["world_size"] != run.world_size:
+        raise RunError(f"{path} was written by {ckpt['world_size']} processes, this run has {run.world_size}; "
+                       f"the global batch, learning rate and data order would change")
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"]:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.step = ckpt["step"]
+    set_rng_state(ckpt["rng"][run.rank])
+
+
+def export_backbone(run: Run, path: str) -> None:
+    """backbone.pt: the backbone's state dict in plain torchvision layout, loadable with strict=True."""
+    prefix = run.model.export_prefix
+    state = {k[len(prefix):]: v for k, v in run.model.state_dict().items() if k.startswith(prefix)}
+    atomic_save({"format": EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
+
+
+class Logger:
+    """Rank-0 TensorBoard (charts/ and losses/ namespaces) and a progress line; no host sync between logs."""
+
+    def __init__(self, run: Run, resumed: bool):
+        self.run, self.sums, self.count = run, {}, 0
+        self.writer = None
+        self.t0, self.step0 = time.perf_counter(), run.step
+        if run.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(run.run_dir, purge_step=run.step if resumed else None)
+            if not resumed:
+                rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(dataclasses.asdict(run.args).items()))
+                self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+
+    def accumulate(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            if v.ndim == 0:
+                self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        self.last = metrics
+        self.count += 1
+
+    def write(self) -> None:
+        """Mean of each scalar since the last write, histograms of the last step, lr, images/s, ETA."""
+        run, keys = self.run, list(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).div(self.count).tolist() if keys else []
+        elapsed = time.perf_counter() - self.t0
+        images_per_s = (run.step - self.step0) * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
+        eta = (run.total_steps - run.step) * elapsed / max(run.step - self.step0, 1)
+        if self.writer is not None:
+            for k, v in zip(keys, values):
+                self.writer.add_scalar(k if "/" in k else f"losses/{k}", v, run.step)
+            for k, v in self.last.items():
+                if v.ndim > 0:
+                    self.writer.add_histogram(k, v.detach().float().cpu(), run.step)
+            self.writer.add_scalar("charts/learning_rate", run.optimizer.param_groups[0]["lr"], run.step)
+            self.writer.add_scalar("charts/images_per_second", images_per_s, run.step)
+            self.writer.add_scalar("charts/epoch", run.step / run.steps_per_epoch, run.step)
+            loss = dict(zip(keys, values)).get("loss", float("nan"))
+            print(f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss {loss:.4f} "
+                  f"| {images_per_s:.0f} img/s | eta {eta / 3600:.0f}h{eta % 3600 / 60:02.0f}m", flush=True)
+        self.sums, self.count, self.t0, self.step0 = {}, 0, time.perf_counter(), run.step
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def check_finite(run: Run, first_bad: torch.Tensor, ckpt_path: str) -> None:
+    """Stop on a non-finite loss (checked at log and checkpoint steps, so no per-step host sync)."""
+    if run.world_size > 1:
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    bad = int(first_bad)
+    if bad < 2**62:
+        kept = f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path) else \
+            "no checkpoint was written"
+        raise RunError(f"non-finite loss at step {bad} (epoch {bad // run.steps_per_epoch + 1}); stopping, {kept}. "
+                       f"Try a lower --lr or --amp none")
+
+
+def validate(args: Args, world_size: int) -> None:
+    """Fail fast on arguments that cannot work, before any data is read."""
+    for name in ("batch_size", "epochs", "log_every", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise RunError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.lr <= 0:
+        raise RunError(f"--lr must be > 0, got {args.lr}")
+    if args.sync_bn and not torch.cuda.is_available():
+        raise RunError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise RunError(f"--num-workers must be >= 0, got {args.num_workers}")
+
+
+def train(args: Args) -> str:
+    """Build everything, resume if the run exists, train, export; returns the run folder."""
+    device, rank, world_size = setup_distributed()
+    validate(args, world_size)
+    ratio = lt_data.resolved_ratio(args)
+    run_name = args.run_name or f"{METHOD}_{args.dataset}_r{ratio:g}{'_twin' if args.balanced_twin else ''}_s{args.seed}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    ckpt_path, export_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "backbone.pt")
+    if rank == 0:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            probe = os.path.join(run_dir, f".write-test{os.getpid()}")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise RunError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
+    data = lt_data.build_data(args)
+    train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(args.balanced_twin),
+                                       train_transform(args, data))
+    global_batch = args.batch_size * world_size
+    if global_batch > len(train_set):
+        raise RunError(f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
+                       f"{len(train_set)} training images")
+
+    seed_everything(args.seed, args.deterministic)  # same initial weights on every rank
+    model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
+    if args.sync_bn and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    if args.compile:
+        ddp_model = torch.compile(ddp_model)
+    optimizer = make_optimizer(args, model, args.lr * global_batch / 256)  # linear scaling rule, global batch
+    sampler = lt_data.ResumableSampler(len(train_set), world_size, rank, args.seed,
+                                       labels=train_set.targets if args.sampling == "class-balanced" else None)
+    steps_per_epoch = len(sampler) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(args, s, total_steps, steps_per_epoch))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    run = Run(args, device, rank, world_size, data, train_set, model, ddp_model, optimizer, scheduler, scaler,
+              amp_dtype, steps_per_epoch, total_steps, run_dir)
+    resumed = os.path.exists(ckpt_path)
+    if resumed:
+        load_checkpoint(run, ckpt_path)
+    else:
+        torch.manual_seed(args.seed * 1000 + rank)  # ranks draw different masks, noise, ...
+    workers = args.num_workers if args.num_workers is not None else \
+        min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    loader = lt_data.make_loader(train_set, args.batch_size, workers, sampler, drop_last=True)
+    stop_step = min(total_steps, args.max_steps or total_steps)
+    if rank == 0:
+        print(f"{METHOD}: {len(train_set)} training images, {data.num_classes} classes, global batch "
+              f"{global_batch} on {world_size} x {device.type}, {steps_per_epoch} steps/epoch, "
+              + (f"resuming at step {run.step} of {stop_step}" if resumed else f"{stop_step} steps") + f" -> {run_dir}",
+              flush=True)
+
+    logger = Logger(run, resumed)
+    first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss
+    inject_nan = int(os.environ.get("SSL_IMBALANCE_INJECT_NAN_AT_STEP", "-1"))  # for the tests of the guard
+    if os.environ.get("SSL_IMBALANCE_BN_RUNNING_STATS") == "1":  # for the DDP-equivalence tests: BatchNorm uses
+        for m in model.modules():                                # running statistics, so the only per-process
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):   # batch statistics are the method's own
+                m.register_forward_pre_hook(lambda mod, _: setattr(mod, "training", False))
+    run.model.train()
+    while run.step < stop_step:
+        run.epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
+        sampler.set_epoch(run.epoch, skip=done_in_epoch * args.batch_size)
+        if done_in_epoch == 0:
+            on_epoch_start(run, run.epoch)
+        for batch in loader:
+            batch = [[to_device(v, run) for v in x] if isinstance(x, list) else to_device(x, run) for x in batch]
+            metrics = train_step(run, batch)
+            run.scheduler.step()
+            run.step += 1
+            if run.step == inject_nan:
+                metrics["loss"] = metrics["loss"] + float("nan")
+            first_bad = torch.where(torch.isfinite(metrics["loss"]), first_bad, torch.full_like(first_bad, run.step))
+            logger.accumulate(metrics)
+            end_of_epoch = run.step % steps_per_epoch == 0
+            if run.step % args.log_every == 0 or run.step == stop_step or end_of_epoch:
+                check_finite(run, first_bad, ckpt_path)
+                logger.write()
+            if run.step % args.checkpoint_every == 0 or run.step == stop_step or end_of_epoch:
+                check_finite(run, first_bad, ckpt_path)
+                save_checkpoint(run, ckpt_path)
+            if run.step >= stop_step:
+                break
+    if rank == 0:
+        export_backbone(run, export_path)
+        print(f"done: step {run.step}; checkpoint {ckpt_path}; backbone {export_path}; probe with: "
+              f"python linear_probe.py {export_path}", flush=True)
+    logger.close()
+    return run_dir
+
+
+def main() -> None:
+    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+    try:
+        train(args)
+    except (RunError, lt_data.DataError) as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
