@@ -30,9 +30,24 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Per method: its script, the flags of the CPU-sized run and of the paper-scale run.
+# Per method: its script, the flags of the CPU-sized run (small heads, 12 epochs at batch 64) and of the
+# paper-scale run (the papers' epochs and batches; a GPU job).
+SIMSIAM_CPU = ["--epochs", "12", "--batch-size", "64", "--proj-dim", "512", "--pred-dim", "128"]
 METHODS = {
     "supervised": ("supervised_baseline.py", ["--epochs", "12", "--batch-size", "64"], ["--epochs", "200"]),
+    "simsiam": ("simsiam_rwsam.py", ["--sam", "none", *SIMSIAM_CPU],
+                ["--sam", "none", "--epochs", "800", "--batch-size", "512"]),
+    "rwsam": ("simsiam_rwsam.py", ["--sam", "asam", "--reweight", "kde", "--reweight-warmup", "4",
+                                   "--reweight-every", "4", *SIMSIAM_CPU],
+              ["--sam", "asam", "--reweight", "kde", "--epochs", "800", "--batch-size", "512"]),
+    "msn": ("msn_prior.py", ["--prior", "power-law", "--arch", "vit_tiny", "--vit-layers", "4", "--vit-dim", "96",
+                             "--vit-heads", "3", "--num-focal", "4", "--head-hidden", "256", "--head-out", "64",
+                             "--num-prototypes", "64", "--epochs", "12", "--warmup-epochs", "2", "--batch-size", "64",
+                             "--lr", "2e-3", "--ema-momentum", "0.99"],
+            ["--prior", "power-law", "--epochs", "800", "--batch-size", "256"]),
+    "excb": ("excb.py", ["--num-clusters", "64", "--hidden-dim", "512", "--out-dim", "64", "--num-local-crops", "2",
+                         "--epochs", "12", "--warmup-epochs", "2", "--batch-size", "64"],
+             ["--epochs", "800", "--batch-size", "256"]),
 }
 
 
@@ -40,8 +55,9 @@ METHODS = {
 class GapArgs:
     """Balanced-vs-long-tailed pre-training gap for every method."""
 
-    methods: tuple[str, ...] = tuple(METHODS)
-    """methods to run (default: all)"""
+    methods: tuple[str, ...] = tuple(m for m, (script, _, _) in METHODS.items()
+                                     if os.path.exists(os.path.join(ROOT, script)))
+    """methods to run (default: every method whose script is present)"""
     dataset: Literal["cifar10", "cifar100", "imagenet-lt", "imagefolder", "synthetic"] = "synthetic"
     """data set of both pre-training sets and of the probe"""
     data_dir: str = "data"
