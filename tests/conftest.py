@@ -24,9 +24,12 @@ TINY_DATA = ["--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-
 # the words the refusal to resume must contain. Add a script here and tests/test_scripts.py covers it.
 TINY_ARGS = {
     "supervised_baseline.py": [*TINY_DATA],
+    "excb.py": [*TINY_DATA, "--num-clusters", "16", "--hidden-dim", "64", "--out-dim", "32", "--num-local-crops", "2",
+                "--kmeans-iters", "5"],
 }
 ARCH_CHANGE = {
     "supervised_baseline.py": (["--arch", "resnet50"], "--arch resnet18 -> resnet50"),
+    "excb.py": (["--num-clusters", "32"], "--num-clusters 16 -> 32"),
 }
 
 
