@@ -127,7 +127,7 @@ def test_update_cluster_sizes_stays_float32_under_bf16_autocast():
 def _ddp_worker(rank, world, init_file, batches, momentum, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        s = torch.full((batches.shape[-1] if False else 8,), 1 / 8)
+        s = torch.full((8,), 1 / 8)
         for a in batches:            # each batch [2B]: rank r takes its half
             half = a.chunk(world)[rank]
             s = excb.update_cluster_sizes(s, half, momentum)
@@ -202,7 +202,7 @@ def test_balancing_drives_usage_of_an_imbalanced_stream_to_uniform(capsys):
 
 def test_spherical_kmeans_recovers_separated_directions():
     g = torch.Generator().manual_seed(0)
-    centres = torch.eye(6)[:, :]                       # 6 orthogonal directions in R^6
+    centres = torch.eye(6)                             # 6 orthogonal directions in R^6
     x = torch.cat([centres[i] + 0.05 * torch.randn(30, 6, generator=g) for i in range(6)])
     c = excb.spherical_kmeans(x, 6, 20, 5, g)
     sim = c @ centres.t()
