@@ -42,16 +42,55 @@ def load_script(name: str):
 
 
 # ------------------------------------------------------------------ the intrinsic passes of each method
-def limit_supervised(model, views, labels, autocast):
+# Each takes (model, views, labels, indices, autocast) and runs the forward and backward passes the method
+# cannot do without, with a trivial loss: what any implementation of the method must pay.
+
+def limit_supervised(model, views, labels, idx, autocast):
     """One forward and backward of backbone + classifier on one view."""
     with autocast():
         logits = model(views)
     F.cross_entropy(logits.float(), labels).backward()
 
 
-# method: (script, intrinsic passes)
-METHODS: dict[str, tuple[str, Callable]] = {
-    "supervised": ("supervised_baseline.py", limit_supervised),
+def limit_simsiam(model, views, labels, idx, autocast):
+    """Backbone, projector and predictor on both views, forward and backward."""
+    with autocast():
+        p1, p2, z1, z2 = model(*views)
+    (p1.float().mean() + p2.float().mean()).backward()
+
+
+def limit_rwsam(model, views, labels, idx, autocast):
+    """(A)SAM needs the SimSiam passes twice (ascent and descent gradients)."""
+    limit_simsiam(model, views, labels, idx, autocast)
+    limit_simsiam(model, views, labels, idx, autocast)
+
+
+def limit_msn(model, views, labels, idx, autocast):
+    """Target forward on the target view; masked anchor and focal forwards and backwards."""
+    with autocast():
+        with torch.no_grad():
+            model.target_forward(views[0])
+        anchor, protos = model(views[1:], idx, 0)
+    (anchor.float() @ protos.float().T).mean().backward()
+
+
+def limit_excb(model, views, labels, idx, autocast):
+    """Teacher forward on the two global views; student forward and backward on all crops."""
+    global_views, local_views = torch.cat(views[:2]), torch.cat(views[2:]) if len(views) > 2 else None
+    with autocast():
+        with torch.no_grad():
+            model.teacher.scores(model.teacher.project(global_views))
+        a, b = model(global_views, local_views)
+    (a.float().mean() + (b.float().mean() if b is not None else 0)).backward()
+
+
+# method: (script, its flags, intrinsic passes)
+METHODS: dict[str, tuple[str, list[str], Callable]] = {
+    "supervised": ("supervised_baseline.py", [], limit_supervised),
+    "simsiam": ("simsiam_rwsam.py", ["--sam", "none"], limit_simsiam),
+    "rwsam": ("simsiam_rwsam.py", ["--sam", "asam", "--reweight", "kde"], limit_rwsam),
+    "msn": ("msn_prior.py", ["--prior", "power-law"], limit_msn),
+    "excb": ("excb.py", ["--no-kmeans-init"], limit_excb),
 }
 
 
@@ -59,8 +98,8 @@ METHODS: dict[str, tuple[str, Callable]] = {
 class BenchArgs:
     """Step cost of every method against its intrinsic forward/backward passes."""
 
-    methods: tuple[str, ...] = tuple(METHODS)
-    """methods to measure"""
+    methods: tuple[str, ...] = tuple(m for m, (script, _, _) in METHODS.items() if os.path.exists(os.path.join(ROOT, script)))
+    """methods to measure (default: every method whose script is present)"""
     amp: tuple[Literal["bf16", "none"], ...] = ("bf16", "none")
     """autocast settings to measure"""
     batch_size: int = 64
@@ -93,7 +132,7 @@ def make_run(module, args, device):
     data = lt_data.build_data(args)
     train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(False), module.train_transform(args, data))
     torch.manual_seed(args.seed)
-    model = module.Model(args, data).to(device)
+    model = module.Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
     optimizer = module.make_optimizer(args, model, args.lr * args.batch_size / 256)
     spe = len(train_set) // args.batch_size
     total = args.epochs * spe
@@ -105,12 +144,12 @@ def make_run(module, args, device):
     return run
 
 
-def real_batch(run, batch_size, device):
-    """A batch from the script's own pipeline, moved to the device (shapes and dtypes as in training)."""
+def real_batch(module, run, batch_size):
+    """A batch from the script's own pipeline, moved to the device by its own code (as in training)."""
     loader = lt_data.make_loader(run.train_set, batch_size, 0, sampler=None, drop_last=True)
     views, labels, idx = next(iter(loader))
-    move = lambda x: [v.to(device) for v in x] if isinstance(x, list) else x.to(device)  # noqa: E731
-    return move(views), labels.to(device), idx.to(device)
+    move = lambda x: [module.to_device(v, run) for v in x] if isinstance(x, list) else module.to_device(x, run)  # noqa: E731
+    return move(views), move(labels), move(idx)
 
 
 def pipeline_rate(run, batch_size, workers, batches=10) -> float:
@@ -143,21 +182,21 @@ def main(args: BenchArgs) -> None:
     print(f"device {device}, batch {args.batch_size}, {args.image_size} px, torch threads {torch.get_num_threads()}")
     rows = []
     for method in args.methods:
-        script, limit = METHODS[method]
+        script, flags, limit = METHODS[method]
         module = load_script(script)
         for amp in args.amp:
-            margs = tyro.cli(module.Args, args=[*data_flags, "--amp", amp, "--batch-size", str(args.batch_size)])
+            margs = tyro.cli(module.Args, args=[*data_flags, *flags, "--amp", amp, "--batch-size", str(args.batch_size)])
             run = make_run(module, margs, device)
-            views, labels, idx = real_batch(run, args.batch_size, device)
+            views, labels, idx = real_batch(module, run, args.batch_size)
             run.model.train()
 
             def intrinsic():
                 run.model.zero_grad(set_to_none=True)
-                limit(run.model, views, labels, run.autocast)
+                limit(run.model, views, labels, idx, run.autocast)
 
             t_limit = median_time(intrinsic, args.repeats)
             t_step = median_time(lambda: module.train_step(run, (views, labels, idx)), args.repeats)
-            loop = loop_rate(script, data_flags, args, amp)
+            loop = loop_rate(script, [*data_flags, *flags], args, amp)
             pipe = pipeline_rate(run, args.batch_size, args.num_workers)
             rows.append((method, amp, t_limit, t_step, loop, pipe))
             print(f"{method} {amp}: limit {t_limit * 1e3:.0f} ms, step {t_step * 1e3:.0f} ms, ratio "

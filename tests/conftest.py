@@ -24,11 +24,15 @@ TINY_DATA = ["--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-
 # the words the refusal to resume must contain. Add a script here and tests/test_scripts.py covers it.
 TINY_ARGS = {
     "supervised_baseline.py": [*TINY_DATA],
+    "msn_prior.py": [*TINY_DATA, "--arch", "vit_tiny", "--vit-layers", "2", "--vit-dim", "32", "--vit-heads", "2",
+                     "--patch-size", "4", "--focal-size", "8", "--num-focal", "2", "--head-hidden", "32",
+                     "--head-out", "16", "--num-prototypes", "16", "--warmup-epochs", "1"],
     "excb.py": [*TINY_DATA, "--num-clusters", "16", "--hidden-dim", "64", "--out-dim", "32", "--num-local-crops", "2",
                 "--kmeans-iters", "5"],
 }
 ARCH_CHANGE = {
     "supervised_baseline.py": (["--arch", "resnet50"], "--arch resnet18 -> resnet50"),
+    "msn_prior.py": (["--vit-layers", "3"], "--vit-layers 2 -> 3"),
     "excb.py": (["--num-clusters", "32"], "--num-clusters 16 -> 32"),
 }
 
