@@ -29,11 +29,14 @@ TINY_ARGS = {
                      "--head-out", "16", "--num-prototypes", "16", "--warmup-epochs", "1"],
     "simsiam_rwsam.py": [*TINY_DATA[:-4], "--image-size", "8", *TINY_DATA[-2:], "--proj-dim", "32", "--pred-dim",
                          "8", "--reweight-warmup", "0", "--reweight-every", "1"],   # 8 px: two passes per step
+    "excb.py": [*TINY_DATA, "--num-clusters", "16", "--hidden-dim", "64", "--out-dim", "32", "--num-local-crops", "2",
+                "--kmeans-iters", "5"],
 }
 ARCH_CHANGE = {
     "supervised_baseline.py": (["--arch", "resnet50"], "--arch resnet18 -> resnet50"),
     "msn_prior.py": (["--vit-layers", "3"], "--vit-layers 2 -> 3"),
     "simsiam_rwsam.py": (["--arch", "resnet50"], "--arch resnet18 -> resnet50"),
+    "excb.py": (["--num-clusters", "32"], "--num-clusters 16 -> 32"),
 }
 
 

@@ -1,0 +1,745 @@
+"""ExCB: self-supervised clustering with online explicit cluster balancing.
+
+Maniadis Metaxas, Tzimiropoulos, Patras (ECCV 2024), "ExCB: Efficient Unsupervised Visual Representation
+Learning with Explicit Cluster Balancing" (arXiv 2407.11168; code github.com/ManiadisG/ExCB). A student and an
+EMA teacher map images to K learnable centroids (cosine scores). The teacher's scores of the two global views are
+*balanced* with an online estimate s of the relative cluster sizes (over-used clusters are pushed down,
+under-used ones pulled up, proportionally to K*s_k/sum(s)), sharpened into targets, and the student predicts them
+from every view (global and local crops). s is a momentum average of the histogram of balanced teacher
+assignments, all-reduced over processes, so balancing is explicit, global and independent of the batch size.
+
+    python excb.py --dataset cifar10 --imbalance-ratio 100
+    python excb.py --dataset synthetic --epochs 5 --num-clusters 64    # no data needed
+    torchrun --nproc_per_node 4 excb.py --batch-size 64                 # --batch-size is per process
+    python linear_probe.py runs/<run-name>/backbone.pt                  # probes the teacher backbone
+
+Sections marked "shared" are textually identical in supervised_baseline.py, simsiam_rwsam.py,
+msn_prior.py and excb.py (tests/test_skeleton.py enforces it): diff two scripts to see the method.
+"""
+
+# ============================================================ shared: imports
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+import lt_data
+from linear_probe import CHECKPOINT_FORMAT, EXPORT_FORMAT, build_backbone, feature_dim
+
+
+# ============================================================ shared: arguments
+@dataclass
+class Args(lt_data.DataArgs):
+    run_name: Optional[str] = None
+    """run folder name under --output-dir; default: <method>_<dataset>_r<ratio>[_twin]_s<seed>. An existing run of that name resumes"""
+    output_dir: str = "runs"
+    """where run folders go (TensorBoard events, checkpoint.pt, backbone.pt)"""
+    seed: int = 1
+    """seed of initialisation, data order and augmentations"""
+    deterministic: bool = False
+    """deterministic kernels (torch.use_deterministic_algorithms); slower on GPU, needed for bit-identical resume there"""
+    max_steps: Optional[int] = None
+    """stop after this many optimisation steps (smoke runs); the schedules still span --epochs"""
+    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    """autocast dtype: bf16 (CPU and recent GPUs), fp16 (with a GradScaler; CUDA), none (fp32)"""
+    compile: bool = False
+    """torch.compile the training model"""
+    channels_last: bool = True
+    """channels-last memory format for the model and images (faster convolutions on CPU and tensor-core GPUs)"""
+    sync_bn: bool = False
+    """SyncBatchNorm across processes (CUDA only); otherwise BatchNorm statistics are per process"""
+    sampling: Literal["instance", "class-balanced"] = "instance"
+    """instance: each image once per epoch; class-balanced: draws with probability 1/(C*n_class) (uses labels: an oracle for SSL)"""
+    num_workers: Optional[int] = None
+    """data-loading processes per training process; default: min(8, CPU cores per process)"""
+    log_every: int = 50
+    """log to TensorBoard and print a progress line every this many steps"""
+    checkpoint_every: int = 500
+    """also write checkpoint.pt every this many steps (always at the end of an epoch and of the run)"""
+
+        # ======================================================== method: arguments
+    arch: Literal["resnet18", "resnet50"] = "resnet18"
+    """backbone of student and teacher; the CIFAR stem (3x3 conv, no max-pool) is used below 64 px"""
+    epochs: int = 800
+    """training epochs"""
+    batch_size: int = 128
+    """batch size per process (the global batch is this times the number of processes)"""
+    lr: float = 0.15
+    """SGD learning rate for a global batch of 256, scaled linearly (the official 0.6 per 1024)"""
+    weight_decay: float = 1e-4
+    """SGD weight decay of the weight matrices (not biases/BatchNorm); centroids get x(1+9c), c cosine 1 -> 0"""
+    warmup_epochs: int = 10
+    """linear learning-rate warm-up epochs before the per-step cosine decay to lr*1e-4"""
+    num_clusters: int = 1024
+    """K, the number of centroids (about N/12 to N/20 for N training images; 65536 on ImageNet)"""
+    hidden_dim: int = 2048
+    """width of the projector and predictor hidden layers"""
+    out_dim: int = 256
+    """projector output (centroid) dimension"""
+    predictor: bool = True
+    """student predictor head (official); --no-predictor pairs each teacher view with the student projector of every other view"""
+    num_local_crops: int = 6
+    """M local crops per image (student only)"""
+    local_size: Optional[int] = None
+    """local crop resolution; default: image size // 2 (16 px at 32 px; the official setting at 224 px is 96)"""
+    crop_scale_split: float = 0.2
+    """global crops use scale (s, 1), local crops (0.05, s); the official cosine schedule of s (0.26 -> 0.14) is not implemented"""
+    teacher_temp: float = 0.04
+    """teacher softmax temperature (constant, no warm-up)"""
+    student_temp: float = 0.1
+    """student softmax temperature"""
+    size_momentum: float = 0.999
+    """momentum m_s of the cluster-size estimate s <- m_s*s + (1-m_s)*histogram"""
+    teacher_momentum: float = 0.996
+    """initial EMA momentum of the teacher, raised to 1 on a cosine over all steps"""
+    balancing: bool = True
+    """explicit cluster balancing of the teacher scores (--no-balancing: plain sharpened teacher targets, an ablation)"""
+    kmeans_init: bool = True
+    """initialise the centroids by spherical k-means on the random teacher's projector outputs before epoch 0"""
+    kmeans_samples: int = 500_000
+    """at most this many training images (one deterministic view each) for the k-means initialisation"""
+    kmeans_iters: int = 50
+    """k-means iterations"""
+    kmeans_restarts: int = 5
+    """k-means attempts until no cluster is empty (the attempt with the fewest empty clusters is kept)"""
+
+
+# ============================================================ method: model and loss
+import copy
+
+METHOD = "excb"
+BOOST = 1.01  # the official code multiplies each row's largest balanced score by this before the softmax
+
+
+def balance_scores(scores: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """The balancing operator B of ExCB (paper Sec. 3, the cluster-balancing equation), in float32.
+
+    ``scores`` [N, K] teacher cosines z in [-1, 1]; ``sizes`` [K] the size estimate s. With the relative size
+    r_k = K * s_k / sum(s) (1 = a fair share): an undersized cluster (r_k < 1) gets 1 - (1 - z) * r_k (its cosine
+    distance shrinks by r_k), an oversized one (r_k > 1) gets (1 + z) / r_k - 1 (its score moves towards -1),
+    r_k = 1 leaves z. B maps [-1, 1] into itself and is increasing in z; no boost and no noise here.
+    """
+    z = scores.float()
+    s = sizes.float()
+    r = s * (s.numel() / s.sum())
+    return torch.where(r < 1, 1 - (1 - z) * r, torch.where(r > 1, (1 + z) / r - 1, z))
+
+
+@torch.no_grad()
+def excb_targets(teacher_scores: torch.Tensor, sizes: torch.Tensor, teacher_temp: float = 0.04) -> torch.Tensor:
+    """Teacher targets q = softmax(clamp(boost(B(z, s)), -1, 1) / teacher_temp) (paper: targets from balanced
+    scores; the x1.01 boost of each row's maximum and the clamp are from the official code). No gradient."""
+    zb = balance_scores(teacher_scores, sizes)
+    top = zb.argmax(dim=1, keepdim=True)
+    zb = zb.scatter(1, top, zb.gather(1, top) * BOOST).clamp(-1, 1)
+    return torch.softmax(zb / teacher_temp, dim=1)
+
+
+@torch.no_grad()
+def update_cluster_sizes(sizes: torch.Tensor, assignments: torch.Tensor, momentum: float = 0.999) -> torch.Tensor:
+    """Online cluster-size estimate (paper: the momentum update of the relative cluster sizes).
+
+    h = bincount(assignments, K) / len(assignments), averaged over processes (all-reduce sum / world size) when a
+    process group is initialised, so every process holds the same global estimate; returns
+    momentum * s + (1 - momentum) * h in float32 whatever the autocast state (bf16 would round 0.999 to 1).
+    """
+    with torch.autocast(sizes.device.type, enabled=False):
+        k = sizes.numel()
+        h = torch.bincount(assignments.reshape(-1), minlength=k).to(torch.float32) / max(assignments.numel(), 1)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(h)
+            h = h / dist.get_world_size()
+        return momentum * sizes.to(torch.float32) + (1 - momentum) * h
+
+
+def excb_loss(targets: torch.Tensor, student_scores: torch.Tensor, student_temp: float = 0.1) -> torch.Tensor:
+    """Cross-entropy of one teacher/student view pair: batch mean of -sum_k q_k log softmax(z_student / tau_s)_k
+    (paper: the clustering loss; the script averages it over the view pairs)."""
+    return -(targets * F.log_softmax(student_scores.float() / student_temp, dim=1)).sum(dim=1).mean()
+
+
+def train_transform(args: Args, data: lt_data.LTData):
+    """Two global crops then --num-local-crops local crops (official ExCB/DINO multi-crop, no blur below 96 px)."""
+    local = args.local_size or max(8, data.image_size // 2)
+    return lt_data.MultiCrop(data.image_size, local, 2, args.num_local_crops, data.mean, data.std,
+                             global_scale=(args.crop_scale_split, 1.0), local_scale=(0.05, args.crop_scale_split))
+
+
+def _mlp(dims: list[int], last_bn: bool = False) -> nn.Sequential:
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """Backbone, projector Linear-BN-ReLU-Linear-BN-ReLU-Linear, and K centroids used as v_k / ||v_k||."""
+
+    def __init__(self, args: Args, backbone_kwargs: dict):
+        super().__init__()
+        self.backbone = build_backbone(args.arch, **backbone_kwargs)
+        for m in self.backbone.modules():  # last BatchNorm of each residual block starts at 0 (official)
+            for name in ("bn3", "bn2") if hasattr(m, "conv2") else ():
+                if hasattr(m, name):
+                    nn.init.zeros_(getattr(m, name).weight)
+                    break
+        self.projector = _mlp([feature_dim(args.arch), args.hidden_dim, args.hidden_dim, args.out_dim])
+        self.centroids = nn.Parameter(F.normalize(torch.randn(args.num_clusters, args.out_dim), dim=1))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
+
+    def scores(self, h: torch.Tensor, detach_centroids: bool = False) -> torch.Tensor:
+        c = F.normalize(self.centroids, dim=1)
+        return F.normalize(h, dim=1) @ (c.detach() if detach_centroids else c).t()
+
+
+class Model(nn.Module):
+    """Student (backbone, projector, centroids, predictor), EMA teacher (same without predictor, no gradients),
+    the cluster-size estimate s (float32 buffer, 1/K) and the centroid-initialisation flag, all in the state dict."""
+
+    export_prefix = "teacher.backbone."  # the teacher backbone is exported and probed (official)
+
+    def __init__(self, args: Args, data: lt_data.LTData):
+        super().__init__()
+        if args.num_clusters < 2 or args.hidden_dim < 1 or args.out_dim < 1 or args.num_local_crops < 0:
+            raise RunError("--num-clusters must be >= 2, --hidden-dim/--out-dim >= 1, --num-local-crops >= 0")
+        if not 0 <= args.size_momentum <= 1 or not 0 <= args.teacher_momentum <= 1:
+            raise RunError("--size-momentum and --teacher-momentum must be in [0, 1]")
+        if not 0 < args.crop_scale_split < 1 or args.teacher_temp <= 0 or args.student_temp <= 0:
+            raise RunError("--crop-scale-split must be in (0, 1) and the temperatures > 0")
+        n = min(len(data.pretrain_indices(args.balanced_twin)), args.kmeans_samples)
+        if args.kmeans_init and n <= args.num_clusters:
+            raise RunError(f"k-means initialisation of {args.num_clusters} centroids needs more than "
+                           f"{args.num_clusters} images, got {n}; lower --num-clusters or use --no-kmeans-init")
+        self.backbone_spec = {"arch": args.arch, "arch_kwargs": {"cifar_stem": data.image_size < 64}}
+        self.student = Encoder(args, self.backbone_spec["arch_kwargs"])
+        self.predictor = nn.Sequential(nn.BatchNorm1d(args.out_dim), _mlp([args.out_dim, args.hidden_dim, args.out_dim])) \
+            if args.predictor else None
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.register_buffer("sizes", torch.full((args.num_clusters,), 1.0 / args.num_clusters, dtype=torch.float32))
+        self.register_buffer("centroids_initialised", torch.tensor(False))
+
+    def forward(self, global_views: torch.Tensor, local_views: Optional[torch.Tensor]):
+        """Student scores: (projector scores of the global views [2B, K], and either the predictor scores of all
+        views [(2+M)B, K] with detached centroids, or, without predictor, the projector scores of the local views)."""
+        s = self.student
+        hg = s.project(global_views)
+        hl = s.project(local_views) if local_views is not None else None
+        if self.predictor is not None:
+            p = self.predictor(hg if hl is None else torch.cat([hg, hl]))
+            return s.scores(hg), s.scores(p, detach_centroids=True)
+        return s.scores(hg), (s.scores(hl) if hl is not None else None)
+
+    def parameter_groups(self):
+        """(weight matrices, biases/BatchNorm, centroids) of the student."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        cent = [p for n, p in named if n.endswith("centroids")]
+        decay = [p for n, p in named if p.ndim > 1 and not n.endswith("centroids")]
+        no_decay = [p for n, p in named if p.ndim <= 1]
+        return decay, no_decay, cent
+
+
+def make_optimizer(args: Args, model: Model, lr: float) -> torch.optim.Optimizer:
+    """SGD momentum 0.9; weight decay on weight matrices only; the centroid group's decay is scheduled per step."""
+    decay, no_decay, cent = model.parameter_groups()
+    return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0},
+                            {"params": cent, "weight_decay": 10 * args.weight_decay}], lr=lr, momentum=0.9)
+
+
+def lr_factor(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Linear warm-up over --warmup-epochs, then a per-step cosine from 1 to 1e-4 (official)."""
+    warmup = min(args.warmup_epochs * steps_per_epoch, total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(total_steps - warmup, 1)
+    return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _cosine_up(start: float, step: int, total: int) -> float:
+    """start -> 1 on a cosine over ``total`` steps."""
+    return 1 - (1 - start) * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+
+
+@torch.no_grad()
+def spherical_kmeans(x: torch.Tensor, k: int, iters: int, restarts: int, generator: torch.Generator) -> torch.Tensor:
+    """Spherical k-means on L2-normalised rows of ``x``; restarts until no cluster is empty (or ``restarts`` tries,
+    keeping the attempt with the fewest empty clusters, whose empty centroids stay at their random sample)."""
+    x = F.normalize(x.float(), dim=1)
+    best, best_empty = None, None
+    for _ in range(max(restarts, 1)):
+        c = x[torch.randperm(len(x), generator=generator)[:k]].clone()
+        for _ in range(iters):
+            a = (x @ c.t()).argmax(1)
+            sums = torch.zeros_like(c).index_add_(0, a, x)
+            counts = torch.bincount(a, minlength=k)
+            c = torch.where((counts > 0)[:, None], F.normalize(sums, dim=1), c)
+        empty = int((torch.bincount((x @ c.t()).argmax(1), minlength=k) == 0).sum())
+        if best is None or empty < best_empty:
+            best, best_empty = c, empty
+        if empty == 0:
+            break
+    return best
+
+
+@torch.no_grad()
+def init_centroids(run: "Run") -> None:
+    """Spherical k-means on the random teacher's projector outputs (one deterministic view per image, at most
+    --kmeans-samples images) on rank 0, broadcast to every rank; student and teacher centroids both set to it.
+    Uses its own generator and a throw-away copy of the teacher, so neither the RNG nor BatchNorm statistics move."""
+    args, model = run.args, run.model
+    centroids = torch.empty_like(model.student.centroids)
+    if run.rank == 0:
+        g = torch.Generator().manual_seed(args.seed)
+        images, indices = run.train_set.images, run.train_set.indices
+        pick = torch.randperm(len(indices), generator=g)[:args.kmeans_samples].sort().values.tolist()
+        tf = lt_data.eval_transform(run.data.image_size, run.data.mean, run.data.std)
+        teacher = copy.deepcopy(model.teacher).train()  # batch statistics, as the teacher uses in training
+        feats = []
+        for i in range(0, len(pick), 256):
+            x = torch.stack([tf(images.image(indices[j])) for j in pick[i:i + 256]])
+            with run.autocast():
+                feats.append(teacher.project(to_device(x, run)).float())
+        del teacher
+        centroids.copy_(spherical_kmeans(torch.cat(feats), args.num_clusters, args.kmeans_iters,
+                                         args.kmeans_restarts, g))
+    if run.world_size > 1:
+        dist.broadcast(centroids, 0)
+    model.student.centroids.copy_(centroids)
+    model.teacher.centroids.copy_(centroids)
+
+
+def on_epoch_start(run: "Run", epoch: int) -> None:
+    """Before epoch 0: k-means initialisation of the centroids (once; the flag is in the checkpoint)."""
+    if run.args.kmeans_init and not bool(run.model.centroids_initialised):
+        init_centroids(run)
+        run.model.centroids_initialised.fill_(True)
+
+
+def train_step(run: "Run", batch) -> dict[str, torch.Tensor]:
+    """Teacher targets from balanced scores, student cross-entropy over the view pairs, SGD step, teacher EMA,
+    then the size-estimate update (step t's targets use statistics up to t-1). No host sync."""
+    args, model = run.args, run.model
+    views, _, _ = batch
+    b = views[0].shape[0]
+    global_views = torch.cat(views[:2])
+    local_views = torch.cat(views[2:]) if len(views) > 2 else None
+    c = 0.5 * (1 + math.cos(math.pi * min(run.step / max(run.total_steps, 1), 1.0)))
+    run.optimizer.param_groups[2]["weight_decay"] = args.weight_decay * (1 + 9 * c)
+
+    with torch.no_grad():
+        with run.autocast():
+            t_scores = model.teacher.scores(model.teacher.project(global_views))
+        t_scores = t_scores.float()
+        sizes = model.sizes.clone()
+        q = excb_targets(t_scores, sizes if args.balancing else torch.ones_like(sizes), args.teacher_temp)
+    with run.autocast():
+        proj_g, other = run.ddp_model(global_views, local_views)
+    proj_g, other = proj_g.float(), (other.float() if other is not None else None)
+    pg = proj_g.chunk(2)
+    qt = q.chunk(2)
+    losses = []
+    for t in range(2):
+        losses.append(excb_loss(qt[t], pg[1 - t], args.student_temp))
+        if other is not None:
+            losses += [excb_loss(qt[t], o, args.student_temp) for o in other.split(b)]
+    loss = torch.stack(losses).mean()
+    optimizer_step(run, loss)
+
+    m = _cosine_up(args.teacher_momentum, run.step, run.total_steps)
+    with torch.no_grad():
+        t_params, s_params = list(model.teacher.parameters()), list(model.student.parameters())
+        torch._foreach_mul_(t_params, m)
+        torch._foreach_add_(t_params, s_params, alpha=1 - m)
+        assign = q.argmax(1)
+        model.sizes.copy_(update_cluster_sizes(model.sizes, assign, args.size_momentum))
+        counts = torch.bincount(assign, minlength=args.num_clusters).float()
+        if run.world_size > 1:
+            dist.all_reduce(counts)
+        p = model.sizes / model.sizes.sum()
+        entropy = -(p * p.clamp_min(1e-12).log()).sum()
+        raw = t_scores.argmax(1)
+        r = model.sizes * (args.num_clusters / model.sizes.sum())
+        student_conf = torch.softmax(torch.cat([proj_g] + ([other] if other is not None else [])).detach()
+                                     / args.student_temp, dim=1).amax(1).mean()
+    return {"loss": loss.detach(),
+            "charts/clusters_in_use": (counts > 0).sum().float(),
+            "charts/usage_entropy": entropy / math.log(args.num_clusters),
+            "charts/effective_clusters": entropy.exp(),
+            "charts/cluster_sizes_sorted": (r.sort(descending=True).values),
+            "charts/size_ratio_max": r.max(),
+            "charts/size_ratio_min": r.min(),
+            "charts/teacher_confidence": q.amax(1).mean(),
+            "charts/student_confidence": student_conf,
+            "charts/view_agreement": (assign[:b] == assign[b:]).float().mean(),
+            "charts/changed_by_balancing": (raw != assign).float().mean(),
+            "charts/teacher_momentum": torch.tensor(m),
+            "charts/centroid_weight_decay": torch.tensor(args.weight_decay * (1 + 9 * c))}
+
+
+# ============================================================ shared: runtime
+class RunError(Exception):
+    """A condition that stops the run with one clear line and exit code 2."""
+
+
+@dataclass
+class Run:
+    """Everything a training step needs."""
+
+    args: Args
+    device: torch.device
+    rank: int
+    world_size: int
+    data: lt_data.LTData
+    train_set: lt_data.IndexedDataset
+    model: nn.Module
+    ddp_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: Optional[torch.dtype]
+    steps_per_epoch: int
+    total_steps: int
+    run_dir: str
+    step: int = 0
+    epoch: int = 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+
+def optimizer_step(run: Run, loss: torch.Tensor, clip_grad: Optional[float] = None) -> None:
+    """Backward (scaled for fp16), optional gradient clipping on unscaled gradients, optimizer step."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if clip_grad is not None:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+
+
+def to_device(x: torch.Tensor, run: Run) -> torch.Tensor:
+    """Move a batch tensor to the device (asynchronously from pinned memory); images in channels-last."""
+    if x.ndim == 4 and run.args.channels_last:
+        return x.to(run.device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(run.device, non_blocking=True)
+
+
+def setup_distributed() -> tuple[torch.device, int, int]:
+    """DDP from torchrun's environment: NCCL on CUDA, gloo on CPU; returns (device, rank, world size)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return device, rank, world_size
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path: str) -> None:
+    """Write to a temporary file, fsync, rename: a crash never leaves a half-written file at ``path``."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# flags that may differ when a run resumes; any other change is refused
+RESUMABLE_FLAGS = ("max_steps", "num_workers", "log_every", "checkpoint_every", "compile", "channels_last", "download",
+                   "data_dir", "output_dir")
+
+
+def backbone_meta(run: Run) -> dict:
+    """What linear_probe.py needs to rebuild the backbone and its data."""
+    data_args = {f.name: getattr(run.args, f.name) for f in dataclasses.fields(lt_data.DataArgs)}
+    data_args.update(image_size=run.data.image_size, imbalance_ratio=lt_data.resolved_ratio(run.args))
+    return {**run.model.backbone_spec, "prefix": run.model.export_prefix, "method": METHOD, "data": data_args,
+            "step": run.step}
+
+
+def save_checkpoint(run: Run, path: str) -> None:
+    """Model, optimizer, scaler, scheduler, step, every rank's RNG states and the args (collective call)."""
+    states = [None] * run.world_size
+    if run.world_size > 1:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if run.rank == 0:
+        atomic_save({"format": CHECKPOINT_FORMAT, "model": run.model.state_dict(),
+                     "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+                     "scheduler": run.scheduler.state_dict(), "step": run.step, "world_size": run.world_size,
+                     "rng": states, "args": dataclasses.asdict(run.args), "backbone": backbone_meta(run)}, path)
+
+
+def load_checkpoint(run: Run, path: str) -> None:
+    """Resume: refuse a checkpoint of other flags; restore everything save_checkpoint wrote."""
+    try:
+        ckpt = torch.load(path, map_location=run.device, weights_only=True)
+    except Exception as e:
+        raise RunError(f"cannot resume from {path} ({str(e).strip().splitlines()[0][:200]}); "
+                       f"move it away to start afresh") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"{path} is not a checkpoint of these scripts; move it away to start afresh")
+    old, new = ckpt["args"], dataclasses.asdict(run.args)
+    changed = [k for k in new if k not in RESUMABLE_FLAGS and old.get(k) != new[k]]
+    if changed or ckpt["backbone"]["method"] != METHOD:
+        what = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} -> {new[k]}" for k in changed) or "another method"
+        raise RunError(f"{path} was written with other flags ({what}); resume with the same command or "
+                       f"choose another --run-name")
+    if ckpt["world_size"] != run.world_size:
+        raise RunError(f"{path} was written by {ckpt['world_size']} processes, this run has {run.world_size}; "
+                       f"the global batch, learning rate and data order would change")
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"]:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.step = ckpt["step"]
+    set_rng_state(ckpt["rng"][run.rank])
+
+
+def export_backbone(run: Run, path: str) -> None:
+    """backbone.pt: the backbone's state dict in plain torchvision layout, loadable with strict=True."""
+    prefix = run.model.export_prefix
+    state = {k[len(prefix):]: v for k, v in run.model.state_dict().items() if k.startswith(prefix)}
+    atomic_save({"format": EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
+
+
+class Logger:
+    """Rank-0 TensorBoard (charts/ and losses/ namespaces) and a progress line; no host sync between logs."""
+
+    def __init__(self, run: Run, resumed: bool):
+        self.run, self.sums, self.count = run, {}, 0
+        self.writer = None
+        self.t0, self.step0 = time.perf_counter(), run.step
+        if run.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(run.run_dir, purge_step=run.step if resumed else None)
+            if not resumed:
+                rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(dataclasses.asdict(run.args).items()))
+                self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+
+    def accumulate(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            if v.ndim == 0:
+                self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        self.last = metrics
+        self.count += 1
+
+    def write(self) -> None:
+        """Mean of each scalar since the last write, histograms of the last step, lr, images/s, ETA."""
+        run, keys = self.run, list(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).div(self.count).tolist() if keys else []
+        elapsed = time.perf_counter() - self.t0
+        images_per_s = (run.step - self.step0) * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
+        eta = (run.total_steps - run.step) * elapsed / max(run.step - self.step0, 1)
+        if self.writer is not None:
+            for k, v in zip(keys, values):
+                self.writer.add_scalar(k if "/" in k else f"losses/{k}", v, run.step)
+            for k, v in self.last.items():
+                if v.ndim > 0:
+                    self.writer.add_histogram(k, v.detach().float().cpu(), run.step)
+            self.writer.add_scalar("charts/learning_rate", run.optimizer.param_groups[0]["lr"], run.step)
+            self.writer.add_scalar("charts/images_per_second", images_per_s, run.step)
+            self.writer.add_scalar("charts/epoch", run.step / run.steps_per_epoch, run.step)
+            loss = dict(zip(keys, values)).get("loss", float("nan"))
+            print(f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss {loss:.4f} "
+                  f"| {images_per_s:.0f} img/s | eta {eta / 3600:.0f}h{eta % 3600 / 60:02.0f}m", flush=True)
+        self.sums, self.count, self.t0, self.step0 = {}, 0, time.perf_counter(), run.step
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def check_finite(run: Run, first_bad: torch.Tensor, ckpt_path: str) -> None:
+    """Stop on a non-finite loss (checked at log and checkpoint steps, so no per-step host sync)."""
+    if run.world_size > 1:
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    bad = int(first_bad)
+    if bad < 2**62:
+        kept = f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path) else \
+            "no checkpoint was written"
+        raise RunError(f"non-finite loss at step {bad} (epoch {bad // run.steps_per_epoch + 1}); stopping, {kept}. "
+                       f"Try a lower --lr or --amp none")
+
+
+def validate(args: Args, world_size: int) -> None:
+    """Fail fast on arguments that cannot work, before any data is read."""
+    for name in ("batch_size", "epochs", "log_every", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise RunError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.lr <= 0:
+        raise RunError(f"--lr must be > 0, got {args.lr}")
+    if args.sync_bn and not torch.cuda.is_available():
+        raise RunError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise RunError(f"--num-workers must be >= 0, got {args.num_workers}")
+
+
+def train(args: Args) -> str:
+    """Build everything, resume if the run exists, train, export; returns the run folder."""
+    device, rank, world_size = setup_distributed()
+    validate(args, world_size)
+    ratio = lt_data.resolved_ratio(args)
+    run_name = args.run_name or f"{METHOD}_{args.dataset}_r{ratio:g}{'_twin' if args.balanced_twin else ''}_s{args.seed}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    ckpt_path, export_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "backbone.pt")
+    if rank == 0:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            probe = os.path.join(run_dir, f".write-test{os.getpid()}")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise RunError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
+    data = lt_data.build_data(args)
+    train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(args.balanced_twin),
+                                       train_transform(args, data))
+    global_batch = args.batch_size * world_size
+    if global_batch > len(train_set):
+        raise RunError(f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
+                       f"{len(train_set)} training images")
+
+    seed_everything(args.seed, args.deterministic)  # same initial weights on every rank
+    model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
+    if args.sync_bn and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    if args.compile:
+        ddp_model = torch.compile(ddp_model)
+    optimizer = make_optimizer(args, model, args.lr * global_batch / 256)  # linear scaling rule, global batch
+    sampler = lt_data.ResumableSampler(len(train_set), world_size, rank, args.seed,
+                                       labels=train_set.targets if args.sampling == "class-balanced" else None)
+    steps_per_epoch = len(sampler) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(args, s, total_steps, steps_per_epoch))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    run = Run(args, device, rank, world_size, data, train_set, model, ddp_model, optimizer, scheduler, scaler,
+              amp_dtype, steps_per_epoch, total_steps, run_dir)
+    resumed = os.path.exists(ckpt_path)
+    if resumed:
+        load_checkpoint(run, ckpt_path)
+    else:
+        torch.manual_seed(args.seed * 1000 + rank)  # ranks draw different masks, noise, ...
+    workers = args.num_workers if args.num_workers is not None else \
+        min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    loader = lt_data.make_loader(train_set, args.batch_size, workers, sampler, drop_last=True)
+    stop_step = min(total_steps, args.max_steps or total_steps)
+    if rank == 0:
+        print(f"{METHOD}: {len(train_set)} training images, {data.num_classes} classes, global batch "
+              f"{global_batch} on {world_size} x {device.type}, {steps_per_epoch} steps/epoch, "
+              + (f"resuming at step {run.step} of {stop_step}" if resumed else f"{stop_step} steps") + f" -> {run_dir}",
+              flush=True)
+
+    logger = Logger(run, resumed)
+    first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss
+    inject_nan = int(os.environ.get("SSL_IMBALANCE_INJECT_NAN_AT_STEP", "-1"))  # for the tests of the guard
+    if os.environ.get("SSL_IMBALANCE_BN_RUNNING_STATS") == "1":  # for the DDP-equivalence tests: BatchNorm uses
+        for m in model.modules():                                # running statistics, so the only per-process
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):   # batch statistics are the method's own
+                m.register_forward_pre_hook(lambda mod, _: setattr(mod, "training", False))
+    run.model.train()
+    while run.step < stop_step:
+        run.epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
+        sampler.set_epoch(run.epoch, skip=done_in_epoch * args.batch_size)
+        if done_in_epoch == 0:
+            on_epoch_start(run, run.epoch)
+        for batch in loader:
+            batch = [[to_device(v, run) for v in x] if isinstance(x, list) else to_device(x, run) for x in batch]
+            metrics = train_step(run, batch)
+            run.scheduler.step()
+            run.step += 1
+            if run.step == inject_nan:
+                metrics["loss"] = metrics["loss"] + float("nan")
+            first_bad = torch.where(torch.isfinite(metrics["loss"]), first_bad, torch.full_like(first_bad, run.step))
+            logger.accumulate(metrics)
+            end_of_epoch = run.step % steps_per_epoch == 0
+            if run.step % args.log_every == 0 or run.step == stop_step or end_of_epoch:
+                check_finite(run, first_bad, ckpt_path)
+                logger.write()
+            if run.step % args.checkpoint_every == 0 or run.step == stop_step or end_of_epoch:
+                check_finite(run, first_bad, ckpt_path)
+                save_checkpoint(run, ckpt_path)
+            if run.step >= stop_step:
+                break
+    if rank == 0:
+        export_backbone(run, export_path)
+        print(f"done: step {run.step}; checkpoint {ckpt_path}; backbone {export_path}; probe with: "
+              f"python linear_probe.py {export_path}", flush=True)
+    logger.close()
+    return run_dir
+
+
+def main() -> None:
+    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+    try:
+        train(args)
+    except (RunError, lt_data.DataError) as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""ExCB: each equation against a hand computation, the balancing behaviour on an imbalanced stream, DDP exactness
+of the size estimate, and the model/checkpoint invariants. Oracle values are from the spec (specs/excb.md)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from conftest import TINY_ARGS, run_script
+
+import excb
+import lt_data
+
+
+# ------------------------------------------------------------------ balancing operator
+
+
+def test_balance_scores_oracle():
+    # K=4, s=(.5,.25,.125,.125): r = 4*s/1 = (2, 1, .5, .5)
+    # z=.8, r=2 -> (1.8)/2-1 = -.1 ; z=.5, r=1 -> .5 ; z=.2, r=.5 -> 1-.8*.5 = .6 ; z=-.4, r=.5 -> 1-1.4*.5 = .3
+    z = torch.tensor([[0.8, 0.5, 0.2, -0.4]])
+    s = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    torch.testing.assert_close(excb.balance_scores(z, s), torch.tensor([[-0.1, 0.5, 0.6, 0.3]]))
+    # only the ratios matter: scaling s changes nothing
+    torch.testing.assert_close(excb.balance_scores(z, 7 * s), torch.tensor([[-0.1, 0.5, 0.6, 0.3]]))
+
+
+def test_balance_scores_identity_monotone_and_limits():
+    z = torch.linspace(-1, 1, 41)[:, None].repeat(1, 3)
+    assert torch.equal(excb.balance_scores(z, torch.full((3,), 1 / 3)), z)
+    s = torch.tensor([1e-9, 1.0, 1e9])  # r ~ (0, ~0, ~3): starved clusters score 1, a huge one scores ~ -1
+    b = excb.balance_scores(z, s)
+    assert (b >= -1).all() and (b <= 1).all()
+    assert (b[1:] >= b[:-1]).all()  # increasing in z per cluster
+    torch.testing.assert_close(b[:, 0], torch.ones(41), atol=1e-6, rtol=0)
+    s = torch.tensor([1e-9, 1e-9, 1.0])  # r = (~0, ~0, ~3)
+    assert (excb.balance_scores(z, s)[:, 2] <= -1 + 2 / 3 + 1e-6).all()
+    s = torch.tensor([1.0, 1e-12, 1e-12, 1e-12])  # r_0 -> 4: (1+z)/4 - 1 in [-1, -.5]
+    z4 = torch.tensor([[1.0, 0.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(excb.balance_scores(z4, s)[:, 0], torch.tensor([-0.5, -1.0]), atol=1e-6, rtol=0)
+
+
+def test_excb_targets_and_loss_oracle_k4():
+    z = torch.tensor([[0.8, 0.5, 0.2, -0.4]])
+    s = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    # balanced (-.1, .5, .6, .3); boost the max .6 -> .606; softmax at .04 by hand
+    zb = [-0.1, 0.5, 0.606, 0.3]
+    e = [math.exp(v / 0.04) for v in zb]
+    q_hand = torch.tensor([[v / sum(e) for v in e]])
+    q = excb.excb_targets(z, s, 0.04)
+    torch.testing.assert_close(q, q_hand, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(q, torch.tensor([[2.0e-8, 0.06596, 0.93360, 4.44e-4]]), rtol=2e-3, atol=1e-9)
+    assert q.argmax().item() == 2 and z.argmax().item() == 0   # balancing moved the assignment
+    # CE with student logits z/.1: -sum q log softmax(z/.1)
+    lse = math.log(sum(math.exp(v / 0.1) for v in z[0].tolist()))
+    ce = -sum(qk * (zk / 0.1 - lse) for qk, zk in zip(q_hand[0].tolist(), z[0].tolist()))
+    assert excb.excb_loss(q, z, 0.1).item() == pytest.approx(ce, rel=1e-5)
+    assert ce == pytest.approx(5.8557, abs=1e-3)
+
+
+def test_excb_targets_and_loss_oracle_k2():
+    z = torch.tensor([[0.2, 0.0]])
+    q = excb.excb_targets(z, torch.tensor([0.75, 0.25]), 0.04)
+    # r=(1.5,.5): z^B=(1.2/1.5-1, 1-1*.5)=(-.2,.5), boost -> .505; q_0 = 1/(1+exp(.705/.04))
+    assert q[0, 0].item() == pytest.approx(1 / (1 + math.exp(0.705 / 0.04)), rel=1e-4)
+    assert excb.excb_loss(q, z, 0.1).item() == pytest.approx(math.log(1 + math.e ** 2), abs=1e-5)  # 2.12693
+    qu = excb.excb_targets(z, torch.tensor([0.5, 0.5]), 0.04)   # uniform: z boosted to (.202, 0)
+    q1 = 1 / (1 + math.exp(0.202 / 0.04))
+    ce = -((1 - q1) * math.log(1 / (1 + math.exp(-2))) + q1 * math.log(1 / (1 + math.exp(2))))
+    assert excb.excb_loss(qu, z, 0.1).item() == pytest.approx(ce, rel=1e-5)
+    assert ce == pytest.approx(0.13967, abs=1e-4)
+
+
+def test_boost_on_a_negative_maximum_and_clamp():
+    z = torch.tensor([[-0.5, -0.6], [1.0, 0.0]])
+    q = excb.excb_targets(z, torch.tensor([0.5, 0.5]), 1.0)
+    # row 0: max -.5 -> -.505; row 1: 1.01 clamped to 1
+    torch.testing.assert_close(q[0], torch.softmax(torch.tensor([-0.505, -0.6]), 0))
+    torch.testing.assert_close(q[1], torch.softmax(torch.tensor([1.0, 0.0]), 0))
+    zg = torch.randn(3, 5, requires_grad=True)
+    assert not excb.excb_targets(zg, torch.full((5,), 0.2)).requires_grad
+
+
+def test_loss_is_the_batch_mean_of_the_row_cross_entropies():
+    torch.manual_seed(0)
+    q = torch.softmax(torch.randn(5, 7), 1)
+    z = torch.rand(5, 7) * 2 - 1
+    rows = []
+    for i in range(5):
+        logits = (z[i] / 0.1).tolist()
+        m = max(logits)
+        lse = m + math.log(sum(math.exp(v - m) for v in logits))
+        rows.append(-sum(qk * (lk - lse) for qk, lk in zip(q[i].tolist(), logits)))
+    assert excb.excb_loss(q, z, 0.1).item() == pytest.approx(sum(rows) / 5, rel=1e-5)
+
+
+# ------------------------------------------------------------------ size estimate
+
+
+def test_update_cluster_sizes_oracle():
+    s = torch.full((4,), 0.25)
+    new = excb.update_cluster_sizes(s, torch.tensor([0, 0, 0, 1]), momentum=0.9)
+    # h = (3/4, 1/4, 0, 0); .9*.25 + .1*h
+    torch.testing.assert_close(new, torch.tensor([0.3, 0.25, 0.225, 0.225]))
+    assert new.sum().item() == pytest.approx(1.0, abs=1e-6) and new.dtype == torch.float32
+    # momentum 0: s is the last batch's histogram; momentum 1: s stays
+    torch.testing.assert_close(excb.update_cluster_sizes(s, torch.tensor([2, 2, 3, 3, 3, 3, 3, 1]), 0.0),
+                               torch.tensor([0.0, 0.125, 0.25, 0.625]))
+    assert torch.equal(excb.update_cluster_sizes(s, torch.tensor([0, 0]), 1.0), s)
+
+
+def test_update_cluster_sizes_stays_float32_under_bf16_autocast():
+    s = torch.full((1024,), 1 / 1024)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        new = excb.update_cluster_sizes(s, torch.zeros(16, dtype=torch.long), momentum=0.999)
+    assert new.dtype == torch.float32
+    assert new[0].item() == pytest.approx(0.999 / 1024 + 0.001, rel=1e-5)     # bf16 would not move it
+    assert new[1].item() == pytest.approx(0.999 / 1024, rel=1e-5)
+
+
+def _ddp_worker(rank, world, init_file, batches, momentum, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        s = torch.full((8,), 1 / 8)
+        for a in batches:            # each batch [2B]: rank r takes its half
+            half = a.chunk(world)[rank]
+            s = excb.update_cluster_sizes(s, half, momentum)
+        torch.save(s, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_size_update_two_gloo_processes_equal_one_process_at_twice_the_batch(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    batches = torch.randint(0, 8, (6, 10), generator=g)   # 6 steps, global batch 2B = 10
+    batches[:, :5] = torch.randint(0, 2, (6, 5), generator=g)   # rank 0's half is skewed: per-rank h differ
+    momentum = 0.7
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), batches, momentum, str(tmp_path / "s")), nprocs=2)
+    s0, s1 = torch.load(tmp_path / "s.0", weights_only=True), torch.load(tmp_path / "s.1", weights_only=True)
+    one = torch.full((8,), 1 / 8)
+    for a in batches:
+        one = excb.update_cluster_sizes(one, a, momentum)
+    hand = torch.full((8,), 1 / 8, dtype=torch.float64)   # independent: momentum average of global histograms
+    for a in batches:
+        hand = momentum * hand + (1 - momentum) * torch.tensor([(a == k).sum().item() / 10 for k in range(8)],
+                                                                 dtype=torch.float64)
+    torch.testing.assert_close(s0, s1, rtol=0, atol=0)
+    torch.testing.assert_close(s0, one, rtol=0, atol=1e-6)
+    torch.testing.assert_close(one.double(), hand, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ behaviour on an imbalanced stream
+
+
+def _usage_over_stream(balancing: bool, momentum: float, steps: int = 1000, batch: int = 16, k: int = 16):
+    """A fixed teacher (k unit centroids) scoring a stream of batches from a mixture whose head cluster is 50x
+    each tail cluster; returns the usage shares of the (balanced) teacher argmax over the second half."""
+    g = torch.Generator().manual_seed(0)
+    centroids = F.normalize(torch.randn(k, 32, generator=g), dim=1)
+    weights = torch.tensor([50.0] + [1.0] * (k - 1))
+    s = torch.full((k,), 1 / k)
+    usage = torch.zeros(k)
+    for t in range(steps):
+        comp = torch.multinomial(weights, batch, replacement=True, generator=g)
+        x = F.normalize(centroids[comp] + 0.3 * torch.randn(batch, 32, generator=g), dim=1)
+        z = x @ centroids.t()
+        q = excb.excb_targets(z, s if balancing else torch.ones(k), 0.04)
+        a = q.argmax(1)
+        s = excb.update_cluster_sizes(s, a, momentum)
+        if t >= steps // 2:
+            usage += torch.bincount(a, minlength=k)
+    return usage / usage.sum()
+
+
+def _entropy(p):
+    return -(p * p.clamp_min(1e-12).log()).sum().item()
+
+
+def test_balancing_drives_usage_of_an_imbalanced_stream_to_uniform(capsys):
+    k = 16
+    raw = _usage_over_stream(False, 0.99)
+    for m in (0.9, 0.99):
+        bal = _usage_over_stream(True, m)
+        with capsys.disabled():
+            print(f"\nusage entropy / log K over the stream (head 50x tail, batch 16, K 16): balanced (m_s={m}) "
+                  f"{_entropy(bal) / math.log(k):.3f} (max share {bal.max():.3f}), unbalanced "
+                  f"{_entropy(raw) / math.log(k):.3f} (max share {raw.max():.3f})")
+        assert _entropy(bal) > 0.98 * math.log(k) and bal.max() < 0.1
+    assert raw.max() > 0.6 and _entropy(raw) < 0.6 * math.log(k)
+    # size momentum 1: s never moves, so balancing is the identity and usage stays raw
+    torch.testing.assert_close(_usage_over_stream(True, 1.0), raw)
+
+
+# ------------------------------------------------------------------ k-means, model, checkpoint
+
+
+def test_spherical_kmeans_recovers_separated_directions():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(6)                             # 6 orthogonal directions in R^6
+    x = torch.cat([centres[i] + 0.05 * torch.randn(30, 6, generator=g) for i in range(6)])
+    c = excb.spherical_kmeans(x, 6, 20, 5, g)
+    sim = c @ centres.t()
+    assert (sim.max(1).values > 0.99).all() and len(set(sim.argmax(1).tolist())) == 6
+
+
+def _tiny_model(extra=()):
+    argv = [*TINY_ARGS["excb.py"], *extra]
+    import tyro
+    args = tyro.cli(excb.Args, args=argv)
+    return args, excb.Model(args, lt_data.build_data(args))
+
+
+def test_model_state_and_centroid_gradients_only_through_projector_pairs():
+    args, model = _tiny_model()
+    keys = model.state_dict().keys()
+    assert "sizes" in keys and "centroids_initialised" in keys and "teacher.centroids" in keys
+    assert any(k.startswith("teacher.backbone.") for k in keys)
+    assert model.sizes.dtype == torch.float32 and torch.allclose(model.sizes, torch.full((16,), 1 / 16))
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    assert "predictor" not in "".join(k for k in keys if k.startswith("teacher."))
+    g, loc = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 8, 8)
+    proj, pred = model(g, loc)
+    assert proj.shape == (8, 16) and pred.shape == (16, 16) and proj.abs().max() <= 1 + 1e-5
+    pred.sum().backward(retain_graph=True)       # predictor path: no gradient to the centroids
+    assert model.student.centroids.grad is None or not model.student.centroids.grad.any()
+    assert model.predictor[1][0].weight.grad.abs().sum() > 0 and model.student.projector[0].weight.grad is not None
+    proj.sum().backward()
+    assert model.student.centroids.grad.abs().sum() > 0
+    decay, no_decay, cent = model.parameter_groups()
+    assert len(cent) == 1 and cent[0] is model.student.centroids
+    assert sum(p.numel() for p in decay + no_decay + cent) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_no_predictor_pairs_locals_through_the_projector():
+    _, model = _tiny_model(["--no-predictor"])
+    assert model.predictor is None
+    proj, local = model(torch.randn(8, 3, 16, 16), torch.randn(8, 3, 8, 8))
+    assert proj.shape == (8, 16) and local.shape == (8, 16)
+
+
+def test_smoke_run_checkpoint_holds_the_method_state(tmp_path):
+    run_script("excb.py", *TINY_ARGS["excb.py"], "--batch-size", "8", "--max-steps", "4", "--epochs", "2",
+               "--num-workers", "0", "--run-name", "s", "--amp", "none", cwd=tmp_path)
+    m = torch.load(tmp_path / "runs" / "s" / "checkpoint.pt", weights_only=True)["model"]
+    assert bool(m["centroids_initialised"])
+    assert m["sizes"].dtype == torch.float32 and m["sizes"].sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert not torch.allclose(m["sizes"], torch.full((16,), 1 / 16))      # updated after each step
+    assert not torch.equal(m["teacher.centroids"], m["student.centroids"])  # EMA, not a copy
+    # teacher is an EMA of the student: it moved from its start but lags behind
+    w_t, w_s = m["teacher.projector.0.weight"], m["student.projector.0.weight"]
+    assert not torch.equal(w_t, w_s)
