@@ -321,7 +321,11 @@ def lr_factor(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> 
 
 @torch.no_grad()
 def backbone_features(run: "Run", start: int, stop: int) -> torch.Tensor:
-    """Eval-mode backbone features of un-augmented training images start..stop-1 (fp32, not normalised)."""
+    """Eval-mode backbone features of un-augmented training images start..stop-1 (fp32, not normalised).
+
+    Computed in fp32 whatever --amp says: the densities go through an exponential kernel, and bf16 features
+    (3 significant digits) would shift the weights by about 1e-3 relative, enough for two processes that pick
+    different bf16 kernels to end with different weights (seen once as a non-bit-identical resume in our tests)."""
     data, ds_idx = run.data, run.train_set.indices[start:stop]
     dataset = lt_data.IndexedDataset(data.train_full, ds_idx, lt_data.eval_transform(data.image_size, data.mean,
                                                                                      data.std))
@@ -332,8 +336,7 @@ def backbone_features(run: "Run", start: int, stop: int) -> torch.Tensor:
     backbone.eval()
     try:
         for x, _, _ in loader:
-            with run.autocast():
-                feats.append(backbone(to_device(x, run)).float())
+            feats.append(backbone(to_device(x, run)).float())
     finally:
         run.model.train()
     dim = feature_dim(run.args.arch)
