@@ -10,6 +10,7 @@ assignments, all-reduced over processes, so balancing is explicit, global and in
 
     python excb.py --dataset cifar10 --imbalance-ratio 100
     python excb.py --dataset synthetic --epochs 5 --num-clusters 64    # no data needed
+    python excb.py --arch vit_small                                     # ViT-S (AdamW recipe; patch 4 at 32 px)
     torchrun --nproc_per_node 4 excb.py --batch-size 64                 # --batch-size is per process
     python linear_probe.py runs/<run-name>/backbone.pt                  # probes the teacher backbone
 
@@ -70,16 +71,31 @@ class Args(lt_data.DataArgs):
     """also write checkpoint.pt every this many steps (always at the end of an epoch and of the run)"""
 
         # ======================================================== method: arguments
-    arch: Literal["resnet18", "resnet50"] = "resnet18"
-    """backbone of student and teacher; the CIFAR stem (3x3 conv, no max-pool) is used below 64 px"""
+    arch: Literal["resnet18", "resnet50", "vit_tiny", "vit_small"] = "resnet18"
+    """backbone of student and teacher: ResNets (CIFAR stem below 64 px; SGD, official ResNet-50 recipe) or ViTs
+    (tiny 192-d/3 heads, small 384-d/6 heads, 12 layers; AdamW, official ViT-S/16 recipe)"""
+    vit_layers: Optional[int] = None
+    """ViT only: override the preset's number of transformer layers (tiny test models)"""
+    vit_dim: Optional[int] = None
+    """ViT only: override the preset's width; the MLP is 4x the width"""
+    vit_heads: Optional[int] = None
+    """ViT only: override the preset's number of attention heads"""
+    patch_size: Optional[int] = None
+    """ViT only: patch size; default 4 below 64 px (32 px: 8x8 patches, 16 px local crops: 4x4), 16 otherwise"""
+    drop_path: float = 0.1
+    """ViT only: stochastic-depth rate of the student's last block (linear over blocks); the teacher has none (official)"""
     epochs: int = 800
     """training epochs"""
     batch_size: int = 128
     """batch size per process (the global batch is this times the number of processes)"""
-    lr: float = 0.15
-    """SGD learning rate for a global batch of 256, scaled linearly (the official 0.6 per 1024)"""
-    weight_decay: float = 1e-4
-    """SGD weight decay of the weight matrices (not biases/BatchNorm); centroids get x(1+9c), c cosine 1 -> 0"""
+    lr: Optional[float] = None
+    """learning rate for a global batch of 256, scaled linearly; default: 0.15 for ResNets (SGD; official 0.6 per
+    1024), 5e-4 for ViTs (AdamW; official 2e-3 per 1024)"""
+    weight_decay: Optional[float] = None
+    """weight decay of the weight matrices (not biases/norms) at step 0; default: 1e-4 for ResNets, 0.04 for ViTs.
+    The centroids get x(1+9c) on top, c a cosine 1 -> 0 over the run (official)"""
+    final_weight_decay: Optional[float] = None
+    """weight decay at the last step (cosine from --weight-decay); default: constant for ResNets, 10x (0.4) for ViTs"""
     warmup_epochs: int = 10
     """linear learning-rate warm-up epochs before the per-step cosine decay to lr*1e-4"""
     num_clusters: int = 1024
@@ -94,8 +110,9 @@ class Args(lt_data.DataArgs):
     """M local crops per image (student only)"""
     local_size: Optional[int] = None
     """local crop resolution; default: image size // 2 (16 px at 32 px; the official setting at 224 px is 96)"""
-    crop_scale_split: float = 0.2
-    """global crops use scale (s, 1), local crops (0.05, s); the official cosine schedule of s (0.26 -> 0.14) is not implemented"""
+    crop_scale: tuple[float, float] = (0.26, 0.14)
+    """crop-scale split s at the first and the last epoch (cosine over epochs, official): global crops use scale
+    (s, 1), local crops (0.05, s); give two equal values for a constant split"""
     teacher_temp: float = 0.04
     """teacher softmax temperature (constant, no warm-up)"""
     student_temp: float = 0.1
@@ -115,9 +132,18 @@ class Args(lt_data.DataArgs):
     kmeans_restarts: int = 5
     """k-means attempts until no cluster is empty (the attempt with the fewest empty clusters is kept)"""
 
+    def __post_init__(self):  # the backbone picks the official recipe's defaults
+        vit = self.arch.startswith("vit")
+        self.lr = self.lr if self.lr is not None else (5e-4 if vit else 0.15)
+        self.weight_decay = self.weight_decay if self.weight_decay is not None else (0.04 if vit else 1e-4)
+        if self.final_weight_decay is None:
+            self.final_weight_decay = self.weight_decay * (10 if vit else 1)
+
 
 # ============================================================ method: model and loss
 import copy
+
+from linear_probe import ProbeError, vit_kwargs
 
 METHOD = "excb"
 BOOST = 1.01  # the official code multiplies each row's largest balanced score by this before the softmax
@@ -170,34 +196,81 @@ def excb_loss(targets: torch.Tensor, student_scores: torch.Tensor, student_temp:
     return -(targets * F.log_softmax(student_scores.float() / student_temp, dim=1)).sum(dim=1).mean()
 
 
+def local_size(args: Args, data: lt_data.LTData) -> int:
+    return args.local_size or max(8, data.image_size // 2)
+
+
+def crop_scale(args: Args, epoch: int) -> float:
+    """The crop-scale split s of an epoch: cosine from --crop-scale[0] to --crop-scale[1] over --epochs (official)."""
+    start, end = args.crop_scale
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(epoch / max(args.epochs, 1), 1.0)))
+
+
+class ExcbCrops:
+    """Two global crops at scale (s, 1), then --num-local-crops local crops at (0.05, s) (official ExCB/DINO
+    multi-crop, no blur below 96 px). s follows ``crop_scale``: every sample carries its epoch
+    (lt_data.ResumableSampler), so persistent workers and resumed runs use the right s."""
+
+    def __init__(self, args: Args, data: lt_data.LTData):
+        self.args, self.data, self.epoch = args, data, None
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            s, d = crop_scale(self.args, epoch), self.data
+            self.crops = lt_data.MultiCrop(d.image_size, local_size(self.args, d), 2, self.args.num_local_crops,
+                                           d.mean, d.std, global_scale=(s, 1.0), local_scale=(0.05, s))
+            self.epoch = epoch
+
+    def __call__(self, img):
+        return self.crops(img)
+
+
 def train_transform(args: Args, data: lt_data.LTData):
-    """Two global crops then --num-local-crops local crops (official ExCB/DINO multi-crop, no blur below 96 px)."""
-    local = args.local_size or max(8, data.image_size // 2)
-    return lt_data.MultiCrop(data.image_size, local, 2, args.num_local_crops, data.mean, data.std,
-                             global_scale=(args.crop_scale_split, 1.0), local_scale=(0.05, args.crop_scale_split))
+    return ExcbCrops(args, data)
 
 
-def _mlp(dims: list[int], last_bn: bool = False) -> nn.Sequential:
+def _mlp(dims: list[int], bn: bool = True, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """Linear layers with [BN]-activation between them; truncated-normal (std 0.02) weights, zero biases (official)."""
     layers = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
         layers.append(nn.Linear(a, b))
+        nn.init.trunc_normal_(layers[-1].weight, std=0.02)
+        nn.init.zeros_(layers[-1].bias)
         if i < len(dims) - 2:
-            layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+            layers += [nn.BatchNorm1d(b), act()] if bn else [act()]
     return nn.Sequential(*layers)
 
 
-class Encoder(nn.Module):
-    """Backbone, projector Linear-BN-ReLU-Linear-BN-ReLU-Linear, and K centroids used as v_k / ||v_k||."""
+def backbone_spec(args: Args, data: lt_data.LTData) -> dict:
+    """Backbone architecture for build_backbone and the export; raises RunError on impossible ViT sizes."""
+    if not args.arch.startswith("vit"):
+        if any(v is not None for v in (args.vit_layers, args.vit_dim, args.vit_heads, args.patch_size)):
+            raise RunError(f"--vit-layers/--vit-dim/--vit-heads/--patch-size apply to ViTs, not --arch {args.arch}")
+        return {"arch": args.arch, "arch_kwargs": {"cifar_stem": data.image_size < 64}}
+    try:
+        return {"arch": "vit", "arch_kwargs": vit_kwargs(args.arch, data.image_size, args.vit_layers, args.vit_heads,
+                                                          args.vit_dim, args.patch_size,
+                                                          {"--local-size": local_size(args, data)})}
+    except ProbeError as e:
+        raise RunError(str(e)) from None
 
-    def __init__(self, args: Args, backbone_kwargs: dict):
+
+class Encoder(nn.Module):
+    """Backbone, projector (ResNets: Linear-BN-ReLU-Linear-BN-ReLU-Linear; ViTs: GELU, no BN, official) and K
+    centroids used as v_k / ||v_k||."""
+
+    def __init__(self, args: Args, spec: dict):
         super().__init__()
-        self.backbone = build_backbone(args.arch, **backbone_kwargs)
+        self.backbone = build_backbone(spec["arch"], **spec["arch_kwargs"])
         for m in self.backbone.modules():  # last BatchNorm of each residual block starts at 0 (official)
             for name in ("bn3", "bn2") if hasattr(m, "conv2") else ():
                 if hasattr(m, name):
                     nn.init.zeros_(getattr(m, name).weight)
                     break
-        self.projector = _mlp([feature_dim(args.arch), args.hidden_dim, args.hidden_dim, args.out_dim])
+        vit = spec["arch"] == "vit"
+        self.projector = _mlp([feature_dim(spec["arch"], **spec["arch_kwargs"]), args.hidden_dim, args.hidden_dim,
+                               args.out_dim], bn=not vit, act=nn.GELU if vit else nn.ReLU)
         self.centroids = nn.Parameter(F.normalize(torch.randn(args.num_clusters, args.out_dim), dim=1))
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -220,17 +293,23 @@ class Model(nn.Module):
             raise RunError("--num-clusters must be >= 2, --hidden-dim/--out-dim >= 1, --num-local-crops >= 0")
         if not 0 <= args.size_momentum <= 1 or not 0 <= args.teacher_momentum <= 1:
             raise RunError("--size-momentum and --teacher-momentum must be in [0, 1]")
-        if not 0 < args.crop_scale_split < 1 or args.teacher_temp <= 0 or args.student_temp <= 0:
-            raise RunError("--crop-scale-split must be in (0, 1) and the temperatures > 0")
+        if not all(0.05 < c < 1 for c in args.crop_scale) or args.teacher_temp <= 0 or args.student_temp <= 0:
+            raise RunError(f"--crop-scale values must be in (0.05, 1), got {args.crop_scale}; the temperatures > 0")
+        if args.weight_decay < 0 or args.final_weight_decay < 0 or not 0 <= args.drop_path < 1:
+            raise RunError("--weight-decay and --final-weight-decay must be >= 0, --drop-path in [0, 1)")
         n = min(len(data.pretrain_indices(args.balanced_twin)), args.kmeans_samples)
         if args.kmeans_init and n <= args.num_clusters:
             raise RunError(f"k-means initialisation of {args.num_clusters} centroids needs more than "
                            f"{args.num_clusters} images, got {n}; lower --num-clusters or use --no-kmeans-init")
-        self.backbone_spec = {"arch": args.arch, "arch_kwargs": {"cifar_stem": data.image_size < 64}}
-        self.student = Encoder(args, self.backbone_spec["arch_kwargs"])
-        self.predictor = nn.Sequential(nn.BatchNorm1d(args.out_dim), _mlp([args.out_dim, args.hidden_dim, args.out_dim])) \
+        self.backbone_spec = backbone_spec(args, data)
+        self.student = Encoder(args, self.backbone_spec)
+        vit = self.backbone_spec["arch"] == "vit"
+        self.predictor = nn.Sequential(nn.BatchNorm1d(args.out_dim), _mlp(
+            [args.out_dim, args.hidden_dim, args.out_dim], bn=not vit, act=nn.GELU if vit else nn.ReLU)) \
             if args.predictor else None
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        if vit:  # stochastic depth in the student only (official)
+            self.student.backbone.set_drop_path(args.drop_path)
         self.register_buffer("sizes", torch.full((args.num_clusters,), 1.0 / args.num_clusters, dtype=torch.float32))
         self.register_buffer("centroids_initialised", torch.tensor(False))
 
@@ -255,11 +334,14 @@ class Model(nn.Module):
 
 
 def make_optimizer(args: Args, model: Model, lr: float) -> torch.optim.Optimizer:
-    """SGD momentum 0.9; weight decay on weight matrices only; the centroid group's decay is scheduled per step."""
+    """SGD momentum 0.9 (ResNets) or AdamW (ViTs), as the official configs; weight decay on weight matrices only,
+    scheduled per step in train_step (the centroids' group on its own schedule)."""
     decay, no_decay, cent = model.parameter_groups()
-    return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0},
-                            {"params": cent, "weight_decay": 10 * args.weight_decay}], lr=lr, momentum=0.9)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": cent, "weight_decay": 10 * args.weight_decay}]
+    if args.arch.startswith("vit"):
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9)
 
 
 def lr_factor(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> float:
@@ -339,8 +421,10 @@ def train_step(run: "Run", batch) -> dict[str, torch.Tensor]:
     b = views[0].shape[0]
     global_views = torch.cat(views[:2])
     local_views = torch.cat(views[2:]) if len(views) > 2 else None
-    c = 0.5 * (1 + math.cos(math.pi * min(run.step / max(run.total_steps, 1), 1.0)))
-    run.optimizer.param_groups[2]["weight_decay"] = args.weight_decay * (1 + 9 * c)
+    c = 0.5 * (1 + math.cos(math.pi * min(run.step / max(run.total_steps, 1), 1.0)))  # 1 -> 0 over the run
+    wd = args.final_weight_decay + (args.weight_decay - args.final_weight_decay) * c
+    run.optimizer.param_groups[0]["weight_decay"] = wd
+    run.optimizer.param_groups[2]["weight_decay"] = wd * (1 + 9 * c)
 
     with torch.no_grad():
         with run.autocast():
@@ -389,7 +473,9 @@ def train_step(run: "Run", batch) -> dict[str, torch.Tensor]:
             "charts/view_agreement": (assign[:b] == assign[b:]).float().mean(),
             "charts/changed_by_balancing": (raw != assign).float().mean(),
             "charts/teacher_momentum": torch.tensor(m),
-            "charts/centroid_weight_decay": torch.tensor(args.weight_decay * (1 + 9 * c))}
+            "charts/weight_decay": torch.tensor(wd),
+            "charts/centroid_weight_decay": torch.tensor(wd * (1 + 9 * c)),
+            "charts/crop_scale": torch.tensor(crop_scale(args, run.epoch))}
 
 
 # ============================================================ shared: runtime

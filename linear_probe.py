@@ -11,8 +11,9 @@ InstDisc protocol (k=200, cosine similarity, votes weighted by exp(sim / 0.1)). 
 groups come from the class counts of the long-tailed pre-training set (see lt_data.shot_groups).
 Prints a markdown table and writes the same numbers as JSON.
 
-Also the one place that knows the export format: ``build_backbone`` turns an export's metadata into
-a plain torchvision model, which every training script uses for its own backbone.
+Also the one place that knows the backbones and the export format: ``build_backbone`` turns an export's
+metadata into a model (torchvision's ResNets, or a ViT in torchvision's VisionTransformer layout that also
+takes smaller crops), and every training script builds its own backbone with it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import math
 import os
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -44,12 +46,119 @@ class ProbeError(ValueError):
 # --------------------------------------------------------------------------- backbones and exports
 
 
-def build_backbone(arch: str, **kwargs) -> nn.Module:
-    """A plain torchvision backbone whose ``forward`` returns features (classifier replaced by Identity).
+VIT_PRESETS = {"vit_tiny": (12, 3, 192), "vit_small": (12, 6, 384), "vit_base": (12, 12, 768)}  # layers, heads, dim
 
-    resnet18 / resnet50: ``cifar_stem=True`` swaps in a 3x3 stride-1 first conv and drops the max-pool
-    (SimSiam on CIFAR does not reproduce without it). vit: torchvision's VisionTransformer with
-    ``image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim``; features are the CLS token.
+
+def vit_kwargs(preset: str, image_size: int, layers: Optional[int] = None, heads: Optional[int] = None,
+               dim: Optional[int] = None, patch: Optional[int] = None, crop_sizes: Optional[dict] = None) -> dict:
+    """``build_backbone("vit", **kwargs)`` arguments for a preset (DeiT sizes, MLP 4x) with optional overrides;
+    the patch size defaults to 4 below 64 px (CIFAR: 64 patches) and 16 above. ``crop_sizes`` maps a flag name
+    to another crop side the ViT must take (focal / local views). Raises ProbeError on impossible sizes."""
+    p_layers, p_heads, p_dim = VIT_PRESETS[preset]
+    layers, heads, dim = layers or p_layers, heads or p_heads, dim or p_dim
+    patch = patch or (4 if image_size < 64 else 16)
+    if dim % heads:
+        raise ProbeError(f"--vit-dim {dim} is not divisible by --vit-heads {heads}")
+    for name, size in {"--image-size": image_size, **(crop_sizes or {})}.items():
+        if size % patch:
+            raise ProbeError(f"{name} {size} is not a multiple of --patch-size {patch}")
+    return {"image_size": image_size, "patch_size": patch, "num_layers": layers, "num_heads": heads,
+            "hidden_dim": dim, "mlp_dim": 4 * dim}
+
+
+class _EncoderBlock(nn.Module):
+    """Pre-norm transformer block, parameter names as torchvision's EncoderBlock; ``drop_path`` is the
+    stochastic-depth rate of its two residual branches (per sample, training only; 0 = off)."""
+
+    def __init__(self, num_heads: int, hidden_dim: int, mlp_dim: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(hidden_dim, eps=1e-6)
+        self.self_attention = nn.MultiheadAttention(hidden_dim, num_heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(hidden_dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(hidden_dim, mlp_dim), nn.GELU(), nn.Dropout(0.0),
+                                 nn.Linear(mlp_dim, hidden_dim), nn.Dropout(0.0))
+        self.drop_path = 0.0
+
+    def _branch(self, y: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_path == 0:
+            return y
+        keep = torch.empty(y.shape[0], 1, 1, device=y.device, dtype=y.dtype).bernoulli_(1 - self.drop_path)
+        return y * keep / (1 - self.drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln_1(x)
+        y, _ = self.self_attention(y, y, y, need_weights=False)
+        x = x + self._branch(y)
+        return x + self._branch(self.mlp(self.ln_2(x)))
+
+
+class _Encoder(nn.Module):
+    def __init__(self, seq_length: int, num_layers: int, num_heads: int, hidden_dim: int, mlp_dim: int):
+        super().__init__()
+        self.pos_embedding = nn.Parameter(torch.empty(1, seq_length, hidden_dim))
+        self.layers = nn.Sequential(OrderedDict(
+            (f"encoder_layer_{i}", _EncoderBlock(num_heads, hidden_dim, mlp_dim)) for i in range(num_layers)))
+        self.ln = nn.LayerNorm(hidden_dim, eps=1e-6)
+
+
+class ViT(nn.Module):
+    """ViT with a CLS token for SSL training; the state-dict keys of torchvision.models.VisionTransformer (without
+    heads), so an export loads into it strictly and gives the same features: the CLS token after the final LayerNorm.
+
+    forward(x, keep=None): x may be smaller than image_size (local / focal crops: the position embeddings are
+    bicubically interpolated, as DINO/MSN/ExCB do); keep [B, n] drops all other patch tokens (MSN masking without
+    mask tokens). Initialisation: truncated normal std 0.02 (DeiT, DINO, MSN). set_drop_path(rate): stochastic
+    depth rising linearly over the blocks from 0 to ``rate`` (DINO rule)."""
+
+    def __init__(self, image_size: int, patch_size: int, num_layers: int, num_heads: int, hidden_dim: int,
+                 mlp_dim: int):
+        super().__init__()
+        self.grid, self.hidden_dim = image_size // patch_size, hidden_dim
+        self.conv_proj = nn.Conv2d(3, hidden_dim, kernel_size=patch_size, stride=patch_size)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, hidden_dim))
+        self.encoder = _Encoder(self.grid ** 2 + 1, num_layers, num_heads, hidden_dim, mlp_dim)
+        nn.init.trunc_normal_(self.encoder.pos_embedding, std=0.02)
+        nn.init.trunc_normal_(self.class_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        for blk in self.encoder.layers:
+            nn.init.trunc_normal_(blk.self_attention.in_proj_weight, std=0.02)
+            nn.init.zeros_(blk.self_attention.in_proj_bias)
+
+    def set_drop_path(self, rate: float) -> "ViT":
+        blocks = list(self.encoder.layers)
+        for i, blk in enumerate(blocks):
+            blk.drop_path = rate * i / max(len(blocks) - 1, 1)
+        return self
+
+    def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        n = x.shape[0]
+        x = self.conv_proj(x)
+        h, w = x.shape[-2:]
+        x = x.reshape(n, self.hidden_dim, h * w).permute(0, 2, 1)
+        pos = self.encoder.pos_embedding
+        pos_cls, pos_patch = pos[:, :1], pos[:, 1:]
+        if (h, w) != (self.grid, self.grid):
+            grid = pos_patch.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(pos.dtype)
+            pos_patch = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        x = x + pos_patch
+        if keep is not None:
+            x = torch.gather(x, 1, keep[:, :, None].expand(-1, -1, x.shape[-1]))
+        x = torch.cat([(self.class_token + pos_cls).expand(n, -1, -1), x], dim=1)
+        x = self.encoder.ln(self.encoder.layers(x))
+        return x[:, 0]
+
+
+def build_backbone(arch: str, **kwargs) -> nn.Module:
+    """The backbone of every training script and of the probe; ``forward`` returns features.
+
+    resnet18 / resnet50: torchvision's, classifier replaced by Identity; ``cifar_stem=True`` swaps in a 3x3
+    stride-1 first conv and drops the max-pool (SimSiam on CIFAR does not reproduce without it). vit: ``ViT``
+    above with ``image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim`` (see ``vit_kwargs``),
+    parameter-compatible with torchvision's VisionTransformer; features are the CLS token.
     """
     if arch in ("resnet18", "resnet50"):
         model = getattr(torchvision.models, arch)()
@@ -59,9 +168,7 @@ def build_backbone(arch: str, **kwargs) -> nn.Module:
         model.fc = nn.Identity()
         return model
     if arch == "vit":
-        model = torchvision.models.VisionTransformer(**kwargs)
-        model.heads = nn.Identity()
-        return model
+        return ViT(**kwargs)
     raise ProbeError(f"unknown backbone architecture {arch!r}")
 
 

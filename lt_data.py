@@ -482,9 +482,11 @@ def eval_transform(image_size: int, mean, std) -> T.Compose:
 class IndexedDataset(torch.utils.data.Dataset):
     """``images[indices[k]]`` through ``transform``, returned as (views, label, k).
 
-    An item may be an int or an ``(int, seed)`` pair (from ResumableSampler): with a seed the
-    augmentation's random draws are a function of (seed) alone, so a resumed run sees exactly
-    the views an uninterrupted one would, whatever the worker count or skipped batches.
+    An item may be an int, an ``(int, seed)`` pair or an ``(int, seed, epoch)`` triple (from
+    ResumableSampler): with a seed the augmentation's random draws are a function of (seed) alone,
+    so a resumed run sees exactly the views an uninterrupted one would, whatever the worker count or
+    skipped batches. A transform with ``set_epoch`` is told the item's epoch first (epoch-dependent
+    augmentation, e.g. ExCB's crop-scale schedule, with persistent workers).
     """
 
     def __init__(self, images: ImageSet, indices: Sequence[int], transform: Callable):
@@ -495,7 +497,9 @@ class IndexedDataset(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, item):
-        k, seed = item if isinstance(item, tuple) else (item, None)
+        k, seed, epoch = (*item, None)[:3] if isinstance(item, tuple) else (item, None, None)
+        if epoch is not None and hasattr(self.transform, "set_epoch"):
+            self.transform.set_epoch(epoch)
         img = self.images.image(self.indices[k])
         if seed is None:
             return self.transform(img), self.targets[k], k
@@ -505,7 +509,7 @@ class IndexedDataset(torch.utils.data.Dataset):
 
 
 class ResumableSampler(torch.utils.data.Sampler):
-    """Distributed, deterministic, resumable epoch sampler yielding ``(index, augmentation_seed)``.
+    """Distributed, deterministic, resumable epoch sampler yielding ``(index, augmentation_seed, epoch)``.
 
     The epoch's order is a function of (seed, epoch): a random permutation (instance sampling) or
     N draws with replacement at probability 1/(C * n_class) (class-balanced sampling). Rank r takes
@@ -541,7 +545,7 @@ class ResumableSampler(torch.utils.data.Sampler):
             order = torch.arange(self.n)
         seeds = torch.randint(0, 2**62, (self.n,), generator=g)
         mine = slice(self.rank + self.skip * self.replicas, self.per_rank * self.replicas, self.replicas)
-        return iter(zip(order[mine].tolist(), seeds[mine].tolist()))
+        return iter((k, seed, self.epoch) for k, seed in zip(order[mine].tolist(), seeds[mine].tolist()))
 
 
 def make_loader(dataset, batch_size: int, num_workers: int, sampler=None, drop_last: bool = False,

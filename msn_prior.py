@@ -132,11 +132,10 @@ class Args(lt_data.DataArgs):
 
 # ============================================================ method: model and loss
 import copy
-from collections import OrderedDict
+
+from linear_probe import ProbeError, vit_kwargs
 
 METHOD = "msn"
-
-VIT_PRESETS = {"vit_tiny": (12, 3, 192), "vit_small": (12, 6, 384), "vit_base": (12, 12, 768)}  # layers, heads, dim
 
 
 def _dist_world() -> int:
@@ -259,76 +258,6 @@ def mask_keep_indices(indices: torch.Tensor, num_patches: int, keep: int, step: 
     return _mix64(_mix64(keys)).argsort(dim=1)[:, :keep]
 
 
-class _EncoderBlock(nn.Module):
-    """Pre-norm transformer block, parameter names as torchvision's EncoderBlock."""
-
-    def __init__(self, num_heads: int, hidden_dim: int, mlp_dim: int):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(hidden_dim, eps=1e-6)
-        self.self_attention = nn.MultiheadAttention(hidden_dim, num_heads, batch_first=True)
-        self.ln_2 = nn.LayerNorm(hidden_dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(hidden_dim, mlp_dim), nn.GELU(), nn.Dropout(0.0),
-                                 nn.Linear(mlp_dim, hidden_dim), nn.Dropout(0.0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ln_1(x)
-        y, _ = self.self_attention(y, y, y, need_weights=False)
-        x = x + y
-        return x + self.mlp(self.ln_2(x))
-
-
-class _Encoder(nn.Module):
-    def __init__(self, seq_length: int, num_layers: int, num_heads: int, hidden_dim: int, mlp_dim: int):
-        super().__init__()
-        self.pos_embedding = nn.Parameter(torch.empty(1, seq_length, hidden_dim))
-        self.layers = nn.Sequential(OrderedDict(
-            (f"encoder_layer_{i}", _EncoderBlock(num_heads, hidden_dim, mlp_dim)) for i in range(num_layers)))
-        self.ln = nn.LayerNorm(hidden_dim, eps=1e-6)
-
-
-class ViT(nn.Module):
-    """ViT with a CLS token; state-dict keys of torchvision.models.VisionTransformer (without heads), so the
-    export loads into it strictly and gives the same features: the CLS token after the final LayerNorm.
-
-    forward(x, keep=None): x may be smaller than image_size (focal views: position embeddings are
-    bicubically interpolated); keep [B, n] drops all other patch tokens (masking without mask tokens)."""
-
-    def __init__(self, image_size: int, patch_size: int, num_layers: int, num_heads: int, hidden_dim: int,
-                 mlp_dim: int):
-        super().__init__()
-        self.grid, self.hidden_dim = image_size // patch_size, hidden_dim
-        self.conv_proj = nn.Conv2d(3, hidden_dim, kernel_size=patch_size, stride=patch_size)
-        self.class_token = nn.Parameter(torch.zeros(1, 1, hidden_dim))
-        self.encoder = _Encoder(self.grid ** 2 + 1, num_layers, num_heads, hidden_dim, mlp_dim)
-        nn.init.trunc_normal_(self.encoder.pos_embedding, std=0.02)
-        nn.init.trunc_normal_(self.class_token, std=0.02)
-        for m in self.modules():   # DeiT / MSN initialisation
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        for blk in self.encoder.layers:
-            nn.init.trunc_normal_(blk.self_attention.in_proj_weight, std=0.02)
-            nn.init.zeros_(blk.self_attention.in_proj_bias)
-
-    def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-        n = x.shape[0]
-        x = self.conv_proj(x)
-        h, w = x.shape[-2:]
-        x = x.reshape(n, self.hidden_dim, h * w).permute(0, 2, 1)
-        pos = self.encoder.pos_embedding
-        pos_cls, pos_patch = pos[:, :1], pos[:, 1:]
-        if (h, w) != (self.grid, self.grid):
-            grid = pos_patch.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(pos.dtype)
-            pos_patch = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
-        x = x + pos_patch
-        if keep is not None:
-            x = torch.gather(x, 1, keep[:, :, None].expand(-1, -1, x.shape[-1]))
-        x = torch.cat([(self.class_token + pos_cls).expand(n, -1, -1), x], dim=1)
-        x = self.encoder.ln(self.encoder.layers(x))
-        return x[:, 0]
-
-
 def projection_head(in_dim: int, hidden: int, out: int) -> nn.Sequential:
     """MSN's head: Linear-BN-GELU-Linear-BN-GELU-Linear."""
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
@@ -337,23 +266,18 @@ def projection_head(in_dim: int, hidden: int, out: int) -> nn.Sequential:
 
 def resolved(args: Args, data: lt_data.LTData) -> dict:
     """Architecture and view sizes with defaults filled in; raises RunError on impossible combinations."""
-    layers, heads, dim = VIT_PRESETS[args.arch]
-    layers, heads, dim = args.vit_layers or layers, args.vit_heads or heads, args.vit_dim or dim
-    patch = args.patch_size or (4 if data.image_size < 64 else 16)
     focal = args.focal_size or (data.image_size // 2 if data.image_size < 112 else 96)
-    if dim % heads:
-        raise RunError(f"--vit-dim {dim} is not divisible by --vit-heads {heads}")
-    for name, size in (("--image-size", data.image_size), ("--focal-size", focal)):
-        if size % patch:
-            raise RunError(f"{name} {size} is not a multiple of --patch-size {patch}")
+    try:
+        vit = vit_kwargs(args.arch, data.image_size, args.vit_layers, args.vit_heads, args.vit_dim, args.patch_size,
+                         {"--focal-size": focal})
+    except ProbeError as e:
+        raise RunError(str(e)) from None
     if not 0 <= args.mask_ratio < 1:
         raise RunError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
     if args.num_focal < 0 or args.num_prototypes < 2 or args.prior_tau < 0:
         raise RunError("--num-focal must be >= 0, --num-prototypes >= 2 and --prior-tau >= 0")
     sink = args.sinkhorn or ("uniform" if args.prior == "uniform" else "off")
-    return {"vit": {"image_size": data.image_size, "patch_size": patch, "num_layers": layers, "num_heads": heads,
-                    "hidden_dim": dim, "mlp_dim": 4 * dim},
-            "focal_size": focal, "sinkhorn_iters": 3 if sink == "uniform" else 0}
+    return {"vit": vit, "focal_size": focal, "sinkhorn_iters": 3 if sink == "uniform" else 0}
 
 
 def train_transform(args: Args, data: lt_data.LTData):
@@ -375,7 +299,7 @@ class Model(nn.Module):
         self.backbone_spec = {"arch": "vit", "arch_kwargs": r["vit"]}
         self.seed, self.mask_ratio, self.mask_shared = args.seed, args.mask_ratio, args.mask_shared
         self.sinkhorn_iters = r["sinkhorn_iters"]
-        self.encoder = ViT(**r["vit"])
+        self.encoder = build_backbone("vit", **r["vit"])
         self.head = projection_head(r["vit"]["hidden_dim"], args.head_hidden, args.head_out)
         bound = args.head_out ** -0.5
         self.prototypes = nn.Parameter(torch.empty(args.num_prototypes, args.head_out).uniform_(-bound, bound))

@@ -256,3 +256,75 @@ def test_smoke_run_checkpoint_holds_the_method_state(tmp_path):
     # teacher is an EMA of the student: it moved from its start but lags behind
     w_t, w_s = m["teacher.projector.0.weight"], m["student.projector.0.weight"]
     assert not torch.equal(w_t, w_s)
+
+
+# --------------------------------------------------------------------------- the ViT option, the schedules
+
+VIT = ["--arch", "vit_tiny", "--vit-layers", "2", "--vit-dim", "32", "--vit-heads", "2"]
+
+
+def test_vit_option_follows_the_official_vit_recipe():
+    args, model = _tiny_model(VIT)
+    assert model.backbone_spec == {"arch": "vit", "arch_kwargs": dict(image_size=16, patch_size=4, num_layers=2,
+                                                                       num_heads=2, hidden_dim=32, mlp_dim=128)}
+    # student: stochastic depth up to 0.1 in its last block; teacher: none
+    assert [b.drop_path for b in model.student.backbone.encoder.layers] == [0.0, 0.1]
+    assert [b.drop_path for b in model.teacher.backbone.encoder.layers] == [0.0, 0.0]
+    # projector and predictor MLPs without BatchNorm, GELU (the predictor keeps its input BatchNorm)
+    kinds = [type(m).__name__ for m in model.student.projector]
+    assert kinds == ["Linear", "GELU", "Linear", "GELU", "Linear"]
+    assert [type(m).__name__ for m in model.predictor[1]] == ["Linear", "GELU", "Linear"]
+    # AdamW, lr 5e-4 per 256 and weight decay 0.04 -> 0.4 by default (official 2e-3 per 1024, 0.04 -> 0.4)
+    assert (args.lr, args.weight_decay, args.final_weight_decay) == (5e-4, 0.04, pytest.approx(0.4))
+    assert isinstance(excb.make_optimizer(args, model, 1e-3), torch.optim.AdamW)
+    # 16 px global and 8 px local crops (2x2 patches) go through the same ViT
+    proj, pred = model(torch.randn(4, 3, 16, 16), torch.randn(8, 3, 8, 8))
+    assert proj.shape == (4, 16) and pred.shape == (12, 16)
+    r_args, r_model = _tiny_model()
+    assert (r_args.lr, r_args.weight_decay, r_args.final_weight_decay) == (0.15, 1e-4, 1e-4)
+    assert isinstance(excb.make_optimizer(r_args, r_model, 0.1), torch.optim.SGD)
+
+
+def test_crop_scale_follows_the_official_cosine_and_reaches_the_workers():
+    args, _ = _tiny_model(["--epochs", "10"])
+    assert [round(excb.crop_scale(args, e), 6) for e in (0, 5, 10)] == [0.26, 0.2, 0.14]
+    # the official formula: min + (max - min) (1 + cos(pi e / E)) / 2
+    assert excb.crop_scale(args, 3) == pytest.approx(0.14 + 0.06 * (1 + math.cos(math.pi * 0.3)))
+    data = lt_data.build_data(args)
+    ds = lt_data.IndexedDataset(data.train_full, data.lt_indices, excb.train_transform(args, data))
+    sampler = lt_data.ResumableSampler(len(ds), seed=0)
+    loader = lt_data.make_loader(ds, 4, 2, sampler)   # persistent workers: built once, told the epoch per sample
+    for epoch in (0, 7):
+        sampler.set_epoch(epoch)
+        views, _, _ = next(iter(loader))
+        assert [v.shape[-1] for v in views] == [16, 16, 8, 8]
+    # what the workers applied: the transform's scales after a sample of epoch 7
+    ds[(0, 1, 7)]
+    s = excb.crop_scale(args, 7)
+    assert ds.transform.crops.global_t.transforms[0].scale == (s, 1.0)
+    assert ds.transform.crops.local_t.transforms[0].scale == (0.05, s)
+
+
+def test_vit_run_resumes_and_exports_a_torchvision_vision_transformer(tmp_path):
+    import torchvision
+    from linear_probe import load_backbone
+    common = [*TINY_ARGS["excb.py"], *VIT, "--batch-size", "8", "--epochs", "2", "--num-workers", "0",
+              "--run-name", "v"]
+    run_script("excb.py", *common, "--max-steps", "3", cwd=tmp_path)
+    run_script("excb.py", *common, cwd=tmp_path)          # resumes to the end
+    ckpt = torch.load(tmp_path / "runs" / "v" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 2 * (len(lt_data.build_data(_tiny_model()[0]).lt_indices) // 8)
+    export = torch.load(tmp_path / "runs" / "v" / "backbone.pt", weights_only=True)
+    tv = torchvision.models.VisionTransformer(**export["backbone"]["arch_kwargs"])
+    tv.heads = torch.nn.Identity()
+    tv.load_state_dict(export["state_dict"], strict=True)
+    ours, _ = load_backbone(str(tmp_path / "runs" / "v" / "backbone.pt"))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), tv.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_vit_flags_are_refused_for_a_resnet(tmp_path):
+    proc = run_script("excb.py", *TINY_ARGS["excb.py"], "--batch-size", "8", "--vit-layers", "2", cwd=tmp_path,
+                      check=False)
+    assert proc.returncode == 2 and "apply to ViTs, not --arch resnet18" in proc.stderr.strip().splitlines()[-1]

@@ -117,3 +117,44 @@ def test_probe_refuses_bad_checkpoints_in_one_line(tmp_path, case):
 
 class _Pickled:
     """An arbitrary Python object: weights_only=True must refuse to unpickle it."""
+
+
+def test_vit_is_torchvision_compatible_takes_small_crops_and_drops_paths():
+    kw = lp.vit_kwargs("vit_tiny", 16, layers=3, heads=2, dim=32)
+    assert kw == dict(image_size=16, patch_size=4, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=128)
+    vit = lp.build_backbone("vit", **kw).eval()
+    tv = torchvision.models.VisionTransformer(**kw)
+    tv.heads = torch.nn.Identity()
+    tv.load_state_dict(vit.state_dict(), strict=True)
+    tv.eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), tv(x), atol=1e-5, rtol=1e-5)
+    # a local crop: 2x2 patches, the 4x4 position-embedding grid interpolated (torchvision refuses this size)
+    seen = []
+    vit.encoder.layers.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    with torch.no_grad():
+        assert vit(torch.randn(3, 3, 8, 8)).shape == (3, 32)
+    assert seen == [2 * 2 + 1]
+    # stochastic depth: linear over the blocks, per sample, training only
+    vit.set_drop_path(0.5)
+    assert [b.drop_path for b in vit.encoder.layers] == [0.0, 0.25, 0.5]
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), tv(x), atol=1e-5, rtol=1e-5)  # eval: no effect
+        vit.train()
+        torch.manual_seed(0)
+        a = vit(x.repeat(64, 1, 1, 1))
+        torch.manual_seed(1)
+        b = vit(x.repeat(64, 1, 1, 1))
+        vit.set_drop_path(0.0)
+        c, d = vit(x), vit(x)
+    assert not torch.allclose(a, b)          # different samples' branches dropped
+    torch.testing.assert_close(c, d)         # rate 0: deterministic in training mode too
+
+
+def test_vit_kwargs_refuses_impossible_sizes():
+    with pytest.raises(lp.ProbeError, match="--vit-dim 30 is not divisible by --vit-heads 4"):
+        lp.vit_kwargs("vit_tiny", 32, heads=4, dim=30)
+    with pytest.raises(lp.ProbeError, match="--local-size 18 is not a multiple of --patch-size 4"):
+        lp.vit_kwargs("vit_small", 32, crop_sizes={"--local-size": 18})
+    assert lp.vit_kwargs("vit_small", 224)["patch_size"] == 16

@@ -202,7 +202,7 @@ def test_sampler_ranks_partition_the_single_process_batches():
     B = 4  # 2 processes x B == 1 process x 2B, batch by batch
     for b in range(len(r0) // B):
         assert sorted(r0[b * B:(b + 1) * B] + r1[b * B:(b + 1) * B]) == sorted(one[2 * b * B:2 * (b + 1) * B])
-    assert sorted(i for i, _ in one) == list(range(23))
+    assert sorted(i for i, _, _ in one) == list(range(23))
     assert len(r0) == len(r1) == 11 and len(r0) // B == len(one) // (2 * B)  # same number of steps
 
 
@@ -222,7 +222,8 @@ def test_class_balanced_sampler_equalises_classes():
     counts = torch.zeros(3)
     for e in range(30):
         s.set_epoch(e)
-        for i, _ in s:
+        for i, _, epoch in s:
+            assert epoch == e
             counts[labels[i]] += 1
     assert (counts / counts.sum() - 1 / 3).abs().max() < 0.03
 
