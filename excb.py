@@ -335,13 +335,13 @@ class Model(nn.Module):
 
 def make_optimizer(args: Args, model: Model, lr: float) -> torch.optim.Optimizer:
     """SGD momentum 0.9 (ResNets) or AdamW (ViTs), as the official configs; weight decay on weight matrices only,
-    scheduled per step in train_step (the centroids' group on its own schedule)."""
+    scheduled per step in train_step (the centroids' group on its own schedule). Fused kernels (one pass)."""
     decay, no_decay, cent = model.parameter_groups()
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
               {"params": cent, "weight_decay": 10 * args.weight_decay}]
     if args.arch.startswith("vit"):
-        return torch.optim.AdamW(groups, lr=lr)
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, fused=True)
 
 
 def lr_factor(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> float:

@@ -311,7 +311,7 @@ class Model(nn.Module):
 
 def make_optimizer(args: Args, model: Model, lr: float) -> torch.optim.Optimizer:
     """SGD momentum 0.9 with weight decay on all parameters (SimSiam's CIFAR recipe); the base optimiser of (A)SAM."""
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay, fused=True)
 
 
 def lr_factor(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> float:

@@ -113,7 +113,7 @@ def make_optimizer(args: Args, model: Model, lr: float) -> torch.optim.Optimizer
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=0.9)
+                            {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=0.9, fused=True)
 
 
 def lr_factor(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> float:

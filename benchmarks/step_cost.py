@@ -2,11 +2,12 @@
 
 For every method at 32 px and batch 64, in bf16 autocast and in fp32, on the device present:
   limit     the forward and backward passes the method needs, timed on random tensors here;
+  optimizer one step of the script's own optimizer alone (not in the limit: it is the same for every method);
   step      one real training step of the script's own code (train_step: loss, balancing, EMA, weights,
             optimizer), on the same random batch;
   loop      the script's full loop including its DataLoader (a --max-steps run, images/s from its log);
   pipeline  the data pipeline alone (the script's own transform and loader), images/s.
-Prints a markdown table of medians and the ratio step / limit. Asserts nothing.
+Prints a markdown table of medians, the ratio step / limit and step / (limit + optimizer). Asserts nothing.
 
     python benchmarks/step_cost.py                      # every method, bf16 and fp32
     python benchmarks/step_cost.py --methods supervised --amp bf16 --repeats 10
@@ -195,18 +196,20 @@ def main(args: BenchArgs) -> None:
                 limit(run.model, views, labels, idx, run.autocast)
 
             t_limit = median_time(intrinsic, args.repeats)
+            t_opt = median_time(run.optimizer.step, args.repeats)  # on the gradients intrinsic() left
             t_step = median_time(lambda: module.train_step(run, (views, labels, idx)), args.repeats)
             loop = loop_rate(script, [*data_flags, *flags], args, amp)
             pipe = pipeline_rate(run, args.batch_size, args.num_workers)
-            rows.append((method, amp, t_limit, t_step, loop, pipe))
-            print(f"{method} {amp}: limit {t_limit * 1e3:.0f} ms, step {t_step * 1e3:.0f} ms, ratio "
-                  f"{t_step / t_limit:.3f}; loop {loop:.0f} img/s; pipeline {pipe:.0f} img/s", flush=True)
-    print("\n| method | amp | step / limit | model img/s (step) | full loop img/s | pipeline img/s (workers="
-          f"{args.num_workers}) | pipeline / model |\n|---|---|---|---|---|---|---|")
-    for method, amp, t_limit, t_step, loop, pipe in rows:
+            rows.append((method, amp, t_limit, t_opt, t_step, loop, pipe))
+            print(f"{method} {amp}: limit {t_limit * 1e3:.0f} ms, optimizer {t_opt * 1e3:.1f} ms, step "
+                  f"{t_step * 1e3:.0f} ms, ratio {t_step / t_limit:.3f}; loop {loop:.0f} img/s; pipeline "
+                  f"{pipe:.0f} img/s", flush=True)
+    print("\n| method | amp | step / limit | step / (limit + optimizer) | model img/s (step) | full loop img/s | "
+          f"pipeline img/s (workers={args.num_workers}) | pipeline / model |\n|---|---|---|---|---|---|---|---|")
+    for method, amp, t_limit, t_opt, t_step, loop, pipe in rows:
         model_rate = args.batch_size / t_step
-        print(f"| {method} | {amp} | {t_step / t_limit:.3f} | {model_rate:.0f} | {loop:.0f} | {pipe:.0f} | "
-              f"{pipe / model_rate:.2f} |")
+        print(f"| {method} | {amp} | {t_step / t_limit:.3f} | {t_step / (t_limit + t_opt):.3f} | {model_rate:.0f} | "
+              f"{loop:.0f} | {pipe:.0f} | {pipe / model_rate:.2f} |")
 
 
 if __name__ == "__main__":
