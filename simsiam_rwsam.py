@@ -145,19 +145,17 @@ def sam_perturbation(params, rho: float, adaptive: bool = True) -> list[torch.Te
     params = list(params)
     with torch.no_grad():
         having = [p for p in params if p.grad is not None]
-        scaled = [(p.abs() * p.grad if adaptive else p.grad).to(torch.promote_types(p.dtype, torch.float32))
-                  for p in having]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled])) if scaled \
-            else torch.zeros(())
-        factor = rho / (norm + 1e-12)
-        out, it = [], iter(scaled)
-        for p in params:
-            if p.grad is None:
-                out.append(torch.zeros_like(p))
-            else:
-                s = next(it)
-                out.append(((p.abs() * s if adaptive else s) * factor).to(p.dtype))
-    return out
+        wide = [p if p.dtype in (torch.float32, torch.float64) else p.float() for p in having]
+        grads = [p.grad.to(w.dtype) for p, w in zip(having, wide)]
+        # theta * g has the norm of |theta| * g, and theta * (theta * g) = theta^2 g: no |theta| pass (memory-bound)
+        e = torch._foreach_mul(wide, grads) if adaptive else [g.clone() for g in grads]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(e))) if e else torch.zeros(())
+        if adaptive and e:
+            torch._foreach_mul_(e, wide)
+        if e:
+            torch._foreach_mul_(e, rho / (norm + 1e-12))
+        it = iter(e)
+        return [next(it).to(p.dtype) if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
 def _kde_log_density(queries: torch.Tensor, reference: torch.Tensor, bandwidth: float, chunk_size: int,
@@ -386,16 +384,16 @@ def train_step(run: "Run", batch) -> dict[str, torch.Tensor]:
     opt.zero_grad(set_to_none=True)
     run.scaler.scale(loss_w).backward()
     params = [p for p in model.parameters() if p.requires_grad]
-    if run.scaler.is_enabled():  # fp16: unscale this pass by hand (unscale_ may run once per update())
-        inv = 1.0 / run.scaler._get_scale_async()
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(inv)
-    # 2. ascent e, one global norm; a non-finite gradient (fp16 overflow) gives e = 0, no host sync
+    fp16 = run.scaler.is_enabled()
+    if fp16:  # unscale this pass by hand (unscale_ may run once per update())
+        torch._foreach_mul_([p.grad for p in params if p.grad is not None], 1.0 / run.scaler._get_scale_async())
+    # 2. ascent e, one global norm. fp16: an overflowed gradient gives e = 0 (GradScaler's business, no host
+    # sync); in bf16/fp32 a non-finite gradient propagates to the loss and the NaN guard stops the run.
     e = sam_perturbation(params, args.rho, adaptive=args.sam == "asam")
-    e_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in e]))
+    e_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(e)))
     ok = torch.isfinite(e_norm)
-    e = [torch.where(ok, t, torch.zeros_like(t)) for t in e]
+    if fp16:
+        e = [torch.where(ok, t, torch.zeros_like(t)) for t in e]
     saved = [p.detach().clone() for p in params]
     bn_saved = [b.clone() for b in _batchnorm_buffers(model)]
     with torch.no_grad():
