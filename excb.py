@@ -413,7 +413,7 @@ def on_epoch_start(run: "Run", epoch: int) -> None:
         run.model.centroids_initialised.fill_(True)
 
 
-def train_step(run: "Run", batch) -> dict[str, torch.Tensor]:
+def train_step(run: "Run", batch) -> dict[str, torch.Tensor | float]:
     """Teacher targets from balanced scores, student cross-entropy over the view pairs, SGD step, teacher EMA,
     then the size-estimate update (step t's targets use statistics up to t-1). No host sync."""
     args, model = run.args, run.model
@@ -472,10 +472,10 @@ def train_step(run: "Run", batch) -> dict[str, torch.Tensor]:
             "charts/student_confidence": student_conf,
             "charts/view_agreement": (assign[:b] == assign[b:]).float().mean(),
             "charts/changed_by_balancing": (raw != assign).float().mean(),
-            "charts/teacher_momentum": torch.tensor(m),
-            "charts/weight_decay": torch.tensor(wd),
-            "charts/centroid_weight_decay": torch.tensor(wd * (1 + 9 * c)),
-            "charts/crop_scale": torch.tensor(crop_scale(args, run.epoch))}
+            "charts/teacher_momentum": m,
+            "charts/weight_decay": wd,
+            "charts/centroid_weight_decay": wd * (1 + 9 * c),
+            "charts/crop_scale": crop_scale(args, run.epoch)}
 
 
 # ============================================================ shared: runtime
@@ -659,17 +659,22 @@ class Logger:
                 rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(dataclasses.asdict(run.args).items()))
                 self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
 
-    def accumulate(self, metrics: dict[str, torch.Tensor]) -> None:
+    def accumulate(self, metrics: dict[str, torch.Tensor | float]) -> None:
+        """Sum the scalars: tensors on the device (no sync), Python floats (host-side schedules) on the host."""
         for k, v in metrics.items():
-            if v.ndim == 0:
-                self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+            if not torch.is_tensor(v):
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            elif v.ndim == 0:
+                self.sums[k] = self.sums.get(k, 0) + v.detach().float().to(self.run.device, non_blocking=True)
         self.last = metrics
         self.count += 1
 
     def write(self) -> None:
         """Mean of each scalar since the last write, histograms of the last step, lr, images/s, ETA."""
         run, keys = self.run, list(self.sums)
-        values = torch.stack([self.sums[k] for k in keys]).div(self.count).tolist() if keys else []
+        on_device = [k for k in keys if torch.is_tensor(self.sums[k])]
+        means = dict(zip(on_device, torch.stack([self.sums[k] for k in on_device]).tolist() if on_device else []))
+        values = [means.get(k, self.sums[k]) / self.count for k in keys]
         elapsed = time.perf_counter() - self.t0
         images_per_s = (run.step - self.step0) * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
         eta = (run.total_steps - run.step) * elapsed / max(run.step - self.step0, 1)
@@ -677,7 +682,7 @@ class Logger:
             for k, v in zip(keys, values):
                 self.writer.add_scalar(k if "/" in k else f"losses/{k}", v, run.step)
             for k, v in self.last.items():
-                if v.ndim > 0:
+                if torch.is_tensor(v) and v.ndim > 0:
                     self.writer.add_histogram(k, v.detach().float().cpu(), run.step)
             self.writer.add_scalar("charts/learning_rate", run.optimizer.param_groups[0]["lr"], run.step)
             self.writer.add_scalar("charts/images_per_second", images_per_s, run.step)

@@ -50,3 +50,31 @@ def test_marker_parser_sees_a_difference(tmp_path):
     b = tmp_path / "b.py"
     b.write_text("# ===== shared: imports\nimport sys\n# ===== method: x\npass\n")
     assert sections(a)[0] != sections(b)[0] and sections(a)[1] == sections(b)[1]
+
+
+def test_logger_averages_device_tensors_and_host_floats_over_the_interval(tmp_path, capsys):
+    """Methods return tensors (kept on the device, no sync) and Python floats (host-side schedules); a CPU
+    scalar tensor is moved to the run's device, so a GPU run never stacks tensors of two devices."""
+    from types import SimpleNamespace
+
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import supervised_baseline as S
+    args = S.Args(dataset="synthetic", batch_size=4, epochs=1)
+    run = SimpleNamespace(args=args, rank=0, world_size=1, step=0, epoch=0, total_steps=10, steps_per_epoch=10,
+                          run_dir=str(tmp_path), device=torch.device("cpu"),
+                          optimizer=SimpleNamespace(param_groups=[{"lr": 0.1}]))
+    logger = S.Logger(run, resumed=False)
+    for step, (loss, momentum) in enumerate([(1.0, 0.9), (3.0, 0.95)], start=1):
+        run.step = step
+        logger.accumulate({"loss": torch.tensor(loss), "charts/momentum": momentum,
+                           "charts/hist": torch.arange(3.0)})
+    logger.write()
+    logger.close()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("losses/loss")] == [(2, 2.0)]
+    assert [(e.step, round(e.value, 6)) for e in acc.Scalars("charts/momentum")] == [(2, 0.925)]
+    assert "charts/hist" in acc.Tags()["histograms"]
+    assert "loss 2.0000" in capsys.readouterr().out
