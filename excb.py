@@ -212,14 +212,15 @@ class ExcbCrops:
     (lt_data.ResumableSampler), so persistent workers and resumed runs use the right s."""
 
     def __init__(self, args: Args, data: lt_data.LTData):
-        self.args, self.data, self.epoch = args, data, None
+        self.args, self.epoch = args, None
+        self.sizes, self.mean, self.std = (data.image_size, local_size(args, data)), data.mean, data.std
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            s, d = crop_scale(self.args, epoch), self.data
-            self.crops = lt_data.MultiCrop(d.image_size, local_size(self.args, d), 2, self.args.num_local_crops,
-                                           d.mean, d.std, global_scale=(s, 1.0), local_scale=(0.05, s))
+            s = crop_scale(self.args, epoch)
+            self.crops = lt_data.MultiCrop(*self.sizes, 2, self.args.num_local_crops, self.mean, self.std,
+                                           global_scale=(s, 1.0), local_scale=(0.05, s))
             self.epoch = epoch
 
     def __call__(self, img):
@@ -414,7 +415,7 @@ def on_epoch_start(run: "Run", epoch: int) -> None:
 
 
 def train_step(run: "Run", batch) -> dict[str, torch.Tensor | float]:
-    """Teacher targets from balanced scores, student cross-entropy over the view pairs, SGD step, teacher EMA,
+    """Teacher targets from balanced scores, student cross-entropy over the view pairs, optimizer step, teacher EMA,
     then the size-estimate update (step t's targets use statistics up to t-1). No host sync."""
     args, model = run.args, run.model
     views, _, _ = batch
