@@ -72,8 +72,7 @@ class Args(lt_data.DataArgs):
 
         # ======================================================== method: arguments
     arch: Literal["resnet18", "resnet50", "vit_tiny", "vit_small"] = "resnet18"
-    """backbone of student and teacher: ResNets (CIFAR stem below 64 px; SGD, official ResNet-50 recipe) or ViTs
-    (tiny 192-d/3 heads, small 384-d/6 heads, 12 layers; AdamW, official ViT-S/16 recipe)"""
+    """backbone of student and teacher: ResNets (CIFAR stem below 64 px; SGD, official ResNet-50 recipe) or ViTs (tiny 192-d/3 heads, small 384-d/6 heads, 12 layers; AdamW, official ViT-S/16 recipe)"""
     vit_layers: Optional[int] = None
     """ViT only: override the preset's number of transformer layers (tiny test models)"""
     vit_dim: Optional[int] = None
@@ -89,11 +88,9 @@ class Args(lt_data.DataArgs):
     batch_size: int = 128
     """batch size per process (the global batch is this times the number of processes)"""
     lr: Optional[float] = None
-    """learning rate for a global batch of 256, scaled linearly; default: 0.15 for ResNets (SGD; official 0.6 per
-    1024), 5e-4 for ViTs (AdamW; official 2e-3 per 1024)"""
+    """learning rate for a global batch of 256, scaled linearly; default: 0.15 for ResNets (SGD; official 0.6 per 1024), 5e-4 for ViTs (AdamW; official 2e-3 per 1024)"""
     weight_decay: Optional[float] = None
-    """weight decay of the weight matrices (not biases/norms) at step 0; default: 1e-4 for ResNets, 0.04 for ViTs.
-    The centroids get x(1+9c) on top, c a cosine 1 -> 0 over the run (official)"""
+    """weight decay of the weight matrices (not biases/norms) at step 0; default: 1e-4 for ResNets, 0.04 for ViTs. The centroids get x(1+9c) on top, c a cosine 1 -> 0 over the run (official)"""
     final_weight_decay: Optional[float] = None
     """weight decay at the last step (cosine from --weight-decay); default: constant for ResNets, 10x (0.4) for ViTs"""
     warmup_epochs: int = 10
@@ -111,8 +108,7 @@ class Args(lt_data.DataArgs):
     local_size: Optional[int] = None
     """local crop resolution; default: image size // 2 (16 px at 32 px; the official setting at 224 px is 96)"""
     crop_scale: tuple[float, float] = (0.26, 0.14)
-    """crop-scale split s at the first and the last epoch (cosine over epochs, official): global crops use scale
-    (s, 1), local crops (0.05, s); give two equal values for a constant split"""
+    """crop-scale split s at the first and the last epoch (cosine over epochs, official): global crops use scale (s, 1), local crops (0.05, s); give two equal values for a constant split"""
     teacher_temp: float = 0.04
     """teacher softmax temperature (constant, no warm-up)"""
     student_temp: float = 0.1
