@@ -175,7 +175,7 @@ def test_export_loads_strict_into_torchvision_and_gives_the_training_features(tm
     model.load_state_dict(ckpt["model"])
     trained = functools.reduce(getattr, model.export_prefix.rstrip(".").split("."), model)
     meta = export["backbone"]
-    plain = linear_probe.build_backbone(meta["arch"], **meta["arch_kwargs"])   # plain torchvision model
+    plain = linear_probe.build_backbone(meta["arch"], **meta["arch_kwargs"])   # as the probe rebuilds it
     plain.load_state_dict(export["state_dict"], strict=True)
     from_ckpt, _ = linear_probe.load_backbone(str(run_dir / "checkpoint.pt"))   # the probe takes either file
     x = torch.randn(4, 3, 16, 16)
