@@ -196,10 +196,14 @@ def local_size(args: Args, data: lt_data.LTData) -> int:
     return args.local_size or max(8, data.image_size // 2)
 
 
+def _cosine(start: float, end: float, t: float) -> float:
+    """start -> end on a half cosine as t goes 0 -> 1 (every schedule of the official code)."""
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+
+
 def crop_scale(args: Args, epoch: int) -> float:
     """The crop-scale split s of an epoch: cosine from --crop-scale[0] to --crop-scale[1] over --epochs (official)."""
-    start, end = args.crop_scale
-    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(epoch / max(args.epochs, 1), 1.0)))
+    return _cosine(*args.crop_scale, epoch / max(args.epochs, 1))
 
 
 class ExcbCrops:
@@ -224,6 +228,8 @@ class ExcbCrops:
 
 
 def train_transform(args: Args, data: lt_data.LTData):
+    if not all(0.05 < c < 1 for c in args.crop_scale):  # the first method hook: refuse before building crops
+        raise RunError(f"--crop-scale values must be in (0.05, 1), got {' '.join(map(str, args.crop_scale))}")
     return ExcbCrops(args, data)
 
 
@@ -290,10 +296,12 @@ class Model(nn.Module):
             raise RunError("--num-clusters must be >= 2, --hidden-dim/--out-dim >= 1, --num-local-crops >= 0")
         if not 0 <= args.size_momentum <= 1 or not 0 <= args.teacher_momentum <= 1:
             raise RunError("--size-momentum and --teacher-momentum must be in [0, 1]")
-        if not all(0.05 < c < 1 for c in args.crop_scale) or args.teacher_temp <= 0 or args.student_temp <= 0:
-            raise RunError(f"--crop-scale values must be in (0.05, 1), got {args.crop_scale}; the temperatures > 0")
-        if args.weight_decay < 0 or args.final_weight_decay < 0 or not 0 <= args.drop_path < 1:
-            raise RunError("--weight-decay and --final-weight-decay must be >= 0, --drop-path in [0, 1)")
+        if args.teacher_temp <= 0 or args.student_temp <= 0:
+            raise RunError("--teacher-temp and --student-temp must be > 0")
+        if args.weight_decay < 0 or args.final_weight_decay < 0:
+            raise RunError("--weight-decay and --final-weight-decay must be >= 0")
+        if not 0 <= args.drop_path < 1:
+            raise RunError(f"--drop-path must be in [0, 1), got {args.drop_path}")
         n = min(len(data.pretrain_indices(args.balanced_twin)), args.kmeans_samples)
         if args.kmeans_init and n <= args.num_clusters:
             raise RunError(f"k-means initialisation of {args.num_clusters} centroids needs more than "
@@ -346,13 +354,7 @@ def lr_factor(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> 
     warmup = min(args.warmup_epochs * steps_per_epoch, total_steps)
     if step < warmup:
         return (step + 1) / warmup
-    t = (step - warmup) / max(total_steps - warmup, 1)
-    return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
-def _cosine_up(start: float, step: int, total: int) -> float:
-    """start -> 1 on a cosine over ``total`` steps."""
-    return 1 - (1 - start) * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+    return _cosine(1.0, 1e-4, (step - warmup) / max(total_steps - warmup, 1))
 
 
 @torch.no_grad()
@@ -418,7 +420,8 @@ def train_step(run: "Run", batch) -> dict[str, torch.Tensor | float]:
     b = views[0].shape[0]
     global_views = torch.cat(views[:2])
     local_views = torch.cat(views[2:]) if len(views) > 2 else None
-    c = 0.5 * (1 + math.cos(math.pi * min(run.step / max(run.total_steps, 1), 1.0)))  # 1 -> 0 over the run
+    progress = run.step / max(run.total_steps, 1)
+    c = _cosine(1.0, 0.0, progress)
     wd = args.final_weight_decay + (args.weight_decay - args.final_weight_decay) * c
     run.optimizer.param_groups[0]["weight_decay"] = wd
     run.optimizer.param_groups[2]["weight_decay"] = wd * (1 + 9 * c)
@@ -442,7 +445,7 @@ def train_step(run: "Run", batch) -> dict[str, torch.Tensor | float]:
     loss = torch.stack(losses).mean()
     optimizer_step(run, loss)
 
-    m = _cosine_up(args.teacher_momentum, run.step, run.total_steps)
+    m = _cosine(args.teacher_momentum, 1.0, progress)
     with torch.no_grad():
         t_params, s_params = list(model.teacher.parameters()), list(model.student.parameters())
         torch._foreach_mul_(t_params, m)

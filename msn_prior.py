@@ -406,7 +406,7 @@ def train_step(run: "Run", batch) -> dict[str, torch.Tensor | float]:
         p = t["log_p"].exp()
     return {"loss": loss.detach(), "losses/cross_entropy": t["cross_entropy"].detach(),
             "losses/regulariser": t["regulariser"].detach(),
-            "charts/kl_mean_to_prior": (p_mean * (log_pm - torch.log(prior))).sum(),
+            "charts/kl_mean_to_prior": t["regulariser"].detach(),
             "charts/kl_prior_to_mean": (prior * (torch.log(prior) - log_pm)).sum(),
             "charts/kl_sorted_to_prior":
                 (sorted_usage * (torch.log(sorted_usage.clamp_min(1e-12)) - torch.log(prior))).sum(),

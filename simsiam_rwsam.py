@@ -143,17 +143,18 @@ def sam_perturbation(params, rho: float, adaptive: bool = True) -> list[torch.Te
     The norm is one global norm over all given parameters; parameters without a gradient get zeros.
     """
     params = list(params)
+    having = [p for p in params if p.grad is not None]
+    if not having:
+        return [torch.zeros_like(p) for p in params]
     with torch.no_grad():
-        having = [p for p in params if p.grad is not None]
         wide = [p if p.dtype in (torch.float32, torch.float64) else p.float() for p in having]
         grads = [p.grad.to(w.dtype) for p, w in zip(having, wide)]
         # theta * g has the norm of |theta| * g, and theta * (theta * g) = theta^2 g: no |theta| pass (memory-bound)
         e = torch._foreach_mul(wide, grads) if adaptive else [g.clone() for g in grads]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(e))) if e else torch.zeros(())
-        if adaptive and e:
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(e)))
+        if adaptive:
             torch._foreach_mul_(e, wide)
-        if e:
-            torch._foreach_mul_(e, rho / (norm + 1e-12))
+        torch._foreach_mul_(e, rho / (norm + 1e-12))
         it = iter(e)
         return [next(it).to(p.dtype) if p.grad is not None else torch.zeros_like(p) for p in params]
 

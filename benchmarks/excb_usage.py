@@ -49,4 +49,6 @@ def usage(path: str) -> dict:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or not os.path.isfile(sys.argv[1]):
+        sys.exit("usage: python benchmarks/excb_usage.py runs/<run>/checkpoint.pt (an excb.py checkpoint)")
     print(json.dumps(usage(sys.argv[1]), indent=1))

@@ -41,3 +41,19 @@ def test_gap_table_reports_the_relative_gap_of_the_probes(tmp_path):
     bal, lt = result["balanced"]["top1"], result["long-tailed"]["top1"]
     assert result["relative_gap"] == (bal - lt) / bal
     assert f"| supervised | long-tailed | {lt:.2f} |" in out
+
+
+def test_excb_usage_reports_the_teacher_assignments(tmp_path):
+    from conftest import TINY_ARGS, run_script
+    run_script("excb.py", *TINY_ARGS["excb.py"], "--batch-size", "8", "--max-steps", "2", "--num-workers", "0",
+               "--run-name", "u", cwd=tmp_path)
+    out = json.loads(run_benchmark("excb_usage.py", str(tmp_path / "runs" / "u" / "checkpoint.pt"), cwd=tmp_path))
+    assert out["K"] == 16 and out["step"] == 2
+    for kind in ("raw", "balanced"):
+        r = out[kind]
+        k_used, h = r["clusters_in_use"], r["entropy_over_logK"]
+        assert 1 <= k_used <= 16 and 0 <= h <= math.log(k_used) / math.log(16) + 1e-9   # entropy <= log(used)
+        assert 1 / k_used - 1e-9 <= r["max_share"] <= 1 and len(r["clusters_per_class"]) == 4
+        assert max(r["clusters_per_class"]) <= k_used
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "excb_usage.py")], capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("usage:")

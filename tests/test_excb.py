@@ -343,3 +343,13 @@ def test_vit_ddp_step_matches_one_process_at_twice_the_batch(tmp_path):
     for k, v in one.items():
         if v.is_floating_point():
             torch.testing.assert_close(two[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--crop-scale", "0.01", "0.5"], "--crop-scale values must be in (0.05, 1), got 0.01 0.5"),
+    (["--arch", "vit_tiny", "--drop-path", "1.0"], "--drop-path must be in [0, 1), got 1.0"),
+    (["--teacher-temp", "0"], "--teacher-temp and --student-temp must be > 0"),
+])
+def test_bad_method_flags_one_clear_line(tmp_path, extra, message):
+    proc = run_script("excb.py", *TINY_ARGS["excb.py"], "--batch-size", "8", *extra, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"excb.py: error: {message}"]
