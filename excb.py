@@ -37,7 +37,8 @@ import torch.nn.functional as F
 import tyro
 
 import lt_data
-from linear_probe import CHECKPOINT_FORMAT, EXPORT_FORMAT, build_backbone, feature_dim
+from linear_probe import CHECKPOINT_FORMAT, EXPORT_FORMAT, KNNMonitor, build_backbone, feature_dim
+from torchvision.utils import make_grid
 
 
 # ============================================================ shared: arguments
@@ -69,6 +70,12 @@ class Args(lt_data.DataArgs):
     """log to TensorBoard and print a progress line every this many steps"""
     checkpoint_every: int = 500
     """also write checkpoint.pt every this many steps (always at the end of an epoch and of the run)"""
+    eval_every: int = 1
+    """online kNN monitor (eval/knn_top1 of the exported backbone; k 20, cosine, T 0.07): before training, every this many epochs and at the end; 0: off"""
+    eval_bank: int = 5000
+    """kNN monitor's bank: a class-balanced random subsample of this many un-augmented images of the full training set"""
+    eval_queries: int = 2000
+    """kNN monitor's queries: a class-balanced random subsample of this many test images; 0: the whole test set"""
 
         # ======================================================== method: arguments
     arch: Literal["resnet18", "resnet50", "vit_tiny", "vit_small"] = "resnet18"
@@ -586,7 +593,7 @@ def atomic_save(obj, path: str) -> None:
 
 # flags that may differ when a run resumes; any other change is refused
 RESUMABLE_FLAGS = ("max_steps", "num_workers", "log_every", "checkpoint_every", "compile", "channels_last", "download",
-                   "data_dir", "output_dir")
+                   "data_dir", "output_dir", "eval_every", "eval_bank", "eval_queries")
 
 
 def backbone_meta(run: Run) -> dict:
@@ -669,18 +676,24 @@ class Logger:
         self.last = metrics
         self.count += 1
 
-    def write(self) -> None:
-        """Mean of each scalar since the last write, histograms of the last step, lr, images/s, ETA."""
-        run, keys = self.run, list(self.sums)
+    def write(self, evals: Optional[dict[str, float]] = None, eval_seconds: float = 0.0) -> None:
+        """Mean of each scalar since the last write, histograms of the last step, lr, images/s, ETA, and the
+        evaluations ``evals`` (which took ``eval_seconds``, left out of images/s and the ETA)."""
+        run, keys, evals = self.run, list(self.sums), evals or {}
         on_device = [k for k in keys if torch.is_tensor(self.sums[k])]
         means = dict(zip(on_device, torch.stack([self.sums[k] for k in on_device]).tolist() if on_device else []))
         values = [means.get(k, self.sums[k]) / self.count for k in keys]
-        elapsed = time.perf_counter() - self.t0
+        elapsed = time.perf_counter() - self.t0 - eval_seconds
         images_per_s = (run.step - self.step0) * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
         eta = (run.total_steps - run.step) * elapsed / max(run.step - self.step0, 1)
+        shown = "".join(f" | {k.split('/')[-1]} {v:.2f}" for k, v in evals.items()) + \
+            (f" ({eval_seconds:.0f}s)" if evals else "")
         if self.writer is not None:
-            for k, v in zip(keys, values):
+            for k, v in [*zip(keys, values), *evals.items()]:
                 self.writer.add_scalar(k if "/" in k else f"losses/{k}", v, run.step)
+        if self.writer is not None and self.count == 0:
+            print(f"step {run.step}, before training{shown}", flush=True)
+        elif self.writer is not None:
             for k, v in self.last.items():
                 if torch.is_tensor(v) and v.ndim > 0:
                     self.writer.add_histogram(k, v.detach().float().cpu(), run.step)
@@ -688,9 +701,21 @@ class Logger:
             self.writer.add_scalar("charts/images_per_second", images_per_s, run.step)
             self.writer.add_scalar("charts/epoch", run.step / run.steps_per_epoch, run.step)
             loss = dict(zip(keys, values)).get("loss", float("nan"))
-            print(f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss {loss:.4f} "
+            print(f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss {loss:.4f}{shown} "
                   f"| {images_per_s:.0f} img/s | eta {eta / 3600:.0f}h{eta % 3600 / 60:02.0f}m", flush=True)
         self.sums, self.count, self.t0, self.step0 = {}, 0, time.perf_counter(), run.step
+
+    def write_views(self, views: list[torch.Tensor] | torch.Tensor, mean, std) -> None:
+        """One image of the first 8 images of the batch (rows) x their augmented views (columns, resized to the
+        first view's size), un-normalised: what the augmentations do to these images."""
+        if self.writer is None:
+            return
+        views = views if isinstance(views, list) else [views]
+        size = views[0].shape[-2:]
+        m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        cols = [F.interpolate(v[:8].detach().float().cpu(), size=size) * s + m for v in views]
+        grid = make_grid(torch.stack(cols, 1).flatten(0, 1).clamp(0, 1), nrow=len(cols))
+        self.writer.add_image("views/augmented", grid, self.run.step)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -709,6 +734,14 @@ def check_finite(run: Run, first_bad: torch.Tensor, ckpt_path: str) -> None:
                        f"Try a lower --lr or --amp none")
 
 
+def evaluate(run: Run, monitor: KNNMonitor) -> tuple[dict[str, float], float]:
+    """The kNN monitor on the backbone that backbone.pt exports; returns ({"eval/knn_top1": %}, seconds)."""
+    t0 = time.perf_counter()
+    exported = run.model.get_submodule(run.model.export_prefix.rstrip("."))
+    top1 = monitor(exported, lambda x: to_device(x, run), run.autocast)
+    return {"eval/knn_top1": top1}, time.perf_counter() - t0
+
+
 def validate(args: Args, world_size: int) -> None:
     """Fail fast on arguments that cannot work, before any data is read."""
     for name in ("batch_size", "epochs", "log_every", "checkpoint_every"):
@@ -722,6 +755,9 @@ def validate(args: Args, world_size: int) -> None:
         raise RunError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
     if args.num_workers is not None and args.num_workers < 0:
         raise RunError(f"--num-workers must be >= 0, got {args.num_workers}")
+    for name in ("eval_every", "eval_bank", "eval_queries"):
+        if getattr(args, name) < 0:
+            raise RunError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
 
 def train(args: Args) -> str:
@@ -782,6 +818,12 @@ def train(args: Args) -> str:
               flush=True)
 
     logger = Logger(run, resumed)
+    monitor = None
+    if args.eval_every:
+        monitor = KNNMonitor(data, args.eval_bank, args.eval_queries, max(args.batch_size, 256), min(workers, 2),
+                             args.seed, rank, world_size)
+        if not resumed:
+            logger.write(*evaluate(run, monitor))
     first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss
     inject_nan = int(os.environ.get("SSL_IMBALANCE_INJECT_NAN_AT_STEP", "-1"))  # for the tests of the guard
     if os.environ.get("SSL_IMBALANCE_BN_RUNNING_STATS") == "1":  # for the DDP-equivalence tests: BatchNorm uses
@@ -796,6 +838,8 @@ def train(args: Args) -> str:
             on_epoch_start(run, run.epoch)
         for batch in loader:
             batch = [[to_device(v, run) for v in x] if isinstance(x, list) else to_device(x, run) for x in batch]
+            if run.step == 0:
+                logger.write_views(batch[0], data.mean, data.std)
             metrics = train_step(run, batch)
             run.scheduler.step()
             run.step += 1
@@ -804,9 +848,11 @@ def train(args: Args) -> str:
             first_bad = torch.where(torch.isfinite(metrics["loss"]), first_bad, torch.full_like(first_bad, run.step))
             logger.accumulate(metrics)
             end_of_epoch = run.step % steps_per_epoch == 0
+            due = monitor is not None and (run.step == stop_step or end_of_epoch and
+                                           (run.epoch + 1) % args.eval_every == 0)
             if run.step % args.log_every == 0 or run.step == stop_step or end_of_epoch:
                 check_finite(run, first_bad, ckpt_path)
-                logger.write()
+                logger.write(*(evaluate(run, monitor) if due else (None, 0.0)))
             if run.step % args.checkpoint_every == 0 or run.step == stop_step or end_of_epoch:
                 check_finite(run, first_bad, ckpt_path)
                 save_checkpoint(run, ckpt_path)

@@ -18,6 +18,7 @@ takes smaller crops), and every training script builds its own backbone with it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -299,6 +300,91 @@ def few_shot_indices(labels: torch.Tensor, shots: int, seed: int) -> torch.Tenso
         idx = (labels == c).nonzero().flatten()
         picks.append(idx[torch.randperm(len(idx), generator=g)[:shots]])
     return torch.cat(picks)
+
+
+# --------------------------------------------------------------------------- online kNN monitor
+
+
+def balanced_subset(targets, total: int, seed: int) -> list[int]:
+    """A seeded random choice of ``total // C`` indices of each class c (all of a smaller class; at least one
+    each), sorted; ``total = 0`` or ``total >= len(targets)`` keeps every index."""
+    if total <= 0 or total >= len(targets):
+        return list(range(len(targets)))
+    y = torch.as_tensor(list(targets))
+    C = int(y.max()) + 1
+    per_class = max(total // C, 1)
+    g = torch.Generator().manual_seed(seed)
+    picks = [idx[torch.randperm(len(idx), generator=g)[:per_class]] for idx in
+             (torch.nonzero(y == c).flatten() for c in range(C))]
+    return sorted(torch.cat(picks).tolist())
+
+
+class KNNMonitor:
+    """kNN top-1 of a backbone while it trains: the online monitor of solo-learn and lightly.
+
+    Bank: a class-balanced random subsample of ``bank`` images of the full (balanced) training set; queries: a
+    class-balanced subsample of ``queries`` images of the test set (0: all of it); both un-augmented (eval
+    transform), embedded by the backbone in eval mode, then ``knn_predict`` with k = 20, cosine similarity, votes
+    exp(sim / 0.07) (Wu et al. 2018, the monitors' defaults). Under DDP pass every rank the same arguments: each
+    embeds 1/R of the images, the features are all-gathered, and every rank returns the accuracy one process
+    would. Draws nothing from the global RNGs, so training is the same with or without it.
+    """
+
+    def __init__(self, data: lt_data.LTData, bank: int, queries: int, batch_size: int, num_workers: int,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, k: int = 20, temperature: float = 0.07):
+        tf = lt_data.eval_transform(data.image_size, data.mean, data.std)
+        bank_idx = balanced_subset(data.train_full.targets, bank, seed)
+        query_idx = balanced_subset(data.test.targets, queries, seed + 1)
+        self.sizes = (len(bank_idx), len(query_idx))
+        self.rank, self.world_size, self.k, self.temperature = rank, world_size, k, temperature
+        self.num_classes = data.num_classes
+        self.per_rank = -(-sum(self.sizes) // world_size)
+        images = [(data.train_full, i) for i in bank_idx] + [(data.test, i) for i in query_idx]
+        self.targets = torch.tensor([s.targets[i] for s, i in images])
+        mine = images[rank * self.per_rank:(rank + 1) * self.per_rank]
+        self.loader = torch.utils.data.DataLoader(
+            _ImageList(mine, tf), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+            persistent_workers=num_workers > 0, generator=torch.Generator())  # no draw from the global RNG
+
+    @torch.no_grad()
+    def __call__(self, backbone: nn.Module, prepare=lambda x: x, autocast=None) -> float:
+        """Top-1 (%) of ``backbone`` (restored to its train/eval mode afterwards); ``prepare`` moves a batch to
+        the device, ``autocast`` is an optional context-manager factory for the forward passes."""
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            feats = []
+            for x in self.loader:
+                with autocast() if autocast is not None else contextlib.nullcontext():
+                    feats.append(backbone(prepare(x)).float())
+        finally:
+            backbone.train(was_training)
+        device = next(backbone.parameters()).device
+        f = torch.cat(feats) if feats else torch.zeros(0, 1, device=device)
+        if self.world_size > 1:
+            padded = f.new_zeros(self.per_rank, f.shape[1])
+            padded[:len(f)] = f
+            parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+            torch.distributed.all_gather(parts, padded)
+            f = torch.cat(parts)
+        f = f[:sum(self.sizes)].cpu()
+        n_bank = self.sizes[0]
+        pred = knn_predict(f[:n_bank], self.targets[:n_bank], f[n_bank:], self.num_classes, self.k, self.temperature)
+        return (pred == self.targets[n_bank:]).double().mean().item() * 100
+
+
+class _ImageList(torch.utils.data.Dataset):
+    """(image set, index) pairs through one transform; yields image tensors only."""
+
+    def __init__(self, items: list, transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        images, j = self.items[i]
+        return self.transform(images.image(j))
 
 
 # --------------------------------------------------------------------------- command line

@@ -7,6 +7,8 @@ Shared by every training script and by ``linear_probe.py``. Run it to inspect a 
 
 Datasets (``--dataset``):
   cifar10, cifar100  torchvision's on-disk python format under ``--data-dir``.
+  fashion-mnist      the four IDX files (``.gz`` or not) in ``--data-dir`` (Debian's dataset-fashion-mnist
+                     puts them in /usr/share/datasets/fashion-mnist) or torchvision's ``FashionMNIST/raw/``.
   imagenet-lt        OLTR split files (``relative/path label`` lines) over an image root.
   imagefolder        ``--data-dir`` holding ``train/`` and ``val/`` folders of class folders.
   synthetic          procedurally generated, class-structured images; no files, no download.
@@ -33,8 +35,10 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-DATASETS = ("cifar10", "cifar100", "imagenet-lt", "imagefolder", "synthetic")
+DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagenet-lt", "imagefolder", "synthetic")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,) * 3, (0.3530,) * 3
+FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SYNTHETIC_MEAN, SYNTHETIC_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -47,10 +51,10 @@ class DataError(ValueError):
 class DataArgs:
     """Data flags shared by every training script and the probe."""
 
-    dataset: Literal["cifar10", "cifar100", "imagenet-lt", "imagefolder", "synthetic"] = "cifar10"
-    """which data set: cifar10/cifar100 (torchvision's python format), imagenet-lt (split files over an image root), imagefolder (train/ and val/ class folders), synthetic (generated, no files)"""
+    dataset: Literal["cifar10", "cifar100", "fashion-mnist", "imagenet-lt", "imagefolder", "synthetic"] = "cifar10"
+    """which data set: cifar10/cifar100 (torchvision's python format), fashion-mnist (IDX files), imagenet-lt (split files over an image root), imagefolder (train/ and val/ class folders), synthetic (generated, no files)"""
     data_dir: str = "data"
-    """root of the data: CIFAR's parent folder of cifar-10-batches-py, the image root for imagenet-lt, the folder holding train/ and val/ for imagefolder"""
+    """root of the data: CIFAR's parent folder of cifar-10-batches-py, the folder of Fashion-MNIST's IDX files (or of FashionMNIST/raw/), the image root for imagenet-lt, the folder holding train/ and val/ for imagefolder"""
     split_file: Optional[str] = None
     """imagenet-lt: training split file of `relative/path label` lines (e.g. ImageNet_LT_train.txt)"""
     test_split_file: Optional[str] = None
@@ -58,7 +62,7 @@ class DataArgs:
     index_file: Optional[str] = None
     """optional text file of training-set indices (whitespace separated) that replaces the long-tail construction, e.g. SDCLR/BCL split files"""
     imbalance_ratio: Optional[float] = None
-    """head/tail class-size ratio r >= 1; default 100 for cifar10/cifar100/synthetic, 1 (use as is) for imagenet-lt/imagefolder"""
+    """head/tail class-size ratio r >= 1; default 100 for cifar10/cifar100/fashion-mnist/synthetic, 1 (use as is) for imagenet-lt/imagefolder"""
     imbalance_profile: Literal["exp", "step"] = "exp"
     """exp: class i keeps int(n_max * r^(-i/(C-1))); step: first half of the classes keep n_max, the rest int(n_max/r)"""
     balanced_twin: bool = False
@@ -72,9 +76,9 @@ class DataArgs:
     synthetic_test_per_class: int = 100
     """synthetic: test images per class"""
     image_size: Optional[int] = None
-    """input resolution; default 32 for cifar/synthetic, 224 for imagenet-lt/imagefolder"""
+    """input resolution; default 32 for cifar/synthetic, 28 for fashion-mnist, 224 for imagenet-lt/imagefolder"""
     download: bool = True
-    """download CIFAR when it is missing and the network allows it"""
+    """download CIFAR or Fashion-MNIST when it is missing and the network allows it"""
 
 
 # --------------------------------------------------------------------------- long-tail counts
@@ -165,13 +169,14 @@ class ImageSet:
 
 
 class ArrayImages(ImageSet):
-    """Images held in memory as a uint8 array [N, H, W, 3] (CIFAR)."""
+    """Images held in memory as a uint8 array [N, H, W, 3] (CIFAR) or [N, H, W] (grey, returned as RGB)."""
 
     def __init__(self, array, targets: list[int]):
         self.array, self.targets = array, targets
 
     def image(self, i: int) -> Image.Image:
-        return Image.fromarray(self.array[i])
+        img = Image.fromarray(self.array[i])
+        return img if img.mode == "RGB" else img.convert("RGB")
 
 
 class FileImages(ImageSet):
@@ -262,6 +267,68 @@ def _read_cifar(root: str, name: str, train: bool, download: bool) -> ArrayImage
     return ArrayImages(np.concatenate(arrays).transpose(0, 2, 3, 1).copy(), [int(y) for y in targets])
 
 
+FASHION_MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                       False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def read_idx(path: str):
+    """One IDX file (LeCun's MNIST format, optionally gzipped) as a numpy array: magic 0x0000 <dtype 0x08 = uint8>
+    <ndim>, then ndim big-endian uint32 sizes, then the data. Raises DataError naming the file."""
+    import gzip
+
+    import numpy as np
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] < 1:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes (magic {raw[:4].hex()})")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim))
+    offset, count = 4 + 4 * ndim, math.prod(shape)
+    if len(raw) != offset + count:
+        raise DataError(f"{path}: header says {shape} ({count} bytes), the file holds {len(raw) - offset}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
+
+
+def _find_fashion_mnist(root: str, train: bool) -> Optional[list[str]]:
+    """Paths of the (images, labels) IDX files in ``root`` or torchvision's ``root/FashionMNIST/raw``, or None."""
+    for folder in (root, os.path.join(root, "FashionMNIST", "raw")):
+        found = []
+        for name in FASHION_MNIST_FILES[train]:
+            path = next((p for p in (os.path.join(folder, name), os.path.join(folder, name + ".gz"))
+                         if os.path.isfile(p)), None)
+            found.append(path)
+        if all(found):
+            return found
+    return None
+
+
+def _read_fashion_mnist(root: str, train: bool, download: bool) -> ArrayImages:
+    """Fashion-MNIST (Xiao et al. 2017): 60,000 training / 10,000 test 28x28 grey images of 10 classes."""
+    paths = _find_fashion_mnist(root, train)
+    if paths is None and download:
+        try:
+            import torchvision.datasets as D
+            D.FashionMNIST(root, train=train, download=True)
+        except Exception as e:  # offline: say where the files go
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"fashion-mnist not found in {root} and the download failed ({reason}); "
+                            f"apt-get install dataset-fashion-mnist and pass --data-dir {FASHION_MNIST_DEBIAN}, "
+                            f"or put the four IDX files in {root}") from None
+        paths = _find_fashion_mnist(root, train)
+    if paths is None:
+        raise DataError(f"fashion-mnist not found in {root} (expected {FASHION_MNIST_FILES[train][0]}[.gz] there "
+                        f"or in {os.path.join(root, 'FashionMNIST', 'raw')}); apt-get install dataset-fashion-mnist "
+                        f"and pass --data-dir {FASHION_MNIST_DEBIAN}, or pass --download")
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"{paths[0]} and {paths[1]} do not hold N images [N, H, W] and N labels "
+                        f"(shapes {images.shape} and {labels.shape})")
+    return ArrayImages(images, labels.astype(int).tolist())
+
+
 def _read_split_file(root: str, split_file: str) -> FileImages:
     if not os.path.isfile(split_file):
         raise DataError(f"split file not found: {split_file}")
@@ -344,15 +411,19 @@ def build_data(args: DataArgs) -> LTData:
     ratio = resolved_ratio(args)
     if ratio < 1 or not math.isfinite(ratio):
         raise DataError(f"--imbalance-ratio must be >= 1 (head/tail size ratio), got {ratio}")
-    size = args.image_size or (224 if natural else 32)
+    size = args.image_size or (224 if natural else 28 if args.dataset == "fashion-mnist" else 32)
     if size < 8:
         raise DataError(f"--image-size must be >= 8, got {size}")
     mean, std = (CIFAR_MEAN, CIFAR_STD) if args.dataset.startswith("cifar") else \
-        (SYNTHETIC_MEAN, SYNTHETIC_STD) if args.dataset == "synthetic" else (IMAGENET_MEAN, IMAGENET_STD)
+        (SYNTHETIC_MEAN, SYNTHETIC_STD) if args.dataset == "synthetic" else \
+        (FASHION_MNIST_MEAN, FASHION_MNIST_STD) if args.dataset == "fashion-mnist" else (IMAGENET_MEAN, IMAGENET_STD)
 
     if args.dataset in ("cifar10", "cifar100"):
         train = _read_cifar(args.data_dir, args.dataset, True, args.download)
         test = _read_cifar(args.data_dir, args.dataset, False, args.download)
+    elif args.dataset == "fashion-mnist":
+        train = _read_fashion_mnist(args.data_dir, True, args.download)
+        test = _read_fashion_mnist(args.data_dir, False, args.download)
     elif args.dataset == "synthetic":
         train = SyntheticImages(args.synthetic_classes, args.synthetic_per_class, size, args.split_seed, True)
         test = SyntheticImages(args.synthetic_classes, args.synthetic_test_per_class, size, args.split_seed, False)

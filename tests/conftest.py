@@ -99,6 +99,31 @@ def write_cifar(root: Path, name: str, per_class_train: int, per_class_test: int
     return train[key]
 
 
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """One IDX file (uint8, big-endian sizes), gzipped when ``path`` ends in .gz, as the MNIST family ships."""
+    import gzip
+    raw = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape) + \
+        np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (gzip.open if path.suffix == ".gz" else open)(path, "wb").write(raw)
+
+
+def write_fashion_mnist(folder: Path, per_class_train: int, per_class_test: int, gz: bool = True,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The four Fashion-MNIST IDX files (28x28 grey, 10 classes, shuffled labels) in ``folder``; returns the
+    training images and labels."""
+    rng = np.random.default_rng(seed)
+    out = None
+    for split, n in (("train", per_class_train), ("t10k", per_class_test)):
+        labels = rng.permutation(np.repeat(np.arange(10), n)).astype(np.uint8)
+        images = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
+        ext = ".gz" if gz else ""
+        write_idx(folder / f"{split}-images-idx3-ubyte{ext}", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte{ext}", labels)
+        out = out or (images, labels)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_supervised_run(tmp_path_factory):
     """One short supervised run on tiny synthetic data, shared by the probe and export tests."""

@@ -158,3 +158,60 @@ def test_vit_kwargs_refuses_impossible_sizes():
     with pytest.raises(lp.ProbeError, match="--local-size 18 is not a multiple of --patch-size 4"):
         lp.vit_kwargs("vit_small", 32, crop_sizes={"--local-size": 18})
     assert lp.vit_kwargs("vit_small", 224)["patch_size"] == 16
+
+
+def test_knn_monitor_matches_a_hand_computation_on_a_balanced_bank():
+    """The monitor's top-1 against numpy: balanced bank and queries, eval transform, cosine top-20 votes
+    weighted by exp(sim / 0.07); the backbone's train mode is restored."""
+    import numpy as np
+
+    import lt_data
+    rng = np.random.default_rng(0)
+    C, size = 3, 8
+    centres = rng.integers(40, 216, size=(C, 1, 1, 3))
+
+    def images(n_per_class):
+        y = np.repeat(np.arange(C), n_per_class)
+        x = np.clip(centres[y] + rng.normal(0, 60, size=(len(y), size, size, 3)), 0, 255).astype(np.uint8)
+        return lt_data.ArrayImages(x, y.tolist())
+
+    train, test = images(40), images(12)
+    data = lt_data.LTData("t", train, test, list(range(len(train))), [], C, size, (0.5,) * 3, (0.25,) * 3, "thirds")
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * size * size, 16),
+                                   torch.nn.BatchNorm1d(16)).train()
+    monitor = lp.KNNMonitor(data, bank=60, queries=24, batch_size=7, num_workers=0, seed=3)
+    top1 = monitor(backbone)
+    assert backbone.training
+
+    def subset(targets, total, seed):   # balanced: total // C of each class, drawn as documented
+        g = torch.Generator().manual_seed(seed)
+        y = torch.tensor(targets)
+        return sorted(torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()), generator=g)[
+            :total // C]] for c in range(C)]).tolist())
+
+    bank, queries = subset(train.targets, 60, 3), subset(test.targets, 24, 4)
+    assert np.bincount(np.array(train.targets)[bank]).tolist() == [20] * 3
+    backbone.eval()
+    W, b = backbone[1].weight.detach().double().numpy(), backbone[1].bias.detach().double().numpy()
+    bn = backbone[2]
+    scale = (bn.weight / (bn.running_var + bn.eps).sqrt()).detach().double().numpy()
+
+    def feats(arr):
+        x = (arr.astype(np.float64) / 255 - 0.5) / 0.25                      # ToTensor + Normalize
+        z = x.transpose(0, 3, 1, 2).reshape(len(x), -1) @ W.T + b           # C, H, W order, as Flatten sees it
+        z = (z - bn.running_mean.double().numpy()) * scale + bn.bias.detach().double().numpy()
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+    fb, fq = feats(train.array[bank]), feats(test.array[queries])
+    yb, yq = np.array(train.targets)[bank], np.array(test.targets)[queries]
+    correct = 0
+    for q, y in zip(fq, yq):
+        sim = fb @ q
+        top = np.argsort(-sim)[:20]
+        votes = np.zeros(C)
+        for j in top:
+            votes[yb[j]] += np.exp(sim[j] / 0.07)
+        correct += votes.argmax() == y
+    assert top1 == pytest.approx(100 * correct / len(yq), abs=1e-9)
+    assert 0 < correct < len(yq)   # a case where the votes decide: neither all right nor all wrong

@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 import lt_data
-from conftest import ROOT, run_script, write_cifar
+from conftest import ROOT, run_script, write_cifar, write_fashion_mnist, write_idx
 
 
 # ------------------------------------------------------------------ counts against the field's table
@@ -47,6 +48,41 @@ def test_shot_groups_thresholds_and_thirds():
     assert g == {"many": [0, 1], "medium": [2, 3], "few": [4, 5]}  # many > 100, medium 20..100, few < 20
     g = lt_data.shot_groups([5, 50, 500, 7, 70, 700, 1000, 1, 2, 3], "thirds")
     assert g == {"many": [2, 4, 5, 6], "medium": [0, 1, 3], "few": [7, 8, 9]}
+
+
+# ------------------------------------------------------------------ Fashion-MNIST IDX files
+
+def test_fashion_mnist_lt_r100_counts_are_the_cifar_rule():
+    expected = [int(6000 * 100 ** (-i / 9)) for i in range(10)]   # class i keeps int(6000 r^(-i/9))
+    assert lt_data.long_tail_counts(6000, 10, 100) == expected == [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]
+
+
+@pytest.mark.parametrize("layout,gz", [("debian", True), ("torchvision", False)])
+def test_fashion_mnist_loads_from_idx_files_in_both_layouts(tmp_path, layout, gz):
+    folder = tmp_path if layout == "debian" else tmp_path / "FashionMNIST" / "raw"
+    images, labels = write_fashion_mnist(folder, per_class_train=20, per_class_test=3, gz=gz)
+    args = lt_data.DataArgs(dataset="fashion-mnist", data_dir=str(tmp_path), imbalance_ratio=10, download=False)
+    data = lt_data.build_data(args)
+    assert data.num_classes == 10 and data.image_size == 28 and data.train_full.targets == labels.tolist()
+    assert len(data.test) == 30 and lt_data.class_histogram(data.test.targets, 10) == [3] * 10   # balanced test
+    assert data.class_counts == [int(20 * 10 ** (-i / 9)) for i in range(10)]
+    img = data.train_full.image(7)
+    assert img.mode == "RGB" and img.size == (28, 28)
+    rgb = pil_to_tensor(img)
+    assert all(torch.equal(rgb[c], torch.from_numpy(images[7])) for c in range(3))   # grey copied to 3 channels
+
+
+def test_fashion_mnist_missing_or_corrupt_files_fail_in_one_line(tmp_path):
+    args = lt_data.DataArgs(dataset="fashion-mnist", data_dir=str(tmp_path), download=False)
+    with pytest.raises(lt_data.DataError, match="apt-get install dataset-fashion-mnist"):
+        lt_data.build_data(args)
+    write_fashion_mnist(tmp_path, 2, 1, gz=False)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05ab")  # 5 said, 2 held
+    with pytest.raises(lt_data.DataError, match="train-labels-idx1-ubyte: header says"):
+        lt_data.build_data(args)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(7, dtype=np.uint8))   # 20 images, 7 labels
+    with pytest.raises(lt_data.DataError, match="do not hold N images"):
+        lt_data.build_data(args)
 
 
 # ------------------------------------------------------------------ CIFAR in torchvision's format

@@ -148,12 +148,35 @@ def test_ddp_step_matches_one_process_at_twice_the_batch(tmp_path, script):
     difference (README), everything else that depends on the batch must be global."""
     env = {**script_env(), "SSL_IMBALANCE_BN_RUNNING_STATS": "1"}
     args = [*TINY_ARGS[script], "--max-steps", "1", "--num-workers", "0", "--amp", "none"]
-    run_torchrun(script, *args, "--batch-size", "8", "--run-name", "two", cwd=tmp_path, env=env)
-    run_script(script, *args, "--batch-size", "16", "--run-name", "one", cwd=tmp_path, env=env)
+    two = run_torchrun(script, *args, "--batch-size", "8", "--run-name", "two", cwd=tmp_path, env=env)
+    one = run_script(script, *args, "--batch-size", "16", "--run-name", "one", cwd=tmp_path, env=env)
+    # the kNN monitor before training: each process embeds half the images, the features are all-gathered
+    before = [re.search(r"before training \| knn_top1 ([0-9.]+)", p.stdout).group(1) for p in (two, one)]
+    assert before[0] == before[1], before
     one, two = _load(tmp_path / "runs" / "one" / "checkpoint.pt"), _load(tmp_path / "runs" / "two" / "checkpoint.pt")
     for k, v in one["model"].items():
         if v.is_floating_point():
             torch.testing.assert_close(two["model"][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+@per_script
+def test_knn_monitor_and_view_grid_reach_tensorboard(tmp_path, script):
+    """eval/knn_top1 before training, at the end of every --eval-every epoch and at the last step, on the progress
+    line too; one grid of augmented views at the first step; --eval-every 0 turns the monitor off."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    args = [*TINY_ARGS[script], "--batch-size", "8", "--epochs", "3", "--num-workers", "0", "--log-every", "100"]
+    out = run_script(script, *args, "--max-steps", "20", "--eval-every", "2", "--run-name", "m", cwd=tmp_path).stdout
+    per_epoch = int(re.search(r"(\d+) steps/epoch", out).group(1))
+    acc = EventAccumulator(str(tmp_path / "runs" / "m"), size_guidance={"images": 0})
+    acc.Reload()
+    knn = acc.Scalars("eval/knn_top1")
+    assert 2 * per_epoch < 20 < 3 * per_epoch   # epoch 2 ends before step 20; the run stops in epoch 3
+    assert [e.step for e in knn] == [0, 2 * per_epoch, 20]
+    assert all(0 <= e.value <= 100 for e in knn) and out.count("knn_top1") == len(knn)
+    (grid,) = acc.Images("views/augmented")
+    assert grid.step == 0 and grid.width > 0
+    off = run_script(script, *args, "--max-steps", "2", "--eval-every", "0", "--run-name", "off", cwd=tmp_path).stdout
+    assert "knn_top1" not in off
 
 
 def _import_script(script):
