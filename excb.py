@@ -70,7 +70,7 @@ class Args(lt_data.DataArgs):
     """log to TensorBoard and print a progress line every this many steps"""
     checkpoint_every: int = 500
     """also write checkpoint.pt every this many steps (always at the end of an epoch and of the run)"""
-    eval_every: int = 1
+    eval_every: int = 5
     """online kNN monitor (eval/knn_top1 of the exported backbone; k 20, cosine, T 0.07): before training, every this many epochs and at the end; 0: off"""
     eval_bank: int = 5000
     """kNN monitor's bank: a class-balanced random subsample of this many un-augmented images of the full training set"""

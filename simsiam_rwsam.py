@@ -74,7 +74,7 @@ class Args(lt_data.DataArgs):
     """log to TensorBoard and print a progress line every this many steps"""
     checkpoint_every: int = 500
     """also write checkpoint.pt every this many steps (always at the end of an epoch and of the run)"""
-    eval_every: int = 1
+    eval_every: int = 5
     """online kNN monitor (eval/knn_top1 of the exported backbone; k 20, cosine, T 0.07): before training, every this many epochs and at the end; 0: off"""
     eval_bank: int = 5000
     """kNN monitor's bank: a class-balanced random subsample of this many un-augmented images of the full training set"""
@@ -96,6 +96,8 @@ class Args(lt_data.DataArgs):
     """projector width (hidden and output) and predictor output"""
     pred_dim: int = 512
     """predictor bottleneck width"""
+    crop_min_scale: float = 0.2
+    """smallest area fraction of RandomResizedCrop (SimSiam: 0.2); a larger one keeps more of the object in small images"""
     sam: Literal["asam", "sam", "none"] = "asam"
     """sharpness-aware step: asam (adaptive, e = rho theta^2 g / || |theta| g ||), sam (e = rho g / ||g||), none (plain SimSiam)"""
     rho: float = 0.5
@@ -278,14 +280,17 @@ def _check_method_args(args: Args) -> None:
             raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.reweight_warmup < 0 or args.kde_reference < 0:
         raise RunError("--reweight-warmup and --kde-reference must be >= 0")
+    if not 0 < args.crop_min_scale <= 1:
+        raise RunError(f"--crop-min-scale must be in (0, 1], got {args.crop_min_scale}")
     if not args.label_base > 0:
         raise RunError(f"--label-base must be > 0, got {args.label_base}")
 
 
 def train_transform(args: Args, data: lt_data.LTData):
-    """Two SimSiam views per image (RandomResizedCrop 0.2-1, flip, jitter .4/.4/.4/.1 p .8, grayscale p .2)."""
+    """Two SimSiam views per image (RandomResizedCrop --crop-min-scale..1, flip, jitter .4/.4/.4/.1 p .8, grayscale
+    p .2)."""
     _check_method_args(args)  # the first method hook the runtime calls: refuse bad method flags early
-    return lt_data.TwoViews(lt_data.ssl_augment(data.image_size, data.mean, data.std))
+    return lt_data.TwoViews(lt_data.ssl_augment(data.image_size, data.mean, data.std, (args.crop_min_scale, 1.0)))
 
 
 class Model(nn.Module):
