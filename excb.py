@@ -227,9 +227,24 @@ class ExcbCrops:
         return self.crops(img)
 
 
-def train_transform(args: Args, data: lt_data.LTData):
-    if not all(0.05 < c < 1 for c in args.crop_scale):  # the first method hook: refuse before building crops
+def _check_method_args(args: Args, data: lt_data.LTData) -> None:
+    """Refuse impossible method flags, each named on its own (train_transform, the first method hook, calls it)."""
+    if not all(0.05 < c < 1 for c in args.crop_scale):
         raise RunError(f"--crop-scale values must be in (0.05, 1), got {' '.join(map(str, args.crop_scale))}")
+    if args.num_clusters < 2 or args.hidden_dim < 1 or args.out_dim < 1 or args.num_local_crops < 0:
+        raise RunError("--num-clusters must be >= 2, --hidden-dim/--out-dim >= 1, --num-local-crops >= 0")
+    check_floats(args, "[0, 1]", "size_momentum", "teacher_momentum")
+    check_floats(args, "(0, inf)", "teacher_temp", "student_temp")
+    check_floats(args, "[0, inf)", "weight_decay", "final_weight_decay")
+    check_floats(args, "[0, 1)", "drop_path")
+    n = min(len(data.pretrain_indices(args.balanced_twin)), args.kmeans_samples)
+    if args.kmeans_init and n <= args.num_clusters:
+        raise RunError(f"k-means initialisation of {args.num_clusters} centroids needs more than "
+                       f"{args.num_clusters} images, got {n}; lower --num-clusters or use --no-kmeans-init")
+
+
+def train_transform(args: Args, data: lt_data.LTData):
+    _check_method_args(args, data)  # the first method hook: refuse before building crops
     return ExcbCrops(args, data)
 
 
@@ -292,20 +307,7 @@ class Model(nn.Module):
 
     def __init__(self, args: Args, data: lt_data.LTData):
         super().__init__()
-        if args.num_clusters < 2 or args.hidden_dim < 1 or args.out_dim < 1 or args.num_local_crops < 0:
-            raise RunError("--num-clusters must be >= 2, --hidden-dim/--out-dim >= 1, --num-local-crops >= 0")
-        if not 0 <= args.size_momentum <= 1 or not 0 <= args.teacher_momentum <= 1:
-            raise RunError("--size-momentum and --teacher-momentum must be in [0, 1]")
-        if args.teacher_temp <= 0 or args.student_temp <= 0:
-            raise RunError("--teacher-temp and --student-temp must be > 0")
-        if args.weight_decay < 0 or args.final_weight_decay < 0:
-            raise RunError("--weight-decay and --final-weight-decay must be >= 0")
-        if not 0 <= args.drop_path < 1:
-            raise RunError(f"--drop-path must be in [0, 1), got {args.drop_path}")
-        n = min(len(data.pretrain_indices(args.balanced_twin)), args.kmeans_samples)
-        if args.kmeans_init and n <= args.num_clusters:
-            raise RunError(f"k-means initialisation of {args.num_clusters} centroids needs more than "
-                           f"{args.num_clusters} images, got {n}; lower --num-clusters or use --no-kmeans-init")
+        _check_method_args(args, data)
         self.backbone_spec = backbone_spec(args, data)
         self.student = Encoder(args, self.backbone_spec)
         vit = self.backbone_spec["arch"] == "vit"
@@ -709,15 +711,26 @@ def check_finite(run: Run, first_bad: torch.Tensor, ckpt_path: str) -> None:
                        f"Try a lower --lr or --amp none")
 
 
+def check_floats(args: Args, interval: str, *names: str) -> None:
+    """Refuse a float flag that is not finite or lies outside ``interval`` ("(0, inf)", "[0, 1)", ...)."""
+    lo, hi = (float(v) for v in interval[1:-1].split(","))
+    words = (f">= {lo:g}" if interval[0] == "[" else f"> {lo:g}") if hi == math.inf else f"in {interval}"
+    for name in names:
+        v, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if not math.isfinite(v):
+            raise RunError(f"{flag} must be a finite number, got {v}")
+        if not ((lo < v or (interval[0] == "[" and v == lo)) and (v < hi or (interval[-1] == "]" and v == hi))):
+            raise RunError(f"{flag} must be {words}, got {v}")
+
+
 def validate(args: Args, world_size: int) -> None:
-    """Fail fast on arguments that cannot work, before any data is read."""
+    """Fail fast on arguments that cannot work, before any data is read (method flags: the first method hook)."""
     for name in ("batch_size", "epochs", "log_every", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise RunError(f"--max-steps must be >= 1, got {args.max_steps}")
-    if args.lr <= 0:
-        raise RunError(f"--lr must be > 0, got {args.lr}")
+    check_floats(args, "(0, inf)", "lr")
     if args.sync_bn and not torch.cuda.is_available():
         raise RunError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
     if args.num_workers is not None and args.num_workers < 0:
@@ -732,7 +745,14 @@ def train(args: Args) -> str:
     run_name = args.run_name or f"{METHOD}_{args.dataset}_r{ratio:g}{'_twin' if args.balanced_twin else ''}_s{args.seed}"
     run_dir = os.path.join(args.output_dir, run_name)
     ckpt_path, export_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "backbone.pt")
-    if rank == 0:
+    data = lt_data.build_data(args)
+    train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(args.balanced_twin),
+                                       train_transform(args, data))  # the first method hook checks method flags
+    global_batch = args.batch_size * world_size
+    if global_batch > len(train_set):
+        raise RunError(f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
+                       f"{len(train_set)} training images")
+    if rank == 0:  # only now, so that a refused start leaves nothing behind
         try:
             os.makedirs(run_dir, exist_ok=True)
             probe = os.path.join(run_dir, f".write-test{os.getpid()}")
@@ -740,13 +760,6 @@ def train(args: Args) -> str:
             os.remove(probe)
         except OSError as e:
             raise RunError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
-    data = lt_data.build_data(args)
-    train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(args.balanced_twin),
-                                       train_transform(args, data))
-    global_batch = args.batch_size * world_size
-    if global_batch > len(train_set):
-        raise RunError(f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
-                       f"{len(train_set)} training images")
 
     seed_everything(args.seed, args.deterministic)  # same initial weights on every rank
     model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)

@@ -261,18 +261,14 @@ def label_weights(labels, num_classes: int, base: float) -> torch.Tensor:
 
 
 def _check_method_args(args: Args) -> None:
-    for name in ("rho", "kde_bandwidth", "kde_alpha"):
-        if not getattr(args, name) > 0:
-            raise RunError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if not args.kde_max_ratio >= 1:
-        raise RunError(f"--kde-max-ratio must be >= 1, got {args.kde_max_ratio}")
+    check_floats(args, "(0, inf)", "rho", "kde_bandwidth", "kde_alpha", "label_base")
+    check_floats(args, "[0, inf)", "weight_decay")
+    check_floats(args, "[1, inf)", "kde_max_ratio")
     for name in ("reweight_every", "kde_chunk_size", "proj_dim", "pred_dim"):
         if getattr(args, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.reweight_warmup < 0 or args.kde_reference < 0:
         raise RunError("--reweight-warmup and --kde-reference must be >= 0")
-    if not args.label_base > 0:
-        raise RunError(f"--label-base must be > 0, got {args.label_base}")
 
 
 def train_transform(args: Args, data: lt_data.LTData):
@@ -653,15 +649,26 @@ def check_finite(run: Run, first_bad: torch.Tensor, ckpt_path: str) -> None:
                        f"Try a lower --lr or --amp none")
 
 
+def check_floats(args: Args, interval: str, *names: str) -> None:
+    """Refuse a float flag that is not finite or lies outside ``interval`` ("(0, inf)", "[0, 1)", ...)."""
+    lo, hi = (float(v) for v in interval[1:-1].split(","))
+    words = (f">= {lo:g}" if interval[0] == "[" else f"> {lo:g}") if hi == math.inf else f"in {interval}"
+    for name in names:
+        v, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if not math.isfinite(v):
+            raise RunError(f"{flag} must be a finite number, got {v}")
+        if not ((lo < v or (interval[0] == "[" and v == lo)) and (v < hi or (interval[-1] == "]" and v == hi))):
+            raise RunError(f"{flag} must be {words}, got {v}")
+
+
 def validate(args: Args, world_size: int) -> None:
-    """Fail fast on arguments that cannot work, before any data is read."""
+    """Fail fast on arguments that cannot work, before any data is read (method flags: the first method hook)."""
     for name in ("batch_size", "epochs", "log_every", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise RunError(f"--max-steps must be >= 1, got {args.max_steps}")
-    if args.lr <= 0:
-        raise RunError(f"--lr must be > 0, got {args.lr}")
+    check_floats(args, "(0, inf)", "lr")
     if args.sync_bn and not torch.cuda.is_available():
         raise RunError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
     if args.num_workers is not None and args.num_workers < 0:
@@ -676,7 +683,14 @@ def train(args: Args) -> str:
     run_name = args.run_name or f"{METHOD}_{args.dataset}_r{ratio:g}{'_twin' if args.balanced_twin else ''}_s{args.seed}"
     run_dir = os.path.join(args.output_dir, run_name)
     ckpt_path, export_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "backbone.pt")
-    if rank == 0:
+    data = lt_data.build_data(args)
+    train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(args.balanced_twin),
+                                       train_transform(args, data))  # the first method hook checks method flags
+    global_batch = args.batch_size * world_size
+    if global_batch > len(train_set):
+        raise RunError(f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
+                       f"{len(train_set)} training images")
+    if rank == 0:  # only now, so that a refused start leaves nothing behind
         try:
             os.makedirs(run_dir, exist_ok=True)
             probe = os.path.join(run_dir, f".write-test{os.getpid()}")
@@ -684,13 +698,6 @@ def train(args: Args) -> str:
             os.remove(probe)
         except OSError as e:
             raise RunError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
-    data = lt_data.build_data(args)
-    train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(args.balanced_twin),
-                                       train_transform(args, data))
-    global_batch = args.batch_size * world_size
-    if global_batch > len(train_set):
-        raise RunError(f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
-                       f"{len(train_set)} training images")
 
     seed_everything(args.seed, args.deterministic)  # same initial weights on every rank
     model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
