@@ -506,6 +506,7 @@ class Run:
     run_dir: str
     step: int = 0
     epoch: int = 0
+    checkpoint_step: int = -1  # step of the checkpoint on disk, -1: none
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -599,8 +600,30 @@ def backbone_meta(run: Run) -> dict:
             "step": run.step}
 
 
+def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Whether every float tensor is finite, as a bool tensor on ``device``: one fused max-|x| pass, no host sync."""
+    tensors = [t for t in tensors if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack([torch.isfinite(n).to(device) for n in torch._foreach_norm(tensors, ord=math.inf)]).all()
+
+
+def kept_checkpoint(run: Run, path: str) -> str:
+    return f"the last good checkpoint {path} (step {run.checkpoint_step}) is untouched" \
+        if run.checkpoint_step >= 0 else "no checkpoint was written"
+
+
 def save_checkpoint(run: Run, path: str) -> None:
-    """Model, optimizer, scaler, scheduler, step, every rank's RNG states and the args (collective call)."""
+    """Model, optimizer, scaler, scheduler, step, every rank's RNG states and the args (collective call).
+    Refuses (RunError) a model or optimizer state holding a non-finite tensor: one host sync, at save time only."""
+    state = [*run.model.state_dict().values(),
+             *(t for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
+    ok = all_finite(state, run.device).int()
+    if run.world_size > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok:
+        raise RunError(f"non-finite weights after step {run.step}; stopping, {kept_checkpoint(run, path)}. "
+                       f"Try a lower --lr or --amp none")
     states = [None] * run.world_size
     if run.world_size > 1:
         dist.all_gather_object(states, rng_state())
@@ -611,6 +634,7 @@ def save_checkpoint(run: Run, path: str) -> None:
                      "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
                      "scheduler": run.scheduler.state_dict(), "step": run.step, "world_size": run.world_size,
                      "rng": states, "args": dataclasses.asdict(run.args), "backbone": backbone_meta(run)}, path)
+    run.checkpoint_step = run.step
 
 
 def load_checkpoint(run: Run, path: str) -> None:
@@ -636,7 +660,7 @@ def load_checkpoint(run: Run, path: str) -> None:
     if ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
-    run.step = ckpt["step"]
+    run.step = run.checkpoint_step = ckpt["step"]
     set_rng_state(ckpt["rng"][run.rank])
 
 
@@ -644,6 +668,8 @@ def export_backbone(run: Run, path: str) -> None:
     """backbone.pt: the backbone's state dict in plain torchvision layout, loadable with strict=True."""
     prefix = run.model.export_prefix
     state = {k[len(prefix):]: v for k, v in run.model.state_dict().items() if k.startswith(prefix)}
+    if not all_finite(list(state.values()), run.device):
+        raise RunError(f"non-finite backbone weights at step {run.step}; {path} not written")
     atomic_save({"format": EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
 
 
@@ -705,10 +731,8 @@ def check_finite(run: Run, first_bad: torch.Tensor, ckpt_path: str) -> None:
         dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
     bad = int(first_bad)
     if bad < 2**62:
-        kept = f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path) else \
-            "no checkpoint was written"
-        raise RunError(f"non-finite loss at step {bad} (epoch {bad // run.steps_per_epoch + 1}); stopping, {kept}. "
-                       f"Try a lower --lr or --amp none")
+        raise RunError(f"non-finite loss at step {bad} (epoch {bad // run.steps_per_epoch + 1}); stopping, "
+                       f"{kept_checkpoint(run, ckpt_path)}. Try a lower --lr or --amp none")
 
 
 def check_floats(args: Args, interval: str, *names: str) -> None:

@@ -92,9 +92,25 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     proc = run_script(script, *args, cwd=tmp_path, env=env, check=False)
     assert proc.returncode == 2
     assert "non-finite loss at step 3" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "the last good checkpoint" in proc.stderr and "(step 2) is untouched" in proc.stderr
     ckpt = _load(tmp_path / "runs" / "nan" / "checkpoint.pt")
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert not (tmp_path / "runs" / "nan" / "backbone.pt").exists()
+
+
+@per_script
+def test_non_finite_weights_are_never_checkpointed(tmp_path, script):
+    """--lr 1e45 gives a finite loss at step 1 but infinite weights after its update: that state used to be saved
+    as checkpoint.pt of step 1 and called "the last good checkpoint". Now the save is refused, nothing is written
+    and the message says so."""
+    args = [*base(script), "--amp", "none", "--lr", "1e45", "--checkpoint-every", "1", "--log-every", "1",
+            "--max-steps", "4", "--num-workers", "0", "--run-name", "inf"]
+    proc = run_script(script, *args, cwd=tmp_path, check=False)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stdout + proc.stderr
+    assert "non-finite weights after step 1" in err[0] and "no checkpoint was written" in err[0]
+    assert not (tmp_path / "runs" / "inf" / "checkpoint.pt").exists()
+    assert not (tmp_path / "runs" / "inf" / "backbone.pt").exists()
 
 
 @per_script
