@@ -682,7 +682,8 @@ class Logger:
         self.t0, self.step0 = time.perf_counter(), run.step
         if run.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(run.run_dir, purge_step=run.step if resumed else None)
+            # a resumed run logs again from step + 1: older events at or after that step are from the lost run
+            self.writer = SummaryWriter(run.run_dir, purge_step=run.step + 1 if resumed else None)
             if not resumed:
                 rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(dataclasses.asdict(run.args).items()))
                 self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
@@ -847,6 +848,8 @@ def train(args: Args) -> str:
             if run.step % args.checkpoint_every == 0 or run.step == stop_step or end_of_epoch:
                 check_finite(run, first_bad, ckpt_path)
                 save_checkpoint(run, ckpt_path)
+                if logger.writer is not None:  # the events up to the checkpoint survive a kill
+                    logger.writer.flush()
             if run.step >= stop_step:
                 break
     if rank == 0:

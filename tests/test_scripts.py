@@ -65,9 +65,19 @@ def test_killed_run_resumes_bit_identical(tmp_path, script):
         assert torch.equal(a["model"][k], b["model"][k]), k
     for k, v in a["optimizer"]["state"][0].items():   # momentum buffer (SGD), exp_avg / exp_avg_sq / step (AdamW)
         assert torch.equal(v, b["optimizer"]["state"][0][k]), k
-    steps = _scalar_steps(killed)   # TensorBoard continues without duplicate points
-    assert steps == sorted(set(steps)) and steps[-1] == 9
+    steps = _scalar_steps(killed)   # TensorBoard continues without duplicate or missing points
+    assert steps == list(range(1, 10))
     assert (killed / "backbone.pt").exists()
+
+
+def test_resume_keeps_every_tensorboard_point(tmp_path):
+    """The writer used to purge from the checkpoint step itself, which a resumed run never logs again."""
+    script = "supervised_baseline.py"   # the shared runtime's resume path
+    args = [*TINY_ARGS[script], "--batch-size", "8", "--log-every", "1", "--checkpoint-every", "2",
+            "--num-workers", "0", "--run-name", "tb"]
+    run_script(script, *args, "--max-steps", "4", cwd=tmp_path)
+    run_script(script, *args, "--max-steps", "6", cwd=tmp_path)
+    assert _scalar_steps(tmp_path / "runs" / "tb") == [1, 2, 3, 4, 5, 6]
 
 
 @per_script
