@@ -673,6 +673,12 @@ def export_backbone(run: Run, path: str) -> None:
     atomic_save({"format": EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
 
 
+def format_eta(seconds: float) -> str:
+    """Hours and minutes, both floored: 3,000 s is 0h50m."""
+    minutes = int(max(seconds, 0) // 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
 class Logger:
     """Rank-0 TensorBoard (charts/ and losses/ namespaces) and a progress line; no host sync between logs."""
 
@@ -706,7 +712,8 @@ class Logger:
         values = [means.get(k, self.sums[k]) / self.count for k in keys]
         elapsed = time.perf_counter() - self.t0
         images_per_s = (run.step - self.step0) * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
-        eta = (run.total_steps - run.step) * elapsed / max(run.step - self.step0, 1)
+        stop_step = min(run.total_steps, run.args.max_steps or run.total_steps)  # where this run will stop
+        eta = (stop_step - run.step) * elapsed / max(run.step - self.step0, 1)
         if self.writer is not None:
             for k, v in zip(keys, values):
                 self.writer.add_scalar(k if "/" in k else f"losses/{k}", v, run.step)
@@ -718,7 +725,7 @@ class Logger:
             self.writer.add_scalar("charts/epoch", run.step / run.steps_per_epoch, run.step)
             loss = dict(zip(keys, values)).get("loss", float("nan"))
             print(f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss {loss:.4f} "
-                  f"| {images_per_s:.0f} img/s | eta {eta / 3600:.0f}h{eta % 3600 / 60:02.0f}m", flush=True)
+                  f"| {images_per_s:.0f} img/s | eta {format_eta(eta)}", flush=True)
         self.sums, self.count, self.t0, self.step0 = {}, 0, time.perf_counter(), run.step
 
     def close(self) -> None:
