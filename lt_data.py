@@ -239,10 +239,13 @@ def _read_cifar(root: str, name: str, train: bool, download: bool) -> ArrayImage
     paths = [os.path.join(root, folder, f) for f in files]
     if not all(os.path.isfile(p) for p in paths):
         if download:
+            created = _missing_ancestor(root)   # the download makes it; a failed one must not leave it behind
+            before = set(os.listdir(root)) if created is None else set()
             try:
                 import torchvision.datasets as D
                 (D.CIFAR10 if name == "cifar10" else D.CIFAR100)(root, train=train, download=True)
             except Exception as e:  # offline: say where the files go
+                _remove_new(root, created, before)
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise DataError(f"{name} not found in {os.path.join(root, folder)} and the download failed "
                                 f"({reason}); put the extracted python-version archive there "
@@ -260,6 +263,25 @@ def _read_cifar(root: str, name: str, train: bool, download: bool) -> ArrayImage
         arrays.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
     return ArrayImages(np.concatenate(arrays).transpose(0, 2, 3, 1).copy(), [int(y) for y in targets])
+
+
+def _missing_ancestor(path: str) -> Optional[str]:
+    """The outermost folder of ``path`` that does not exist yet (``path`` itself or a parent), None if it exists."""
+    path, top = os.path.abspath(path), None
+    while not os.path.exists(path):
+        top, path = path, os.path.dirname(path)
+    return top
+
+
+def _remove_new(root: str, created: Optional[str], before: set) -> None:
+    """Undo a failed download: the folders it created, or the entries it added to an existing ``root``."""
+    import shutil
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for entry in set(os.listdir(root)) - before:
+        target = os.path.join(root, entry)
+        shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else os.remove(target)
 
 
 def _read_split_file(root: str, split_file: str) -> FileImages:

@@ -181,6 +181,20 @@ def test_every_float_flag_refuses_non_finite_values_before_writing_anything(tmp_
 
 
 @per_script
+def test_a_failed_start_leaves_nothing_behind(tmp_path, script):
+    """A failed CIFAR download used to leave an empty run folder and create the missing data folder."""
+    env = {**script_env(), "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+           "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}   # offline, deterministically
+    (tmp_path / "empty").mkdir()
+    for data_dir in ("no_such_dir/sub", "empty"):
+        proc = run_script(script, "--dataset", "cifar10", "--data-dir", data_dir, "--num-workers", "0", cwd=tmp_path,
+                          env=env, check=False)
+        assert proc.returncode == 2 and "the download failed" in proc.stderr, proc.stdout + proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["empty"] and os.listdir(tmp_path / "empty") == []
+
+
+@per_script
 def test_unknown_dataset_is_refused_by_the_parser(tmp_path, script):
     proc = run_script(script, "--dataset", "mnist", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "mnist" in proc.stderr
