@@ -25,7 +25,7 @@ import os
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -304,13 +304,45 @@ def few_shot_indices(labels: torch.Tensor, shots: int, seed: int) -> torch.Tenso
 # --------------------------------------------------------------------------- command line
 
 
+def _from_run(metavar: str):
+    """A data flag of the probe: not passed (None) means the pre-training run's value."""
+    return tyro.conf.arg(metavar=metavar, help_behavior_hint="(default: the pre-training run's)")
+
+
 @dataclass
-class ProbeArgs(lt_data.DataArgs):
+class ProbeArgs:
     """Linear-probe, kNN and few-shot evaluation of a frozen backbone. Data flags you do not pass are
     taken from the pre-training run (unless --dataset names another data set: out-of-domain probing)."""
 
     checkpoint: tyro.conf.Positional[str] = ""
     """backbone.pt or checkpoint.pt written by one of the training scripts"""
+    dataset: Annotated[Optional[Literal["cifar10", "cifar100", "imagenet-lt", "imagefolder", "synthetic"]],
+                       _from_run("{" + ",".join(lt_data.DATASETS) + "}")] = None
+    """data set to probe on (another one: out-of-domain probing, whose other data flags default as in the training scripts)"""
+    data_dir: Annotated[Optional[str], _from_run("STR")] = None
+    """root of the data (see the training scripts)"""
+    split_file: Annotated[Optional[str], _from_run("STR")] = None
+    """imagenet-lt: training split file"""
+    test_split_file: Annotated[Optional[str], _from_run("STR")] = None
+    """imagenet-lt: evaluation split file"""
+    index_file: Annotated[Optional[str], _from_run("STR")] = None
+    """training-set indices replacing the long-tail construction (shot groups, --train-on long-tailed)"""
+    imbalance_ratio: Annotated[Optional[float], _from_run("FLOAT")] = None
+    """head/tail class-size ratio of the long-tailed set (shot groups, --train-on long-tailed)"""
+    imbalance_profile: Annotated[Optional[Literal["exp", "step"]], _from_run("{exp,step}")] = None
+    """long-tail profile"""
+    split_seed: Annotated[Optional[int], _from_run("INT")] = None
+    """seed of the per-class choice of images"""
+    synthetic_classes: Annotated[Optional[int], _from_run("INT")] = None
+    """synthetic: number of classes"""
+    synthetic_per_class: Annotated[Optional[int], _from_run("INT")] = None
+    """synthetic: training images per class"""
+    synthetic_test_per_class: Annotated[Optional[int], _from_run("INT")] = None
+    """synthetic: test images per class"""
+    image_size: Annotated[Optional[int], _from_run("INT")] = None
+    """input resolution (also out of domain: the backbone's)"""
+    download: bool = True
+    """download CIFAR when it is missing and the network allows it"""
     train_on: Literal["balanced", "long-tailed"] = "balanced"
     """training set of the linear probe and kNN bank: the full balanced training set (the papers' protocol) or the long-tailed pre-training subset"""
     epochs: int = 100
@@ -345,29 +377,31 @@ class ProbeArgs(lt_data.DataArgs):
     """also log the numbers into the pre-training run's TensorBoard (the checkpoint's folder)"""
 
 
-def _passed(name: str, argv: list[str]) -> bool:
-    flag = "--" + name.replace("_", "-")
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
+DATA_FIELDS = [f.name for f in dataclasses.fields(lt_data.DataArgs) if f.name not in ("balanced_twin", "download")]
 
 
-def resolve_data_args(args: ProbeArgs, meta: dict, argv: list[str]) -> ProbeArgs:
-    """Fill the data flags the user did not pass from the pre-training run's (same data set only)."""
+def resolve_data_args(args: ProbeArgs, meta: dict) -> lt_data.DataArgs:
+    """The probe's data flags: each one passed (not None) wins; the others come from the pre-training run when
+    the data set is the run's, else from lt_data.DataArgs' defaults (the image size is the run's either way)."""
     pre = meta.get("data", {})
-    same = not _passed("dataset", argv) or args.dataset == pre.get("dataset")
-    updates = {}
-    for f in dataclasses.fields(lt_data.DataArgs):
-        if f.name in pre and not _passed(f.name, argv) and (same or f.name == "image_size"):
-            updates[f.name] = pre[f.name]
-    return dataclasses.replace(args, **updates)
+    same = args.dataset is None or args.dataset == pre.get("dataset")
+    values = {}
+    for name in DATA_FIELDS:
+        mine = getattr(args, name)
+        if mine is not None:
+            values[name] = mine
+        elif name in pre and (same or name == "image_size"):
+            values[name] = pre[name]
+    return lt_data.DataArgs(**values, download=args.download)
 
 
-def run_probe(args: ProbeArgs, argv: list[str]) -> dict:
+def run_probe(args: ProbeArgs) -> dict:
     model, meta = load_backbone(args.checkpoint)
     if args.random_init:
         torch.manual_seed(args.seed)
         model = build_backbone(meta["arch"], **meta["arch_kwargs"])
-    args = resolve_data_args(args, meta, argv)
-    data = lt_data.build_data(args)
+    data_args = resolve_data_args(args, meta)
+    data = lt_data.build_data(data_args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tf = lt_data.eval_transform(data.image_size, data.mean, data.std)
     train_idx = list(range(len(data.train_full))) if args.train_on == "balanced" else data.lt_indices
@@ -395,7 +429,7 @@ def run_probe(args: ProbeArgs, argv: list[str]) -> dict:
         m = sum(runs) / len(runs)
         few[str(shots)] = {"top1": m, "std": math.sqrt(sum((r - m) ** 2 for r in runs) / len(runs)), "runs": runs}
     return {"checkpoint": args.checkpoint, "method": meta.get("method"), "step": meta.get("step"),
-            "random_init": args.random_init, "dataset": args.dataset, "pretrain_dataset":
+            "random_init": args.random_init, "dataset": data_args.dataset, "pretrain_dataset":
             meta.get("data", {}).get("dataset"), "train_on": args.train_on, "num_train": len(train_f),
             "num_test": len(test_f), "groups": groups, "linear": linear, "knn": knn, "few_shot": few}
 
@@ -424,7 +458,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
             raise ProbeError("give the checkpoint to probe: python linear_probe.py runs/RUN/backbone.pt")
         if args.epochs < 1 or args.batch_size < 1 or args.knn_k < 1 or any(s < 1 for s in args.shots):
             raise ProbeError("--epochs, --batch-size, --knn-k and --shots must be >= 1")
-        res = run_probe(args, argv)
+        for name, low in (("lr", 0.0), ("knn_temperature", 0.0), ("weight_decay", None)):
+            v = getattr(args, name)
+            if not math.isfinite(v) or (v <= low if low is not None else v < 0):
+                raise ProbeError(f"--{name.replace('_', '-')} must be a finite number "
+                                 f"{'> 0' if low is not None else '>= 0'}, got {v}")
+        res = run_probe(args)
     except (ProbeError, lt_data.DataError) as e:
         print(f"linear_probe.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -89,6 +89,16 @@ def test_probe_cli_end_to_end(tiny_supervised_run, tmp_path):
     assert res_lt["num_train"] == 32 + 20 + 12 + 8 and res_lt["train_on"] == "long-tailed"
 
 
+@pytest.mark.parametrize("spelling", ["--synthetic_test_per_class", "--synthetic-test-per-class"])
+def test_probe_data_flags_passed_in_either_spelling_win_over_the_run(tiny_supervised_run, tmp_path, spelling):
+    """tyro takes --a_b as well as --a-b; the probe used to scan argv for the hyphen spelling only and replaced
+    an underscore-spelled flag with the run's value (8 test images per class: 32, not 16)."""
+    run_script("linear_probe.py", str(tiny_supervised_run / "backbone.pt"), spelling, "4", "--epochs", "1",
+               "--num-workers", "0", "--output", str(tmp_path / "p.json"), cwd=tmp_path)
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert res["num_test"] == 16 and res["num_train"] == 128   # 4 classes x 4; the rest is the run's
+
+
 def test_probe_out_of_domain(tiny_supervised_run, tmp_path):
     proc = run_script("linear_probe.py", str(tiny_supervised_run / "backbone.pt"), "--dataset", "synthetic",
                       "--synthetic-classes", "3", "--synthetic-per-class", "5", "--synthetic-test-per-class", "2",
