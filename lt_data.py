@@ -307,15 +307,24 @@ def _read_split_file(root: str, split_file: str) -> FileImages:
     return FileImages(samples)
 
 
+def _visible_image(path: str, folder: str) -> bool:
+    """An image file that no part of its path below ``folder`` hides (macOS ``._x.png``, ``.DS_Store``,
+    ``.ipynb_checkpoints/``): hidden entries are never images of the set."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+    return not any(part.startswith(".") for part in os.path.relpath(path, folder).split(os.sep)) and \
+        has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+
 def _read_image_folder(folder: str) -> tuple[FileImages, list[str]]:
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+    from torchvision.datasets.folder import make_dataset
     if not os.path.isdir(folder):
         raise DataError(f"image folder not found: {folder} (expected class folders of images)")
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{folder} holds no class folders")
     try:
-        samples = make_dataset(folder, {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS)
+        samples = make_dataset(folder, {c: i for i, c in enumerate(classes)},
+                               is_valid_file=lambda p: _visible_image(p, folder))
     except FileNotFoundError as e:
         raise DataError(str(e).splitlines()[0]) from None
     return FileImages(samples), classes

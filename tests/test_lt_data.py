@@ -143,6 +143,38 @@ def test_imagefolder_as_is_and_long_tailed(tmp_path):
         lt_data.build_data(args)
 
 
+def _add_hidden_entries(root):
+    """What macOS and notebooks leave in a copied image tree: AppleDouble ._x.png files (not images),
+    .DS_Store, and hidden folders (which would otherwise be taken for classes)."""
+    for split in ("train", "val"):
+        for cls in (root / split).iterdir():
+            (cls / "._img0.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+            (cls / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+            (cls / ".thumbs").mkdir()
+            Image.new("RGB", (4, 4)).save(cls / ".thumbs" / "img0.png")
+        (root / split / ".ipynb_checkpoints").mkdir()
+        Image.new("RGB", (4, 4)).save(root / split / ".ipynb_checkpoints" / "x.png")
+
+
+def test_imagefolder_never_lists_hidden_files(tmp_path):
+    _write_tree(tmp_path, "train", [4, 3])
+    _write_tree(tmp_path, "val", [1, 1])
+    _add_hidden_entries(tmp_path)
+    data = lt_data.build_data(lt_data.DataArgs(dataset="imagefolder", data_dir=str(tmp_path), image_size=16))
+    assert data.num_classes == 2 and data.class_counts == [4, 3] and len(data.test) == 2
+    assert not any("/." in p for p in data.train_full.paths + data.test.paths)
+
+
+def test_training_on_an_imagefolder_with_macos_metadata_finishes(tmp_path):
+    _write_tree(tmp_path, "train", [8, 8])
+    _write_tree(tmp_path, "val", [1, 1])
+    _add_hidden_entries(tmp_path)
+    proc = run_script("supervised_baseline.py", "--dataset", "imagefolder", "--data-dir", str(tmp_path),
+                      "--image-size", "16", "--batch-size", "8", "--max-steps", "2", "--num-workers", "0",
+                      cwd=tmp_path)
+    assert "done: step 2" in proc.stdout
+
+
 # ------------------------------------------------------------------ synthetic data
 
 def _pixels(img):
