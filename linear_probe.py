@@ -464,8 +464,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 raise ProbeError(f"--{name.replace('_', '-')} must be a finite number "
                                  f"{'> 0' if low is not None else '>= 0'}, got {v}")
         res = run_probe(args)
-    except (ProbeError, lt_data.DataError) as e:
-        print(f"linear_probe.py: error: {e}", file=sys.stderr)
+    except (ProbeError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
+        print(f"linear_probe.py: error: {lt_data.error_line(e)}", file=sys.stderr)
         sys.exit(2)
     print(markdown(res))
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),

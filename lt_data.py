@@ -43,6 +43,16 @@ class DataError(ValueError):
     """Bad data arguments or missing files; scripts print the message as one line and exit 2."""
 
 
+def error_line(e: BaseException) -> str:
+    """The one line to print for an error, also when a DataLoader worker re-raised it wrapped in its traceback
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ...": the message is the last line)."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        kind, _, message = text.splitlines()[-1].partition(": ")
+        text = message if kind.endswith(("Error", "Exception")) else text.splitlines()[-1]
+    return text
+
+
 @dataclass
 class DataArgs:
     """Data flags shared by every training script and the probe."""
@@ -182,8 +192,23 @@ class FileImages(ImageSet):
         self.targets = [y for _, y in samples]
 
     def image(self, i: int) -> Image.Image:
-        with open(self.paths[i], "rb") as f:
-            return Image.open(f).convert("RGB")
+        """The decoded image; DataError naming the file if it cannot be read or decoded (truncated, not an image)."""
+        try:
+            with open(self.paths[i], "rb") as f:
+                return Image.open(f).convert("RGB")
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"cannot read image {self.paths[i]}: {reason[:200]}") from None
+
+
+def _check_image_files(paths: Sequence[str]) -> None:
+    """What can be checked without decoding: every image file is non-empty and readable (one stat each)."""
+    empty = [p for p in paths if os.path.getsize(p) == 0]
+    if empty:
+        raise DataError(f"{len(empty)} image files are empty (first: {empty[0]})")
+    unreadable = [p for p in paths if not os.access(p, os.R_OK)]
+    if unreadable:
+        raise DataError(f"{len(unreadable)} image files are not readable: permission denied (first: {unreadable[0]})")
 
 
 class SyntheticImages(ImageSet):
@@ -304,6 +329,7 @@ def _read_split_file(root: str, split_file: str) -> FileImages:
                         f"(first: {missing[0]}); check --data-dir")
     if not samples:
         raise DataError(f"split file {split_file} lists no images")
+    _check_image_files([p for p, _ in samples])
     return FileImages(samples)
 
 
@@ -327,6 +353,7 @@ def _read_image_folder(folder: str) -> tuple[FileImages, list[str]]:
                                is_valid_file=lambda p: _visible_image(p, folder))
     except FileNotFoundError as e:
         raise DataError(str(e).splitlines()[0]) from None
+    _check_image_files([p for p, _ in samples])
     return FileImages(samples), classes
 
 

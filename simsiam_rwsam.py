@@ -809,8 +809,8 @@ def main() -> None:
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
     try:
         train(args)
-    except (RunError, lt_data.DataError) as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+    except (RunError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
+        print(f"{os.path.basename(sys.argv[0])}: error: {lt_data.error_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
         if dist.is_initialized():

@@ -175,6 +175,50 @@ def test_training_on_an_imagefolder_with_macos_metadata_finishes(tmp_path):
     assert "done: step 2" in proc.stdout
 
 
+def truncated_jpeg(path, size=20):
+    """A JPEG cut in half: its header is fine, decoding fails with 'image file is truncated'."""
+    import io
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (size, size), bytes(torch.randint(0, 256, (size * size * 3,)).tolist())).save(buf, "JPEG")
+    path.write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+
+
+def test_every_unreadable_image_is_a_data_error_naming_the_file(tmp_path):
+    import os
+    truncated, text, empty, locked = (tmp_path / n for n in ("t.jpg", "t.png", "e.png", "l.png"))
+    truncated_jpeg(truncated)
+    text.write_text("not an image")
+    empty.write_bytes(b"")
+    Image.new("RGB", (4, 4)).save(locked)
+    images = lt_data.FileImages([(str(p), 0) for p in (truncated, text, empty, locked)])
+    for i, words in enumerate(("[Tt]runcated", "cannot identify", "cannot identify")):
+        with pytest.raises(lt_data.DataError, match=f"cannot read image {images.paths[i]}: .*{words}"):
+            images.image(i)
+    # checked up front, before training starts: empty and unreadable files
+    _write_tree(tmp_path / "d", "train", [2, 2])
+    _write_tree(tmp_path / "d", "val", [1, 1])
+    args = lt_data.DataArgs(dataset="imagefolder", data_dir=str(tmp_path / "d"), image_size=16)
+    (tmp_path / "d" / "train" / "n0001" / "img1.png").write_bytes(b"")
+    with pytest.raises(lt_data.DataError, match="1 image files are empty .first: .*n0001/img1.png"):
+        lt_data.build_data(args)
+    if os.geteuid() != 0:   # root reads anything
+        Image.new("RGB", (4, 4)).save(tmp_path / "d" / "train" / "n0001" / "img1.png")
+        os.chmod(tmp_path / "d" / "train" / "n0001" / "img1.png", 0)
+        with pytest.raises(lt_data.DataError, match="not readable: permission denied .first: .*n0001/img1.png"):
+            lt_data.build_data(args)
+
+
+def test_error_line_unwraps_a_dataloader_worker_error():
+    from torch._utils import ExceptionWrapper
+    try:
+        raise lt_data.DataError("cannot read image a/b.jpg: image file is truncated")
+    except lt_data.DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(lt_data.DataError) as e:
+        wrapped.reraise()
+    assert lt_data.error_line(e.value) == "cannot read image a/b.jpg: image file is truncated"
+
+
 # ------------------------------------------------------------------ synthetic data
 
 def _pixels(img):

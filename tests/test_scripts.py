@@ -195,6 +195,24 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path, script):
 
 
 @per_script
+def test_a_truncated_image_stops_the_run_in_one_line_naming_it(tmp_path, script):
+    """A JPEG cut in half used to end the run with exit 1 and two anonymous tracebacks (from the DataLoader
+    worker): now exit 2 and one line naming the file."""
+    from test_lt_data import _write_tree, truncated_jpeg
+    _write_tree(tmp_path / "d", "train", [12, 12])
+    _write_tree(tmp_path / "d", "val", [1, 1])
+    bad = tmp_path / "d" / "train" / "n0001" / "img3.jpg"
+    (tmp_path / "d" / "train" / "n0001" / "img3.png").unlink()
+    truncated_jpeg(bad)
+    proc = run_script(script, *base(script), "--dataset", "imagefolder", "--data-dir", "d", "--imbalance-ratio", "1",
+                      "--max-steps", "3", "--num-workers", "1", cwd=tmp_path, check=False)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stdout + proc.stderr
+    assert f"cannot read image {os.path.join('d', 'train', 'n0001', 'img3.jpg')}: " in err[0]
+    assert "truncated" in err[0].lower()
+
+
+@per_script
 def test_unknown_dataset_is_refused_by_the_parser(tmp_path, script):
     proc = run_script(script, "--dataset", "mnist", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "mnist" in proc.stderr
