@@ -393,9 +393,11 @@ def init_centroids(run: "Run") -> None:
         pick = torch.randperm(len(indices), generator=g)[:args.kmeans_samples].sort().values.tolist()
         tf = lt_data.eval_transform(run.data.image_size, run.data.mean, run.data.std)
         teacher = copy.deepcopy(model.teacher).train()  # batch statistics, as the teacher uses in training
-        feats = []
-        for i in range(0, len(pick), 256):
-            x = torch.stack([tf(images.image(indices[j])) for j in pick[i:i + 256]])
+        feats, bounds = [], list(range(0, len(pick), 256)) + [len(pick)]
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:  # BatchNorm in train mode refuses a batch of 1:
+            del bounds[-2]                                     # the last image joins the previous chunk
+        for i, stop in zip(bounds, bounds[1:]):
+            x = torch.stack([tf(images.image(indices[j])) for j in pick[i:stop]])
             with run.autocast():
                 feats.append(teacher.project(to_device(x, run)).float())
         del teacher

@@ -276,6 +276,9 @@ def resolved(args: Args, data: lt_data.LTData) -> dict:
     check_floats(args, "(0, inf)", "anchor_temp", "target_temp", "horizon")
     check_floats(args, "[0, inf)", "prior_tau", "reg_weight", "weight_decay", "final_weight_decay", "clip_grad")
     check_floats(args, "[0, 1]", "start_lr_ratio", "final_lr_ratio", "ema_momentum")
+    if args.batch_size < 2:  # the target view goes through the head alone
+        raise RunError(f"--batch-size must be >= 2: the target head's BatchNorm needs 2 images per process, "
+                       f"got {args.batch_size}")
     if args.num_focal < 0 or args.num_prototypes < 2 or args.warmup_epochs < 0:
         raise RunError("--num-focal must be >= 0, --num-prototypes >= 2 and --warmup-epochs >= 0")
     sink = args.sinkhorn or ("uniform" if args.prior == "uniform" else "off")

@@ -264,6 +264,9 @@ def _check_method_args(args: Args) -> None:
     check_floats(args, "(0, inf)", "rho", "kde_bandwidth", "kde_alpha", "label_base")
     check_floats(args, "[0, inf)", "weight_decay")
     check_floats(args, "[1, inf)", "kde_max_ratio")
+    if args.batch_size < 2:  # each view's projector input is one process's batch
+        raise RunError(f"--batch-size must be >= 2: the projector's BatchNorm needs 2 images per process, "
+                       f"got {args.batch_size}")
     for name in ("reweight_every", "kde_chunk_size", "proj_dim", "pred_dim"):
         if getattr(args, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -213,6 +213,20 @@ def test_a_truncated_image_stops_the_run_in_one_line_naming_it(tmp_path, script)
 
 
 @per_script
+def test_batch_size_one_trains_or_is_refused_in_one_line(tmp_path, script):
+    """BatchNorm in train mode refuses a batch of one: a method whose heads would see one row per process says so
+    up front (simsiam's projector, MSN's target head) instead of a ValueError traceback; the others train."""
+    proc = run_script(script, *TINY_ARGS[script], "--batch-size", "1", "--max-steps", "1", "--num-workers", "0",
+                      cwd=tmp_path, check=False)
+    if script in ("simsiam_rwsam.py", "msn_prior.py"):
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].endswith("needs 2 images per process, got 1")
+        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+    else:
+        assert proc.returncode == 0 and "done: step 1" in proc.stdout, proc.stderr
+
+
+@per_script
 def test_unknown_dataset_is_refused_by_the_parser(tmp_path, script):
     proc = run_script(script, "--dataset", "mnist", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "mnist" in proc.stderr
