@@ -598,6 +598,10 @@ def load_checkpoint(run: Run, path: str) -> None:
                        f"the global batch, learning rate and data order would change")
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
+    for p, state in run.optimizer.state.items():  # saved under another --channels-last or device: take the
+        for k, v in state.items():                # parameter's layout (fused kernels pair them in memory order)
+            if torch.is_tensor(v) and v.shape == p.shape and (v.stride() != p.stride() or v.device != p.device):
+                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
     if ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
     run.scheduler.load_state_dict(ckpt["scheduler"])

@@ -123,6 +123,35 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, script):
     assert not (tmp_path / "runs" / "inf" / "backbone.pt").exists()
 
 
+@pytest.mark.parametrize("before,after", [("--channels-last", "--no-channels-last"),
+                                          ("--no-channels-last", "--channels-last")])
+def test_resume_with_another_memory_format_keeps_the_sgd_update_exact(tmp_path, before, after):
+    """--channels-last may change on resume: the momentum buffers used to keep the saved layout while the weights
+    took the new one, and the fused SGD kernel paired them element by element in memory order. The resumed
+    step must satisfy w_new = w_old - lr * momentum_buffer (SGD, no Nesterov; the buffer includes weight decay)."""
+    script = "supervised_baseline.py"   # the shared runtime's resume path
+    args = [*base(script), "--amp", "none", "--num-workers", "0", "--run-name", "m"]
+    run_script(script, *args, before, "--max-steps", "2", cwd=tmp_path)
+    old = _load(tmp_path / "runs" / "m" / "checkpoint.pt")
+    run_script(script, *args, after, "--max-steps", "3", cwd=tmp_path)
+    new = _load(tmp_path / "runs" / "m" / "checkpoint.pt")
+    assert (old["step"], new["step"]) == (2, 3)
+    module = _import_script(script)
+    model = module.Model(module.Args(**old["args"]), lt_data.build_data(module.Args(**old["args"])))
+    names = [n for n, p in model.named_parameters() if p.ndim > 1] + \
+        [n for n, p in model.named_parameters() if p.ndim <= 1]   # the optimizer's parameter order
+    checked = 0
+    for group in old["optimizer"]["param_groups"]:
+        for i in group["params"]:
+            w_old, w_new = old["model"][names[i]], new["model"][names[i]]
+            step = group["lr"] * new["optimizer"]["state"][i]["momentum_buffer"]
+            # 1e-3 of the update, above fp32 rounding of the weights (a wrong pairing is off by ~100%)
+            err = (w_old - w_new - step).norm() - 2 ** -23 * w_old.norm()
+            assert err <= 1e-3 * step.norm(), (names[i], float(err / step.norm()))
+            checked += w_old.ndim == 4
+    assert checked >= 10   # the convolutions, whose layout channels-last changes
+
+
 @per_script
 def test_torchrun_two_processes_gloo(tmp_path, script):
     out = run_torchrun(script, *base(script), "--batch-size", "4", "--max-steps", "3", "--num-workers", "0",
