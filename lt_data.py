@@ -606,6 +606,14 @@ class ResumableSampler(torch.utils.data.Sampler):
         return iter((k, seed, self.epoch) for k, seed in zip(order[mine].tolist(), seeds[mine].tolist()))
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: a Ctrl-C or SIGTERM sent to the whole process group is the main process's to
+    handle (it saves a checkpoint, then stops its workers); a worker killed by it would fail the next batch."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_size: int, num_workers: int, sampler=None, drop_last: bool = False,
                 pin_memory: Optional[bool] = None) -> torch.utils.data.DataLoader:
     """A DataLoader that keeps a GPU fed: worker processes, pinned memory, persistent workers, prefetching."""
@@ -613,7 +621,7 @@ def make_loader(dataset, batch_size: int, num_workers: int, sampler=None, drop_l
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
         num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None)
+        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_stop_signals)
 
 
 # --------------------------------------------------------------------------- command line

@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -149,6 +150,33 @@ def train_step(run: "Run", batch) -> dict[str, torch.Tensor]:
 # ============================================================ shared: runtime
 class RunError(Exception):
     """A condition that stops the run with one clear line and exit code 2."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM: the run saved a checkpoint and exits with 128 + the signal number."""
+
+
+class StopSignal:
+    """SIGINT and SIGTERM only set a flag; the loop checks it after each step (under DDP at log, checkpoint and
+    epoch-end steps, where an all-reduce makes every rank agree), saves a checkpoint and stops."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def agreed(self, run: "Run", sync_point: bool) -> int:
+        if run.world_size == 1 or not sync_point:
+            return self.signum if run.world_size == 1 else 0
+        flag = torch.tensor(self.signum, device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 @dataclass
@@ -504,6 +532,7 @@ def train(args: Args) -> str:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):   # batch statistics are the method's own
                 m.register_forward_pre_hook(lambda mod, _: setattr(mod, "training", False))
     run.model.train()
+    stop = StopSignal()
     while run.step < stop_step:
         run.epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
         sampler.set_epoch(run.epoch, skip=done_in_epoch * args.batch_size)
@@ -529,6 +558,16 @@ def train(args: Args) -> str:
                     logger.writer.flush()
             if run.step >= stop_step:
                 break
+            sync_point = run.step % args.log_every == 0 or run.step % args.checkpoint_every == 0 or end_of_epoch
+            signum = stop.agreed(run, sync_point)
+            if signum:
+                if run.checkpoint_step != run.step:
+                    check_finite(run, first_bad, ckpt_path)
+                    save_checkpoint(run, ckpt_path)
+                logger.close()
+                raise Interrupted(signum, f"interrupted at step {run.step}; checkpoint saved; run the same "
+                                          f"command to resume")
+    stop.restore()
     if rank == 0:
         export_backbone(run, export_path)
         print(f"done: step {run.step}; checkpoint {ckpt_path}; backbone {export_path}; probe with: "
@@ -544,6 +583,10 @@ def main() -> None:
     except (RunError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
         print(f"{os.path.basename(sys.argv[0])}: error: {lt_data.error_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Interrupted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(e.args[1], flush=True)
+        sys.exit(128 + e.args[0])
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

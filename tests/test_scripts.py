@@ -80,6 +80,32 @@ def test_resume_keeps_every_tensorboard_point(tmp_path):
     assert _scalar_steps(tmp_path / "runs" / "tb") == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.parametrize("signum,to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_interrupted_run_saves_a_checkpoint_and_says_how_to_resume(tmp_path, signum, to_group):
+    """SIGTERM (to the process) or Ctrl-C (SIGINT to the whole process group, DataLoader workers included) used to
+    end in a 20-line traceback: now a checkpoint at the current step, one line, exit 128 + signal, and the same
+    command resumes from it."""
+    script = "supervised_baseline.py"   # the shared runtime's loop
+    args = [*base(script), "--epochs", "6", "--checkpoint-every", "100", "--num-workers", "1", "--run-name", "i"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if " step 3/" in line:
+            os.killpg(proc.pid, signum) if to_group else proc.send_signal(signum)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, out + err
+    assert "Traceback" not in err and err.strip() == "", err
+    last = out.strip().splitlines()[-1]
+    m = re.fullmatch(r"interrupted at step (\d+); checkpoint saved; run the same command to resume", last)
+    assert m, last
+    step = int(m.group(1))
+    assert 3 <= step < 54 and _load(tmp_path / "runs" / "i" / "checkpoint.pt")["step"] == step
+    assert not (tmp_path / "runs" / "i" / "backbone.pt").exists()
+    out = run_script(script, *args, cwd=tmp_path).stdout   # the same command
+    assert f"resuming at step {step} of 54" in out and "done: step 54" in out
+
+
 @per_script
 def test_finished_run_reruns_as_a_no_op_and_refuses_changed_flags(tmp_path, script):
     args = [*base(script), "--max-steps", "2", "--num-workers", "0", "--run-name", "r"]
