@@ -214,16 +214,21 @@ def load_backbone(path: str) -> tuple[nn.Module, dict]:
 
 @torch.inference_mode()
 def extract_features(model: nn.Module, dataset, batch_size: int, num_workers: int, device: torch.device,
-                     amp: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features and labels of every item of ``dataset`` (eval mode, no drop_last), in order."""
+                     amp: str = "none", label: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features and labels of every item of ``dataset`` (eval mode, no drop_last), in order; with a
+    ``label``, a progress line at about every tenth of the images."""
     model.eval().to(device, memory_format=torch.channels_last)
     loader = lt_data.make_loader(dataset, batch_size, num_workers, sampler=None, drop_last=False)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     feats, labels = [], []
-    for x, y, _ in loader:
+    every, done = max(1, math.ceil(len(loader) / 10)), 0
+    for i, (x, y, _) in enumerate(loader, 1):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             feats.append(model(x.to(device, non_blocking=True, memory_format=torch.channels_last)).float().cpu())
         labels.append(y)
+        done += len(y)
+        if label and (i % every == 0 or i == len(loader)):
+            print(f"extracting features of the {label} images: {done}/{len(dataset)}", flush=True)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -241,8 +246,9 @@ def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tens
 
 
 def train_linear(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int, epochs: int, lr: float,
-                 batch_size: int, weight_decay: float, seed: int) -> nn.Module:
-    """Logistic regression on standardised frozen features: SGD momentum 0.9, cosine lr, cross-entropy."""
+                 batch_size: int, weight_decay: float, seed: int, verbose: bool = False) -> nn.Module:
+    """Logistic regression on standardised frozen features: SGD momentum 0.9, cosine lr, cross-entropy
+    (``verbose``: a progress line at about every tenth of the epochs)."""
     g = torch.Generator().manual_seed(seed)
     mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
     clf = nn.Linear(train_f.shape[1], num_classes)
@@ -251,7 +257,9 @@ def train_linear(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int,
     xs = (train_f - mean) / std
     steps = epochs * math.ceil(len(xs) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
+        if verbose and (epoch % max(1, epochs // 10) == 0 or epoch == epochs):
+            print(f"training the linear head: epoch {epoch}/{epochs}", flush=True)
         perm = torch.randperm(len(xs), generator=g)
         for i in range(0, len(xs), batch_size):
             j = perm[i:i + batch_size]
@@ -405,14 +413,16 @@ def run_probe(args: ProbeArgs) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tf = lt_data.eval_transform(data.image_size, data.mean, data.std)
     train_idx = list(range(len(data.train_full))) if args.train_on == "balanced" else data.lt_indices
-    extract = lambda images, idx: extract_features(  # noqa: E731
-        model, lt_data.IndexedDataset(images, idx, tf), args.extract_batch_size, args.num_workers, device, args.amp)
-    train_f, train_y = extract(data.train_full, train_idx)
-    test_f, test_y = extract(data.test, range(len(data.test)))
+    extract = lambda images, idx, label: extract_features(  # noqa: E731
+        model, lt_data.IndexedDataset(images, idx, tf), args.extract_batch_size, args.num_workers, device, args.amp,
+        label)
+    train_f, train_y = extract(data.train_full, train_idx, "training")
+    test_f, test_y = extract(data.test, range(len(data.test)), "test")
     groups = data.groups
     C = data.num_classes
 
-    clf = train_linear(train_f, train_y, C, args.epochs, args.lr, args.batch_size, args.weight_decay, args.seed)
+    clf = train_linear(train_f, train_y, C, args.epochs, args.lr, args.batch_size, args.weight_decay, args.seed,
+                       verbose=True)
     with torch.no_grad():
         linear = accuracy_report(clf(test_f).argmax(1), test_y, C, groups)
     knn = accuracy_report(knn_predict(train_f, train_y, test_f, C, args.knn_k, args.knn_temperature),

@@ -71,7 +71,7 @@ class Args(lt_data.DataArgs):
     num_workers: Optional[int] = None
     """data-loading processes per training process; default: min(8, CPU cores per process)"""
     log_every: int = 50
-    """log to TensorBoard and print a progress line every this many steps"""
+    """log to TensorBoard and print a progress line every this many steps (and after the first step)"""
     checkpoint_every: int = 500
     """also write checkpoint.pt every this many steps (always at the end of an epoch and of the run)"""
 
@@ -808,7 +808,7 @@ def train(args: Args) -> str:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):   # batch statistics are the method's own
                 m.register_forward_pre_hook(lambda mod, _: setattr(mod, "training", False))
     run.model.train()
-    stop = StopSignal()
+    stop, start_step = StopSignal(), run.step
     while run.step < stop_step:
         run.epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
         sampler.set_epoch(run.epoch, skip=done_in_epoch * args.batch_size)
@@ -824,7 +824,8 @@ def train(args: Args) -> str:
             first_bad = torch.where(torch.isfinite(metrics["loss"]), first_bad, torch.full_like(first_bad, run.step))
             logger.accumulate(metrics)
             end_of_epoch = run.step % steps_per_epoch == 0
-            if run.step % args.log_every == 0 or run.step == stop_step or end_of_epoch:
+            first = run.step == start_step + 1   # a first progress line after one step, not after log_every
+            if run.step % args.log_every == 0 or run.step == stop_step or end_of_epoch or first:
                 check_finite(run, first_bad, ckpt_path)
                 logger.write()
             if run.step % args.checkpoint_every == 0 or run.step == stop_step or end_of_epoch:

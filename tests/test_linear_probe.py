@@ -77,6 +77,8 @@ def test_probe_cli_end_to_end(tiny_supervised_run, tmp_path):
                       "--few-shot-seeds", "2", "--num-workers", "0", "--output", str(out), "--tensorboard",
                       cwd=tmp_path)
     assert "| linear |" in proc.stdout and "| knn |" in proc.stdout and "2-shot" in proc.stdout
+    assert "extracting features of the training images: 128/128" in proc.stdout   # says what it is doing
+    assert "training the linear head: epoch 3/3" in proc.stdout
     res = json.loads(out.read_text())
     assert res["dataset"] == "synthetic" and res["num_test"] == 32 and res["num_train"] == 128  # every image
     assert res["groups"] == {"many": [0, 1], "medium": [2], "few": [3]}   # thirds of 4 long-tailed classes

@@ -106,6 +106,13 @@ def test_interrupted_run_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig
     assert f"resuming at step {step} of 54" in out and "done: step 54" in out
 
 
+def test_first_progress_line_comes_after_the_first_step(tmp_path):
+    script = "supervised_baseline.py"   # the shared runtime's loop
+    out = run_script(script, *TINY_ARGS[script], "--batch-size", "8", "--log-every", "50", "--max-steps", "3",
+                     "--num-workers", "0", cwd=tmp_path).stdout
+    assert " step 1/" in out and " step 2/" not in out and " step 3/" in out
+
+
 @per_script
 def test_finished_run_reruns_as_a_no_op_and_refuses_changed_flags(tmp_path, script):
     args = [*base(script), "--max-steps", "2", "--num-workers", "0", "--run-name", "r"]
