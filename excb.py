@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -74,13 +74,13 @@ class Args(lt_data.DataArgs):
         # ======================================================== method: arguments
     arch: Literal["resnet18", "resnet50", "vit_tiny", "vit_small"] = "resnet18"
     """backbone of student and teacher: ResNets (CIFAR stem below 64 px; SGD, official ResNet-50 recipe) or ViTs (tiny 192-d/3 heads, small 384-d/6 heads, 12 layers; AdamW, official ViT-S/16 recipe)"""
-    vit_layers: Optional[int] = None
+    vit_layers: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
     """ViT only: override the preset's number of transformer layers (tiny test models)"""
-    vit_dim: Optional[int] = None
+    vit_dim: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
     """ViT only: override the preset's width; the MLP is 4x the width"""
-    vit_heads: Optional[int] = None
+    vit_heads: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
     """ViT only: override the preset's number of attention heads"""
-    patch_size: Optional[int] = None
+    patch_size: Annotated[Optional[int], lt_data.resolved_later("4 below 64 px, else 16", "INT")] = None
     """ViT only: patch size; default 4 below 64 px (32 px: 8x8 patches, 16 px local crops: 4x4), 16 otherwise"""
     drop_path: float = 0.1
     """ViT only: stochastic-depth rate of the student's last block (linear over blocks); the teacher has none (official)"""
@@ -88,11 +88,11 @@ class Args(lt_data.DataArgs):
     """training epochs"""
     batch_size: int = 128
     """batch size per process (the global batch is this times the number of processes)"""
-    lr: Optional[float] = None
+    lr: Annotated[Optional[float], lt_data.resolved_later("0.15 for ResNets, 5e-4 for ViTs", "FLOAT")] = None
     """learning rate for a global batch of 256, scaled linearly; default: 0.15 for ResNets (SGD; official 0.6 per 1024), 5e-4 for ViTs (AdamW; official 2e-3 per 1024)"""
-    weight_decay: Optional[float] = None
+    weight_decay: Annotated[Optional[float], lt_data.resolved_later("1e-4 for ResNets, 0.04 for ViTs", "FLOAT")] = None
     """weight decay of the weight matrices (not biases/norms) at step 0; default: 1e-4 for ResNets, 0.04 for ViTs. The centroids get x(1+9c) on top, c a cosine 1 -> 0 over the run (official)"""
-    final_weight_decay: Optional[float] = None
+    final_weight_decay: Annotated[Optional[float], lt_data.resolved_later("--weight-decay for ResNets, 10x for ViTs", "FLOAT")] = None
     """weight decay at the last step (cosine from --weight-decay); default: constant for ResNets, 10x (0.4) for ViTs"""
     warmup_epochs: int = 10
     """linear learning-rate warm-up epochs before the per-step cosine decay to lr*1e-4"""
@@ -106,7 +106,7 @@ class Args(lt_data.DataArgs):
     """student predictor head (official); --no-predictor pairs each teacher view with the student projector of every other view"""
     num_local_crops: int = 6
     """M local crops per image (student only)"""
-    local_size: Optional[int] = None
+    local_size: Annotated[Optional[int], lt_data.resolved_later("image size // 2, at least 8", "INT")] = None
     """local crop resolution; default: image size // 2 (16 px at 32 px; the official setting at 224 px is 96)"""
     crop_scale: tuple[float, float] = (0.26, 0.14)
     """crop-scale split s at the first and the last epoch (cosine over epochs, official): global crops use scale (s, 1), local crops (0.05, s); give two equal values for a constant split"""
@@ -713,6 +713,15 @@ def format_eta(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
+def resolved_args(run: Run) -> dict:
+    """The flags with the values this run resolved at start (data defaults, backbone sizes): the hyperparameters."""
+    values = dataclasses.asdict(run.args)
+    if isinstance(run, Run):
+        values.update(backbone_meta(run)["data"])
+        values.update({f"backbone.{k}": v for k, v in run.model.backbone_spec["arch_kwargs"].items()})
+    return values
+
+
 class Logger:
     """Rank-0 TensorBoard (charts/ and losses/ namespaces) and a progress line; no host sync between logs."""
 
@@ -725,7 +734,7 @@ class Logger:
             # a resumed run logs again from step + 1: older events at or after that step are from the lost run
             self.writer = SummaryWriter(run.run_dir, purge_step=run.step + 1 if resumed else None)
             if not resumed:
-                rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(dataclasses.asdict(run.args).items()))
+                rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(resolved_args(run).items()))
                 self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
 
     def accumulate(self, metrics: dict[str, torch.Tensor | float]) -> None:

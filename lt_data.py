@@ -27,10 +27,11 @@ import os
 import pickle
 import sys
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Sequence
+from typing import Annotated, Callable, Literal, Optional, Sequence
 
 import torch
 import torchvision.transforms as T
+import tyro
 from PIL import Image
 
 DATASETS = ("cifar10", "cifar100", "imagenet-lt", "imagefolder", "synthetic")
@@ -53,6 +54,11 @@ def error_line(e: BaseException) -> str:
     return text
 
 
+def resolved_later(hint: str, metavar: str):
+    """A flag whose None default is resolved at run time: --help states the rule, not "(default: None)"."""
+    return tyro.conf.arg(metavar=metavar, help_behavior_hint=f"(default: {hint})")
+
+
 @dataclass
 class DataArgs:
     """Data flags shared by every training script and the probe."""
@@ -67,8 +73,9 @@ class DataArgs:
     """imagenet-lt: evaluation split file; default: the --split-file name with 'train' replaced by 'test'"""
     index_file: Optional[str] = None
     """optional text file of training-set indices (whitespace separated) that replaces the long-tail construction, e.g. SDCLR/BCL split files"""
-    imbalance_ratio: Optional[float] = None
-    """head/tail class-size ratio r >= 1; default 100 for cifar10/cifar100/synthetic, 1 (use as is) for imagenet-lt/imagefolder"""
+    imbalance_ratio: Annotated[Optional[float], resolved_later("100 for cifar/synthetic, 1 for imagenet-lt/imagefolder",
+                                                                "FLOAT")] = None
+    """head/tail class-size ratio r >= 1 (1: the data as is)"""
     imbalance_profile: Literal["exp", "step"] = "exp"
     """exp: class i keeps int(n_max * r^(-i/(C-1))); step: first half of the classes keep n_max, the rest int(n_max/r)"""
     balanced_twin: bool = False
@@ -81,8 +88,9 @@ class DataArgs:
     """synthetic: training images per class before long-tail subsampling (n_max)"""
     synthetic_test_per_class: int = 100
     """synthetic: test images per class"""
-    image_size: Optional[int] = None
-    """input resolution; default 32 for cifar/synthetic, 224 for imagenet-lt/imagefolder"""
+    image_size: Annotated[Optional[int], resolved_later("32 for cifar/synthetic, 224 for imagenet-lt/imagefolder",
+                                                        "INT")] = None
+    """input resolution"""
     download: bool = True
     """download CIFAR when it is missing and the network allows it"""
 

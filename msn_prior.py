@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -73,15 +73,15 @@ class Args(lt_data.DataArgs):
     # ======================================================== method: arguments
     arch: Literal["vit_tiny", "vit_small", "vit_base"] = "vit_small"
     """ViT preset: tiny 192-d/3 heads, small 384-d/6 heads, base 768-d/12 heads; 12 layers, MLP 4x (DeiT)"""
-    vit_layers: Optional[int] = None
+    vit_layers: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
     """override the preset's number of transformer layers (tiny test models)"""
-    vit_dim: Optional[int] = None
+    vit_dim: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
     """override the preset's width (tiny test models); the MLP is 4x the width"""
-    vit_heads: Optional[int] = None
+    vit_heads: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
     """override the preset's number of attention heads"""
-    patch_size: Optional[int] = None
+    patch_size: Annotated[Optional[int], lt_data.resolved_later("4 below 64 px, else 16", "INT")] = None
     """ViT patch size; default 4 below 64 px (CIFAR: 64 patches), 16 otherwise"""
-    focal_size: Optional[int] = None
+    focal_size: Annotated[Optional[int], lt_data.resolved_later("half the image below 112 px, else 96", "INT")] = None
     """side of the focal anchor crops; default half the image below 112 px (CIFAR: 16), else 96 (MSN at 224)"""
     num_focal: int = 10
     """focal (small) anchor views per image (MSN: 10)"""
@@ -103,7 +103,8 @@ class Args(lt_data.DataArgs):
     """cluster prior of the regulariser: uniform (MSN's mean-entropy maximisation) or power-law (PMSN)"""
     prior_tau: float = 0.25
     """power-law exponent tau: pi_k ~ k^(-tau) over prototype index k = 1..K (only with --prior power-law)"""
-    sinkhorn: Optional[Literal["uniform", "off"]] = None
+    sinkhorn: Annotated[Optional[Literal["uniform", "off"]],
+                        lt_data.resolved_later("uniform for --prior uniform, off for --prior power-law", "{uniform,off}")] = None
     """Sinkhorn-balance the targets to uniform prototype marginals (3 iterations, global batch); default: uniform for --prior uniform, off for --prior power-law (uniform balancing fights a non-uniform prior)"""
     reg_weight: float = 1.0
     """weight lambda of the regulariser KL(p_mean || prior)"""
@@ -655,6 +656,15 @@ def format_eta(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
+def resolved_args(run: Run) -> dict:
+    """The flags with the values this run resolved at start (data defaults, backbone sizes): the hyperparameters."""
+    values = dataclasses.asdict(run.args)
+    if isinstance(run, Run):
+        values.update(backbone_meta(run)["data"])
+        values.update({f"backbone.{k}": v for k, v in run.model.backbone_spec["arch_kwargs"].items()})
+    return values
+
+
 class Logger:
     """Rank-0 TensorBoard (charts/ and losses/ namespaces) and a progress line; no host sync between logs."""
 
@@ -667,7 +677,7 @@ class Logger:
             # a resumed run logs again from step + 1: older events at or after that step are from the lost run
             self.writer = SummaryWriter(run.run_dir, purge_step=run.step + 1 if resumed else None)
             if not resumed:
-                rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(dataclasses.asdict(run.args).items()))
+                rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(resolved_args(run).items()))
                 self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
 
     def accumulate(self, metrics: dict[str, torch.Tensor | float]) -> None:

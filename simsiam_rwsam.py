@@ -33,7 +33,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -653,6 +653,15 @@ def format_eta(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
+def resolved_args(run: Run) -> dict:
+    """The flags with the values this run resolved at start (data defaults, backbone sizes): the hyperparameters."""
+    values = dataclasses.asdict(run.args)
+    if isinstance(run, Run):
+        values.update(backbone_meta(run)["data"])
+        values.update({f"backbone.{k}": v for k, v in run.model.backbone_spec["arch_kwargs"].items()})
+    return values
+
+
 class Logger:
     """Rank-0 TensorBoard (charts/ and losses/ namespaces) and a progress line; no host sync between logs."""
 
@@ -665,7 +674,7 @@ class Logger:
             # a resumed run logs again from step + 1: older events at or after that step are from the lost run
             self.writer = SummaryWriter(run.run_dir, purge_step=run.step + 1 if resumed else None)
             if not resumed:
-                rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(dataclasses.asdict(run.args).items()))
+                rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(resolved_args(run).items()))
                 self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
 
     def accumulate(self, metrics: dict[str, torch.Tensor | float]) -> None:

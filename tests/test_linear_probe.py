@@ -170,3 +170,11 @@ def test_vit_kwargs_refuses_impossible_sizes():
     with pytest.raises(lp.ProbeError, match="--local-size 18 is not a multiple of --patch-size 4"):
         lp.vit_kwargs("vit_small", 32, crop_sizes={"--local-size": 18})
     assert lp.vit_kwargs("vit_small", 224)["patch_size"] == 16
+
+
+def test_probe_help_states_the_defaults_it_uses(tmp_path):
+    import re
+    out = re.sub(r"[\s│]+", " ", run_script("linear_probe.py", "--help", cwd=tmp_path).stdout)   # unwrapped
+    assert "--balanced-twin" not in out   # means nothing to a probe
+    assert "(default: cifar10)" not in out and "(default: data)" not in out and "{None," not in out
+    assert out.count("(default: the pre-training run's)") >= 10   # the data flags: the run's unless passed

@@ -297,10 +297,27 @@ def test_unknown_dataset_is_refused_by_the_parser(tmp_path, script):
 @per_script
 def test_help_explains_every_flag(tmp_path, script):
     out = run_script(script, "--help", cwd=tmp_path).stdout
+    assert "{None," not in out   # MSN's --sinkhorn offered None next to off
+    for flag in ("--image-size", "--imbalance-ratio") + (("--lr", "--weight-decay") if script == "excb.py" else ()):
+        text = re.sub(r"[\s│]+", " ", out.split(flag + " ", 1)[1].split("\n --", 1)[0])
+        assert "(default: None)" not in text.split(" --")[0], flag   # the rule resolved at run time instead
     for flag in ("--dataset", "--data-dir", "--split-file", "--imbalance-ratio", "--imbalance-profile",
                  "--balanced-twin", "--image-size", "--epochs", "--max-steps", "--batch-size", "--lr", "--seed",
                  "--amp", "--num-workers", "--run-name", "--sampling"):
         assert flag in out
+
+
+def test_hyperparameter_table_records_the_resolved_values(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    script = "supervised_baseline.py"   # the shared Logger
+    run_script(script, "--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-per-class", "8",
+               "--synthetic-test-per-class", "2", "--batch-size", "4", "--max-steps", "1", "--num-workers", "0",
+               "--run-name", "h", cwd=tmp_path)
+    acc = EventAccumulator(str(tmp_path / "runs" / "h"), size_guidance={"tensors": 0})
+    acc.Reload()
+    table = acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "|image_size|32|" in table and "|imbalance_ratio|100.0|" in table and "|backbone.cifar_stem|True|" in table
+    assert "None" not in table.split("|image_size|")[1].split("\n")[0]
 
 
 @per_script
