@@ -416,6 +416,7 @@ def train_step(run: "Run", batch) -> dict[str, torch.Tensor]:
     d1 = simsiam_loss(p1.detach(), p2.detach(), z1, z2)
     out = {"loss": loss.detach(), "losses/ascent_weighted": loss_w.detach(), "losses/first_pass": d1,
            "charts/perturbation_norm": torch.where(ok, e_norm, torch.zeros_like(e_norm)),
+           "charts/ascent_skipped": (~ok).float(),   # fp16: the weighted pass overflowed, e = 0 (interval mean)
            "charts/output_std": z_std}
     if w is not None:
         out.update({"charts/batch_weights": w, "charts/weight_min": model.sample_weights.min(),
