@@ -25,10 +25,11 @@ import dataclasses
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -67,7 +68,7 @@ class Args(lt_data.DataArgs):
     num_workers: Optional[int] = None
     """data-loading processes per training process; default: min(8, CPU cores per process)"""
     log_every: int = 50
-    """log to TensorBoard and print a progress line every this many steps"""
+    """log to TensorBoard and print a progress line every this many steps (and after the first step)"""
     checkpoint_every: int = 500
     """also write checkpoint.pt every this many steps (always at the end of an epoch and of the run)"""
     eval_every: int = 5
@@ -80,13 +81,13 @@ class Args(lt_data.DataArgs):
         # ======================================================== method: arguments
     arch: Literal["resnet18", "resnet50", "vit_tiny", "vit_small"] = "resnet18"
     """backbone of student and teacher: ResNets (CIFAR stem below 64 px; SGD, official ResNet-50 recipe) or ViTs (tiny 192-d/3 heads, small 384-d/6 heads, 12 layers; AdamW, official ViT-S/16 recipe)"""
-    vit_layers: Optional[int] = None
+    vit_layers: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
     """ViT only: override the preset's number of transformer layers (tiny test models)"""
-    vit_dim: Optional[int] = None
+    vit_dim: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
     """ViT only: override the preset's width; the MLP is 4x the width"""
-    vit_heads: Optional[int] = None
+    vit_heads: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
     """ViT only: override the preset's number of attention heads"""
-    patch_size: Optional[int] = None
+    patch_size: Annotated[Optional[int], lt_data.resolved_later("4 below 64 px, else 16", "INT")] = None
     """ViT only: patch size; default 4 below 64 px (32 px: 8x8 patches, 16 px local crops: 4x4), 16 otherwise"""
     drop_path: float = 0.1
     """ViT only: stochastic-depth rate of the student's last block (linear over blocks); the teacher has none (official)"""
@@ -94,11 +95,11 @@ class Args(lt_data.DataArgs):
     """training epochs"""
     batch_size: int = 128
     """batch size per process (the global batch is this times the number of processes)"""
-    lr: Optional[float] = None
+    lr: Annotated[Optional[float], lt_data.resolved_later("0.15 for ResNets, 5e-4 for ViTs", "FLOAT")] = None
     """learning rate for a global batch of 256, scaled linearly; default: 0.15 for ResNets (SGD; official 0.6 per 1024), 5e-4 for ViTs (AdamW; official 2e-3 per 1024)"""
-    weight_decay: Optional[float] = None
+    weight_decay: Annotated[Optional[float], lt_data.resolved_later("1e-4 for ResNets, 0.04 for ViTs", "FLOAT")] = None
     """weight decay of the weight matrices (not biases/norms) at step 0; default: 1e-4 for ResNets, 0.04 for ViTs. The centroids get x(1+9c) on top, c a cosine 1 -> 0 over the run (official)"""
-    final_weight_decay: Optional[float] = None
+    final_weight_decay: Annotated[Optional[float], lt_data.resolved_later("--weight-decay for ResNets, 10x for ViTs", "FLOAT")] = None
     """weight decay at the last step (cosine from --weight-decay); default: constant for ResNets, 10x (0.4) for ViTs"""
     warmup_epochs: int = 10
     """linear learning-rate warm-up epochs before the per-step cosine decay to lr*1e-4"""
@@ -112,7 +113,7 @@ class Args(lt_data.DataArgs):
     """student predictor head (official); --no-predictor pairs each teacher view with the student projector of every other view"""
     num_local_crops: int = 6
     """M local crops per image (student only)"""
-    local_size: Optional[int] = None
+    local_size: Annotated[Optional[int], lt_data.resolved_later("image size // 2, at least 8", "INT")] = None
     """local crop resolution; default: image size // 2 (16 px at 32 px; the official setting at 224 px is 96)"""
     crop_scale: tuple[float, float] = (0.26, 0.14)
     """crop-scale split s at the first and the last epoch (cosine over epochs, official): global crops use scale (s, 1), local crops (0.05, s); give two equal values for a constant split"""
@@ -234,9 +235,24 @@ class ExcbCrops:
         return self.crops(img)
 
 
-def train_transform(args: Args, data: lt_data.LTData):
-    if not all(0.05 < c < 1 for c in args.crop_scale):  # the first method hook: refuse before building crops
+def _check_method_args(args: Args, data: lt_data.LTData) -> None:
+    """Refuse impossible method flags, each named on its own (train_transform, the first method hook, calls it)."""
+    if not all(0.05 < c < 1 for c in args.crop_scale):
         raise RunError(f"--crop-scale values must be in (0.05, 1), got {' '.join(map(str, args.crop_scale))}")
+    if args.num_clusters < 2 or args.hidden_dim < 1 or args.out_dim < 1 or args.num_local_crops < 0:
+        raise RunError("--num-clusters must be >= 2, --hidden-dim/--out-dim >= 1, --num-local-crops >= 0")
+    check_floats(args, "[0, 1]", "size_momentum", "teacher_momentum")
+    check_floats(args, "(0, inf)", "teacher_temp", "student_temp")
+    check_floats(args, "[0, inf)", "weight_decay", "final_weight_decay")
+    check_floats(args, "[0, 1)", "drop_path")
+    n = min(len(data.pretrain_indices(args.balanced_twin)), args.kmeans_samples)
+    if args.kmeans_init and n <= args.num_clusters:
+        raise RunError(f"k-means initialisation of {args.num_clusters} centroids needs more than "
+                       f"{args.num_clusters} images, got {n}; lower --num-clusters or use --no-kmeans-init")
+
+
+def train_transform(args: Args, data: lt_data.LTData):
+    _check_method_args(args, data)  # the first method hook: refuse before building crops
     return ExcbCrops(args, data)
 
 
@@ -299,20 +315,7 @@ class Model(nn.Module):
 
     def __init__(self, args: Args, data: lt_data.LTData):
         super().__init__()
-        if args.num_clusters < 2 or args.hidden_dim < 1 or args.out_dim < 1 or args.num_local_crops < 0:
-            raise RunError("--num-clusters must be >= 2, --hidden-dim/--out-dim >= 1, --num-local-crops >= 0")
-        if not 0 <= args.size_momentum <= 1 or not 0 <= args.teacher_momentum <= 1:
-            raise RunError("--size-momentum and --teacher-momentum must be in [0, 1]")
-        if args.teacher_temp <= 0 or args.student_temp <= 0:
-            raise RunError("--teacher-temp and --student-temp must be > 0")
-        if args.weight_decay < 0 or args.final_weight_decay < 0:
-            raise RunError("--weight-decay and --final-weight-decay must be >= 0")
-        if not 0 <= args.drop_path < 1:
-            raise RunError(f"--drop-path must be in [0, 1), got {args.drop_path}")
-        n = min(len(data.pretrain_indices(args.balanced_twin)), args.kmeans_samples)
-        if args.kmeans_init and n <= args.num_clusters:
-            raise RunError(f"k-means initialisation of {args.num_clusters} centroids needs more than "
-                           f"{args.num_clusters} images, got {n}; lower --num-clusters or use --no-kmeans-init")
+        _check_method_args(args, data)
         self.backbone_spec = backbone_spec(args, data)
         self.student = Encoder(args, self.backbone_spec)
         vit = self.backbone_spec["arch"] == "vit"
@@ -398,9 +401,11 @@ def init_centroids(run: "Run") -> None:
         pick = torch.randperm(len(indices), generator=g)[:args.kmeans_samples].sort().values.tolist()
         tf = lt_data.eval_transform(run.data.image_size, run.data.mean, run.data.std)
         teacher = copy.deepcopy(model.teacher).train()  # batch statistics, as the teacher uses in training
-        feats = []
-        for i in range(0, len(pick), 256):
-            x = torch.stack([tf(images.image(indices[j])) for j in pick[i:i + 256]])
+        feats, bounds = [], list(range(0, len(pick), 256)) + [len(pick)]
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:  # BatchNorm in train mode refuses a batch of 1:
+            del bounds[-2]                                     # the last image joins the previous chunk
+        for i, stop in zip(bounds, bounds[1:]):
+            x = torch.stack([tf(images.image(indices[j])) for j in pick[i:stop]])
             with run.autocast():
                 feats.append(teacher.project(to_device(x, run)).float())
         del teacher
@@ -490,6 +495,33 @@ class RunError(Exception):
     """A condition that stops the run with one clear line and exit code 2."""
 
 
+class Interrupted(Exception):
+    """SIGINT/SIGTERM: the run saved a checkpoint and exits with 128 + the signal number."""
+
+
+class StopSignal:
+    """SIGINT and SIGTERM only set a flag; the loop checks it after each step (under DDP at log, checkpoint and
+    epoch-end steps, where an all-reduce makes every rank agree), saves a checkpoint and stops."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def agreed(self, run: "Run", sync_point: bool) -> int:
+        if run.world_size == 1 or not sync_point:
+            return self.signum if run.world_size == 1 else 0
+        flag = torch.tensor(self.signum, device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 @dataclass
 class Run:
     """Everything a training step needs."""
@@ -511,6 +543,7 @@ class Run:
     run_dir: str
     step: int = 0
     epoch: int = 0
+    checkpoint_step: int = -1  # step of the checkpoint on disk, -1: none
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -604,8 +637,30 @@ def backbone_meta(run: Run) -> dict:
             "step": run.step}
 
 
+def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Whether every float tensor is finite, as a bool tensor on ``device``: one fused max-|x| pass, no host sync."""
+    tensors = [t for t in tensors if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack([torch.isfinite(n).to(device) for n in torch._foreach_norm(tensors, ord=math.inf)]).all()
+
+
+def kept_checkpoint(run: Run, path: str) -> str:
+    return f"the last good checkpoint {path} (step {run.checkpoint_step}) is untouched" \
+        if run.checkpoint_step >= 0 else "no checkpoint was written"
+
+
 def save_checkpoint(run: Run, path: str) -> None:
-    """Model, optimizer, scaler, scheduler, step, every rank's RNG states and the args (collective call)."""
+    """Model, optimizer, scaler, scheduler, step, every rank's RNG states and the args (collective call).
+    Refuses (RunError) a model or optimizer state holding a non-finite tensor: one host sync, at save time only."""
+    state = [*run.model.state_dict().values(),
+             *(t for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
+    ok = all_finite(state, run.device).int()
+    if run.world_size > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok:
+        raise RunError(f"non-finite weights after step {run.step}; stopping, {kept_checkpoint(run, path)}. "
+                       f"Try a lower --lr or --amp none")
     states = [None] * run.world_size
     if run.world_size > 1:
         dist.all_gather_object(states, rng_state())
@@ -616,6 +671,7 @@ def save_checkpoint(run: Run, path: str) -> None:
                      "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
                      "scheduler": run.scheduler.state_dict(), "step": run.step, "world_size": run.world_size,
                      "rng": states, "args": dataclasses.asdict(run.args), "backbone": backbone_meta(run)}, path)
+    run.checkpoint_step = run.step
 
 
 def load_checkpoint(run: Run, path: str) -> None:
@@ -638,10 +694,14 @@ def load_checkpoint(run: Run, path: str) -> None:
                        f"the global batch, learning rate and data order would change")
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
+    for p, state in run.optimizer.state.items():  # saved under another --channels-last or device: take the
+        for k, v in state.items():                # parameter's layout (fused kernels pair them in memory order)
+            if torch.is_tensor(v) and v.shape == p.shape and (v.stride() != p.stride() or v.device != p.device):
+                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
     if ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
-    run.step = ckpt["step"]
+    run.step = run.checkpoint_step = ckpt["step"]
     set_rng_state(ckpt["rng"][run.rank])
 
 
@@ -649,7 +709,24 @@ def export_backbone(run: Run, path: str) -> None:
     """backbone.pt: the backbone's state dict in plain torchvision layout, loadable with strict=True."""
     prefix = run.model.export_prefix
     state = {k[len(prefix):]: v for k, v in run.model.state_dict().items() if k.startswith(prefix)}
+    if not all_finite(list(state.values()), run.device):
+        raise RunError(f"non-finite backbone weights at step {run.step}; {path} not written")
     atomic_save({"format": EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
+
+
+def format_eta(seconds: float) -> str:
+    """Hours and minutes, both floored: 3,000 s is 0h50m."""
+    minutes = int(max(seconds, 0) // 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def resolved_args(run: Run) -> dict:
+    """The flags with the values this run resolved at start (data defaults, backbone sizes): the hyperparameters."""
+    values = dataclasses.asdict(run.args)
+    if isinstance(run, Run):
+        values.update(backbone_meta(run)["data"])
+        values.update({f"backbone.{k}": v for k, v in run.model.backbone_spec["arch_kwargs"].items()})
+    return values
 
 
 class Logger:
@@ -661,9 +738,10 @@ class Logger:
         self.t0, self.step0 = time.perf_counter(), run.step
         if run.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(run.run_dir, purge_step=run.step if resumed else None)
+            # a resumed run logs again from step + 1: older events at or after that step are from the lost run
+            self.writer = SummaryWriter(run.run_dir, purge_step=run.step + 1 if resumed else None)
             if not resumed:
-                rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(dataclasses.asdict(run.args).items()))
+                rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(resolved_args(run).items()))
                 self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
 
     def accumulate(self, metrics: dict[str, torch.Tensor | float]) -> None:
@@ -685,7 +763,8 @@ class Logger:
         values = [means.get(k, self.sums[k]) / self.count for k in keys]
         elapsed = time.perf_counter() - self.t0 - eval_seconds
         images_per_s = (run.step - self.step0) * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
-        eta = (run.total_steps - run.step) * elapsed / max(run.step - self.step0, 1)
+        stop_step = min(run.total_steps, run.args.max_steps or run.total_steps)  # where this run will stop
+        eta = (stop_step - run.step) * elapsed / max(run.step - self.step0, 1)
         shown = "".join(f" | {k.split('/')[-1]} {v:.2f}" for k, v in evals.items()) + \
             (f" ({eval_seconds:.0f}s)" if evals else "")
         if self.writer is not None:
@@ -702,7 +781,7 @@ class Logger:
             self.writer.add_scalar("charts/epoch", run.step / run.steps_per_epoch, run.step)
             loss = dict(zip(keys, values)).get("loss", float("nan"))
             print(f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss {loss:.4f}{shown} "
-                  f"| {images_per_s:.0f} img/s | eta {eta / 3600:.0f}h{eta % 3600 / 60:02.0f}m", flush=True)
+                  f"| {images_per_s:.0f} img/s | eta {format_eta(eta)}", flush=True)
         self.sums, self.count, self.t0, self.step0 = {}, 0, time.perf_counter(), run.step
 
     def write_views(self, views: list[torch.Tensor] | torch.Tensor, mean, std) -> None:
@@ -728,10 +807,20 @@ def check_finite(run: Run, first_bad: torch.Tensor, ckpt_path: str) -> None:
         dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
     bad = int(first_bad)
     if bad < 2**62:
-        kept = f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path) else \
-            "no checkpoint was written"
-        raise RunError(f"non-finite loss at step {bad} (epoch {bad // run.steps_per_epoch + 1}); stopping, {kept}. "
-                       f"Try a lower --lr or --amp none")
+        raise RunError(f"non-finite loss at step {bad} (epoch {bad // run.steps_per_epoch + 1}); stopping, "
+                       f"{kept_checkpoint(run, ckpt_path)}. Try a lower --lr or --amp none")
+
+
+def check_floats(args: Args, interval: str, *names: str) -> None:
+    """Refuse a float flag that is not finite or lies outside ``interval`` ("(0, inf)", "[0, 1)", ...)."""
+    lo, hi = (float(v) for v in interval[1:-1].split(","))
+    words = (f">= {lo:g}" if interval[0] == "[" else f"> {lo:g}") if hi == math.inf else f"in {interval}"
+    for name in names:
+        v, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if not math.isfinite(v):
+            raise RunError(f"{flag} must be a finite number, got {v}")
+        if not ((lo < v or (interval[0] == "[" and v == lo)) and (v < hi or (interval[-1] == "]" and v == hi))):
+            raise RunError(f"{flag} must be {words}, got {v}")
 
 
 def evaluate(run: Run, monitor: KNNMonitor) -> tuple[dict[str, float], float]:
@@ -743,14 +832,13 @@ def evaluate(run: Run, monitor: KNNMonitor) -> tuple[dict[str, float], float]:
 
 
 def validate(args: Args, world_size: int) -> None:
-    """Fail fast on arguments that cannot work, before any data is read."""
+    """Fail fast on arguments that cannot work, before any data is read (method flags: the first method hook)."""
     for name in ("batch_size", "epochs", "log_every", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise RunError(f"--max-steps must be >= 1, got {args.max_steps}")
-    if args.lr <= 0:
-        raise RunError(f"--lr must be > 0, got {args.lr}")
+    check_floats(args, "(0, inf)", "lr")
     if args.sync_bn and not torch.cuda.is_available():
         raise RunError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
     if args.num_workers is not None and args.num_workers < 0:
@@ -768,7 +856,14 @@ def train(args: Args) -> str:
     run_name = args.run_name or f"{METHOD}_{args.dataset}_r{ratio:g}{'_twin' if args.balanced_twin else ''}_s{args.seed}"
     run_dir = os.path.join(args.output_dir, run_name)
     ckpt_path, export_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "backbone.pt")
-    if rank == 0:
+    data = lt_data.build_data(args)
+    train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(args.balanced_twin),
+                                       train_transform(args, data))  # the first method hook checks method flags
+    global_batch = args.batch_size * world_size
+    if global_batch > len(train_set):
+        raise RunError(f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
+                       f"{len(train_set)} training images")
+    if rank == 0:  # only now, so that a refused start leaves nothing behind
         try:
             os.makedirs(run_dir, exist_ok=True)
             probe = os.path.join(run_dir, f".write-test{os.getpid()}")
@@ -776,13 +871,6 @@ def train(args: Args) -> str:
             os.remove(probe)
         except OSError as e:
             raise RunError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
-    data = lt_data.build_data(args)
-    train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(args.balanced_twin),
-                                       train_transform(args, data))
-    global_batch = args.batch_size * world_size
-    if global_batch > len(train_set):
-        raise RunError(f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
-                       f"{len(train_set)} training images")
 
     seed_everything(args.seed, args.deterministic)  # same initial weights on every rank
     model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
@@ -831,6 +919,7 @@ def train(args: Args) -> str:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):   # batch statistics are the method's own
                 m.register_forward_pre_hook(lambda mod, _: setattr(mod, "training", False))
     run.model.train()
+    stop, start_step = StopSignal(), run.step
     while run.step < stop_step:
         run.epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
         sampler.set_epoch(run.epoch, skip=done_in_epoch * args.batch_size)
@@ -850,14 +939,27 @@ def train(args: Args) -> str:
             end_of_epoch = run.step % steps_per_epoch == 0
             due = monitor is not None and (run.step == stop_step or end_of_epoch and
                                            (run.epoch + 1) % args.eval_every == 0)
-            if run.step % args.log_every == 0 or run.step == stop_step or end_of_epoch:
+            first = run.step == start_step + 1   # a first progress line after one step, not after log_every
+            if run.step % args.log_every == 0 or run.step == stop_step or end_of_epoch or first:
                 check_finite(run, first_bad, ckpt_path)
                 logger.write(*(evaluate(run, monitor) if due else (None, 0.0)))
             if run.step % args.checkpoint_every == 0 or run.step == stop_step or end_of_epoch:
                 check_finite(run, first_bad, ckpt_path)
                 save_checkpoint(run, ckpt_path)
+                if logger.writer is not None:  # the events up to the checkpoint survive a kill
+                    logger.writer.flush()
             if run.step >= stop_step:
                 break
+            sync_point = run.step % args.log_every == 0 or run.step % args.checkpoint_every == 0 or end_of_epoch
+            signum = stop.agreed(run, sync_point)
+            if signum:
+                if run.checkpoint_step != run.step:
+                    check_finite(run, first_bad, ckpt_path)
+                    save_checkpoint(run, ckpt_path)
+                logger.close()
+                raise Interrupted(signum, f"interrupted at step {run.step}; checkpoint saved; run the same "
+                                          f"command to resume")
+    stop.restore()
     if rank == 0:
         export_backbone(run, export_path)
         print(f"done: step {run.step}; checkpoint {ckpt_path}; backbone {export_path}; probe with: "
@@ -870,9 +972,13 @@ def main() -> None:
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
     try:
         train(args)
-    except (RunError, lt_data.DataError) as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+    except (RunError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
+        print(f"{os.path.basename(sys.argv[0])}: error: {lt_data.error_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Interrupted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(e.args[1], flush=True)
+        sys.exit(128 + e.args[0])
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

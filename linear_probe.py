@@ -26,7 +26,7 @@ import os
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -215,16 +215,21 @@ def load_backbone(path: str) -> tuple[nn.Module, dict]:
 
 @torch.inference_mode()
 def extract_features(model: nn.Module, dataset, batch_size: int, num_workers: int, device: torch.device,
-                     amp: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features and labels of every item of ``dataset`` (eval mode, no drop_last), in order."""
+                     amp: str = "none", label: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features and labels of every item of ``dataset`` (eval mode, no drop_last), in order; with a
+    ``label``, a progress line at about every tenth of the images."""
     model.eval().to(device, memory_format=torch.channels_last)
     loader = lt_data.make_loader(dataset, batch_size, num_workers, sampler=None, drop_last=False)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     feats, labels = [], []
-    for x, y, _ in loader:
+    every, done = max(1, math.ceil(len(loader) / 10)), 0
+    for i, (x, y, _) in enumerate(loader, 1):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             feats.append(model(x.to(device, non_blocking=True, memory_format=torch.channels_last)).float().cpu())
         labels.append(y)
+        done += len(y)
+        if label and (i % every == 0 or i == len(loader)):
+            print(f"extracting features of the {label} images: {done}/{len(dataset)}", flush=True)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -242,8 +247,9 @@ def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tens
 
 
 def train_linear(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int, epochs: int, lr: float,
-                 batch_size: int, weight_decay: float, seed: int) -> nn.Module:
-    """Logistic regression on standardised frozen features: SGD momentum 0.9, cosine lr, cross-entropy."""
+                 batch_size: int, weight_decay: float, seed: int, verbose: bool = False) -> nn.Module:
+    """Logistic regression on standardised frozen features: SGD momentum 0.9, cosine lr, cross-entropy
+    (``verbose``: a progress line at about every tenth of the epochs)."""
     g = torch.Generator().manual_seed(seed)
     mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
     clf = nn.Linear(train_f.shape[1], num_classes)
@@ -252,7 +258,9 @@ def train_linear(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int,
     xs = (train_f - mean) / std
     steps = epochs * math.ceil(len(xs) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
+        if verbose and (epoch % max(1, epochs // 10) == 0 or epoch == epochs):
+            print(f"training the linear head: epoch {epoch}/{epochs}", flush=True)
         perm = torch.randperm(len(xs), generator=g)
         for i in range(0, len(xs), batch_size):
             j = perm[i:i + batch_size]
@@ -390,13 +398,45 @@ class _ImageList(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------- command line
 
 
+def _from_run(metavar: str):
+    """A data flag of the probe: not passed (None) means the pre-training run's value."""
+    return tyro.conf.arg(metavar=metavar, help_behavior_hint="(default: the pre-training run's)")
+
+
 @dataclass
-class ProbeArgs(lt_data.DataArgs):
+class ProbeArgs:
     """Linear-probe, kNN and few-shot evaluation of a frozen backbone. Data flags you do not pass are
     taken from the pre-training run (unless --dataset names another data set: out-of-domain probing)."""
 
     checkpoint: tyro.conf.Positional[str] = ""
     """backbone.pt or checkpoint.pt written by one of the training scripts"""
+    dataset: Annotated[Optional[lt_data.DatasetName],
+                       _from_run("{" + ",".join(lt_data.DATASETS) + "}")] = None
+    """data set to probe on (another one: out-of-domain probing, whose other data flags default as in the training scripts)"""
+    data_dir: Annotated[Optional[str], _from_run("STR")] = None
+    """root of the data (see the training scripts)"""
+    split_file: Annotated[Optional[str], _from_run("STR")] = None
+    """imagenet-lt: training split file"""
+    test_split_file: Annotated[Optional[str], _from_run("STR")] = None
+    """imagenet-lt: evaluation split file"""
+    index_file: Annotated[Optional[str], _from_run("STR")] = None
+    """training-set indices replacing the long-tail construction (shot groups, --train-on long-tailed)"""
+    imbalance_ratio: Annotated[Optional[float], _from_run("FLOAT")] = None
+    """head/tail class-size ratio of the long-tailed set (shot groups, --train-on long-tailed)"""
+    imbalance_profile: Annotated[Optional[Literal["exp", "step"]], _from_run("{exp,step}")] = None
+    """long-tail profile"""
+    split_seed: Annotated[Optional[int], _from_run("INT")] = None
+    """seed of the per-class choice of images"""
+    synthetic_classes: Annotated[Optional[int], _from_run("INT")] = None
+    """synthetic: number of classes"""
+    synthetic_per_class: Annotated[Optional[int], _from_run("INT")] = None
+    """synthetic: training images per class"""
+    synthetic_test_per_class: Annotated[Optional[int], _from_run("INT")] = None
+    """synthetic: test images per class"""
+    image_size: Annotated[Optional[int], _from_run("INT")] = None
+    """input resolution (also out of domain: the backbone's)"""
+    download: bool = True
+    """download CIFAR or Fashion-MNIST when it is missing and the network allows it"""
     train_on: Literal["balanced", "long-tailed"] = "balanced"
     """training set of the linear probe and kNN bank: the full balanced training set (the papers' protocol) or the long-tailed pre-training subset"""
     epochs: int = 100
@@ -431,40 +471,44 @@ class ProbeArgs(lt_data.DataArgs):
     """also log the numbers into the pre-training run's TensorBoard (the checkpoint's folder)"""
 
 
-def _passed(name: str, argv: list[str]) -> bool:
-    flag = "--" + name.replace("_", "-")
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
+DATA_FIELDS = [f.name for f in dataclasses.fields(lt_data.DataArgs) if f.name not in ("balanced_twin", "download")]
 
 
-def resolve_data_args(args: ProbeArgs, meta: dict, argv: list[str]) -> ProbeArgs:
-    """Fill the data flags the user did not pass from the pre-training run's (same data set only)."""
+def resolve_data_args(args: ProbeArgs, meta: dict) -> lt_data.DataArgs:
+    """The probe's data flags: each one passed (not None) wins; the others come from the pre-training run when
+    the data set is the run's, else from lt_data.DataArgs' defaults (the image size is the run's either way)."""
     pre = meta.get("data", {})
-    same = not _passed("dataset", argv) or args.dataset == pre.get("dataset")
-    updates = {}
-    for f in dataclasses.fields(lt_data.DataArgs):
-        if f.name in pre and not _passed(f.name, argv) and (same or f.name == "image_size"):
-            updates[f.name] = pre[f.name]
-    return dataclasses.replace(args, **updates)
+    same = args.dataset is None or args.dataset == pre.get("dataset")
+    values = {}
+    for name in DATA_FIELDS:
+        mine = getattr(args, name)
+        if mine is not None:
+            values[name] = mine
+        elif name in pre and (same or name == "image_size"):
+            values[name] = pre[name]
+    return lt_data.DataArgs(**values, download=args.download)
 
 
-def run_probe(args: ProbeArgs, argv: list[str]) -> dict:
+def run_probe(args: ProbeArgs) -> dict:
     model, meta = load_backbone(args.checkpoint)
     if args.random_init:
         torch.manual_seed(args.seed)
         model = build_backbone(meta["arch"], **meta["arch_kwargs"])
-    args = resolve_data_args(args, meta, argv)
-    data = lt_data.build_data(args)
+    data_args = resolve_data_args(args, meta)
+    data = lt_data.build_data(data_args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tf = lt_data.eval_transform(data.image_size, data.mean, data.std)
     train_idx = list(range(len(data.train_full))) if args.train_on == "balanced" else data.lt_indices
-    extract = lambda images, idx: extract_features(  # noqa: E731
-        model, lt_data.IndexedDataset(images, idx, tf), args.extract_batch_size, args.num_workers, device, args.amp)
-    train_f, train_y = extract(data.train_full, train_idx)
-    test_f, test_y = extract(data.test, range(len(data.test)))
+    extract = lambda images, idx, label: extract_features(  # noqa: E731
+        model, lt_data.IndexedDataset(images, idx, tf), args.extract_batch_size, args.num_workers, device, args.amp,
+        label)
+    train_f, train_y = extract(data.train_full, train_idx, "training")
+    test_f, test_y = extract(data.test, range(len(data.test)), "test")
     groups = data.groups
     C = data.num_classes
 
-    clf = train_linear(train_f, train_y, C, args.epochs, args.lr, args.batch_size, args.weight_decay, args.seed)
+    clf = train_linear(train_f, train_y, C, args.epochs, args.lr, args.batch_size, args.weight_decay, args.seed,
+                       verbose=True)
     with torch.no_grad():
         linear = accuracy_report(clf(test_f).argmax(1), test_y, C, groups)
     knn = accuracy_report(knn_predict(train_f, train_y, test_f, C, args.knn_k, args.knn_temperature),
@@ -481,7 +525,7 @@ def run_probe(args: ProbeArgs, argv: list[str]) -> dict:
         m = sum(runs) / len(runs)
         few[str(shots)] = {"top1": m, "std": math.sqrt(sum((r - m) ** 2 for r in runs) / len(runs)), "runs": runs}
     return {"checkpoint": args.checkpoint, "method": meta.get("method"), "step": meta.get("step"),
-            "random_init": args.random_init, "dataset": args.dataset, "pretrain_dataset":
+            "random_init": args.random_init, "dataset": data_args.dataset, "pretrain_dataset":
             meta.get("data", {}).get("dataset"), "train_on": args.train_on, "num_train": len(train_f),
             "num_test": len(test_f), "groups": groups, "linear": linear, "knn": knn, "few_shot": few}
 
@@ -510,9 +554,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
             raise ProbeError("give the checkpoint to probe: python linear_probe.py runs/RUN/backbone.pt")
         if args.epochs < 1 or args.batch_size < 1 or args.knn_k < 1 or any(s < 1 for s in args.shots):
             raise ProbeError("--epochs, --batch-size, --knn-k and --shots must be >= 1")
-        res = run_probe(args, argv)
-    except (ProbeError, lt_data.DataError) as e:
-        print(f"linear_probe.py: error: {e}", file=sys.stderr)
+        for name, low in (("lr", 0.0), ("knn_temperature", 0.0), ("weight_decay", None)):
+            v = getattr(args, name)
+            if not math.isfinite(v) or (v <= low if low is not None else v < 0):
+                raise ProbeError(f"--{name.replace('_', '-')} must be a finite number "
+                                 f"{'> 0' if low is not None else '>= 0'}, got {v}")
+        res = run_probe(args)
+    except (ProbeError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
+        print(f"linear_probe.py: error: {lt_data.error_line(e)}", file=sys.stderr)
         sys.exit(2)
     print(markdown(res))
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),

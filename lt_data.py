@@ -29,13 +29,15 @@ import os
 import pickle
 import sys
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Sequence
+from typing import Annotated, Callable, Literal, Optional, Sequence, get_args
 
 import torch
 import torchvision.transforms as T
+import tyro
 from PIL import Image
 
-DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagenet-lt", "imagefolder", "synthetic")
+DatasetName = Literal["cifar10", "cifar100", "fashion-mnist", "imagenet-lt", "imagefolder", "synthetic"]
+DATASETS = get_args(DatasetName)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,) * 3, (0.3530,) * 3
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
@@ -47,11 +49,26 @@ class DataError(ValueError):
     """Bad data arguments or missing files; scripts print the message as one line and exit 2."""
 
 
+def error_line(e: BaseException) -> str:
+    """The one line to print for an error, also when a DataLoader worker re-raised it wrapped in its traceback
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ...": the message is the last line)."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        kind, _, message = text.splitlines()[-1].partition(": ")
+        text = message if kind.endswith(("Error", "Exception")) else text.splitlines()[-1]
+    return text
+
+
+def resolved_later(hint: str, metavar: str):
+    """A flag whose None default is resolved at run time: --help states the rule, not "(default: None)"."""
+    return tyro.conf.arg(metavar=metavar, help_behavior_hint=f"(default: {hint})")
+
+
 @dataclass
 class DataArgs:
     """Data flags shared by every training script and the probe."""
 
-    dataset: Literal["cifar10", "cifar100", "fashion-mnist", "imagenet-lt", "imagefolder", "synthetic"] = "cifar10"
+    dataset: DatasetName = "cifar10"
     """which data set: cifar10/cifar100 (torchvision's python format), fashion-mnist (IDX files), imagenet-lt (split files over an image root), imagefolder (train/ and val/ class folders), synthetic (generated, no files)"""
     data_dir: str = "data"
     """root of the data: CIFAR's parent folder of cifar-10-batches-py, the folder of Fashion-MNIST's IDX files (or of FashionMNIST/raw/), the image root for imagenet-lt, the folder holding train/ and val/ for imagefolder"""
@@ -61,8 +78,9 @@ class DataArgs:
     """imagenet-lt: evaluation split file; default: the --split-file name with 'train' replaced by 'test'"""
     index_file: Optional[str] = None
     """optional text file of training-set indices (whitespace separated) that replaces the long-tail construction, e.g. SDCLR/BCL split files"""
-    imbalance_ratio: Optional[float] = None
-    """head/tail class-size ratio r >= 1; default 100 for cifar10/cifar100/fashion-mnist/synthetic, 1 (use as is) for imagenet-lt/imagefolder"""
+    imbalance_ratio: Annotated[Optional[float], resolved_later(
+        "100 for cifar/fashion-mnist/synthetic, 1 for imagenet-lt/imagefolder", "FLOAT")] = None
+    """head/tail class-size ratio r >= 1 (1: the data as is)"""
     imbalance_profile: Literal["exp", "step"] = "exp"
     """exp: class i keeps int(n_max * r^(-i/(C-1))); step: first half of the classes keep n_max, the rest int(n_max/r)"""
     balanced_twin: bool = False
@@ -75,8 +93,9 @@ class DataArgs:
     """synthetic: training images per class before long-tail subsampling (n_max)"""
     synthetic_test_per_class: int = 100
     """synthetic: test images per class"""
-    image_size: Optional[int] = None
-    """input resolution; default 32 for cifar/synthetic, 28 for fashion-mnist, 224 for imagenet-lt/imagefolder"""
+    image_size: Annotated[Optional[int], resolved_later(
+        "32 for cifar/synthetic, 28 for fashion-mnist, 224 for imagenet-lt/imagefolder", "INT")] = None
+    """input resolution"""
     download: bool = True
     """download CIFAR or Fashion-MNIST when it is missing and the network allows it"""
 
@@ -187,8 +206,23 @@ class FileImages(ImageSet):
         self.targets = [y for _, y in samples]
 
     def image(self, i: int) -> Image.Image:
-        with open(self.paths[i], "rb") as f:
-            return Image.open(f).convert("RGB")
+        """The decoded image; DataError naming the file if it cannot be read or decoded (truncated, not an image)."""
+        try:
+            with open(self.paths[i], "rb") as f:
+                return Image.open(f).convert("RGB")
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"cannot read image {self.paths[i]}: {reason[:200]}") from None
+
+
+def _check_image_files(paths: Sequence[str]) -> None:
+    """What can be checked without decoding: every image file is non-empty and readable (one stat each)."""
+    empty = [p for p in paths if os.path.getsize(p) == 0]
+    if empty:
+        raise DataError(f"{len(empty)} image files are empty (first: {empty[0]})")
+    unreadable = [p for p in paths if not os.access(p, os.R_OK)]
+    if unreadable:
+        raise DataError(f"{len(unreadable)} image files are not readable: permission denied (first: {unreadable[0]})")
 
 
 class SyntheticImages(ImageSet):
@@ -244,10 +278,13 @@ def _read_cifar(root: str, name: str, train: bool, download: bool) -> ArrayImage
     paths = [os.path.join(root, folder, f) for f in files]
     if not all(os.path.isfile(p) for p in paths):
         if download:
+            created = _missing_ancestor(root)   # the download makes it; a failed one must not leave it behind
+            before = set(os.listdir(root)) if created is None else set()
             try:
                 import torchvision.datasets as D
                 (D.CIFAR10 if name == "cifar10" else D.CIFAR100)(root, train=train, download=True)
             except Exception as e:  # offline: say where the files go
+                _remove_new(root, created, before)
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise DataError(f"{name} not found in {os.path.join(root, folder)} and the download failed "
                                 f"({reason}); put the extracted python-version archive there "
@@ -265,6 +302,25 @@ def _read_cifar(root: str, name: str, train: bool, download: bool) -> ArrayImage
         arrays.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
     return ArrayImages(np.concatenate(arrays).transpose(0, 2, 3, 1).copy(), [int(y) for y in targets])
+
+
+def _missing_ancestor(path: str) -> Optional[str]:
+    """The outermost folder of ``path`` that does not exist yet (``path`` itself or a parent), None if it exists."""
+    path, top = os.path.abspath(path), None
+    while not os.path.exists(path):
+        top, path = path, os.path.dirname(path)
+    return top
+
+
+def _remove_new(root: str, created: Optional[str], before: set) -> None:
+    """Undo a failed download: the folders it created, or the entries it added to an existing ``root``."""
+    import shutil
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for entry in set(os.listdir(root)) - before:
+        target = os.path.join(root, entry)
+        shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else os.remove(target)
 
 
 FASHION_MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -309,10 +365,13 @@ def _read_fashion_mnist(root: str, train: bool, download: bool) -> ArrayImages:
     """Fashion-MNIST (Xiao et al. 2017): 60,000 training / 10,000 test 28x28 grey images of 10 classes."""
     paths = _find_fashion_mnist(root, train)
     if paths is None and download:
+        created = _missing_ancestor(root)   # the download makes it; a failed one must not leave it behind
+        before = set(os.listdir(root)) if created is None else set()
         try:
             import torchvision.datasets as D
             D.FashionMNIST(root, train=train, download=True)
         except Exception as e:  # offline: say where the files go
+            _remove_new(root, created, before)
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(f"fashion-mnist not found in {root} and the download failed ({reason}); "
                             f"apt-get install dataset-fashion-mnist and pass --data-dir {FASHION_MNIST_DEBIAN}, "
@@ -349,20 +408,31 @@ def _read_split_file(root: str, split_file: str) -> FileImages:
                         f"(first: {missing[0]}); check --data-dir")
     if not samples:
         raise DataError(f"split file {split_file} lists no images")
+    _check_image_files([p for p, _ in samples])
     return FileImages(samples)
 
 
+def _visible_image(path: str, folder: str) -> bool:
+    """An image file that no part of its path below ``folder`` hides (macOS ``._x.png``, ``.DS_Store``,
+    ``.ipynb_checkpoints/``): hidden entries are never images of the set."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+    return not any(part.startswith(".") for part in os.path.relpath(path, folder).split(os.sep)) and \
+        has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+
 def _read_image_folder(folder: str) -> tuple[FileImages, list[str]]:
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+    from torchvision.datasets.folder import make_dataset
     if not os.path.isdir(folder):
         raise DataError(f"image folder not found: {folder} (expected class folders of images)")
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{folder} holds no class folders")
     try:
-        samples = make_dataset(folder, {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS)
+        samples = make_dataset(folder, {c: i for i, c in enumerate(classes)},
+                               is_valid_file=lambda p: _visible_image(p, folder))
     except FileNotFoundError as e:
         raise DataError(str(e).splitlines()[0]) from None
+    _check_image_files([p for p, _ in samples])
     return FileImages(samples), classes
 
 
@@ -619,6 +689,14 @@ class ResumableSampler(torch.utils.data.Sampler):
         return iter((k, seed, self.epoch) for k, seed in zip(order[mine].tolist(), seeds[mine].tolist()))
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: a Ctrl-C or SIGTERM sent to the whole process group is the main process's to
+    handle (it saves a checkpoint, then stops its workers); a worker killed by it would fail the next batch."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_size: int, num_workers: int, sampler=None, drop_last: bool = False,
                 pin_memory: Optional[bool] = None) -> torch.utils.data.DataLoader:
     """A DataLoader that keeps a GPU fed: worker processes, pinned memory, persistent workers, prefetching."""
@@ -626,7 +704,7 @@ def make_loader(dataset, batch_size: int, num_workers: int, sampler=None, drop_l
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
         num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None)
+        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_stop_signals)
 
 
 # --------------------------------------------------------------------------- command line

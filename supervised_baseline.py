@@ -22,10 +22,11 @@ import dataclasses
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -64,7 +65,7 @@ class Args(lt_data.DataArgs):
     num_workers: Optional[int] = None
     """data-loading processes per training process; default: min(8, CPU cores per process)"""
     log_every: int = 50
-    """log to TensorBoard and print a progress line every this many steps"""
+    """log to TensorBoard and print a progress line every this many steps (and after the first step)"""
     checkpoint_every: int = 500
     """also write checkpoint.pt every this many steps (always at the end of an epoch and of the run)"""
     eval_every: int = 5
@@ -95,8 +96,16 @@ class Args(lt_data.DataArgs):
 METHOD = "supervised"
 
 
+def _check_method_args(args: Args) -> None:
+    check_floats(args, "[0, inf)", "weight_decay")
+    check_floats(args, "[0, 1)", "label_smoothing")
+    if args.warmup_epochs < 0:
+        raise RunError(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
+
+
 def train_transform(args: Args, data: lt_data.LTData):
     """One supervised view per image."""
+    _check_method_args(args)  # the first method hook the runtime calls: refuse bad method flags early
     return lt_data.supervised_augment(data.image_size, data.mean, data.std)
 
 
@@ -150,6 +159,33 @@ class RunError(Exception):
     """A condition that stops the run with one clear line and exit code 2."""
 
 
+class Interrupted(Exception):
+    """SIGINT/SIGTERM: the run saved a checkpoint and exits with 128 + the signal number."""
+
+
+class StopSignal:
+    """SIGINT and SIGTERM only set a flag; the loop checks it after each step (under DDP at log, checkpoint and
+    epoch-end steps, where an all-reduce makes every rank agree), saves a checkpoint and stops."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def agreed(self, run: "Run", sync_point: bool) -> int:
+        if run.world_size == 1 or not sync_point:
+            return self.signum if run.world_size == 1 else 0
+        flag = torch.tensor(self.signum, device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 @dataclass
 class Run:
     """Everything a training step needs."""
@@ -171,6 +207,7 @@ class Run:
     run_dir: str
     step: int = 0
     epoch: int = 0
+    checkpoint_step: int = -1  # step of the checkpoint on disk, -1: none
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -264,8 +301,30 @@ def backbone_meta(run: Run) -> dict:
             "step": run.step}
 
 
+def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Whether every float tensor is finite, as a bool tensor on ``device``: one fused max-|x| pass, no host sync."""
+    tensors = [t for t in tensors if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack([torch.isfinite(n).to(device) for n in torch._foreach_norm(tensors, ord=math.inf)]).all()
+
+
+def kept_checkpoint(run: Run, path: str) -> str:
+    return f"the last good checkpoint {path} (step {run.checkpoint_step}) is untouched" \
+        if run.checkpoint_step >= 0 else "no checkpoint was written"
+
+
 def save_checkpoint(run: Run, path: str) -> None:
-    """Model, optimizer, scaler, scheduler, step, every rank's RNG states and the args (collective call)."""
+    """Model, optimizer, scaler, scheduler, step, every rank's RNG states and the args (collective call).
+    Refuses (RunError) a model or optimizer state holding a non-finite tensor: one host sync, at save time only."""
+    state = [*run.model.state_dict().values(),
+             *(t for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
+    ok = all_finite(state, run.device).int()
+    if run.world_size > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok:
+        raise RunError(f"non-finite weights after step {run.step}; stopping, {kept_checkpoint(run, path)}. "
+                       f"Try a lower --lr or --amp none")
     states = [None] * run.world_size
     if run.world_size > 1:
         dist.all_gather_object(states, rng_state())
@@ -276,6 +335,7 @@ def save_checkpoint(run: Run, path: str) -> None:
                      "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
                      "scheduler": run.scheduler.state_dict(), "step": run.step, "world_size": run.world_size,
                      "rng": states, "args": dataclasses.asdict(run.args), "backbone": backbone_meta(run)}, path)
+    run.checkpoint_step = run.step
 
 
 def load_checkpoint(run: Run, path: str) -> None:
@@ -298,10 +358,14 @@ def load_checkpoint(run: Run, path: str) -> None:
                        f"the global batch, learning rate and data order would change")
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
+    for p, state in run.optimizer.state.items():  # saved under another --channels-last or device: take the
+        for k, v in state.items():                # parameter's layout (fused kernels pair them in memory order)
+            if torch.is_tensor(v) and v.shape == p.shape and (v.stride() != p.stride() or v.device != p.device):
+                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
     if ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
-    run.step = ckpt["step"]
+    run.step = run.checkpoint_step = ckpt["step"]
     set_rng_state(ckpt["rng"][run.rank])
 
 
@@ -309,7 +373,24 @@ def export_backbone(run: Run, path: str) -> None:
     """backbone.pt: the backbone's state dict in plain torchvision layout, loadable with strict=True."""
     prefix = run.model.export_prefix
     state = {k[len(prefix):]: v for k, v in run.model.state_dict().items() if k.startswith(prefix)}
+    if not all_finite(list(state.values()), run.device):
+        raise RunError(f"non-finite backbone weights at step {run.step}; {path} not written")
     atomic_save({"format": EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
+
+
+def format_eta(seconds: float) -> str:
+    """Hours and minutes, both floored: 3,000 s is 0h50m."""
+    minutes = int(max(seconds, 0) // 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def resolved_args(run: Run) -> dict:
+    """The flags with the values this run resolved at start (data defaults, backbone sizes): the hyperparameters."""
+    values = dataclasses.asdict(run.args)
+    if isinstance(run, Run):
+        values.update(backbone_meta(run)["data"])
+        values.update({f"backbone.{k}": v for k, v in run.model.backbone_spec["arch_kwargs"].items()})
+    return values
 
 
 class Logger:
@@ -321,9 +402,10 @@ class Logger:
         self.t0, self.step0 = time.perf_counter(), run.step
         if run.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(run.run_dir, purge_step=run.step if resumed else None)
+            # a resumed run logs again from step + 1: older events at or after that step are from the lost run
+            self.writer = SummaryWriter(run.run_dir, purge_step=run.step + 1 if resumed else None)
             if not resumed:
-                rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(dataclasses.asdict(run.args).items()))
+                rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(resolved_args(run).items()))
                 self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
 
     def accumulate(self, metrics: dict[str, torch.Tensor | float]) -> None:
@@ -345,7 +427,8 @@ class Logger:
         values = [means.get(k, self.sums[k]) / self.count for k in keys]
         elapsed = time.perf_counter() - self.t0 - eval_seconds
         images_per_s = (run.step - self.step0) * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
-        eta = (run.total_steps - run.step) * elapsed / max(run.step - self.step0, 1)
+        stop_step = min(run.total_steps, run.args.max_steps or run.total_steps)  # where this run will stop
+        eta = (stop_step - run.step) * elapsed / max(run.step - self.step0, 1)
         shown = "".join(f" | {k.split('/')[-1]} {v:.2f}" for k, v in evals.items()) + \
             (f" ({eval_seconds:.0f}s)" if evals else "")
         if self.writer is not None:
@@ -362,7 +445,7 @@ class Logger:
             self.writer.add_scalar("charts/epoch", run.step / run.steps_per_epoch, run.step)
             loss = dict(zip(keys, values)).get("loss", float("nan"))
             print(f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss {loss:.4f}{shown} "
-                  f"| {images_per_s:.0f} img/s | eta {eta / 3600:.0f}h{eta % 3600 / 60:02.0f}m", flush=True)
+                  f"| {images_per_s:.0f} img/s | eta {format_eta(eta)}", flush=True)
         self.sums, self.count, self.t0, self.step0 = {}, 0, time.perf_counter(), run.step
 
     def write_views(self, views: list[torch.Tensor] | torch.Tensor, mean, std) -> None:
@@ -388,10 +471,20 @@ def check_finite(run: Run, first_bad: torch.Tensor, ckpt_path: str) -> None:
         dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
     bad = int(first_bad)
     if bad < 2**62:
-        kept = f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path) else \
-            "no checkpoint was written"
-        raise RunError(f"non-finite loss at step {bad} (epoch {bad // run.steps_per_epoch + 1}); stopping, {kept}. "
-                       f"Try a lower --lr or --amp none")
+        raise RunError(f"non-finite loss at step {bad} (epoch {bad // run.steps_per_epoch + 1}); stopping, "
+                       f"{kept_checkpoint(run, ckpt_path)}. Try a lower --lr or --amp none")
+
+
+def check_floats(args: Args, interval: str, *names: str) -> None:
+    """Refuse a float flag that is not finite or lies outside ``interval`` ("(0, inf)", "[0, 1)", ...)."""
+    lo, hi = (float(v) for v in interval[1:-1].split(","))
+    words = (f">= {lo:g}" if interval[0] == "[" else f"> {lo:g}") if hi == math.inf else f"in {interval}"
+    for name in names:
+        v, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if not math.isfinite(v):
+            raise RunError(f"{flag} must be a finite number, got {v}")
+        if not ((lo < v or (interval[0] == "[" and v == lo)) and (v < hi or (interval[-1] == "]" and v == hi))):
+            raise RunError(f"{flag} must be {words}, got {v}")
 
 
 def evaluate(run: Run, monitor: KNNMonitor) -> tuple[dict[str, float], float]:
@@ -403,14 +496,13 @@ def evaluate(run: Run, monitor: KNNMonitor) -> tuple[dict[str, float], float]:
 
 
 def validate(args: Args, world_size: int) -> None:
-    """Fail fast on arguments that cannot work, before any data is read."""
+    """Fail fast on arguments that cannot work, before any data is read (method flags: the first method hook)."""
     for name in ("batch_size", "epochs", "log_every", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise RunError(f"--max-steps must be >= 1, got {args.max_steps}")
-    if args.lr <= 0:
-        raise RunError(f"--lr must be > 0, got {args.lr}")
+    check_floats(args, "(0, inf)", "lr")
     if args.sync_bn and not torch.cuda.is_available():
         raise RunError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
     if args.num_workers is not None and args.num_workers < 0:
@@ -428,7 +520,14 @@ def train(args: Args) -> str:
     run_name = args.run_name or f"{METHOD}_{args.dataset}_r{ratio:g}{'_twin' if args.balanced_twin else ''}_s{args.seed}"
     run_dir = os.path.join(args.output_dir, run_name)
     ckpt_path, export_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "backbone.pt")
-    if rank == 0:
+    data = lt_data.build_data(args)
+    train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(args.balanced_twin),
+                                       train_transform(args, data))  # the first method hook checks method flags
+    global_batch = args.batch_size * world_size
+    if global_batch > len(train_set):
+        raise RunError(f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
+                       f"{len(train_set)} training images")
+    if rank == 0:  # only now, so that a refused start leaves nothing behind
         try:
             os.makedirs(run_dir, exist_ok=True)
             probe = os.path.join(run_dir, f".write-test{os.getpid()}")
@@ -436,13 +535,6 @@ def train(args: Args) -> str:
             os.remove(probe)
         except OSError as e:
             raise RunError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
-    data = lt_data.build_data(args)
-    train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(args.balanced_twin),
-                                       train_transform(args, data))
-    global_batch = args.batch_size * world_size
-    if global_batch > len(train_set):
-        raise RunError(f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
-                       f"{len(train_set)} training images")
 
     seed_everything(args.seed, args.deterministic)  # same initial weights on every rank
     model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
@@ -491,6 +583,7 @@ def train(args: Args) -> str:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):   # batch statistics are the method's own
                 m.register_forward_pre_hook(lambda mod, _: setattr(mod, "training", False))
     run.model.train()
+    stop, start_step = StopSignal(), run.step
     while run.step < stop_step:
         run.epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
         sampler.set_epoch(run.epoch, skip=done_in_epoch * args.batch_size)
@@ -510,14 +603,27 @@ def train(args: Args) -> str:
             end_of_epoch = run.step % steps_per_epoch == 0
             due = monitor is not None and (run.step == stop_step or end_of_epoch and
                                            (run.epoch + 1) % args.eval_every == 0)
-            if run.step % args.log_every == 0 or run.step == stop_step or end_of_epoch:
+            first = run.step == start_step + 1   # a first progress line after one step, not after log_every
+            if run.step % args.log_every == 0 or run.step == stop_step or end_of_epoch or first:
                 check_finite(run, first_bad, ckpt_path)
                 logger.write(*(evaluate(run, monitor) if due else (None, 0.0)))
             if run.step % args.checkpoint_every == 0 or run.step == stop_step or end_of_epoch:
                 check_finite(run, first_bad, ckpt_path)
                 save_checkpoint(run, ckpt_path)
+                if logger.writer is not None:  # the events up to the checkpoint survive a kill
+                    logger.writer.flush()
             if run.step >= stop_step:
                 break
+            sync_point = run.step % args.log_every == 0 or run.step % args.checkpoint_every == 0 or end_of_epoch
+            signum = stop.agreed(run, sync_point)
+            if signum:
+                if run.checkpoint_step != run.step:
+                    check_finite(run, first_bad, ckpt_path)
+                    save_checkpoint(run, ckpt_path)
+                logger.close()
+                raise Interrupted(signum, f"interrupted at step {run.step}; checkpoint saved; run the same "
+                                          f"command to resume")
+    stop.restore()
     if rank == 0:
         export_backbone(run, export_path)
         print(f"done: step {run.step}; checkpoint {ckpt_path}; backbone {export_path}; probe with: "
@@ -530,9 +636,13 @@ def main() -> None:
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
     try:
         train(args)
-    except (RunError, lt_data.DataError) as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+    except (RunError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
+        print(f"{os.path.basename(sys.argv[0])}: error: {lt_data.error_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Interrupted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(e.args[1], flush=True)
+        sys.exit(128 + e.args[0])
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -24,11 +24,13 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Optional
 
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import lt_data  # noqa: E402  (the data sets the scripts accept)
 
 # Per method: its script, the flags of the CPU-sized run (small heads, 12 epochs at batch 64) and of the
 # paper-scale run (the papers' epochs and batches; a GPU job).
@@ -58,7 +60,7 @@ class GapArgs:
     methods: tuple[str, ...] = tuple(m for m, (script, _, _) in METHODS.items()
                                      if os.path.exists(os.path.join(ROOT, script)))
     """methods to run (default: every method whose script is present)"""
-    dataset: Literal["cifar10", "cifar100", "imagenet-lt", "imagefolder", "synthetic"] = "synthetic"
+    dataset: lt_data.DatasetName = "synthetic"
     """data set of both pre-training sets and of the probe"""
     data_dir: str = "data"
     """--data-dir of the scripts"""

@@ -77,6 +77,8 @@ def test_probe_cli_end_to_end(tiny_supervised_run, tmp_path):
                       "--few-shot-seeds", "2", "--num-workers", "0", "--output", str(out), "--tensorboard",
                       cwd=tmp_path)
     assert "| linear |" in proc.stdout and "| knn |" in proc.stdout and "2-shot" in proc.stdout
+    assert "extracting features of the training images: 128/128" in proc.stdout   # says what it is doing
+    assert "training the linear head: epoch 3/3" in proc.stdout
     res = json.loads(out.read_text())
     assert res["dataset"] == "synthetic" and res["num_test"] == 32 and res["num_train"] == 128  # every image
     assert res["groups"] == {"many": [0, 1], "medium": [2], "few": [3]}   # thirds of 4 long-tailed classes
@@ -87,6 +89,16 @@ def test_probe_cli_end_to_end(tiny_supervised_run, tmp_path):
     res_lt = json.loads((tmp_path / "lt.json").read_text())
     # int(32 * 4^(-i/3)) for i = 0..3
     assert res_lt["num_train"] == 32 + 20 + 12 + 8 and res_lt["train_on"] == "long-tailed"
+
+
+@pytest.mark.parametrize("spelling", ["--synthetic_test_per_class", "--synthetic-test-per-class"])
+def test_probe_data_flags_passed_in_either_spelling_win_over_the_run(tiny_supervised_run, tmp_path, spelling):
+    """tyro takes --a_b as well as --a-b; the probe used to scan argv for the hyphen spelling only and replaced
+    an underscore-spelled flag with the run's value (8 test images per class: 32, not 16)."""
+    run_script("linear_probe.py", str(tiny_supervised_run / "backbone.pt"), spelling, "4", "--epochs", "1",
+               "--num-workers", "0", "--output", str(tmp_path / "p.json"), cwd=tmp_path)
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert res["num_test"] == 16 and res["num_train"] == 128   # 4 classes x 4; the rest is the run's
 
 
 def test_probe_out_of_domain(tiny_supervised_run, tmp_path):
@@ -215,3 +227,11 @@ def test_knn_monitor_matches_a_hand_computation_on_a_balanced_bank():
         correct += votes.argmax() == y
     assert top1 == pytest.approx(100 * correct / len(yq), abs=1e-9)
     assert 0 < correct < len(yq)   # a case where the votes decide: neither all right nor all wrong
+
+
+def test_probe_help_states_the_defaults_it_uses(tmp_path):
+    import re
+    out = re.sub(r"[\s│]+", " ", run_script("linear_probe.py", "--help", cwd=tmp_path).stdout)   # unwrapped
+    assert "--balanced-twin" not in out   # means nothing to a probe
+    assert "(default: cifar10)" not in out and "(default: data)" not in out and "{None," not in out
+    assert out.count("(default: the pre-training run's)") >= 10   # the data flags: the run's unless passed

@@ -179,6 +179,82 @@ def test_imagefolder_as_is_and_long_tailed(tmp_path):
         lt_data.build_data(args)
 
 
+def _add_hidden_entries(root):
+    """What macOS and notebooks leave in a copied image tree: AppleDouble ._x.png files (not images),
+    .DS_Store, and hidden folders (which would otherwise be taken for classes)."""
+    for split in ("train", "val"):
+        for cls in (root / split).iterdir():
+            (cls / "._img0.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+            (cls / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+            (cls / ".thumbs").mkdir()
+            Image.new("RGB", (4, 4)).save(cls / ".thumbs" / "img0.png")
+        (root / split / ".ipynb_checkpoints").mkdir()
+        Image.new("RGB", (4, 4)).save(root / split / ".ipynb_checkpoints" / "x.png")
+
+
+def test_imagefolder_never_lists_hidden_files(tmp_path):
+    _write_tree(tmp_path, "train", [4, 3])
+    _write_tree(tmp_path, "val", [1, 1])
+    _add_hidden_entries(tmp_path)
+    data = lt_data.build_data(lt_data.DataArgs(dataset="imagefolder", data_dir=str(tmp_path), image_size=16))
+    assert data.num_classes == 2 and data.class_counts == [4, 3] and len(data.test) == 2
+    assert not any("/." in p for p in data.train_full.paths + data.test.paths)
+
+
+def test_training_on_an_imagefolder_with_macos_metadata_finishes(tmp_path):
+    _write_tree(tmp_path, "train", [8, 8])
+    _write_tree(tmp_path, "val", [1, 1])
+    _add_hidden_entries(tmp_path)
+    proc = run_script("supervised_baseline.py", "--dataset", "imagefolder", "--data-dir", str(tmp_path),
+                      "--image-size", "16", "--batch-size", "8", "--max-steps", "2", "--num-workers", "0",
+                      cwd=tmp_path)
+    assert "done: step 2" in proc.stdout
+
+
+def truncated_jpeg(path, size=20):
+    """A JPEG cut in half: its header is fine, decoding fails with 'image file is truncated'."""
+    import io
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (size, size), bytes(torch.randint(0, 256, (size * size * 3,)).tolist())).save(buf, "JPEG")
+    path.write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+
+
+def test_every_unreadable_image_is_a_data_error_naming_the_file(tmp_path):
+    import os
+    truncated, text, empty, locked = (tmp_path / n for n in ("t.jpg", "t.png", "e.png", "l.png"))
+    truncated_jpeg(truncated)
+    text.write_text("not an image")
+    empty.write_bytes(b"")
+    Image.new("RGB", (4, 4)).save(locked)
+    images = lt_data.FileImages([(str(p), 0) for p in (truncated, text, empty, locked)])
+    for i, words in enumerate(("[Tt]runcated", "cannot identify", "cannot identify")):
+        with pytest.raises(lt_data.DataError, match=f"cannot read image {images.paths[i]}: .*{words}"):
+            images.image(i)
+    # checked up front, before training starts: empty and unreadable files
+    _write_tree(tmp_path / "d", "train", [2, 2])
+    _write_tree(tmp_path / "d", "val", [1, 1])
+    args = lt_data.DataArgs(dataset="imagefolder", data_dir=str(tmp_path / "d"), image_size=16)
+    (tmp_path / "d" / "train" / "n0001" / "img1.png").write_bytes(b"")
+    with pytest.raises(lt_data.DataError, match="1 image files are empty .first: .*n0001/img1.png"):
+        lt_data.build_data(args)
+    if os.geteuid() != 0:   # root reads anything
+        Image.new("RGB", (4, 4)).save(tmp_path / "d" / "train" / "n0001" / "img1.png")
+        os.chmod(tmp_path / "d" / "train" / "n0001" / "img1.png", 0)
+        with pytest.raises(lt_data.DataError, match="not readable: permission denied .first: .*n0001/img1.png"):
+            lt_data.build_data(args)
+
+
+def test_error_line_unwraps_a_dataloader_worker_error():
+    from torch._utils import ExceptionWrapper
+    try:
+        raise lt_data.DataError("cannot read image a/b.jpg: image file is truncated")
+    except lt_data.DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(lt_data.DataError) as e:
+        wrapped.reraise()
+    assert lt_data.error_line(e.value) == "cannot read image a/b.jpg: image file is truncated"
+
+
 # ------------------------------------------------------------------ synthetic data
 
 def _pixels(img):

@@ -5,6 +5,7 @@ Parametrised over the scripts present; each script's tiny configuration is in co
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -64,9 +65,52 @@ def test_killed_run_resumes_bit_identical(tmp_path, script):
         assert torch.equal(a["model"][k], b["model"][k]), k
     for k, v in a["optimizer"]["state"][0].items():   # momentum buffer (SGD), exp_avg / exp_avg_sq / step (AdamW)
         assert torch.equal(v, b["optimizer"]["state"][0][k]), k
-    steps = _scalar_steps(killed)   # TensorBoard continues without duplicate points
-    assert steps == sorted(set(steps)) and steps[-1] == 9
+    steps = _scalar_steps(killed)   # TensorBoard continues without duplicate or missing points
+    assert steps == list(range(1, 10))
     assert (killed / "backbone.pt").exists()
+
+
+def test_resume_keeps_every_tensorboard_point(tmp_path):
+    """The writer used to purge from the checkpoint step itself, which a resumed run never logs again."""
+    script = "supervised_baseline.py"   # the shared runtime's resume path
+    args = [*TINY_ARGS[script], "--batch-size", "8", "--log-every", "1", "--checkpoint-every", "2",
+            "--num-workers", "0", "--run-name", "tb"]
+    run_script(script, *args, "--max-steps", "4", cwd=tmp_path)
+    run_script(script, *args, "--max-steps", "6", cwd=tmp_path)
+    assert _scalar_steps(tmp_path / "runs" / "tb") == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("signum,to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_interrupted_run_saves_a_checkpoint_and_says_how_to_resume(tmp_path, signum, to_group):
+    """SIGTERM (to the process) or Ctrl-C (SIGINT to the whole process group, DataLoader workers included) used to
+    end in a 20-line traceback: now a checkpoint at the current step, one line, exit 128 + signal, and the same
+    command resumes from it."""
+    script = "supervised_baseline.py"   # the shared runtime's loop
+    args = [*base(script), "--epochs", "6", "--checkpoint-every", "100", "--num-workers", "1", "--run-name", "i"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if " step 3/" in line:
+            os.killpg(proc.pid, signum) if to_group else proc.send_signal(signum)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, out + err
+    assert "Traceback" not in err and err.strip() == "", err
+    last = out.strip().splitlines()[-1]
+    m = re.fullmatch(r"interrupted at step (\d+); checkpoint saved; run the same command to resume", last)
+    assert m, last
+    step = int(m.group(1))
+    assert 3 <= step < 54 and _load(tmp_path / "runs" / "i" / "checkpoint.pt")["step"] == step
+    assert not (tmp_path / "runs" / "i" / "backbone.pt").exists()
+    out = run_script(script, *args, cwd=tmp_path).stdout   # the same command
+    assert f"resuming at step {step} of 54" in out and "done: step 54" in out
+
+
+def test_first_progress_line_comes_after_the_first_step(tmp_path):
+    script = "supervised_baseline.py"   # the shared runtime's loop
+    out = run_script(script, *TINY_ARGS[script], "--batch-size", "8", "--log-every", "50", "--max-steps", "3",
+                     "--num-workers", "0", cwd=tmp_path).stdout
+    assert " step 1/" in out and " step 2/" not in out and " step 3/" in out
 
 
 @per_script
@@ -91,9 +135,54 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     proc = run_script(script, *args, cwd=tmp_path, env=env, check=False)
     assert proc.returncode == 2
     assert "non-finite loss at step 3" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "the last good checkpoint" in proc.stderr and "(step 2) is untouched" in proc.stderr
     ckpt = _load(tmp_path / "runs" / "nan" / "checkpoint.pt")
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert not (tmp_path / "runs" / "nan" / "backbone.pt").exists()
+
+
+@per_script
+def test_non_finite_weights_are_never_checkpointed(tmp_path, script):
+    """--lr 1e45 gives a finite loss at step 1 but infinite weights after its update: that state used to be saved
+    as checkpoint.pt of step 1 and called "the last good checkpoint". Now the save is refused, nothing is written
+    and the message says so."""
+    args = [*base(script), "--amp", "none", "--lr", "1e45", "--checkpoint-every", "1", "--log-every", "1",
+            "--max-steps", "4", "--num-workers", "0", "--run-name", "inf"]
+    proc = run_script(script, *args, cwd=tmp_path, check=False)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stdout + proc.stderr
+    assert "non-finite weights after step 1" in err[0] and "no checkpoint was written" in err[0]
+    assert not (tmp_path / "runs" / "inf" / "checkpoint.pt").exists()
+    assert not (tmp_path / "runs" / "inf" / "backbone.pt").exists()
+
+
+@pytest.mark.parametrize("before,after", [("--channels-last", "--no-channels-last"),
+                                          ("--no-channels-last", "--channels-last")])
+def test_resume_with_another_memory_format_keeps_the_sgd_update_exact(tmp_path, before, after):
+    """--channels-last may change on resume: the momentum buffers used to keep the saved layout while the weights
+    took the new one, and the fused SGD kernel paired them element by element in memory order. The resumed
+    step must satisfy w_new = w_old - lr * momentum_buffer (SGD, no Nesterov; the buffer includes weight decay)."""
+    script = "supervised_baseline.py"   # the shared runtime's resume path
+    args = [*base(script), "--amp", "none", "--num-workers", "0", "--run-name", "m"]
+    run_script(script, *args, before, "--max-steps", "2", cwd=tmp_path)
+    old = _load(tmp_path / "runs" / "m" / "checkpoint.pt")
+    run_script(script, *args, after, "--max-steps", "3", cwd=tmp_path)
+    new = _load(tmp_path / "runs" / "m" / "checkpoint.pt")
+    assert (old["step"], new["step"]) == (2, 3)
+    module = _import_script(script)
+    model = module.Model(module.Args(**old["args"]), lt_data.build_data(module.Args(**old["args"])))
+    names = [n for n, p in model.named_parameters() if p.ndim > 1] + \
+        [n for n, p in model.named_parameters() if p.ndim <= 1]   # the optimizer's parameter order
+    checked = 0
+    for group in old["optimizer"]["param_groups"]:
+        for i in group["params"]:
+            w_old, w_new = old["model"][names[i]], new["model"][names[i]]
+            step = group["lr"] * new["optimizer"]["state"][i]["momentum_buffer"]
+            # 1e-3 of the update, above fp32 rounding of the weights (a wrong pairing is off by ~100%)
+            err = (w_old - w_new - step).norm() - 2 ** -23 * w_old.norm()
+            assert err <= 1e-3 * step.norm(), (names[i], float(err / step.norm()))
+            checked += w_old.ndim == 4
+    assert checked >= 10   # the convolutions, whose layout channels-last changes
 
 
 @per_script
@@ -126,6 +215,79 @@ def test_bad_input_one_clear_line(tmp_path, script, extra, message):
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
+def _float_flags(module) -> list[tuple[str, int]]:
+    """Every float-valued flag of a script (its own, the shared and the data flags): (name, number of values)."""
+    return [(f.name, 2 if str(f.type).startswith("tuple") else 1) for f in dataclasses.fields(module.Args)
+            if "float" in str(f.type)]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+@per_script
+def test_every_float_flag_refuses_non_finite_values_before_writing_anything(tmp_path, monkeypatch, capsys, script,
+                                                                             value):
+    """`--lr nan` used to train to NaN weights (or die in a traceback): each float flag is refused in one line
+    naming it, with exit code 2, and no run folder is created. In-process: about 30 flags x 4 scripts."""
+    module = _import_script(script)
+    monkeypatch.chdir(tmp_path)
+    flags = _float_flags(module)
+    assert {"lr", "imbalance_ratio"} <= {n for n, _ in flags}
+    for name, count in flags:
+        flag = "--" + name.replace("_", "-")
+        monkeypatch.setattr(sys, "argv", [script, *base(script), "--max-steps", "1", "--num-workers", "0", flag,
+                                          *[value] * count])
+        with pytest.raises(SystemExit) as exit_:
+            module.main()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and f" {flag} " in f" {err[0]} ", (flag, err)
+        assert not (tmp_path / "runs").exists(), flag
+
+
+@per_script
+def test_a_failed_start_leaves_nothing_behind(tmp_path, script):
+    """A failed CIFAR download used to leave an empty run folder and create the missing data folder."""
+    env = {**script_env(), "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+           "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}   # offline, deterministically
+    (tmp_path / "empty").mkdir()
+    for data_dir in ("no_such_dir/sub", "empty"):
+        proc = run_script(script, "--dataset", "cifar10", "--data-dir", data_dir, "--num-workers", "0", cwd=tmp_path,
+                          env=env, check=False)
+        assert proc.returncode == 2 and "the download failed" in proc.stderr, proc.stdout + proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["empty"] and os.listdir(tmp_path / "empty") == []
+
+
+@per_script
+def test_a_truncated_image_stops_the_run_in_one_line_naming_it(tmp_path, script):
+    """A JPEG cut in half used to end the run with exit 1 and two anonymous tracebacks (from the DataLoader
+    worker): now exit 2 and one line naming the file."""
+    from test_lt_data import _write_tree, truncated_jpeg
+    _write_tree(tmp_path / "d", "train", [12, 12])
+    _write_tree(tmp_path / "d", "val", [1, 1])
+    bad = tmp_path / "d" / "train" / "n0001" / "img3.jpg"
+    (tmp_path / "d" / "train" / "n0001" / "img3.png").unlink()
+    truncated_jpeg(bad)
+    proc = run_script(script, *base(script), "--dataset", "imagefolder", "--data-dir", "d", "--imbalance-ratio", "1",
+                      "--max-steps", "3", "--num-workers", "1", cwd=tmp_path, check=False)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stdout + proc.stderr
+    assert f"cannot read image {os.path.join('d', 'train', 'n0001', 'img3.jpg')}: " in err[0]
+    assert "truncated" in err[0].lower()
+
+
+@per_script
+def test_batch_size_one_trains_or_is_refused_in_one_line(tmp_path, script):
+    """BatchNorm in train mode refuses a batch of one: a method whose heads would see one row per process says so
+    up front (simsiam's projector, MSN's target head) instead of a ValueError traceback; the others train."""
+    proc = run_script(script, *TINY_ARGS[script], "--batch-size", "1", "--max-steps", "1", "--num-workers", "0",
+                      cwd=tmp_path, check=False)
+    if script in ("simsiam_rwsam.py", "msn_prior.py"):
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].endswith("needs 2 images per process, got 1")
+        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+    else:
+        assert proc.returncode == 0 and "done: step 1" in proc.stdout, proc.stderr
+
+
 @per_script
 def test_unknown_dataset_is_refused_by_the_parser(tmp_path, script):
     proc = run_script(script, "--dataset", "mnist", cwd=tmp_path, check=False)
@@ -135,10 +297,27 @@ def test_unknown_dataset_is_refused_by_the_parser(tmp_path, script):
 @per_script
 def test_help_explains_every_flag(tmp_path, script):
     out = run_script(script, "--help", cwd=tmp_path).stdout
+    assert "{None," not in out   # MSN's --sinkhorn offered None next to off
+    for flag in ("--image-size", "--imbalance-ratio") + (("--lr", "--weight-decay") if script == "excb.py" else ()):
+        text = re.sub(r"[\s│]+", " ", out.split(flag + " ", 1)[1].split("\n --", 1)[0])
+        assert "(default: None)" not in text.split(" --")[0], flag   # the rule resolved at run time instead
     for flag in ("--dataset", "--data-dir", "--split-file", "--imbalance-ratio", "--imbalance-profile",
                  "--balanced-twin", "--image-size", "--epochs", "--max-steps", "--batch-size", "--lr", "--seed",
                  "--amp", "--num-workers", "--run-name", "--sampling"):
         assert flag in out
+
+
+def test_hyperparameter_table_records_the_resolved_values(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    script = "supervised_baseline.py"   # the shared Logger
+    run_script(script, "--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-per-class", "8",
+               "--synthetic-test-per-class", "2", "--batch-size", "4", "--max-steps", "1", "--num-workers", "0",
+               "--run-name", "h", cwd=tmp_path)
+    acc = EventAccumulator(str(tmp_path / "runs" / "h"), size_guidance={"tensors": 0})
+    acc.Reload()
+    table = acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "|image_size|32|" in table and "|imbalance_ratio|100.0|" in table and "|backbone.cifar_stem|True|" in table
+    assert "None" not in table.split("|image_size|")[1].split("\n")[0]
 
 
 @per_script

@@ -273,3 +273,16 @@ def test_bad_method_flags_are_refused_in_one_line(tmp_path):
     proc = run_script("simsiam_rwsam.py", *TINY_DATA, "--rho", "0", "--max-steps", "1", "--num-workers", "0",
                       cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--rho must be > 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_skipped_ascent_steps_are_logged(tmp_path):
+    """fp16 drops the perturbation of a step whose weighted pass overflowed; charts/ascent_skipped counts them
+    (the fraction of the log interval's steps; 0 here, in bf16)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import TINY_ARGS, run_script
+    run_script("simsiam_rwsam.py", *TINY_ARGS["simsiam_rwsam.py"], "--batch-size", "8", "--max-steps", "2",
+               "--log-every", "1", "--num-workers", "0", "--run-name", "s", cwd=tmp_path)
+    acc = EventAccumulator(str(tmp_path / "runs" / "s"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("charts/ascent_skipped")] == [(1, 0.0), (2, 0.0)]

@@ -78,3 +78,32 @@ def test_logger_averages_device_tensors_and_host_floats_over_the_interval(tmp_pa
     assert [(e.step, round(e.value, 6)) for e in acc.Scalars("charts/momentum")] == [(2, 0.925)]
     assert "charts/hist" in acc.Tags()["histograms"]
     assert "loss 2.0000" in capsys.readouterr().out
+
+
+def test_eta_floors_hours_and_minutes():
+    import supervised_baseline as S
+    assert S.format_eta(3000) == "0h50m"    # was 1h50m: hours were rounded
+    assert S.format_eta(3599.9) == "0h59m"  # not 0h60m
+    assert S.format_eta(5400) == "1h30m" and S.format_eta(7199) == "1h59m" and S.format_eta(0) == "0h00m"
+
+
+def test_eta_counts_to_the_step_the_run_stops_at(tmp_path, capsys, monkeypatch):
+    """With --max-steps 4 of a 1000-step schedule, the ETA counts the 2 steps left, not 998."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import supervised_baseline as S
+    clock = [0.0]   # Logger starts at 0 s, writes at 100 s (2 steps: 50 s a step)
+    monkeypatch.setattr(S.time, "perf_counter", lambda: clock.pop(0) if clock else 100.0)
+    args = S.Args(dataset="synthetic", batch_size=4, epochs=1, max_steps=4)
+    run = SimpleNamespace(args=args, rank=0, world_size=1, step=0, epoch=0, total_steps=1000, steps_per_epoch=1000,
+                          run_dir=str(tmp_path), device=torch.device("cpu"),
+                          optimizer=SimpleNamespace(param_groups=[{"lr": 0.1}]))
+    logger = S.Logger(run, resumed=False)
+    for step in (1, 2):
+        run.step = step
+        logger.accumulate({"loss": torch.tensor(1.0)})
+    logger.write()
+    logger.close()
+    assert "eta 0h01m" in capsys.readouterr().out   # 2 steps x 50 s; was 14h52m (998 steps)
