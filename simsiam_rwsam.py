@@ -83,16 +83,26 @@ class Args(lt_data.DataArgs):
     """kNN monitor's queries: a class-balanced random subsample of this many test images; 0: the whole test set"""
 
     # ======================================================== method: arguments
-    arch: Literal["resnet18", "resnet50"] = "resnet18"
-    """backbone; the CIFAR stem (3x3 conv, no max-pool) is used below 64 px"""
+    arch: Literal["resnet18", "resnet50", "vit_tiny", "vit_small"] = "resnet18"
+    """backbone: ResNets (the papers'; CIFAR stem below 64 px; SGD) or ViTs (tiny 192-d/3 heads, small 384-d/6 heads, 12 layers; AdamW, as MoCo v3 trains SimSiam-style ViTs)"""
+    vit_layers: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
+    """ViT only: override the preset's number of transformer layers"""
+    vit_dim: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
+    """ViT only: override the preset's width; the MLP is 4x the width"""
+    vit_heads: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
+    """ViT only: override the preset's number of attention heads"""
+    patch_size: Annotated[Optional[int], lt_data.resolved_later("4 below 64 px, else 16", "INT")] = None
+    """ViT only: patch size"""
     epochs: int = 800
     """training epochs (the paper's CIFAR code trains 800 to 1600)"""
     batch_size: int = 512
     """batch size per process (the global batch is this times the number of processes)"""
-    lr: float = 0.03
-    """SGD learning rate for a global batch of 256, scaled linearly (0.06 at the paper's batch 512)"""
-    weight_decay: float = 5e-4
-    """SGD weight decay (all parameters, as in SimSiam's CIFAR recipe)"""
+    lr: Annotated[Optional[float], lt_data.resolved_later("0.03 for ResNets, 5e-4 for ViTs", "FLOAT")] = None
+    """learning rate for a global batch of 256, scaled linearly: SGD for ResNets (0.06 at the paper's batch 512), AdamW for ViTs"""
+    weight_decay: Annotated[Optional[float], lt_data.resolved_later("5e-4 for ResNets, 0.05 for ViTs", "FLOAT")] = None
+    """weight decay: on all parameters for ResNets (SimSiam's CIFAR recipe), on weight matrices only for ViTs"""
+    warmup_epochs: int = 0
+    """linear learning-rate warm-up epochs before the cosine decay (SimSiam: none)"""
     proj_dim: int = 2048
     """projector width (hidden and output) and predictor output"""
     pred_dim: int = 512
@@ -122,8 +132,15 @@ class Args(lt_data.DataArgs):
     label_base: float = 1.2
     """--reweight label: w = base^(rank of the class by training frequency, 0 = most frequent), as the paper's code"""
 
+    def __post_init__(self):  # the backbone picks the optimiser's defaults
+        vit = self.arch.startswith("vit")
+        self.lr = self.lr if self.lr is not None else (5e-4 if vit else 0.03)
+        self.weight_decay = self.weight_decay if self.weight_decay is not None else (0.05 if vit else 5e-4)
+
 
 # ============================================================ method: model and loss
+from linear_probe import ProbeError, vit_kwargs
+
 METHOD = "simsiam_rwsam"
 
 
@@ -270,7 +287,9 @@ def label_weights(labels, num_classes: int, base: float) -> torch.Tensor:
     return (w / w.mean()).float()
 
 
-def _check_method_args(args: Args) -> None:
+def _check_method_args(args: Args, data: lt_data.LTData) -> None:
+    """Refuse impossible method flags (train_transform, the first method hook, calls it)."""
+    backbone_spec(args, data)
     check_floats(args, "(0, inf)", "rho", "kde_bandwidth", "kde_alpha", "label_base")
     check_floats(args, "[0, inf)", "weight_decay")
     check_floats(args, "[1, inf)", "kde_max_ratio")
@@ -283,25 +302,40 @@ def _check_method_args(args: Args) -> None:
     if args.reweight_warmup < 0 or args.kde_reference < 0:
         raise RunError("--reweight-warmup and --kde-reference must be >= 0")
     check_floats(args, "(0, 1]", "crop_min_scale")
+    if args.warmup_epochs < 0:
+        raise RunError(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
 
 
 def train_transform(args: Args, data: lt_data.LTData):
     """Two SimSiam views per image (RandomResizedCrop --crop-min-scale..1, flip, jitter .4/.4/.4/.1 p .8, grayscale
     p .2)."""
-    _check_method_args(args)  # the first method hook the runtime calls: refuse bad method flags early
+    _check_method_args(args, data)  # the first method hook the runtime calls: refuse bad method flags early
     return lt_data.TwoViews(lt_data.ssl_augment(data.image_size, data.mean, data.std, (args.crop_min_scale, 1.0)))
 
 
+def backbone_spec(args: Args, data: lt_data.LTData) -> dict:
+    """Backbone architecture for build_backbone and the export; raises RunError on impossible ViT sizes."""
+    if not args.arch.startswith("vit"):
+        if any(v is not None for v in (args.vit_layers, args.vit_dim, args.vit_heads, args.patch_size)):
+            raise RunError(f"--vit-layers/--vit-dim/--vit-heads/--patch-size apply to ViTs, not --arch {args.arch}")
+        return {"arch": args.arch, "arch_kwargs": {"cifar_stem": data.image_size < 64}}
+    try:
+        return {"arch": "vit", "arch_kwargs": vit_kwargs(args.arch, data.image_size, args.vit_layers, args.vit_heads,
+                                                          args.vit_dim, args.patch_size)}
+    except ProbeError as e:
+        raise RunError(str(e)) from None
+
+
 class Model(nn.Module):
-    """ResNet backbone, SimSiam projector and predictor, and the per-example ascent weights (a buffer)."""
+    """Backbone, SimSiam projector and predictor, and the per-example ascent weights (a buffer)."""
 
     export_prefix = "backbone."  # what backbone.pt exports
 
     def __init__(self, args: Args, data: lt_data.LTData):
         super().__init__()
-        self.backbone_spec = {"arch": args.arch, "arch_kwargs": {"cifar_stem": data.image_size < 64}}
-        self.backbone = build_backbone(args.arch, **self.backbone_spec["arch_kwargs"])
-        d, h, b = feature_dim(args.arch), args.proj_dim, args.pred_dim
+        self.backbone_spec = backbone_spec(args, data)
+        self.backbone = build_backbone(self.backbone_spec["arch"], **self.backbone_spec["arch_kwargs"])
+        d, h, b = feature_dim(self.backbone_spec["arch"], **self.backbone_spec["arch_kwargs"]), args.proj_dim, args.pred_dim
         self.projector = nn.Sequential(nn.Linear(d, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True),
                                        nn.Linear(h, h, bias=False), nn.BatchNorm1d(h, affine=False))
         self.predictor = nn.Sequential(nn.Linear(h, b, bias=False), nn.BatchNorm1d(b), nn.ReLU(inplace=True),
@@ -320,13 +354,22 @@ class Model(nn.Module):
 
 
 def make_optimizer(args: Args, model: Model, lr: float) -> torch.optim.Optimizer:
-    """SGD momentum 0.9 with weight decay on all parameters (SimSiam's CIFAR recipe); the base optimiser of (A)SAM."""
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay, fused=True)
+    """The base optimiser of (A)SAM. ResNets: SGD momentum 0.9 with weight decay on all parameters (SimSiam's CIFAR
+    recipe); ViTs: AdamW with weight decay on weight matrices only."""
+    if not args.arch.startswith("vit"):
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay, fused=True)
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True)
 
 
 def lr_factor(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """Cosine decay from the base lr to 0 (SimSiam), per step."""
-    return 0.5 * (1 + math.cos(math.pi * step / max(total_steps, 1)))
+    """Linear warm-up over --warmup-epochs (SimSiam: none), then cosine decay to 0, per step."""
+    warmup = min(args.warmup_epochs * steps_per_epoch, total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total_steps - warmup, 1)))
 
 
 @torch.no_grad()
@@ -350,7 +393,7 @@ def backbone_features(run: "Run", start: int, stop: int) -> torch.Tensor:
             feats.append(backbone(to_device(x, run)).float())
     finally:
         run.model.train()
-    dim = feature_dim(run.args.arch)
+    dim = feature_dim(run.model.backbone_spec["arch"], **run.model.backbone_spec["arch_kwargs"])
     return torch.cat(feats) if feats else torch.zeros(0, dim, device=run.device)
 
 
