@@ -286,3 +286,25 @@ def test_skipped_ascent_steps_are_logged(tmp_path):
     acc = EventAccumulator(str(tmp_path / "runs" / "s"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("charts/ascent_skipped")] == [(1, 0.0), (2, 0.0)]
+
+
+def test_vit_option_trains_with_adamw_and_exports_a_vit(tmp_path):
+    """--arch vit_tiny: AdamW without weight decay on biases and norms, the warm-up then cosine lr, and an export
+    that load_backbone rebuilds as the ViT that was trained; ViT flags with a ResNet are refused before any file."""
+    import linear_probe
+    from conftest import run_script
+    vit = ["--arch", "vit_tiny", "--vit-layers", "2", "--vit-dim", "32", "--vit-heads", "2", "--proj-dim", "32",
+           "--pred-dim", "8", "--sam", "none"]
+    run_script("simsiam_rwsam.py", *TINY_DATA, *vit, "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1",
+               "--max-steps", "3", "--num-workers", "0", "--run-name", "v", cwd=tmp_path)
+    ckpt = torch.load(tmp_path / "runs" / "v" / "checkpoint.pt", weights_only=True)
+    groups = ckpt["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0] and "exp_avg" in ckpt["optimizer"]["state"][0]
+    assert groups[0]["lr"] == pytest.approx(5e-4 * 8 / 256 * 4 / 9)   # 9 steps/epoch: the 4th step of the warm-up is next
+    model, meta = linear_probe.load_backbone(str(tmp_path / "runs" / "v" / "backbone.pt"))
+    assert meta["arch"] == "vit" and meta["arch_kwargs"]["num_layers"] == 2 and meta["arch_kwargs"]["hidden_dim"] == 32
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 32)
+    proc = run_script("simsiam_rwsam.py", *TINY_DATA, "--vit-dim", "32", "--batch-size", "8", "--max-steps", "1",
+                      "--run-name", "r", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "apply to ViTs, not --arch resnet18" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs" / "r").exists()
