@@ -55,6 +55,8 @@ class Args(lt_data.DataArgs):
     """deterministic kernels (torch.use_deterministic_algorithms); slower on GPU, needed for bit-identical resume there"""
     max_steps: Optional[int] = None
     """stop after this many optimisation steps (smoke runs); the schedules still span --epochs"""
+    train_steps: Optional[int] = None
+    """replaces --epochs by the fewest whole epochs of at least this many optimisation steps: one budget for data sets of any size"""
     amp: Literal["bf16", "fp16", "none"] = "bf16"
     """autocast dtype: bf16 (CPU and recent GPUs), fp16 (with a GradScaler; CUDA), none (fp32)"""
     compile: bool = False
@@ -836,8 +838,9 @@ def validate(args: Args, world_size: int) -> None:
     for name in ("batch_size", "epochs", "log_every", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise RunError(f"--max-steps must be >= 1, got {args.max_steps}")
+    for name in ("max_steps", "train_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     check_floats(args, "(0, inf)", "lr")
     if args.sync_bn and not torch.cuda.is_available():
         raise RunError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
@@ -863,6 +866,8 @@ def train(args: Args) -> str:
     if global_batch > len(train_set):
         raise RunError(f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
                        f"{len(train_set)} training images")
+    if args.train_steps:  # before anything reads --epochs (the checkpoint stores the resolved value)
+        args.epochs = -(-args.train_steps // (len(train_set) // world_size // args.batch_size))
     if rank == 0:  # only now, so that a refused start leaves nothing behind
         try:
             os.makedirs(run_dir, exist_ok=True)

@@ -430,3 +430,15 @@ def test_atomic_save_never_leaves_a_half_written_file(tmp_path):
 class _Unpicklable:
     def __reduce__(self):
         raise RuntimeError("cannot pickle")
+
+
+def test_train_steps_sets_the_epochs_from_the_data_size(tmp_path):
+    """--train-steps N: the fewest whole epochs with >= N steps (9 steps/epoch here: N = 20 -> 3 epochs, 27 steps),
+    recorded in the checkpoint so the same command resumes."""
+    args = [*TINY_ARGS["supervised_baseline.py"], "--batch-size", "8", "--train-steps", "20", "--num-workers", "0",
+            "--eval-every", "0", "--run-name", "t"]
+    out = run_script("supervised_baseline.py", *args, "--max-steps", "2", cwd=tmp_path).stdout
+    assert "9 steps/epoch" in out and "step 2/27" in out
+    assert _load(tmp_path / "runs" / "t" / "checkpoint.pt")["args"]["epochs"] == 3
+    out = run_script("supervised_baseline.py", *args, "--max-steps", "4", cwd=tmp_path).stdout
+    assert "resuming at step 2" in out and "step 4/27" in out
