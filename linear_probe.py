@@ -350,9 +350,8 @@ class KNNMonitor:
         images = [(data.train_full, i) for i in bank_idx] + [(data.test, i) for i in query_idx]
         self.targets = torch.tensor([s.targets[i] for s, i in images])
         mine = images[rank * self.per_rank:(rank + 1) * self.per_rank]
-        self.loader = torch.utils.data.DataLoader(
-            _ImageList(mine, tf), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-            persistent_workers=num_workers > 0, generator=torch.Generator())  # no draw from the global RNG
+        self.loader = lt_data.make_loader(_ImageList(mine, tf), batch_size, num_workers,
+                                          generator=torch.Generator())  # no draw from the global RNG
 
     @torch.no_grad()
     def __call__(self, backbone: nn.Module, prepare=lambda x: x, autocast=None) -> float:

@@ -698,13 +698,15 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
 
 def make_loader(dataset, batch_size: int, num_workers: int, sampler=None, drop_last: bool = False,
-                pin_memory: Optional[bool] = None) -> torch.utils.data.DataLoader:
-    """A DataLoader that keeps a GPU fed: worker processes, pinned memory, persistent workers, prefetching."""
+                pin_memory: Optional[bool] = None, generator: Optional[torch.Generator] = None
+                ) -> torch.utils.data.DataLoader:
+    """A DataLoader that keeps a GPU fed: worker processes, pinned memory, persistent workers, prefetching.
+    ``generator`` seeds the workers instead of a draw from the global RNG (loaders that must not touch it)."""
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
         num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_stop_signals)
+        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_stop_signals, generator=generator)
 
 
 # --------------------------------------------------------------------------- command line
