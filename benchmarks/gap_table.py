@@ -1,68 +1,85 @@
 """Liu et al.'s (ICLR 2022) core measurement: how much does pre-training on a long-tailed set lose against
-pre-training on its balanced twin of the same size?
+pre-training on its balanced twin of the same size, and does supervised pre-training lose more than SSL?
 
-For every method: pre-train on the long-tailed set and on the balanced twin (same size, uniform class
-counts, one lt_data call), probe both backbones with linear_probe.py on the balanced training set, and
-report the relative gap (A_balanced - A_long-tailed) / A_balanced with overall and many / medium / few
-accuracy, as a markdown table and JSON. Runs are ordinary runs of the scripts, so an interrupted table
-resumes where it stopped.
+For every method in --methods and every seed in --seeds: pre-train on the long-tailed set and on the balanced
+twin (same size, uniform class counts, one lt_data call), probe both backbones with linear_probe.py on the
+balanced training set (probe --seed = training seed - 1), and probe each architecture at random init (the
+floor: linear_probe.py --random-init on the runs' own backbone.pt). Reported: mean ± std over seeds of linear
+and kNN top-1 and linear many / medium / few, the relative gap (A_balanced - A_long-tailed) / A_balanced of each
+seed with its mean ± std, whether supervised's mean gap exceeds each SSL method's, a markdown table,
+<output-dir>/gap_table.json (every per-seed number) and <output-dir>/gap_figure.png (per-class linear accuracy
+against the long-tailed class count; needs matplotlib: pip install -r benchmarks/requirements.txt).
 
-    python benchmarks/gap_table.py                                   # CPU-sized defaults on synthetic data
-    python benchmarks/gap_table.py --methods supervised --extra="--max-steps 20"   # a smoke run
+The whole table (6 methods x 2 pre-training sets x 3 seeds, CPU recipes below) is estimated (not yet timed) at
+about 3 hours of a 2-core CPU:
 
-Paper scale (a GPU user's command; CIFAR-10-LT r=100, ResNet-18, 800 epochs):
+    OMP_NUM_THREADS=2 python benchmarks/gap_table.py --output-dir runs/gap
 
-    python benchmarks/gap_table.py --dataset cifar10 --data-dir data --imbalance-ratio 100 --image-size 32 \\
-        --paper-scale
+It resumes: rerun the same command after an interruption. A run whose backbone.pt exists is not retrained, a
+probe whose JSON exists is not re-run (an interrupted run resumes from its checkpoint); delete a run's folder to
+redo it, e.g. after changing its recipe in METHODS.
+
+Paper scale (a GPU user's command; CIFAR-10-LT r=100, each method's paper epochs and batch):
+
+    python benchmarks/gap_table.py --dataset cifar10 --data-dir data --image-size 32 --paper-scale
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shlex
+import statistics
 import subprocess
 import sys
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import asdict, dataclass
+from typing import NoReturn
 
+import torch
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import lt_data  # noqa: E402  (the data sets the scripts accept)
 
-# Per method: its script, the flags of the CPU-sized run (small heads, 12 epochs at batch 64) and of the
-# paper-scale run (the papers' epochs and batches; a GPU job).
-SIMSIAM_CPU = ["--epochs", "12", "--batch-size", "64", "--proj-dim", "512", "--pred-dim", "128"]
+# Per method: its script, the flags of the CPU run, and those of the paper-scale run (a GPU job).
+VIT = ["--arch", "vit_tiny", "--vit-layers", "4", "--vit-dim", "96", "--vit-heads", "3"]
+SIMSIAM = ["--sam", "none", *VIT, "--proj-dim", "512", "--pred-dim", "128", "--epochs", "8", "--warmup-epochs", "1",
+           "--batch-size", "64", "--lr", "2e-3", "--crop-min-scale", "0.5"]
+RWSAM = ["--sam", "asam", "--reweight", "kde", "--reweight-warmup", "2", "--reweight-every", "2"]   # after SIMSIAM
+MSN = [*VIT, "--num-focal", "4", "--head-hidden", "256", "--head-out", "64", "--num-prototypes", "64", "--epochs", "6",
+       "--warmup-epochs", "1", "--batch-size", "64", "--lr", "2e-3", "--ema-momentum", "0.99"]   # uniform prior
 METHODS = {
-    "supervised": ("supervised_baseline.py", ["--epochs", "12", "--batch-size", "64"], ["--epochs", "200"]),
-    "simsiam": ("simsiam_rwsam.py", ["--sam", "none", *SIMSIAM_CPU],
-                ["--sam", "none", "--epochs", "800", "--batch-size", "512"]),
-    "rwsam": ("simsiam_rwsam.py", ["--sam", "asam", "--reweight", "kde", "--reweight-warmup", "4",
-                                   "--reweight-every", "4", *SIMSIAM_CPU],
-              ["--sam", "asam", "--reweight", "kde", "--epochs", "800", "--batch-size", "512"]),
-    "msn": ("msn_prior.py", ["--prior", "power-law", "--arch", "vit_tiny", "--vit-layers", "4", "--vit-dim", "96",
-                             "--vit-heads", "3", "--num-focal", "4", "--head-hidden", "256", "--head-out", "64",
-                             "--num-prototypes", "64", "--epochs", "12", "--warmup-epochs", "2", "--batch-size", "64",
-                             "--lr", "2e-3", "--ema-momentum", "0.99"],
-            ["--prior", "power-law", "--epochs", "800", "--batch-size", "256"]),
-    "excb": ("excb.py", ["--num-clusters", "64", "--hidden-dim", "512", "--out-dim", "64", "--num-local-crops", "2",
-                         "--epochs", "12", "--warmup-epochs", "2", "--batch-size", "64"],
-             ["--epochs", "800", "--batch-size", "256"]),
+    "supervised": ("supervised_baseline.py", ["--epochs", "6", "--batch-size", "64"], ["--epochs", "200"]),
+    "simsiam": ("simsiam_rwsam.py", SIMSIAM, ["--sam", "none", "--epochs", "800", "--batch-size", "512"]),
+    "rwsam": ("simsiam_rwsam.py", [*SIMSIAM, *RWSAM], ["--sam", "asam", "--reweight", "kde", "--epochs", "800",
+                                                       "--batch-size", "512"]),
+    "msn": ("msn_prior.py", MSN, ["--epochs", "800", "--batch-size", "256"]),
+    "pmsn": ("msn_prior.py", [*MSN, "--prior", "power-law"], ["--prior", "power-law", "--epochs", "800",
+                                                             "--batch-size", "256"]),
+    "excb": ("excb.py", [*VIT, "--num-clusters", "256", "--hidden-dim", "512", "--out-dim", "64", "--num-local-crops",
+                         "2", "--epochs", "6", "--warmup-epochs", "1", "--batch-size", "64", "--lr", "2e-3",
+                         "--teacher-momentum", "0.99"], ["--epochs", "800", "--batch-size", "256"]),
 }
+SETS = {"long-tailed": "lt", "balanced": "twin"}   # pre-training set -> run-name suffix
+# (name in the table and JSON, probe, key): linear and kNN top-1, linear many / medium / few
+METRICS = [("linear top-1", "linear", "top1"), ("kNN top-1", "knn", "top1"), ("many", "linear", "many"),
+           ("medium", "linear", "medium"), ("few", "linear", "few")]
 
 
 @dataclass
 class GapArgs:
-    """Balanced-vs-long-tailed pre-training gap for every method."""
+    """Balanced-twin vs long-tailed pre-training gap of every method, over seeds."""
 
-    methods: tuple[str, ...] = tuple(m for m, (script, _, _) in METHODS.items()
-                                     if os.path.exists(os.path.join(ROOT, script)))
-    """methods to run (default: every method whose script is present)"""
-    dataset: lt_data.DatasetName = "synthetic"
+    methods: tuple[str, ...] = tuple(METHODS)
+    """methods to run (a random-init row per architecture is added)"""
+    seeds: tuple[int, ...] = (1, 2, 3)
+    """training seeds (>= 1; each run's probe uses --seed = training seed - 1)"""
+    dataset: lt_data.DatasetName = "fashion-mnist"
     """data set of both pre-training sets and of the probe"""
-    data_dir: str = "data"
+    data_dir: str = lt_data.FASHION_MNIST_DEBIAN
     """--data-dir of the scripts"""
     imbalance_ratio: float = 100.0
     """head/tail ratio of the long-tailed set"""
@@ -73,66 +90,199 @@ class GapArgs:
     synthetic_per_class: int = 500
     """synthetic: images per class before subsampling"""
     paper_scale: bool = False
-    """use each method's paper-scale flags (hundreds of epochs: a GPU job) instead of the CPU-sized ones"""
+    """use each method's paper-scale flags (hundreds of epochs: a GPU job) instead of the CPU recipes"""
     extra: str = ""
-    """extra flags passed to every training script, e.g. --extra="--amp none" """
-    seed: int = 1
-    """training seed"""
+    """extra flags passed to every training script (after the recipe's), e.g. --extra="--amp none" """
     num_workers: int = 2
-    """data-loading workers"""
+    """data-loading workers of the training scripts and the probe"""
     output_dir: str = "runs/gap"
-    """where the runs and gap_table.json go"""
+    """where the runs, the probes' JSONs, gap_table.json and gap_figure.png go"""
 
 
-def run(cmd: list[str]) -> None:
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}")
+def fail(message: str) -> NoReturn:
+    print(f"gap_table.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(cmd: list[str], log: str) -> None:
+    """Run a script, its output appended to ``log`` (tail -f it); on failure print the end of the log and stop."""
+    print("$", shlex.join(cmd), flush=True)
+    with open(log, "a") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        with open(log) as f:
+            sys.exit(f"failed ({code}), see {log}: {shlex.join(cmd)}\n{f.read()[-3000:]}")
+
+
+def probe(args: GapArgs, backbone: str, out: str, seed: int, random_init: bool = False) -> dict:
+    """linear_probe.py's JSON for ``backbone`` (run unless ``out`` exists; written whole or not at all)."""
+    if not os.path.exists(out):
+        run([sys.executable, os.path.join(ROOT, "linear_probe.py"), backbone, "--seed", str(seed), "--num-workers",
+             str(args.num_workers), "--output", out + ".part", *(["--random-init"] if random_init else [])],
+            os.path.splitext(out)[0] + ".log")
+        os.replace(out + ".part", out)
+    with open(out) as f:
+        return json.load(f)
+
+
+def recipe(args: GapArgs, method: str) -> tuple[str, list[str]]:
+    script, cpu_flags, paper_flags = METHODS[method]
+    return script, paper_flags if args.paper_scale else cpu_flags
+
+
+def train_and_probe(args: GapArgs, method: str, pretrain: str, seed: int) -> tuple[str, dict]:
+    """Pre-train ``method`` on ``pretrain`` (unless its backbone.pt exists) and probe it: (backbone.pt, probe JSON)."""
+    script, flags = recipe(args, method)
+    name = f"{method}_{SETS[pretrain]}_s{seed}"
+    run_dir = os.path.join(args.output_dir, name)
+    backbone = os.path.join(run_dir, "backbone.pt")
+    if not os.path.exists(backbone):
+        data = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--imbalance-ratio", str(args.imbalance_ratio),
+                "--image-size", str(args.image_size), "--synthetic-classes", str(args.synthetic_classes),
+                "--synthetic-per-class", str(args.synthetic_per_class)]
+        os.makedirs(run_dir, exist_ok=True)
+        run([sys.executable, os.path.join(ROOT, script), *data, *flags,
+             *shlex.split(args.extra), *(["--balanced-twin"] if pretrain == "balanced" else []), "--seed", str(seed),
+             "--num-workers", str(args.num_workers), "--output-dir", args.output_dir, "--run-name", name],
+            os.path.join(run_dir, "train.log"))
+    return backbone, probe(args, backbone, os.path.join(run_dir, "probe.json"), seed - 1)
+
+
+def arch_label(backbone: str, flags: list[str]) -> str:
+    """The backbone's architecture as a row name: resnet18, or vit_tiny 4x96 (the --arch flag, layers x width)."""
+    meta = torch.load(backbone, map_location="cpu", weights_only=True)["backbone"]
+    if meta["arch"] != "vit":
+        return meta["arch"]
+    kw = meta["arch_kwargs"]
+    name = flags[flags.index("--arch") + 1] if "--arch" in flags else "vit"
+    return f"{name} {kw['num_layers']}x{kw['hidden_dim']}"
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (None with one seed)."""
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def summarise(per_seed: dict[str, dict]) -> dict:
+    """Mean ± std over seeds of every METRICS entry, from {seed: probe JSON's {"linear": ..., "knn": ...}}."""
+    return {name: mean_std([r[which][key] for r in per_seed.values()]) for name, which, key in METRICS}
+
+
+def relative_gaps(runs: dict, which: str) -> dict:
+    """(A_balanced - A_long-tailed) / A_balanced of each seed (top-1 of the ``which`` probe), with mean ± std."""
+    bal, lt = runs["balanced"], runs["long-tailed"]
+    gaps = {s: (bal[s][which]["top1"] - lt[s][which]["top1"]) / bal[s][which]["top1"] for s in lt}
+    return {"per_seed": gaps, **mean_std(list(gaps.values()))}
 
 
 def main(args: GapArgs) -> dict:
     unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        sys.exit(f"gap_table.py: error: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    data = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--imbalance-ratio", str(args.imbalance_ratio),
-            "--image-size", str(args.image_size), "--synthetic-classes", str(args.synthetic_classes),
-            "--synthetic-per-class", str(args.synthetic_per_class)]
-    results = {}
-    for method in args.methods:
-        script, cpu_flags, paper_flags = METHODS[method]
-        results[method] = {}
-        for kind in ("long-tailed", "balanced"):
-            name = f"{method}_{'lt' if kind == 'long-tailed' else 'twin'}"
-            flags = [*data, *(paper_flags if args.paper_scale else cpu_flags), *shlex.split(args.extra), "--seed", str(args.seed),
-                     "--num-workers", str(args.num_workers), "--output-dir", args.output_dir, "--run-name", name]
-            run([sys.executable, os.path.join(ROOT, script), *flags, *(["--balanced-twin"] if kind == "balanced" else [])])
-            out = os.path.join(args.output_dir, name, "probe.json")
-            run([sys.executable, os.path.join(ROOT, "linear_probe.py"), os.path.join(args.output_dir, name, "backbone.pt"),
-                 "--num-workers", str(args.num_workers), "--output", out])
-            with open(out) as f:
-                results[method][kind] = json.load(f)["linear"]
-    table = {}
-    for method, r in results.items():
-        bal, lt = r["balanced"], r["long-tailed"]
-        table[method] = {"balanced": {k: bal[k] for k in ("top1", "many", "medium", "few")},
-                         "long-tailed": {k: lt[k] for k in ("top1", "many", "medium", "few")},
-                         "relative_gap": (bal["top1"] - lt["top1"]) / bal["top1"]}
+    if unknown or not args.methods:
+        fail(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}" if unknown else "give --methods")
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 1:
+        fail(f"--seeds must be one or more distinct seeds >= 1, got {list(args.seeds)}")
+    if args.num_workers < 0:
+        fail(f"--num-workers must be >= 0, got {args.num_workers}")
+    try:   # the long-tailed class counts (the figure's x axis); also checks the data before hours of training
+        counts = lt_data.build_data(lt_data.DataArgs(
+            dataset=args.dataset, data_dir=args.data_dir, imbalance_ratio=args.imbalance_ratio,
+            image_size=args.image_size, synthetic_classes=args.synthetic_classes,
+            synthetic_per_class=args.synthetic_per_class)).class_counts
+    except lt_data.DataError as e:
+        fail(lt_data.error_line(e))
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    table, random_runs = {}, {}   # random_runs: architecture -> a long-tailed backbone.pt of each seed
+    for seed in args.seeds:
+        for method in args.methods:
+            runs = table.setdefault(method, {"runs": {pretrain: {} for pretrain in SETS}})["runs"]
+            for pretrain in SETS:
+                backbone, res = train_and_probe(args, method, pretrain, seed)
+                runs[pretrain][str(seed)] = {p: res[p] for p in ("linear", "knn")}
+                if pretrain == "long-tailed":
+                    table[method]["arch"] = arch_label(backbone, recipe(args, method)[1])
+                    random_runs.setdefault(table[method]["arch"], {}).setdefault(seed, backbone)
+    for arch, backbones in random_runs.items():
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", arch)
+        runs = {str(s): probe(args, b, os.path.join(args.output_dir, f"random_{slug}_s{s}.json"), s - 1, True)
+                for s, b in backbones.items()}
+        table[f"random ({arch})"] = {"arch": arch, "runs": {"random init": {
+            s: {p: r[p] for p in ("linear", "knn")} for s, r in runs.items()}}}
+    for row in table.values():
+        row["summary"] = {pretrain: summarise(per_seed) for pretrain, per_seed in row["runs"].items()}
+        if "balanced" in row["runs"]:
+            row["relative_gap"] = {p: relative_gaps(row["runs"], p) for p in ("linear", "knn")}
+
+    result = {"args": asdict(args), "long_tailed_class_counts": counts, "table": table, "claim": claim(table)}
     print(markdown(table))
+    print(result["claim"])
     with open(os.path.join(args.output_dir, "gap_table.json"), "w") as f:
-        json.dump({"args": vars(args), "table": table}, f, indent=1)
-    return table
+        json.dump(result, f, indent=1)
+    figure(table, counts, os.path.join(args.output_dir, "gap_figure.png"))
+    return result
+
+
+def pm(s: dict, scale: float = 1.0, unit: str = "") -> str:
+    """mean ± std (the mean alone with one seed); percentages (unit "%") with one decimal."""
+    f = lambda v: f"{scale * v:.{1 if unit else 2}f}"  # noqa: E731
+    return f(s["mean"]) + ("" if s["std"] is None else f" ± {f(s['std'])}") + unit
 
 
 def markdown(table: dict) -> str:
-    lines = ["| method | pre-training set | top-1 | many | medium | few | relative gap |", "|---|---|---|---|---|---|---|"]
-    for method, r in table.items():
-        for kind in ("balanced", "long-tailed"):
-            a = r[kind]
-            gap = f"{100 * r['relative_gap']:.1f}%" if kind == "long-tailed" else ""
-            lines.append(f"| {method} | {kind} | {a['top1']:.2f} | {a['many']:.2f} | {a['medium']:.2f} | "
-                         f"{a['few']:.2f} | {gap} |")
+    names = [name for name, _, _ in METRICS]
+    lines = [f"| method | pre-training set | {' | '.join(names)} | relative gap (linear) | relative gap (kNN) |",
+             "|---" * (len(names) + 4) + "|"]
+    for method, row in table.items():
+        for pretrain, summary in row["summary"].items():
+            gap = row.get("relative_gap") if pretrain == "long-tailed" else None
+            gaps = [pm(gap[p], 100, "%") for p in ("linear", "knn")] if gap else ["", ""]
+            cells = [pm(summary[n]) for n in names] + gaps
+            lines.append(f"| {method} | {pretrain} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def claim(table: dict) -> str:
+    """The paper's claim, supervised loses more to the long tail than SSL, checked on the mean linear gaps."""
+    ssl = [m for m, row in table.items() if "relative_gap" in row and m != "supervised"]
+    if "supervised" not in table or not ssl:
+        return "supervised vs SSL: not checked (needs supervised and at least one SSL method in --methods)"
+    sup = table["supervised"]["relative_gap"]["linear"]
+    parts = [f"{'exceeds' if sup['mean'] > g['mean'] else 'does not exceed'} {m}'s {pm(g, 100, '%')}"
+             for m, g in ((m, table[m]["relative_gap"]["linear"]) for m in ssl)]
+    return (f"supervised's mean relative gap (linear top-1, mean ± std over seeds), {pm(sup, 100, '%')}, "
+            f"{', '.join(parts)}")
+
+
+def figure(table: dict, counts: list[int], path: str) -> None:
+    """One panel per method: per-class linear accuracy (mean over seeds) against the long-tailed class count."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("figure skipped: matplotlib is not installed (pip install -r benchmarks/requirements.txt)")
+        return
+    methods = [m for m, row in table.items() if "balanced" in row["runs"]]
+    cols = min(3, len(methods))
+    rows = math.ceil(len(methods) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), sharey=True, squeeze=False)
+    order = sorted(range(len(counts)), key=lambda c: counts[c])
+    for ax, method in zip(axes.flat, methods):
+        for pretrain, label in (("balanced", "balanced twin"), ("long-tailed", "long-tailed")):
+            per_seed = [r["linear"]["per_class"] for r in table[method]["runs"][pretrain].values()]
+            acc = [statistics.mean(p[c] for p in per_seed) for c in order]
+            ax.plot([counts[c] for c in order], acc, "o-", label=f"{label} pre-training")
+        ax.set(xscale="log", title=f"{method}: relative gap {pm(table[method]['relative_gap']['linear'], 100, '%')}",
+               xlabel="training images of the class in the long-tailed set")
+    for ax in axes.flat[len(methods):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("per-class linear top-1 (%)")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ only that they are produced and consistent with what the scripts wrote)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -33,17 +34,78 @@ def test_step_cost_prints_a_row_per_method_and_precision(tmp_path):
         assert ratio > ratio_opt > 0 and all(math.isfinite(v) and v > 0 for v in rates)
 
 
+GAP_TINY = ["--methods", "supervised", "--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-per-class",
+            "24", "--imbalance-ratio", "4", "--image-size", "16", "--extra=--max-steps 2 --batch-size 8",
+            "--num-workers", "0", "--seeds", "1", "2"]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
 def test_gap_table_reports_the_relative_gap_of_the_probes(tmp_path):
-    out = run_benchmark("gap_table.py", "--methods", "supervised", "--synthetic-classes", "4",
-                        "--synthetic-per-class", "24", "--imbalance-ratio", "4", "--image-size", "16",
-                        "--extra=--max-steps 2 --batch-size 8", "--num-workers", "0", cwd=tmp_path)
-    result = json.loads((tmp_path / "runs" / "gap" / "gap_table.json").read_text())["table"]["supervised"]
-    for kind, run in (("long-tailed", "supervised_lt"), ("balanced", "supervised_twin")):
-        probe = json.loads((tmp_path / "runs" / "gap" / run / "probe.json").read_text())["linear"]
-        assert result[kind]["top1"] == probe["top1"]
-    bal, lt = result["balanced"]["top1"], result["long-tailed"]["top1"]
-    assert result["relative_gap"] == (bal - lt) / bal
-    assert f"| supervised | long-tailed | {lt:.2f} |" in out
+    out = run_benchmark("gap_table.py", *GAP_TINY, cwd=tmp_path)
+    gap_dir = tmp_path / "runs" / "gap"
+    result = json.loads((gap_dir / "gap_table.json").read_text())
+    table = result["table"]
+    assert list(table) == ["supervised", "random (resnet18)"]
+    # the per-seed numbers are the probes' JSONs; each probe ran with --seed = training seed - 1
+    files = {("supervised", pretrain, s): gap_dir / f"supervised_{suffix}_s{s}" / "probe.json"
+             for pretrain, suffix in (("long-tailed", "lt"), ("balanced", "twin")) for s in (1, 2)}
+    files.update({("random (resnet18)", "random init", s): gap_dir / f"random_resnet18_s{s}.json" for s in (1, 2)})
+    for (row, pretrain, s), path in files.items():
+        probe = json.loads(path.read_text())
+        assert table[row]["runs"][pretrain][str(s)] == {"linear": probe["linear"], "knn": probe["knn"]}
+        assert probe["random_init"] == (row != "supervised")
+    for s in (1, 2):
+        assert f"runs/gap/supervised_lt_s{s}/backbone.pt --seed {s - 1} --num-workers 0 --output " \
+               f"runs/gap/random_resnet18_s{s}.json.part --random-init" in out
+        assert f"runs/gap/supervised_twin_s{s}/backbone.pt --seed {s - 1} " in out
+    # mean and sample std over the seeds, and the relative gap of each seed
+    sup = table["supervised"]
+    for pretrain, runs in sup["runs"].items():
+        for name, probe, key in (("linear top-1", "linear", "top1"), ("kNN top-1", "knn", "top1"),
+                                 ("many", "linear", "many"), ("medium", "linear", "medium"), ("few", "linear", "few")):
+            m, sd = _mean_std([runs[s][probe][key] for s in ("1", "2")])
+            assert sup["summary"][pretrain][name] == {"mean": pytest.approx(m), "std": pytest.approx(sd)}
+    for probe in ("linear", "knn"):
+        gaps = {s: (sup["runs"]["balanced"][s][probe]["top1"] - sup["runs"]["long-tailed"][s][probe]["top1"])
+                / sup["runs"]["balanced"][s][probe]["top1"] for s in ("1", "2")}
+        g = sup["relative_gap"][probe]
+        assert g["per_seed"] == pytest.approx(gaps)
+        assert (g["mean"], g["std"]) == pytest.approx(_mean_std(list(gaps.values())))
+    lt, g = sup["summary"]["long-tailed"]["linear top-1"], sup["relative_gap"]["linear"]
+    assert f"| supervised | long-tailed | {lt['mean']:.2f} ± {lt['std']:.2f} | " in out
+    assert f" | {100 * g['mean']:.1f} ± {100 * g['std']:.1f}% | " in out
+    assert "| random (resnet18) | random init | " in out and "relative_gap" not in table["random (resnet18)"]
+    assert result["long_tailed_class_counts"] == [24, 15, 9, 6]   # int(24 * 4^(-i/3))
+    # a rerun trains and probes nothing and gives the same JSON
+    outputs = sorted(gap_dir.glob("supervised_*/*.pt")) + sorted(gap_dir.glob("**/*probe.json")) \
+        + sorted(gap_dir.glob("random_*.json"))
+    assert len(outputs) == 4 * 2 + 4 + 2 and not list(gap_dir.glob("**/*.part"))
+    mtimes = [p.stat().st_mtime_ns for p in outputs]
+    again = run_benchmark("gap_table.py", *GAP_TINY, cwd=tmp_path)
+    assert "$ " not in again and [p.stat().st_mtime_ns for p in outputs] == mtimes
+    assert json.loads((gap_dir / "gap_table.json").read_text()) == result
+    # the figure where matplotlib is installed (benchmarks/requirements.txt), else one line saying it was skipped
+    if importlib.util.find_spec("matplotlib"):
+        assert (gap_dir / "gap_figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "figure skipped: matplotlib is not installed (pip install -r benchmarks/requirements.txt)" in out
+        assert not (gap_dir / "gap_figure.png").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--methods", "supervised", "byol"], "unknown method 'byol'; choose from supervised, simsiam, rwsam, msn, pmsn"),
+    (["--seeds", "1", "1"], "--seeds must be one or more distinct seeds >= 1, got [1, 1]"),
+    (["--seeds", "0"], "--seeds must be one or more distinct seeds >= 1, got [0]"),
+])
+def test_gap_table_bad_input_one_clear_line(tmp_path, extra, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gap_table.py"), *GAP_TINY, *extra],
+                          cwd=tmp_path, env=script_env(), capture_output=True, text=True)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stdout + proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
 def test_excb_usage_reports_the_teacher_assignments(tmp_path):
