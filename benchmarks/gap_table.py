@@ -46,13 +46,13 @@ import lt_data  # noqa: E402  (the data sets the scripts accept)
 
 # Per method: its script, the flags of the CPU run, and those of the paper-scale run (a GPU job).
 VIT = ["--arch", "vit_tiny", "--vit-layers", "4", "--vit-dim", "96", "--vit-heads", "3"]
-SIMSIAM = ["--sam", "none", *VIT, "--proj-dim", "512", "--pred-dim", "128", "--epochs", "8", "--warmup-epochs", "1",
+SIMSIAM = ["--sam", "none", *VIT, "--proj-dim", "512", "--pred-dim", "128", "--train-steps", "1800", "--warmup-epochs", "1",
            "--batch-size", "64", "--lr", "2e-3", "--crop-min-scale", "0.5"]
 RWSAM = ["--sam", "asam", "--reweight", "kde", "--reweight-warmup", "2", "--reweight-every", "2"]   # after SIMSIAM
-MSN = [*VIT, "--num-focal", "4", "--head-hidden", "256", "--head-out", "64", "--num-prototypes", "64", "--epochs", "6",
+MSN = [*VIT, "--num-focal", "4", "--head-hidden", "256", "--head-out", "64", "--num-prototypes", "64", "--train-steps", "1200",
        "--warmup-epochs", "1", "--batch-size", "64", "--lr", "2e-3", "--ema-momentum", "0.99"]   # uniform prior
 METHODS = {
-    "supervised": ("supervised_baseline.py", ["--epochs", "6", "--batch-size", "64"], ["--epochs", "200"]),
+    "supervised": ("supervised_baseline.py", ["--train-steps", "1200", "--batch-size", "64"], ["--epochs", "200"]),
     "simsiam": ("simsiam_rwsam.py", SIMSIAM, ["--sam", "none", "--epochs", "800", "--batch-size", "512"]),
     "rwsam": ("simsiam_rwsam.py", [*SIMSIAM, *RWSAM], ["--sam", "asam", "--reweight", "kde", "--epochs", "800",
                                                        "--batch-size", "512"]),
@@ -60,7 +60,7 @@ METHODS = {
     "pmsn": ("msn_prior.py", [*MSN, "--prior", "power-law"], ["--prior", "power-law", "--epochs", "800",
                                                              "--batch-size", "256"]),
     "excb": ("excb.py", [*VIT, "--num-clusters", "256", "--hidden-dim", "512", "--out-dim", "64", "--num-local-crops",
-                         "2", "--epochs", "6", "--warmup-epochs", "1", "--batch-size", "64", "--lr", "2e-3",
+                         "2", "--train-steps", "1200", "--warmup-epochs", "1", "--batch-size", "64", "--lr", "2e-3",
                          "--teacher-momentum", "0.99"], ["--epochs", "800", "--batch-size", "256"]),
 }
 SETS = {"long-tailed": "lt", "balanced": "twin"}   # pre-training set -> run-name suffix
