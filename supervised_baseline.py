@@ -577,8 +577,8 @@ def train(args: Args) -> str:
     logger = Logger(run, resumed)
     monitor = None
     if args.eval_every:
-        monitor = KNNMonitor(data, args.eval_bank, args.eval_queries, max(args.batch_size, 256), min(workers, 2),
-                             args.seed, rank, world_size)
+        monitor = KNNMonitor(data, args.eval_bank, args.eval_queries, max(args.batch_size, 256), 0,  # in-process:
+                             args.seed, rank, world_size)                                    # no idle workers
         if not resumed:
             logger.write(*evaluate(run, monitor))
     first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -171,10 +172,9 @@ def loop_rate(script, data_flags, args: BenchArgs, amp) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run([sys.executable, os.path.join(ROOT, script), *data_flags, "--amp", amp, "--batch-size",
                               str(args.batch_size), "--max-steps", str(args.loop_steps), "--log-every",
-                              str(args.loop_steps // 2), "--num-workers", str(args.num_workers), "--output-dir", tmp],
-                             capture_output=True, text=True, check=True).stdout
-    last = [line for line in out.splitlines() if "img/s" in line][-1]
-    return float(last.split("|")[1].split()[0])
+                              str(args.loop_steps // 2), "--num-workers", str(args.num_workers), "--output-dir", tmp,
+                              "--eval-every", "0"], capture_output=True, text=True, check=True).stdout
+    return float(re.findall(r"\| ([0-9.]+) img/s", out)[-1])
 
 
 def main(args: BenchArgs) -> None:
