@@ -10,8 +10,8 @@ seed with its mean ± std, whether supervised's mean gap exceeds each SSL method
 <output-dir>/gap_table.json (every per-seed number) and <output-dir>/gap_figure.png (per-class linear accuracy
 against the long-tailed class count; needs matplotlib: pip install -r benchmarks/requirements.txt).
 
-The whole table (6 methods x 2 pre-training sets x 3 seeds, CPU recipes below) is estimated (not yet timed) at
-about 3 hours of a 2-core CPU:
+The whole table (6 methods x 2 pre-training sets x 3 seeds, CPU recipes below: 36 runs, 42 probes) is estimated
+from the recipes' measured times (docs/cpu_recipes.md) at 5 to 6 hours of a 2-core CPU, so it resumes:
 
     OMP_NUM_THREADS=2 python benchmarks/gap_table.py --output-dir runs/gap
 
