@@ -173,6 +173,20 @@ def build_backbone(arch: str, **kwargs) -> nn.Module:
     raise ProbeError(f"unknown backbone architecture {arch!r}")
 
 
+def backbone_spec(arch: str, image_size: int, vit_layers: Optional[int] = None, vit_heads: Optional[int] = None,
+                  vit_dim: Optional[int] = None, patch_size: Optional[int] = None,
+                  crop_sizes: Optional[dict] = None) -> dict:
+    """``{"arch", "arch_kwargs"}`` for build_backbone and the export, from a training script's --arch (resnet18,
+    resnet50: CIFAR stem below 64 px; vit_*: ``vit_kwargs``). Raises ProbeError on ViT flags with a ResNet or
+    impossible ViT sizes."""
+    if not arch.startswith("vit"):
+        if any(v is not None for v in (vit_layers, vit_dim, vit_heads, patch_size)):
+            raise ProbeError(f"--vit-layers/--vit-dim/--vit-heads/--patch-size apply to ViTs, not --arch {arch}")
+        return {"arch": arch, "arch_kwargs": {"cifar_stem": image_size < 64}}
+    return {"arch": "vit", "arch_kwargs": vit_kwargs(arch, image_size, vit_layers, vit_heads, vit_dim, patch_size,
+                                                      crop_sizes)}
+
+
 def feature_dim(arch: str, **kwargs) -> int:
     return {"resnet18": 512, "resnet50": 2048}.get(arch) or kwargs["hidden_dim"]
 

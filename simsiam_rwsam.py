@@ -141,7 +141,8 @@ class Args(lt_data.DataArgs):
 
 
 # ============================================================ method: model and loss
-from linear_probe import ProbeError, vit_kwargs
+import linear_probe
+from linear_probe import ProbeError
 
 METHOD = "simsiam_rwsam"
 
@@ -316,14 +317,10 @@ def train_transform(args: Args, data: lt_data.LTData):
 
 
 def backbone_spec(args: Args, data: lt_data.LTData) -> dict:
-    """Backbone architecture for build_backbone and the export; raises RunError on impossible ViT sizes."""
-    if not args.arch.startswith("vit"):
-        if any(v is not None for v in (args.vit_layers, args.vit_dim, args.vit_heads, args.patch_size)):
-            raise RunError(f"--vit-layers/--vit-dim/--vit-heads/--patch-size apply to ViTs, not --arch {args.arch}")
-        return {"arch": args.arch, "arch_kwargs": {"cifar_stem": data.image_size < 64}}
+    """Backbone architecture for build_backbone and the export; raises RunError on impossible backbone flags."""
     try:
-        return {"arch": "vit", "arch_kwargs": vit_kwargs(args.arch, data.image_size, args.vit_layers, args.vit_heads,
-                                                          args.vit_dim, args.patch_size)}
+        return linear_probe.backbone_spec(args.arch, data.image_size, args.vit_layers, args.vit_heads, args.vit_dim,
+                                          args.patch_size)
     except ProbeError as e:
         raise RunError(str(e)) from None
 
