@@ -1,10 +1,11 @@
 """Parity with a peer: our SimSiam (simsiam_rwsam.py --sam none) against lightly's SimSiam heads and loss.
 
 Both train on the same data (lt_data's long-tailed set, same sampler seed, so the same images in the same
-order with the same augmentation draws), the same backbone (linear_probe.build_backbone("resnet18"), CIFAR
-stem below 64 px, initialised from torch.manual_seed(seed) in both, so it starts bit-identical), the same batch,
-SGD (momentum 0.9, weight decay on all parameters, lr * batch / 256, cosine per step to 0), autocast and
-number of steps. What differs is the SimSiam part: ours is the project's script, run as a subprocess; lightly's
+order with the same augmentation draws), the same backbone (linear_probe.build_backbone: ResNet-18 with the
+CIFAR stem below 64 px, or the ViT of --arch vit_tiny with --vit-*, initialised from torch.manual_seed(seed) in
+both, so it starts bit-identical), the same batch, the same optimiser as simsiam_rwsam.py picks for the backbone
+(ResNet: SGD momentum 0.9, weight decay on all parameters; ViT: AdamW, weight decay on weight matrices only;
+lr * batch / 256, --warmup-epochs of linear warm-up, then cosine per step to 0), autocast and number of steps. What differs is the SimSiam part: ours is the project's script, run as a subprocess; lightly's
 is lightly 1.6.0's SimSiamProjectionHead, SimSiamPredictionHead and NegativeCosineSimilarity in a small
 loop here, used as lightly's SimSiam example does. Both are scored by the same online kNN monitor
 (linear_probe.KNNMonitor: k 20, T 0.07, on the backbone) before training, every --eval-every epochs and at
@@ -23,8 +24,12 @@ Each (implementation, seed) writes <output-dir>/<impl>_s<seed>.json when done; a
 reuses those and so resumes an interrupted benchmark (ours also resumes its own run from its checkpoint).
 lightly is a benchmark-only dependency: pip install -r benchmarks/requirements.txt.
 
+The CPU recipe of simsiam_rwsam.py (docs/cpu_recipes.md: 8 epochs of 232 steps), 2 seeds of each:
+
     python benchmarks/simsiam_parity.py --dataset fashion-mnist --data-dir /usr/share/datasets/fashion-mnist \\
-        --image-size 16 --epochs 6 --batch-size 128 --lr 0.5 --weight-decay 1e-5 --eval-every 1
+        --image-size 16 --arch vit_tiny --vit-layers 4 --vit-dim 96 --vit-heads 3 --epochs 8 --warmup-epochs 1 \\
+        --batch-size 64 --lr 2e-3 --weight-decay 0.05 --proj-dim 512 --pred-dim 128 --crop-min-scale 0.5 \\
+        --eval-every 1 --num-workers 0
 """
 
 from __future__ import annotations
@@ -46,9 +51,8 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import lt_data  # noqa: E402
-from linear_probe import KNNMonitor, build_backbone, feature_dim  # noqa: E402
+from linear_probe import KNNMonitor, backbone_spec, build_backbone, feature_dim  # noqa: E402
 
-ARCH = "resnet18"
 IMPLEMENTATIONS = ("ours", "lightly")
 # flags that cannot change a curve: a finished run's JSON written with other values of these is still reused
 NOT_COMPARED = ("seeds", "which", "output_dir", "data_dir", "download", "num_workers")
@@ -68,6 +72,14 @@ class ParityError(Exception):
 class ParityArgs(lt_data.DataArgs):
     """Our SimSiam against lightly's on the same data, backbone, optimiser and steps: online kNN curves."""
 
+    arch: Literal["resnet18", "vit_tiny", "vit_small"] = "resnet18"
+    """backbone, as simsiam_rwsam.py's --arch (ResNet: SGD; ViT: AdamW)"""
+    vit_layers: Optional[int] = None
+    """ViT only: override the preset's number of transformer layers"""
+    vit_dim: Optional[int] = None
+    """ViT only: override the preset's width"""
+    vit_heads: Optional[int] = None
+    """ViT only: override the preset's number of attention heads"""
     seeds: tuple[int, ...] = (0, 1)
     """training seeds; every implementation runs each (the spread over seeds is the yardstick of a difference)"""
     which: Literal["ours", "lightly", "both"] = "both"
@@ -77,9 +89,11 @@ class ParityArgs(lt_data.DataArgs):
     batch_size: int = 512
     """batch size"""
     lr: float = 0.03
-    """SGD learning rate for a batch of 256, scaled linearly"""
+    """learning rate for a batch of 256, scaled linearly (SGD for ResNets, AdamW for ViTs)"""
     weight_decay: float = 5e-4
-    """SGD weight decay (all parameters)"""
+    """weight decay (ResNets: all parameters; ViTs: weight matrices only)"""
+    warmup_epochs: int = 0
+    """linear learning-rate warm-up epochs before the cosine decay"""
     proj_dim: int = 2048
     """projector width (hidden and output) and predictor output"""
     pred_dim: int = 512
@@ -111,6 +125,10 @@ def validate(args: ParityArgs) -> None:
     for name in ("eval_bank", "eval_queries", "num_workers"):
         if getattr(args, name) < 0:
             raise ParityError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not args.arch.startswith("vit") and vit_flags(args):
+        raise ParityError(f"--vit-layers/--vit-dim/--vit-heads apply to ViTs, not --arch {args.arch}")
+    if args.warmup_epochs < 0:
+        raise ParityError(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
     if args.max_steps is not None and args.max_steps < 1:
         raise ParityError(f"--max-steps must be >= 1, got {args.max_steps}")
     if not args.lr > 0 or not args.weight_decay >= 0:
@@ -135,13 +153,18 @@ def data_flags(args: ParityArgs) -> list[str]:
     return flags
 
 
+def vit_flags(args: ParityArgs) -> list[str]:
+    return [item for name in ("vit_layers", "vit_dim", "vit_heads") if getattr(args, name) is not None
+            for item in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
+
+
 def train_ours(args: ParityArgs, seed: int) -> list[tuple[int, float]]:
     """simsiam_rwsam.py --sam none in a subprocess; the curve from its TensorBoard scalars eval/knn_top1."""
     run_name = f"ours_s{seed}"
     cmd = [sys.executable, os.path.join(ROOT, "simsiam_rwsam.py"), "--sam", "none", *data_flags(args),
-           "--arch", ARCH, "--seed", str(seed), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+           "--arch", args.arch, *vit_flags(args), "--seed", str(seed), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
            "--lr", str(args.lr), "--weight-decay", str(args.weight_decay), "--proj-dim", str(args.proj_dim),
-           "--pred-dim", str(args.pred_dim), "--crop-min-scale", str(args.crop_min_scale), "--amp", args.amp,
+           "--pred-dim", str(args.pred_dim), "--warmup-epochs", str(args.warmup_epochs), "--crop-min-scale", str(args.crop_min_scale), "--amp", args.amp,
            "--eval-every", str(args.eval_every), "--eval-bank", str(args.eval_bank),
            "--eval-queries", str(args.eval_queries), "--num-workers", str(args.num_workers),
            "--output-dir", args.output_dir, "--run-name", run_name,
@@ -171,8 +194,10 @@ class LightlySimSiam(nn.Module):
 
     def __init__(self, args: ParityArgs, image_size: int, projection_head_cls, prediction_head_cls):
         super().__init__()
-        self.backbone = build_backbone(ARCH, cifar_stem=image_size < 64)
-        self.projection_head = projection_head_cls(feature_dim(ARCH), args.proj_dim, args.proj_dim)
+        spec = backbone_spec(args.arch, image_size, args.vit_layers, args.vit_heads, args.vit_dim)
+        self.backbone = build_backbone(spec["arch"], **spec["arch_kwargs"])
+        self.projection_head = projection_head_cls(feature_dim(spec["arch"], **spec["arch_kwargs"]), args.proj_dim,
+                                                   args.proj_dim)
         self.prediction_head = prediction_head_cls(args.proj_dim, args.pred_dim, args.proj_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,13 +216,27 @@ def train_lightly(args: ParityArgs, seed: int, data: lt_data.LTData, lightly_mod
     model = LightlySimSiam(args, data.image_size, projection_head_cls, prediction_head_cls).to(
         device, memory_format=torch.channels_last)
     criterion = loss_cls()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr * args.batch_size / 256, momentum=0.9,
-                                weight_decay=args.weight_decay, fused=True)
+    lr = args.lr * args.batch_size / 256
+    if args.arch.startswith("vit"):  # as simsiam_rwsam.make_optimizer: AdamW, no decay on biases and norms
+        optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.ndim > 1],
+                                        "weight_decay": args.weight_decay},
+                                       {"params": [p for p in model.parameters() if p.ndim <= 1],
+                                        "weight_decay": 0.0}], lr=lr, fused=True)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay,
+                                    fused=True)
     sampler = lt_data.ResumableSampler(len(train_set), 1, 0, seed)
     steps_per_epoch = len(sampler) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
     stop_step = min(total_steps, args.max_steps or total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+    warmup = min(args.warmup_epochs * steps_per_epoch, total_steps)
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then cosine to 0 (simsiam_rwsam.lr_factor)
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total_steps - warmup, 1)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     loader = lt_data.make_loader(train_set, args.batch_size, args.num_workers, sampler, drop_last=True)
     monitor = KNNMonitor(data, args.eval_bank, args.eval_queries, max(args.batch_size, 256), 0, seed)
 

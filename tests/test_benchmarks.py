@@ -158,6 +158,7 @@ def test_simsiam_parity_ours_writes_curves_and_resumes_by_skipping(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--seeds", "0", "0"], "--seeds must be one or more distinct seeds"),
     (["--crop-min-scale", "0"], "--crop-min-scale must be in (0, 1]"),
+    (["--vit-dim", "16"], "--vit-layers/--vit-dim/--vit-heads apply to ViTs, not --arch resnet18"),
     (["--which", "lightly"], "lightly is not installed: pip install -r benchmarks/requirements.txt"),
 ])
 def test_simsiam_parity_bad_input_one_clear_line(tmp_path, extra, message):
@@ -181,7 +182,12 @@ def test_simsiam_parity_both_implementations(tmp_path):
     assert "difference of means (ours - lightly)" in out and "3 linear layers" in out
 
 
-def test_simsiam_parity_lightly_heads_shaped_like_ours_train_identically(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backbone", [
+    [],
+    ["--arch", "vit_tiny", "--vit-layers", "1", "--vit-dim", "16", "--vit-heads", "2", "--warmup-epochs", "1",
+     "--lr", "2e-3", "--weight-decay", "0.05"],   # the ViT recipe's optimiser: AdamW, warm-up, decay on matrices
+], ids=["resnet18", "vit"])
+def test_simsiam_parity_lightly_heads_shaped_like_ours_train_identically(tmp_path, monkeypatch, backbone):
     """The harness check: lightly's ProjectionHead built with our 2-layer projector, in fp32, gives our curve."""
     pytest.importorskip("lightly")
     import torch
@@ -200,7 +206,7 @@ def test_simsiam_parity_lightly_heads_shaped_like_ours_train_identically(tmp_pat
     torch.set_num_threads(1)   # one thread here and in the subprocess: the same kernels, and no oversubscription
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = tyro.cli(simsiam_parity.ParityArgs, args=[*PARITY_TINY, "--epochs", "2", "--eval-every", "1",
-                                                     "--amp", "none"])
+                                                     "--amp", "none", *backbone])
     _, prediction_head, loss = simsiam_parity.import_lightly()
     lightly = simsiam_parity.train_lightly(args, 0, lt_data.build_data(args), (two_layer_projector, prediction_head,
                                                                                loss))
