@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import platform
 import random
 import signal
 import sys
@@ -57,8 +58,8 @@ class Args(lt_data.DataArgs):
     """stop after this many optimisation steps (smoke runs); the schedules still span --epochs"""
     train_steps: Optional[int] = None
     """replaces --epochs by the fewest whole epochs of at least this many optimisation steps: one budget for data sets of any size"""
-    amp: Literal["bf16", "fp16", "none"] = "bf16"
-    """autocast dtype: bf16 (CPU and recent GPUs), fp16 (with a GradScaler; CUDA), none (fp32)"""
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    """autocast dtype: bf16, fp16 (with a GradScaler), none (fp32); auto: bf16 on CUDA GPUs with bf16, fp16 on older ones, bf16 on CPUs with native bf16 (AVX512-BF16/AMX, Arm BF16), else none (emulated bf16 is ~2x slower than fp32)"""
     compile: bool = False
     """torch.compile the training model"""
     channels_last: bool = True
@@ -355,7 +356,7 @@ def make_optimizer(args: Args, model: Model, lr: float) -> torch.optim.Optimizer
               {"params": cent, "weight_decay": 10 * args.weight_decay}]
     if args.arch.startswith("vit"):
         return torch.optim.AdamW(groups, lr=lr, fused=True)
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9, fused=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, fused=args.amp != "fp16")  # see resolve_amp
 
 
 def lr_factor(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> float:
@@ -564,6 +565,22 @@ def to_device(x: torch.Tensor, run: Run) -> torch.Tensor:
     if x.ndim == 4 and run.args.channels_last:
         return x.to(run.device, non_blocking=True, memory_format=torch.channels_last)
     return x.to(run.device, non_blocking=True)
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """--amp auto -> the fastest autocast dtype the device computes natively: "bf16", "fp16" or "none" (fp32).
+    fp16 runs SGD unfused: fused SGD (torch 2.14) allocates its momentum with empty_like and, when the GradScaler
+    skips an overflowing first step, keeps that uninitialised memory as the momentum of every later step (also
+    seen in LibreYOLO PR #771); fused AdamW honours the skip."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if platform.machine().lower() in ("x86_64", "amd64"):  # oneDNN runs bf16 natively only with these
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    else:  # Arm: true with the BF16 extension
+        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "bf16" if native else "none"
 
 
 def setup_distributed() -> tuple[torch.device, int, int]:
@@ -852,6 +869,8 @@ def train(args: Args) -> str:
     """Build everything, resume if the run exists, train, export; returns the run folder."""
     device, rank, world_size = setup_distributed()
     validate(args, world_size)
+    amp_choice = "" if args.amp != "auto" else " (--amp auto)"
+    args.amp = resolve_amp(args.amp, device)  # the checkpoint and hyperparameters store the resolved dtype
     ratio = lt_data.resolved_ratio(args)
     run_name = args.run_name or f"{METHOD}_{args.dataset}_r{ratio:g}{'_twin' if args.balanced_twin else ''}_s{args.seed}"
     run_dir = os.path.join(args.output_dir, run_name)
@@ -904,7 +923,8 @@ def train(args: Args) -> str:
     if rank == 0:
         print(f"{METHOD}: {len(train_set)} training images, {data.num_classes} classes, global batch "
               f"{global_batch} on {world_size} x {device.type}, {steps_per_epoch} steps/epoch, "
-              + (f"resuming at step {run.step} of {stop_step}" if resumed else f"{stop_step} steps") + f" -> {run_dir}",
+              + (f"resuming at step {run.step} of {stop_step}" if resumed else f"{stop_step} steps")
+              + f", amp {args.amp}{amp_choice} -> {run_dir}",
               flush=True)
 
     logger = Logger(run, resumed)
