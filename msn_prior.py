@@ -742,8 +742,9 @@ class Logger:
             self.writer.add_scalar("charts/images_per_second", images_per_s, run.step)
             self.writer.add_scalar("charts/epoch", run.step / run.steps_per_epoch, run.step)
             loss = dict(zip(keys, values)).get("loss", float("nan"))
+            memory = f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if run.device.type == "cuda" else ""
             print(f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss {loss:.4f}{shown} "
-                  f"| {images_per_s:.0f} img/s | eta {format_eta(eta)}", flush=True)
+                  f"| {images_per_s:.0f} img/s{memory} | eta {format_eta(eta)}", flush=True)
         self.sums, self.count, self.t0, self.step0 = {}, 0, time.perf_counter(), run.step
 
     def write_views(self, views: list[torch.Tensor] | torch.Tensor, mean, std) -> None:

@@ -213,3 +213,69 @@ def test_simsiam_parity_lightly_heads_shaped_like_ours_train_identically(tmp_pat
     ours = simsiam_parity.train_ours(args, 0)
     assert [step for step, _ in ours] == [0, 9, 18]
     assert [top1 for _, top1 in lightly] == pytest.approx([top1 for _, top1 in ours], abs=1e-4)
+
+
+def test_gpu_check_smoke_mode_runs_every_script_end_to_end(tmp_path):
+    """benchmarks/gpu_check.sh --device cpu: every script in bf16 and fp16 through its own command line, then
+    step_cost's step / limit; one row each, and the closing line only when all of them finished."""
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu"], cwd=tmp_path,
+                          env=script_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = re.findall(r"^\| (supervised|simsiam|msn|excb) \| (bf16|fp16) \| (\d+) \|", proc.stdout, re.M)
+    assert [(m, a) for m, a, _ in rows] == [(m, a) for m in ("supervised", "simsiam", "msn", "excb")
+                                            for a in ("bf16", "fp16")]
+    assert "compile" not in {a for _, a, _ in rows}   # no --compile in the CPU smoke mode
+    step_rows = re.findall(r"^\| (supervised|simsiam|msn|excb) \| bf16 \| ([0-9.]+) \|", proc.stdout, re.M)
+    assert [m for m, _ in step_rows] == ["supervised", "simsiam", "msn", "excb"]
+    assert all(float(ratio) > 0 for _, ratio in step_rows)
+    assert proc.stdout.rstrip().endswith("gpu_check: all runs finished")
+
+
+def test_gpu_check_fails_on_a_failing_run_naming_the_command(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--image-size", "4",
+                           "--methods", "supervised"], cwd=tmp_path, env=script_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "gpu_check: FAILED" in proc.stderr and "supervised_baseline.py" in proc.stderr
+    assert "--image-size must be >= 8, got 4" in proc.stderr   # the script's own one-line error is shown
+    assert "all runs finished" not in proc.stdout
+
+
+def test_pipeline_benchmark_times_each_scripts_own_transform(tmp_path):
+    out = run_benchmark("pipeline.py", "--image-size", "32", "--num-images", "4", "--repeats", "1", "--workers", "0",
+                        "1", "--batch-size", "2", "--methods", "simsiam", "excb", "--breakdown", "--model-rate",
+                        "100", cwd=tmp_path)
+    result = json.loads((tmp_path / "pipeline.json").read_text())["results"]
+    assert list(result) == ["simsiam", "excb"]
+    assert result["simsiam"]["views"] == [[32, 32]] * 2
+    assert result["excb"]["views"] == [[32, 32]] * 2 + [[16, 16]] * 6   # 2 global + 6 local crops (ExCB default)
+    for row in result.values():
+        ms = row["ms_per_image_per_core"]
+        assert ms > 0 and row["cores_needed"] == pytest.approx(100 * ms / 1000)
+        assert set(row["workers"]) == {"0", "1"} and all(v > 0 for v in row["workers"].values())
+        assert sum(c for _, c in row["breakdown_ms_per_view"]) > 0
+    assert re.search(r"^\| simsiam \| 2 x 32 \| [0-9.]+ \| \d+ \| \d+ \| \d+ \| [0-9.]+ \|$", out, re.M)
+    assert "GaussianBlur" not in out   # no blur at 32 px (CIFAR recipes)
+
+
+def test_peers_benchmark_without_lightly_fails_in_one_line(tmp_path):
+    (tmp_path / "lightly").mkdir()   # a lightly that fails to import, whether or not the real one is installed
+    (tmp_path / "lightly" / "__init__.py").write_text("raise ImportError('not here')\n")
+    env = {**script_env(), "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == \
+        "peers.py: error: lightly is not installed: pip install -r benchmarks/requirements.txt"
+
+
+def test_peers_benchmark_compares_ours_and_lightly(tmp_path):
+    pytest.importorskip("lightly")
+    out = run_benchmark("peers.py", "--batch-size", "4", "--image-size", "16", "--repeats", "1", "--pipeline-size",
+                        "32", "--pipeline-images", "2", cwd=tmp_path)
+    result = json.loads((tmp_path / "peers.json").read_text())["results"]
+    assert list(result) == ["simsiam", "msn", "pmsn"]
+    for method, row in result.items():
+        assert row["step_ms"]["ours"] > 0 and row["step_ms"]["lightly"] > 0
+        assert row["pipeline_ms"]["ours"] > 0 and row["pipeline_ms"]["lightly"] > 0
+        ratio = row["step_ms"]["ours"] / row["step_ms"]["lightly"]
+        assert f"| {method} | {row['step_ms']['ours']:.1f} | {row['step_ms']['lightly']:.1f} | {ratio:.2f} |" in out

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms as T
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -306,6 +307,39 @@ def test_views_shapes_and_index():
     big = lt_data.ssl_augment(224, data.mean, data.std)(Image.new("RGB", (300, 260)))
     assert big.shape == (3, 224, 224)
     assert lt_data.eval_transform(224, data.mean, data.std)(Image.new("RGB", (300, 260))).shape == (3, 224, 224)
+
+
+def _edge_sigma(img: Image.Image) -> float:
+    """The blur's sigma in pixels, read off a blurred vertical step edge: the std of the profile's derivative."""
+    d = np.diff(np.asarray(img)[32, :, 0].astype(float))
+    d /= d.sum()
+    x = np.arange(len(d))
+    return float(np.sqrt((d * (x - (d * x).sum()) ** 2).sum()))
+
+
+def test_blur_blurs_with_the_papers_sigma_range():
+    """SimSiam/MoCo v2/DINO: Gaussian blur, sigma ~ U(0.1, 2.0) px. Each draw comes from torch's RNG (so a seeded
+    sample repeats it) and the blur it applies has that sigma (the step edge's profile is the Gaussian's CDF)."""
+    edge = np.zeros((64, 64, 3), np.uint8)
+    edge[:, 32:] = 255
+    edge = Image.fromarray(edge)
+    blur, draws, measured = lt_data.GaussianBlur((0.1, 2.0)), [], []
+    for seed in range(200):
+        torch.manual_seed(seed)
+        draws.append(torch.empty(1).uniform_(0.1, 2.0).item())
+        torch.manual_seed(seed)
+        measured.append(_edge_sigma(blur(edge)))
+    draws, measured = np.array(draws), np.array(measured)
+    assert draws.min() < 0.2 and draws.max() > 1.9          # the whole range is drawn
+    visible = draws > 0.4                                    # below ~0.4 px a blur barely moves a pixel value
+    assert np.abs(measured[visible] - draws[visible]).max() < 0.05
+    assert measured.max() < 2.05
+    # in the augmentation: p .5 at ImageNet sizes (>= 96 px), never at CIFAR sizes
+    ops = {size: lt_data.ssl_augment(size, (0.5,) * 3, (0.25,) * 3).transforms for size in (224, 32)}
+    applied = [op for op in ops[224] if isinstance(op, T.RandomApply) and
+               isinstance(op.transforms[0], lt_data.GaussianBlur)]
+    assert len(applied) == 1 and applied[0].p == 0.5 and applied[0].transforms[0].sigma == (0.1, 2.0)
+    assert not any("GaussianBlur" in repr(op) for op in ops[32])
 
 
 def test_sampler_ranks_partition_the_single_process_batches():
