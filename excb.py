@@ -116,8 +116,8 @@ class Args(lt_data.DataArgs):
     """student predictor head (official); --no-predictor pairs each teacher view with the student projector of every other view"""
     num_local_crops: int = 6
     """M local crops per image (student only)"""
-    local_size: Annotated[Optional[int], lt_data.resolved_later("image size // 2, at least 8", "INT")] = None
-    """local crop resolution; default: image size // 2 (16 px at 32 px; the official setting at 224 px is 96)"""
+    local_size: Annotated[Optional[int], lt_data.resolved_later("half the image below 112 px, else 96", "INT")] = None
+    """local crop resolution (official: 96 px at 224 px; the CIFAR setting: 16 px at 32 px)"""
     crop_scale: tuple[float, float] = (0.26, 0.14)
     """crop-scale split s at the first and the last epoch (cosine over epochs, official): global crops use scale (s, 1), local crops (0.05, s); give two equal values for a constant split"""
     teacher_temp: float = 0.04
@@ -205,7 +205,8 @@ def excb_loss(targets: torch.Tensor, student_scores: torch.Tensor, student_temp:
 
 
 def local_size(args: Args, data: lt_data.LTData) -> int:
-    return args.local_size or max(8, data.image_size // 2)
+    """Local crop size: 96 px at ImageNet sizes (official ExCB/DINO: 224/96), half the image at CIFAR sizes (32/16)."""
+    return args.local_size or (max(8, data.image_size // 2) if data.image_size < 112 else 96)
 
 
 def _cosine(start: float, end: float, t: float) -> float:

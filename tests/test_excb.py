@@ -362,3 +362,15 @@ def test_kmeans_init_takes_a_last_chunk_of_one_image(tmp_path):
                       "--kmeans-samples", "257", "--batch-size", "8", "--max-steps", "1", "--num-workers", "0",
                       cwd=tmp_path)
     assert "done: step 1" in proc.stdout
+
+
+def test_local_crops_are_96_px_at_imagenet_sizes_and_half_the_image_at_cifar_sizes():
+    """ExCB's official ImageNet views are 2 x 224 + 6 x 96; its CIFAR setting 2 x 32 + 6 x 16 (specs/excb.md)."""
+    import types
+
+    import tyro
+    for size, expected in ((224, 96), (112, 96), (96, 48), (32, 16), (8, 8)):
+        args = tyro.cli(excb.Args, args=["--image-size", str(size)])
+        assert excb.local_size(args, types.SimpleNamespace(image_size=size)) == expected
+    args = tyro.cli(excb.Args, args=["--local-size", "64"])
+    assert excb.local_size(args, types.SimpleNamespace(image_size=224)) == 64
