@@ -106,6 +106,8 @@ class Args(lt_data.DataArgs):
     """weight decay: on all parameters for ResNets (SimSiam's CIFAR recipe), on weight matrices only for ViTs"""
     warmup_epochs: int = 0
     """linear learning-rate warm-up epochs before the cosine decay (SimSiam: none)"""
+    proj_layers: Annotated[Optional[int], lt_data.resolved_later("3 at 96 px and above, 2 below", "INT")] = None
+    """linear layers of the projector (SimSiam: 3 on ImageNet, 2 on CIFAR); each but the last is Linear-BN-ReLU"""
     proj_dim: int = 2048
     """projector width (hidden and output) and predictor output"""
     pred_dim: int = 512
@@ -303,6 +305,8 @@ def _check_method_args(args: Args, data: lt_data.LTData) -> None:
     for name in ("reweight_every", "kde_chunk_size", "proj_dim", "pred_dim"):
         if getattr(args, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.proj_layers is not None and args.proj_layers < 2:
+        raise RunError(f"--proj-layers must be >= 2, got {args.proj_layers}")
     if args.reweight_warmup < 0 or args.kde_reference < 0:
         raise RunError("--reweight-warmup and --kde-reference must be >= 0")
     check_floats(args, "(0, 1]", "crop_min_scale")
@@ -336,8 +340,10 @@ class Model(nn.Module):
         self.backbone_spec = backbone_spec(args, data)
         self.backbone = build_backbone(self.backbone_spec["arch"], **self.backbone_spec["arch_kwargs"])
         d, h, b = feature_dim(self.backbone_spec["arch"], **self.backbone_spec["arch_kwargs"]), args.proj_dim, args.pred_dim
-        self.projector = nn.Sequential(nn.Linear(d, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True),
-                                       nn.Linear(h, h, bias=False), nn.BatchNorm1d(h, affine=False))
+        layers = args.proj_layers or (3 if data.image_size >= 96 else 2)  # SimSiam: ImageNet 3, CIFAR 2 (App. D)
+        hidden = [m for i in range(layers - 1) for m in (nn.Linear(d if i == 0 else h, h, bias=False),
+                                                          nn.BatchNorm1d(h), nn.ReLU(inplace=True))]
+        self.projector = nn.Sequential(*hidden, nn.Linear(h, h, bias=False), nn.BatchNorm1d(h, affine=False))
         self.predictor = nn.Sequential(nn.Linear(h, b, bias=False), nn.BatchNorm1d(b), nn.ReLU(inplace=True),
                                        nn.Linear(b, h))
         train_idx = data.pretrain_indices(args.balanced_twin)

@@ -12,13 +12,13 @@ loop here, used as lightly's SimSiam example does. Both are scored by the same o
 the end. Printed: a markdown table of the kNN top-1 curves per implementation and seed, the final mean +-
 half-range over seeds, and the difference of the means; written: <output-dir>/parity.json with all curves.
 
-Known differences that remain (printed with the results):
-  - projector depth: lightly's SimSiamProjectionHead has 3 linear layers (ImageNet SimSiam) and no argument
-    to change that; ours has 2 (SimSiam's CIFAR variant). Hidden and output widths are both --proj-dim;
-  - loss precision: ours computes the negative cosine in fp32; lightly's in the autocast dtype (bf16 under
-    CPU autocast; CUDA autocast runs cosine_similarity in fp32 anyway).
-Everything else agrees: with lightly's ProjectionHead built with our 2 layers and --amp none, the two loops
-give the same curves (tests/test_benchmarks.py checks it), so a gap here comes from these two differences.
+Projector: lightly's SimSiamProjectionHead has 3 linear layers (ImageNet SimSiam) and no depth argument; ours
+runs with --proj-layers (default 3 here, so the heads agree; 2 is SimSiam's CIFAR variant, and the difference is
+then printed with the results). Hidden and output widths are both --proj-dim. One difference remains (printed):
+the loss precision: ours computes the negative cosine in fp32; lightly's in the autocast dtype (bf16 under CPU
+autocast; CUDA autocast runs cosine_similarity in fp32 anyway). With lightly's ProjectionHead built as deep as
+ours and --amp none, the two loops give the same curves (tests/test_benchmarks.py checks it), so a gap here
+comes from these differences.
 
 Each (implementation, seed) writes <output-dir>/<impl>_s<seed>.json when done; a rerun of the same command
 reuses those and so resumes an interrupted benchmark (ours also resumes its own run from its checkpoint).
@@ -56,9 +56,9 @@ from linear_probe import KNNMonitor, backbone_spec, build_backbone, feature_dim 
 IMPLEMENTATIONS = ("ours", "lightly")
 # flags that cannot change a curve: a finished run's JSON written with other values of these is still reused
 NOT_COMPARED = ("seeds", "which", "output_dir", "data_dir", "download", "num_workers")
+PROJECTOR_DIFFERENCE = ("projector: lightly's SimSiamProjectionHead has 3 linear layers (Linear-BN-ReLU, "
+                        "Linear-BN-ReLU, Linear-BN(affine=False)) and no depth argument; ours has --proj-layers {}")
 DIFFERENCES = [
-    "projector: lightly's SimSiamProjectionHead has 3 linear layers (Linear-BN-ReLU, Linear-BN-ReLU, "
-    "Linear-BN(affine=False)) and no depth argument; ours has 2 (Linear-BN-ReLU, Linear-BN(affine=False))",
     "loss: ours computes the negative cosine in fp32; lightly's NegativeCosineSimilarity in the autocast dtype "
     "(bf16 under CPU autocast with --amp bf16; CUDA autocast computes cosine_similarity in fp32)",
 ]
@@ -94,6 +94,8 @@ class ParityArgs(lt_data.DataArgs):
     """weight decay (ResNets: all parameters; ViTs: weight matrices only)"""
     warmup_epochs: int = 0
     """linear learning-rate warm-up epochs before the cosine decay"""
+    proj_layers: int = 3
+    """our projector's linear layers (simsiam_rwsam.py --proj-layers); lightly's SimSiamProjectionHead has 3"""
     proj_dim: int = 2048
     """projector width (hidden and output) and predictor output"""
     pred_dim: int = 512
@@ -119,6 +121,8 @@ class ParityArgs(lt_data.DataArgs):
 def validate(args: ParityArgs) -> None:
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
         raise ParityError(f"--seeds must be one or more distinct seeds, got {list(args.seeds)}")
+    if args.proj_layers < 2:
+        raise ParityError(f"--proj-layers must be >= 2, got {args.proj_layers}")
     for name in ("epochs", "batch_size", "proj_dim", "pred_dim", "eval_every"):
         if getattr(args, name) < 1:
             raise ParityError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -135,6 +139,10 @@ def validate(args: ParityArgs) -> None:
         raise ParityError(f"--lr must be > 0 and --weight-decay >= 0, got {args.lr} and {args.weight_decay}")
     if not 0 < args.crop_min_scale <= 1:
         raise ParityError(f"--crop-min-scale must be in (0, 1], got {args.crop_min_scale}")
+
+
+def differences(args: ParityArgs) -> list[str]:
+    return ([PROJECTOR_DIFFERENCE.format(args.proj_layers)] if args.proj_layers != 3 else []) + DIFFERENCES
 
 
 def compared_flags(args: ParityArgs) -> dict:
@@ -163,7 +171,8 @@ def train_ours(args: ParityArgs, seed: int) -> list[tuple[int, float]]:
     run_name = f"ours_s{seed}"
     cmd = [sys.executable, os.path.join(ROOT, "simsiam_rwsam.py"), "--sam", "none", *data_flags(args),
            "--arch", args.arch, *vit_flags(args), "--seed", str(seed), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-           "--lr", str(args.lr), "--weight-decay", str(args.weight_decay), "--proj-dim", str(args.proj_dim),
+           "--lr", str(args.lr), "--weight-decay", str(args.weight_decay), "--proj-layers", str(args.proj_layers),
+           "--proj-dim", str(args.proj_dim),
            "--pred-dim", str(args.pred_dim), "--warmup-epochs", str(args.warmup_epochs), "--crop-min-scale", str(args.crop_min_scale), "--amp", args.amp,
            "--eval-every", str(args.eval_every), "--eval-bank", str(args.eval_bank),
            "--eval-queries", str(args.eval_queries), "--num-workers", str(args.num_workers),
@@ -325,7 +334,7 @@ def report(args: ParityArgs, curves: dict[str, dict[int, list]]) -> dict:
               f"{'overlap' if overlap else 'do not overlap'}")
         summary.update(difference=difference, ranges_overlap=overlap)
     if "lightly" in curves:
-        print("\nknown differences between the two:\n" + "\n".join(f"  - {d}" for d in DIFFERENCES))
+        print("\nknown differences between the two:\n" + "\n".join(f"  - {d}" for d in differences(args)))
     return summary
 
 
@@ -355,7 +364,7 @@ def main(args: ParityArgs) -> dict:
             curves[impl][seed] = curve
     summary = report(args, curves)
     result = {"args": dataclasses.asdict(args), "curves": curves, **summary,
-              "differences": DIFFERENCES if "lightly" in curves else []}
+              "differences": differences(args) if "lightly" in curves else []}
     with open(os.path.join(args.output_dir, "parity.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result

@@ -179,7 +179,8 @@ def test_simsiam_parity_both_implementations(tmp_path):
     ours, lightly = result["curves"]["ours"]["0"], result["curves"]["lightly"]["0"]
     assert ours[0][1] == pytest.approx(lightly[0][1], abs=1e-4)   # the same seed builds the same backbone
     assert result["difference"] == pytest.approx(ours[-1][1] - lightly[-1][1])
-    assert "difference of means (ours - lightly)" in out and "3 linear layers" in out
+    assert "difference of means (ours - lightly)" in out and "negative cosine in fp32" in out
+    assert "3 linear layers" not in out   # --proj-layers 3 (the default here): the heads agree
 
 
 @pytest.mark.parametrize("backbone", [
@@ -206,7 +207,7 @@ def test_simsiam_parity_lightly_heads_shaped_like_ours_train_identically(tmp_pat
     torch.set_num_threads(1)   # one thread here and in the subprocess: the same kernels, and no oversubscription
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = tyro.cli(simsiam_parity.ParityArgs, args=[*PARITY_TINY, "--epochs", "2", "--eval-every", "1",
-                                                     "--amp", "none", *backbone])
+                                                     "--amp", "none", "--proj-layers", "2", *backbone])
     _, prediction_head, loss = simsiam_parity.import_lightly()
     lightly = simsiam_parity.train_lightly(args, 0, lt_data.build_data(args), (two_layer_projector, prediction_head,
                                                                                loss))

@@ -308,3 +308,25 @@ def test_vit_option_trains_with_adamw_and_exports_a_vit(tmp_path):
                       "--run-name", "r", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "apply to ViTs, not --arch resnet18" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs" / "r").exists()
+
+
+def test_projector_depth_follows_simsiam_imagenet_3_cifar_2_and_the_flag():
+    """SimSiam (App. D): a 3-layer projection MLP on ImageNet, 2 layers on CIFAR; --proj-layers overrides."""
+    import tyro
+
+    def linear_layers(*flags):
+        args = tyro.cli(ss.Args, args=[*flags, "--proj-dim", "16", "--pred-dim", "4"])
+        data = lt_data.build_data(args)
+        projector = ss.Model(args, data).projector
+        layers = [m for m in projector if isinstance(m, torch.nn.Linear)]
+        assert isinstance(projector[-1], torch.nn.BatchNorm1d) and not projector[-1].affine   # BN, no affine, last
+        assert [type(m).__name__ for m in projector[:3]] == ["Linear", "BatchNorm1d", "ReLU"]
+        return len(layers)
+
+    small = ["--dataset", "synthetic", "--synthetic-per-class", "4", "--imbalance-ratio", "1"]
+    assert linear_layers(*small, "--image-size", "32") == 2
+    assert linear_layers(*small, "--image-size", "96") == 3
+    assert linear_layers(*small, "--image-size", "32", "--proj-layers", "4") == 4
+    args = tyro.cli(ss.Args, args=[*small, "--image-size", "32", "--proj-layers", "1"])
+    with pytest.raises(ss.RunError, match="--proj-layers must be >= 2, got 1"):
+        ss._check_method_args(args, lt_data.build_data(args))
