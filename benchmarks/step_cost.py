@@ -155,16 +155,20 @@ def real_batch(module, run, batch_size):
 
 
 def pipeline_rate(run, batch_size, workers, batches=10) -> float:
+    """images/s of the script's own loader over `batches` batches after the first (as many epochs as that takes)."""
     sampler = lt_data.ResumableSampler(len(run.train_set), seed=0)
     loader = lt_data.make_loader(run.train_set, batch_size, workers, sampler, drop_last=True)
-    it = iter(loader)
-    next(it)
-    t = time.perf_counter()
-    n = 0
-    for _ in range(batches):
-        next(it)
-        n += batch_size
-    return n / (time.perf_counter() - t)
+    n, t, epoch = -1, None, 0
+    while n < batches:
+        sampler.set_epoch(epoch)
+        for _ in loader:
+            n += 1
+            if n == 0:
+                t = time.perf_counter()
+            if n == batches:
+                break
+        epoch += 1
+    return batches * batch_size / (time.perf_counter() - t)
 
 
 def loop_rate(script, data_flags, args: BenchArgs, amp) -> float:
