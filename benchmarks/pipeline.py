@@ -68,6 +68,9 @@ class PipelineArgs:
     """training images per second the model consumes (from gpu_check.sh), for the cores-needed column"""
     breakdown: bool = False
     """also time each operation of one global view"""
+    compare_torchvision: bool = False
+    """also time the same views with torchvision's GaussianBlur (kernel 10% of the size) and ToTensor + Normalize,
+    the pipeline before lt_data.GaussianBlur and ToNormalizedTensor: the speed-up measured in the same run"""
     output: str = "pipeline.json"
     """where the figures are written (JSON)"""
 
@@ -102,6 +105,33 @@ def build_transform(method: str, image_dir: str, image_size: int):
                                        str(image_size), "--imbalance-ratio", "1", *METHOD_FLAGS.get(method, [])])
     data = lt_data.build_data(args)
     return data, module.train_transform(args, data)
+
+
+def with_torchvision_ops(transform):
+    """A deep copy of the transform with lt_data's GaussianBlur and ToNormalizedTensor replaced by torchvision's
+    T.GaussianBlur(kernel 10% of the crop, odd) and T.ToTensor() + T.Normalize (the same distributions)."""
+    import copy
+
+    import torchvision.transforms as T
+
+    transform = copy.deepcopy(transform)
+    composes = [t for t in (getattr(transform, "transform", None), getattr(transform, "global_t", None),
+                            getattr(transform, "local_t", None)) if t is not None]
+    if hasattr(transform, "crops"):  # ExcbCrops
+        composes += [transform.crops.global_t, transform.crops.local_t]
+    for compose in composes:
+        size = compose.transforms[0].size[0]
+        ops = []
+        for op in compose.transforms:
+            if isinstance(op, T.RandomApply) and isinstance(op.transforms[0], lt_data.GaussianBlur):
+                kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+                op = T.RandomApply([T.GaussianBlur(kernel, sigma=op.transforms[0].sigma)], p=op.p)
+            if isinstance(op, lt_data.ToNormalizedTensor):
+                ops += [T.ToTensor(), T.Normalize(op.mean, op.std)]
+                continue
+            ops.append(op)
+        compose.transforms = ops
+    return transform
 
 
 def views_of(sample) -> list[torch.Tensor]:
@@ -171,11 +201,18 @@ def main(args: PipelineArgs) -> dict:
                                for w in args.workers}}
             if args.breakdown:
                 row["breakdown_ms_per_view"] = breakdown(data, transform, indices)
+            if args.compare_torchvision:
+                before = 1000 * per_core(data, with_torchvision_ops(transform), indices, args.repeats)
+                row["torchvision_ops_ms_per_image_per_core"] = before
+                print(f"{method}: with torchvision's blur and ToTensor + Normalize {before:.1f} ms/img/core, "
+                      f"{before / row['ms_per_image_per_core']:.1f}x", flush=True)
             results[method] = row
             print(f"{method}: {len(views)} views {' + '.join(f'{h}x{w}' for h, w in row['views'])}: "
                   f"{row['ms_per_image_per_core']:.1f} ms/img/core", flush=True)
     header = ["method", "views", "ms/img/core", "img/s/core", *(f"img/s ({w} workers)" for w in args.workers),
               f"cores for {args.model_rate:g} img/s"]
+    if args.compare_torchvision:
+        header += ["ms/img/core, torchvision blur + ToTensor", "speed-up"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, row in results.items():
         sizes = {}
@@ -184,6 +221,9 @@ def main(args: PipelineArgs) -> dict:
         cells = [method, " + ".join(f"{n} x {s}" for s, n in sizes.items()), f"{row['ms_per_image_per_core']:.1f}",
                  f"{row['images_per_s_per_core']:.0f}", *(f"{row['workers'][w]:.0f}" for w in args.workers),
                  f"{row['cores_needed']:.1f}"]
+        if args.compare_torchvision:
+            before = row["torchvision_ops_ms_per_image_per_core"]
+            cells += [f"{before:.1f}", f"{before / row['ms_per_image_per_core']:.1f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     print(f"\nPipeline at {args.image_size} px, JPEG decode to normalised views "
           f"({'generated' if args.image_dir is None else args.image_dir}; {os.cpu_count()} CPUs here)\n")

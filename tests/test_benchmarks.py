@@ -245,7 +245,7 @@ def test_gpu_check_fails_on_a_failing_run_naming_the_command(tmp_path):
 def test_pipeline_benchmark_times_each_scripts_own_transform(tmp_path):
     out = run_benchmark("pipeline.py", "--image-size", "32", "--num-images", "4", "--repeats", "1", "--workers", "0",
                         "1", "--batch-size", "2", "--methods", "simsiam", "excb", "--breakdown", "--model-rate",
-                        "100", cwd=tmp_path)
+                        "100", "--compare-torchvision", cwd=tmp_path)
     result = json.loads((tmp_path / "pipeline.json").read_text())["results"]
     assert list(result) == ["simsiam", "excb"]
     assert result["simsiam"]["views"] == [[32, 32]] * 2
@@ -255,7 +255,9 @@ def test_pipeline_benchmark_times_each_scripts_own_transform(tmp_path):
         assert ms > 0 and row["cores_needed"] == pytest.approx(100 * ms / 1000)
         assert set(row["workers"]) == {"0", "1"} and all(v > 0 for v in row["workers"].values())
         assert sum(c for _, c in row["breakdown_ms_per_view"]) > 0
-    assert re.search(r"^\| simsiam \| 2 x 32 \| [0-9.]+ \| \d+ \| \d+ \| \d+ \| [0-9.]+ \|$", out, re.M)
+        assert row["torchvision_ops_ms_per_image_per_core"] > 0
+    assert re.search(r"^\| simsiam \| 2 x 32 \| [0-9.]+ \| \d+ \| \d+ \| \d+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|$",
+                     out, re.M)
     assert "GaussianBlur" not in out   # no blur at 32 px (CIFAR recipes)
 
 

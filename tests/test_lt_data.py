@@ -407,3 +407,12 @@ def test_cli_bad_arguments_one_line(tmp_path, args, message):
 def test_cli_unknown_dataset_is_refused(tmp_path):
     proc = run_script("lt_data.py", "--dataset", "mnist", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "mnist" in proc.stderr
+
+
+def test_to_normalized_tensor_equals_to_tensor_then_normalize():
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (7, 9, 3), dtype=np.uint8))
+    ours = lt_data.ToNormalizedTensor(mean, std)(img)
+    reference = T.Normalize(mean, std)(T.ToTensor()(img))
+    assert ours.dtype == torch.float32 and ours.shape == (3, 7, 9)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
