@@ -48,10 +48,15 @@ def script_env(threads: int | None = None) -> dict:
     return env
 
 
+def with_seams(script: str, seams: tuple[str, ...]) -> list[str]:
+    """``script.py``, or ``tests/seams.py SEAMS script.py`` (a test seam around the script's loop; see seams.py)."""
+    return [str(ROOT / "tests" / "seams.py"), *seams, str(ROOT / script)] if seams else [str(ROOT / script)]
+
+
 def run_script(script: str, *args: str, cwd, env: dict | None = None, timeout: float = 600,
-               check: bool = True) -> subprocess.CompletedProcess:
-    """Run a top-level script as a user would: ``python script.py ARGS`` in ``cwd``."""
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env or script_env(),
+               check: bool = True, seams: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run a top-level script as a user would: ``python script.py ARGS`` in ``cwd`` (``seams``: see seams.py)."""
+    proc = subprocess.run([sys.executable, *with_seams(script, seams), *args], cwd=cwd, env=env or script_env(),
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -59,11 +64,11 @@ def run_script(script: str, *args: str, cwd, env: dict | None = None, timeout: f
 
 
 def run_torchrun(script: str, *args: str, cwd, nproc: int = 2, env: dict | None = None,
-                 timeout: float = 600) -> subprocess.CompletedProcess:
+                 timeout: float = 600, seams: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node N script.py ARGS`` on CPU (gloo), one thread per process."""
     env = {**(env or script_env()), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                           *with_seams(script, seams), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -333,11 +333,11 @@ def test_vit_flags_are_refused_for_a_resnet(tmp_path):
 def test_vit_ddp_step_matches_one_process_at_twice_the_batch(tmp_path):
     """The ViT path is as global as the ResNet one: 2 processes x 8 == 1 x 16 after one step (no drop path, which
     draws per-process masks; the ViT has no BatchNorm, the heads' BatchNorm uses running statistics: test seam)."""
-    from conftest import run_torchrun, script_env
-    env = {**script_env(), "SSL_IMBALANCE_BN_RUNNING_STATS": "1"}
+    from conftest import run_torchrun
+    seams = ("--bn-running-stats",)
     args = [*TINY_ARGS["excb.py"], *VIT, "--drop-path", "0", "--max-steps", "1", "--num-workers", "0", "--amp", "none"]
-    run_torchrun("excb.py", *args, "--batch-size", "8", "--run-name", "two", cwd=tmp_path, env=env)
-    run_script("excb.py", *args, "--batch-size", "16", "--run-name", "one", cwd=tmp_path, env=env)
+    run_torchrun("excb.py", *args, "--batch-size", "8", "--run-name", "two", cwd=tmp_path, seams=seams)
+    run_script("excb.py", *args, "--batch-size", "16", "--run-name", "one", cwd=tmp_path, seams=seams)
     one, two = (torch.load(tmp_path / "runs" / r / "checkpoint.pt", weights_only=True)["model"] for r in ("one", "two"))
     assert not torch.allclose(one["sizes"], torch.full_like(one["sizes"], 1 / 16))   # a step ran and moved s
     for k, v in one.items():

@@ -165,9 +165,9 @@ def test_vit_is_torchvision_compatible_takes_small_crops_and_drops_paths():
 
 
 def test_vit_kwargs_refuses_impossible_sizes():
-    with pytest.raises(lp.ProbeError, match="--vit-dim 30 is not divisible by --vit-heads 4"):
+    with pytest.raises(lp.BackboneError, match="--vit-dim 30 is not divisible by --vit-heads 4"):
         lp.vit_kwargs("vit_tiny", 32, heads=4, dim=30)
-    with pytest.raises(lp.ProbeError, match="--local-size 18 is not a multiple of --patch-size 4"):
+    with pytest.raises(lp.BackboneError, match="--local-size 18 is not a multiple of --patch-size 4"):
         lp.vit_kwargs("vit_small", 32, crop_sizes={"--local-size": 18})
     assert lp.vit_kwargs("vit_small", 224)["patch_size"] == 16
 

@@ -210,12 +210,12 @@ def test_masks_depend_on_the_image_not_on_the_batch():
 def test_schedules_follow_msn_with_the_horizon():
     args = M.Args(epochs=10, lr=1.0, warmup_epochs=2)
     spe, total = 10, 100
-    assert abs(M.lr_factor(args, 0, total, spe) - 0.2) < 1e-9
-    assert abs(M.lr_factor(args, 20, total, spe) - 1.0) < 1e-9
-    last = M.lr_factor(args, total - 1, total, spe)
+    assert abs(M.schedules(args, 0, total, spe)["lr_scale"] - 0.2) < 1e-9
+    assert abs(M.schedules(args, 20, total, spe)["lr_scale"] - 1.0) < 1e-9
+    last = M.schedules(args, total - 1, total, spe)["lr_scale"]
     assert args.final_lr_ratio < last < 0.2          # 1.25 horizon: never reaches the final value
-    wd0, m0 = M.schedules(args, 0, total)
-    wd1, m1 = M.schedules(args, total, total)
+    wd0, m0 = (M.schedules(args, 0, total, spe)[k] for k in ("weight_decay", "ema_momentum"))
+    wd1, m1 = (M.schedules(args, total, total, spe)[k] for k in ("weight_decay", "ema_momentum"))
     assert wd0 == pytest.approx(0.04) and m0 == pytest.approx(0.996)
     assert m1 == pytest.approx(0.996 + 0.004 / 1.25)                          # ends near 0.9992
     assert wd1 == pytest.approx(0.4 - 0.36 * 0.5 * (1 + math.cos(math.pi * 0.8)))   # cosine at t = 1/1.25

@@ -129,10 +129,8 @@ def test_finished_run_reruns_as_a_no_op_and_refuses_changed_flags(tmp_path, scri
 
 @per_script
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, script):
-    env = script_env()
-    env["SSL_IMBALANCE_INJECT_NAN_AT_STEP"] = "3"
     args = [*base(script), "--max-steps", "6", "--num-workers", "0", "--run-name", "nan", "--log-every", "5"]
-    proc = run_script(script, *args, cwd=tmp_path, env=env, check=False)
+    proc = run_script(script, *args, cwd=tmp_path, check=False, seams=("--inject-nan-at-step", "3"))
     assert proc.returncode == 2
     assert "non-finite loss at step 3" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "the last good checkpoint" in proc.stderr and "(step 2) is untouched" in proc.stderr
@@ -323,12 +321,12 @@ def test_hyperparameter_table_records_the_resolved_values(tmp_path):
 @per_script
 def test_ddp_step_matches_one_process_at_twice_the_batch(tmp_path, script):
     """2 processes x B == 1 process x 2B after one step, to float tolerance. BatchNorm is switched to its
-    running statistics (a test seam): per-process BatchNorm batch statistics are the one legitimate
+    running statistics (a test seam, tests/seams.py): per-process BatchNorm batch statistics are the one legitimate
     difference (README), everything else that depends on the batch must be global."""
-    env = {**script_env(), "SSL_IMBALANCE_BN_RUNNING_STATS": "1"}
+    seams = ("--bn-running-stats",)
     args = [*TINY_ARGS[script], "--max-steps", "1", "--num-workers", "0", "--amp", "none"]
-    two = run_torchrun(script, *args, "--batch-size", "8", "--run-name", "two", cwd=tmp_path, env=env)
-    one = run_script(script, *args, "--batch-size", "16", "--run-name", "one", cwd=tmp_path, env=env)
+    two = run_torchrun(script, *args, "--batch-size", "8", "--run-name", "two", cwd=tmp_path, seams=seams)
+    one = run_script(script, *args, "--batch-size", "16", "--run-name", "one", cwd=tmp_path, seams=seams)
     # the kNN monitor before training: each process embeds half the images, the features are all-gathered
     before = [re.search(r"before training \| knn_top1 ([0-9.]+)", p.stdout).group(1) for p in (two, one)]
     assert before[0] == before[1], before

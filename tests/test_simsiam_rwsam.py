@@ -63,11 +63,10 @@ def _tiny_run(tmp_path, **overrides):
     model = ss.Model(args, data)
     lr = args.lr * args.batch_size / 256
     opt = ss.make_optimizer(args, model, lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=scaled)
     amp_dtype = {"bf16": torch.bfloat16, "none": None}[args.amp]
-    run = ss.Run(args, torch.device("cpu"), 0, 1, data, train_set, model, model, opt, sched, scaler, amp_dtype,
-                 10, 10, str(tmp_path))
+    run = ss.Run(args=args, data=data, train_set=train_set, model=model, ddp_model=model, optimizer=opt,
+                 scaler=scaler, amp_dtype=amp_dtype, steps_per_epoch=10, run_dir=str(tmp_path))
     model.train()
     return run, lr
 
@@ -125,6 +124,7 @@ def test_one_sam_step_equals_the_four_steps_by_hand(tmp_path, sam):
                 for n, gi in zip(names, g2)}
 
     out = ss.train_step(run, batch)
+    out.update(ss.diagnostics(run, out))   # the charts of a log step
     got = dict(run.model.named_parameters())
     moved = 0.0
     for n in names:

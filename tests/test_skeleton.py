@@ -10,7 +10,7 @@ from conftest import ROOT
 
 SCRIPTS = ["supervised_baseline.py", "simsiam_rwsam.py", "msn_prior.py", "excb.py"]
 MARKER = re.compile(r"^ *# =+ (shared|method): (.+)$")
-SHARED = ["imports", "arguments", "runtime"]
+SHARED = ["imports", "arguments", "loop", "runtime"]
 
 
 def sections(path):
