@@ -400,6 +400,7 @@ def train(args: Args) -> str:
         if not resumed:
             logger.write(*evaluate(run, monitor))
     first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss
+    set_schedules(run)
     model.train()
     stop, start_step = StopSignal(), run.step
     while run.step < stop_step:
@@ -411,9 +412,10 @@ def train(args: Args) -> str:
             batch = [[to_device(v, run) for v in x] if isinstance(x, list) else to_device(x, run) for x in batch]
             if run.step == 0:
                 logger.write_views(batch[0], data.mean, data.std)
-            schedule = set_schedules(run)
+            schedule = run.schedule  # this step's values
             out = train_step(run, batch)
             run.step += 1
+            set_schedules(run)  # the next step's: the optimizer (and a checkpoint) always holds them
             first_bad = torch.where(torch.isfinite(out["loss"]), first_bad, run.step)
             logger.accumulate({k: v for k, v in out.items() if k.startswith("loss")})
             end_of_epoch = run.step % run.steps_per_epoch == 0
@@ -718,8 +720,9 @@ class Run:
 
 
 def set_schedules(run: Run) -> dict[str, float]:
-    """Apply the method's ``schedules`` at ``run.step``: every group's lr is its peak lr x lr_scale; a group marked
-    ``{"weight_decay_schedule": name}`` takes the weight decay ``schedules(...)[name]``. Stored in ``run.schedule``."""
+    """Apply the method's ``schedules`` for step ``run.step``: every group's lr is its peak lr x lr_scale; a group
+    marked ``{"weight_decay_schedule": name}`` takes the weight decay ``schedules(...)[name]``; ``train_step``
+    reads the others (EMA momentum, ...) from ``run.schedule``."""
     run.schedule = schedules(run.args, run.step, run.total_steps, run.steps_per_epoch)
     for group, peak in zip(run.optimizer.param_groups, run.peak_lr):
         group["lr"] = peak * run.schedule["lr_scale"]
