@@ -398,7 +398,7 @@ def train(args: Args) -> str:
                 check_finite(run, first_bad, ckpt_path)
                 logger.accumulate({**diagnostics(run, out), **{f"charts/{k}": v for k, v in schedule.items()}})
                 due = monitor is not None and (
-                    run.step == stop_step or end_of_epoch and run.epoch % args.eval_every == args.eval_every - 1
+                    run.step == stop_step or end_of_epoch and (run.epoch + 1) % args.eval_every == 0
                 )
                 logger.write(*(evaluate(run, monitor) if due else (None, 0.0)))
             if save_now:
@@ -850,19 +850,9 @@ def atomic_save(obj, path: str) -> None:
 
 # flags that may differ when a run resumes; any other change is refused
 RESUMABLE_FLAGS = (
-    "max_steps",
-    "num_workers",
-    "log_every",
-    "checkpoint_every",
-    "compile",
-    "channels_last",
-    "download",
-    "data_dir",
-    "output_dir",
-    "eval_every",
-    "eval_bank",
-    "eval_queries",
-)
+    "max_steps num_workers log_every checkpoint_every compile channels_last download data_dir output_dir eval_every "
+    "eval_bank eval_queries"
+).split()
 
 
 def backbone_meta(run: Run) -> dict:

@@ -134,7 +134,7 @@ class ViT(nn.Module):
             nn.init.trunc_normal_(blk.self_attention.in_proj_weight, std=0.02)
             nn.init.zeros_(blk.self_attention.in_proj_bias)
 
-    def set_drop_path(self, rate: float) -> "ViT":
+    def set_drop_path(self, rate: float) -> ViT:
         blocks = list(self.encoder.layers)
         for i, blk in enumerate(blocks):
             blk.drop_path = rate * i / max(len(blocks) - 1, 1)
@@ -431,7 +431,8 @@ class ProbeArgs:
     """backbone.pt or checkpoint.pt written by one of the training scripts"""
     dataset: Annotated[Optional[lt_data.DatasetName],
                        _from_run("{" + ",".join(lt_data.DATASETS) + "}")] = None
-    """data set to probe on (another one: out-of-domain probing, whose other data flags default as in the training scripts)"""
+    """data set to probe on (another one: out-of-domain probing, whose other data flags default as in the training
+    scripts)"""
     data_dir: Annotated[Optional[str], _from_run("STR")] = None
     """root of the data (see the training scripts)"""
     split_file: Annotated[Optional[str], _from_run("STR")] = None
@@ -457,7 +458,8 @@ class ProbeArgs:
     download: bool = True
     """download CIFAR or Fashion-MNIST when it is missing and the network allows it"""
     train_on: Literal["balanced", "long-tailed"] = "balanced"
-    """training set of the linear probe and kNN bank: the full balanced training set (the papers' protocol) or the long-tailed pre-training subset"""
+    """training set of the linear probe and kNN bank: the full balanced training set (the papers' protocol) or the
+    long-tailed pre-training subset"""
     epochs: int = 100
     """linear-probe epochs over the pre-extracted features"""
     lr: float = 0.5
