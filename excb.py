@@ -16,11 +16,14 @@ assignments, all-reduced over processes, so balancing is explicit, global and in
 
 Sections marked "shared" are textually identical in supervised_baseline.py, simsiam_rwsam.py,
 msn_prior.py and excb.py (tests/test_skeleton.py enforces it): diff two scripts to see the method.
+Reading order: the flags, the method's algorithm (train_step), the training loop, the method's parts, and the
+shared plumbing last. docs/excb.md has the logged metrics and the implementation notes.
 """
 
 # ============================================================ shared: imports
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -29,7 +32,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal, Optional
 
 import torch
@@ -37,29 +40,44 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
 
 import lt_data
-from linear_probe import CHECKPOINT_FORMAT, EXPORT_FORMAT, KNNMonitor, build_backbone, feature_dim
-from torchvision.utils import make_grid
+from linear_probe import (
+    CHECKPOINT_FORMAT,
+    EXPORT_FORMAT,
+    BackboneError,
+    KNNMonitor,
+    backbone_spec,
+    build_backbone,
+    feature_dim,
+    vit_kwargs,
+)
 
 
 # ============================================================ shared: arguments
 @dataclass
 class Args(lt_data.DataArgs):
     run_name: Optional[str] = None
-    """run folder name under --output-dir; default: <method>_<dataset>_r<ratio>[_twin]_s<seed>. An existing run of that name resumes"""
+    """run folder name under --output-dir; default: <method>_<dataset>_r<ratio>[_twin]_s<seed>.
+    An existing run of that name resumes"""
     output_dir: str = "runs"
     """where run folders go (TensorBoard events, checkpoint.pt, backbone.pt)"""
     seed: int = 1
     """seed of initialisation, data order and augmentations"""
     deterministic: bool = False
-    """deterministic kernels (torch.use_deterministic_algorithms); slower on GPU, needed for bit-identical resume there"""
+    """deterministic kernels (torch.use_deterministic_algorithms); slower on GPU, needed for bit-identical resume
+    there"""
     max_steps: Optional[int] = None
     """stop after this many optimisation steps (smoke runs); the schedules still span --epochs"""
     train_steps: Optional[int] = None
-    """replaces --epochs by the fewest whole epochs of at least this many optimisation steps: one budget for data sets of any size"""
+    """replaces --epochs by the fewest whole epochs of at least this many optimisation steps: one budget for data
+    sets of any size"""
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
-    """autocast dtype: bf16, fp16 (with a GradScaler), none (fp32); auto: bf16 on CUDA GPUs with bf16, fp16 on older ones, bf16 on CPUs with native bf16 (AVX512-BF16/AMX, Arm BF16), else none (emulated bf16 is ~2x slower than fp32)"""
+    """autocast dtype: bf16, fp16 (with a GradScaler), none (fp32); auto: bf16 on CUDA GPUs with bf16, fp16 on
+    older ones, bf16 on CPUs with native bf16 (AVX512-BF16/AMX, Arm BF16), else none (emulated bf16 is ~2x slower
+    than fp32)"""
     compile: bool = False
     """torch.compile the training model"""
     channels_last: bool = True
@@ -67,7 +85,8 @@ class Args(lt_data.DataArgs):
     sync_bn: bool = False
     """SyncBatchNorm across processes (CUDA only); otherwise BatchNorm statistics are per process"""
     sampling: Literal["instance", "class-balanced"] = "instance"
-    """instance: each image once per epoch; class-balanced: draws with probability 1/(C*n_class) (uses labels: an oracle for SSL)"""
+    """instance: each image once per epoch; class-balanced: draws with probability 1/(C*n_class) (uses labels: an
+    oracle for SSL)"""
     num_workers: Optional[int] = None
     """data-loading processes per training process; default: min(8, CPU cores per process)"""
     log_every: int = 50
@@ -75,15 +94,18 @@ class Args(lt_data.DataArgs):
     checkpoint_every: int = 500
     """also write checkpoint.pt every this many steps (always at the end of an epoch and of the run)"""
     eval_every: int = 5
-    """online kNN monitor (eval/knn_top1 of the exported backbone; k 20, cosine, T 0.07): before training, every this many epochs and at the end; 0: off"""
+    """online kNN monitor (eval/knn_top1 of the exported backbone; k 20, cosine, T 0.07): before training, every
+    this many epochs and at the end; 0: off"""
     eval_bank: int = 5000
-    """kNN monitor's bank: a class-balanced random subsample of this many un-augmented images of the full training set"""
+    """kNN monitor's bank: a class-balanced random subsample of this many un-augmented images of the full training
+    set"""
     eval_queries: int = 2000
     """kNN monitor's queries: a class-balanced random subsample of this many test images; 0: the whole test set"""
 
-        # ======================================================== method: arguments
+    # ======================================================== method: arguments
     arch: Literal["resnet18", "resnet50", "vit_tiny", "vit_small"] = "resnet18"
-    """backbone of student and teacher: ResNets (CIFAR stem below 64 px; SGD, official ResNet-50 recipe) or ViTs (tiny 192-d/3 heads, small 384-d/6 heads, 12 layers; AdamW, official ViT-S/16 recipe)"""
+    """backbone of student and teacher: ResNets (CIFAR stem below 64 px; SGD, official ResNet-50 recipe) or ViTs (tiny
+    192-d/3 heads, small 384-d/6 heads, 12 layers; AdamW, official ViT-S/16 recipe)"""
     vit_layers: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
     """ViT only: override the preset's number of transformer layers (tiny test models)"""
     vit_dim: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
@@ -93,16 +115,21 @@ class Args(lt_data.DataArgs):
     patch_size: Annotated[Optional[int], lt_data.resolved_later("4 below 64 px, else 16", "INT")] = None
     """ViT only: patch size; default 4 below 64 px (32 px: 8x8 patches, 16 px local crops: 4x4), 16 otherwise"""
     drop_path: float = 0.1
-    """ViT only: stochastic-depth rate of the student's last block (linear over blocks); the teacher has none (official)"""
+    """ViT only: stochastic-depth rate of the student's last block (linear over blocks); the teacher has
+    none (official)"""
     epochs: int = 800
     """training epochs"""
     batch_size: int = 128
     """batch size per process (the global batch is this times the number of processes)"""
     lr: Annotated[Optional[float], lt_data.resolved_later("0.15 for ResNets, 5e-4 for ViTs", "FLOAT")] = None
-    """learning rate for a global batch of 256, scaled linearly; default: 0.15 for ResNets (SGD; official 0.6 per 1024), 5e-4 for ViTs (AdamW; official 2e-3 per 1024)"""
+    """learning rate for a global batch of 256, scaled linearly; default: 0.15 for ResNets (SGD; official 0.6 per 1024),
+    5e-4 for ViTs (AdamW; official 2e-3 per 1024)"""
     weight_decay: Annotated[Optional[float], lt_data.resolved_later("1e-4 for ResNets, 0.04 for ViTs", "FLOAT")] = None
-    """weight decay of the weight matrices (not biases/norms) at step 0; default: 1e-4 for ResNets, 0.04 for ViTs. The centroids get x(1+9c) on top, c a cosine 1 -> 0 over the run (official)"""
-    final_weight_decay: Annotated[Optional[float], lt_data.resolved_later("--weight-decay for ResNets, 10x for ViTs", "FLOAT")] = None
+    """weight decay of the weight matrices (not biases/norms) at step 0; default: 1e-4 for ResNets, 0.04 for ViTs. The
+    centroids get x(1+9c) on top, c a cosine 1 -> 0 over the run (official)"""
+    final_weight_decay: Annotated[
+        Optional[float], lt_data.resolved_later("--weight-decay for ResNets, 10x for ViTs", "FLOAT")
+    ] = None
     """weight decay at the last step (cosine from --weight-decay); default: constant for ResNets, 10x (0.4) for ViTs"""
     warmup_epochs: int = 10
     """linear learning-rate warm-up epochs before the per-step cosine decay to lr*1e-4"""
@@ -113,13 +140,15 @@ class Args(lt_data.DataArgs):
     out_dim: int = 256
     """projector output (centroid) dimension"""
     predictor: bool = True
-    """student predictor head (official); --no-predictor pairs each teacher view with the student projector of every other view"""
+    """student predictor head (official); --no-predictor pairs each teacher view with the student projector of every
+    other view"""
     num_local_crops: int = 6
     """M local crops per image (student only)"""
     local_size: Annotated[Optional[int], lt_data.resolved_later("half the image below 112 px, else 96", "INT")] = None
     """local crop resolution (official: 96 px at 224 px; the CIFAR setting: 16 px at 32 px)"""
     crop_scale: tuple[float, float] = (0.26, 0.14)
-    """crop-scale split s at the first and the last epoch (cosine over epochs, official): global crops use scale (s, 1), local crops (0.05, s); give two equal values for a constant split"""
+    """crop-scale split s at the first and the last epoch (cosine over epochs, official): global crops use scale (s, 1),
+    local crops (0.05, s); give two equal values for a constant split"""
     teacher_temp: float = 0.04
     """teacher softmax temperature (constant, no warm-up)"""
     student_temp: float = 0.1
@@ -129,7 +158,8 @@ class Args(lt_data.DataArgs):
     teacher_momentum: float = 0.996
     """initial EMA momentum of the teacher, raised to 1 on a cosine over all steps"""
     balancing: bool = True
-    """explicit cluster balancing of the teacher scores (--no-balancing: plain sharpened teacher targets, an ablation)"""
+    """explicit cluster balancing of the teacher scores (--no-balancing: plain sharpened teacher targets,
+    an ablation)"""
     kmeans_init: bool = True
     """initialise the centroids by spherical k-means on the random teacher's projector outputs before epoch 0"""
     kmeans_samples: int = 500_000
@@ -147,12 +177,7 @@ class Args(lt_data.DataArgs):
             self.final_weight_decay = self.weight_decay * (10 if vit else 1)
 
 
-# ============================================================ method: model and loss
-import copy
-
-import linear_probe
-from linear_probe import ProbeError
-
+# ============================================================ method: algorithm
 METHOD = "excb"
 BOOST = 1.01  # the official code multiplies each row's largest balanced score by this before the softmax
 
@@ -173,12 +198,12 @@ def balance_scores(scores: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def excb_targets(teacher_scores: torch.Tensor, sizes: torch.Tensor, teacher_temp: float = 0.04) -> torch.Tensor:
-    """Teacher targets q = softmax(clamp(boost(B(z, s)), -1, 1) / teacher_temp) (paper: targets from balanced
-    scores; the x1.01 boost of each row's maximum and the clamp are from the official code). No gradient."""
-    zb = balance_scores(teacher_scores, sizes)
-    top = zb.argmax(dim=1, keepdim=True)
-    zb = zb.scatter(1, top, zb.gather(1, top) * BOOST).clamp(-1, 1)
-    return torch.softmax(zb / teacher_temp, dim=1)
+    """Teacher targets q [N, K] = softmax(clamp(boost(B(z, s)), -1, 1) / teacher_temp) (paper: targets from
+    balanced scores; the x1.01 boost of each row's maximum and the clamp are from the official code). No gradient."""
+    balanced = balance_scores(teacher_scores, sizes)
+    top = balanced.argmax(dim=1, keepdim=True)
+    balanced = balanced.scatter(1, top, balanced.gather(1, top) * BOOST).clamp(-1, 1)
+    return torch.softmax(balanced / teacher_temp, dim=1)
 
 
 @torch.no_grad()
@@ -187,21 +212,241 @@ def update_cluster_sizes(sizes: torch.Tensor, assignments: torch.Tensor, momentu
 
     h = bincount(assignments, K) / len(assignments), averaged over processes (all-reduce sum / world size) when a
     process group is initialised, so every process holds the same global estimate; returns
-    momentum * s + (1 - momentum) * h in float32 whatever the autocast state (bf16 would round 0.999 to 1).
+    momentum * s + (1 - momentum) * h [K] in float32 whatever the autocast state (bf16 would round 0.999 to 1).
     """
     with torch.autocast(sizes.device.type, enabled=False):
         k = sizes.numel()
         h = torch.bincount(assignments.reshape(-1), minlength=k).to(torch.float32) / max(assignments.numel(), 1)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed():
             dist.all_reduce(h)
             h = h / dist.get_world_size()
         return momentum * sizes.to(torch.float32) + (1 - momentum) * h
 
 
 def excb_loss(targets: torch.Tensor, student_scores: torch.Tensor, student_temp: float = 0.1) -> torch.Tensor:
-    """Cross-entropy of one teacher/student view pair: batch mean of -sum_k q_k log softmax(z_student / tau_s)_k
-    (paper: the clustering loss; the script averages it over the view pairs)."""
+    """Cross-entropy of one teacher/student view pair (targets, scores [B, K]): batch mean of
+    -sum_k q_k log softmax(z_student / tau_s)_k (paper: the clustering loss; averaged over the view pairs)."""
     return -(targets * F.log_softmax(student_scores.float() / student_temp, dim=1)).sum(dim=1).mean()
+
+
+def train_step(run: Run, batch) -> dict[str, torch.Tensor]:
+    """One ExCB step (Maniadis Metaxas et al. 2024, Sec. 3) on two global views [B, 3, H, W] and M local views
+    [B, 3, h, w] of B images; returns the loss and what ``diagnostics`` needs (no host sync).
+
+    1. teacher scores z [2B, K] of the global views (cosines to the teacher's centroids, no gradient)
+    2. targets q = excb_targets(z, s): balanced by the cluster-size estimate s (--no-balancing: s uniform)
+    3. student scores of every view; L = mean over the pairs (teacher view t, student view v != t) of
+       excb_loss(q_t, student_v)
+    4. optimizer step on L (scheduled lr and weight decay)
+    5. teacher <- m teacher + (1 - m) student (EMA, m scheduled from --teacher-momentum to 1)
+    6. s <- m_s s + (1 - m_s) histogram of argmax q (all-reduced): step t's targets use s up to step t-1
+    """
+    args, model = run.args, run.model
+    views, _, _ = batch
+    b = views[0].shape[0]
+    global_views = torch.cat(views[:2])
+    local_views = torch.cat(views[2:]) if len(views) > 2 else None
+    with torch.no_grad():  # 1, 2
+        with run.autocast():
+            teacher_scores = model.teacher.scores(model.teacher.project(global_views)).float()
+        sizes = model.sizes if args.balancing else torch.ones_like(model.sizes)
+        targets = excb_targets(teacher_scores, sizes, args.teacher_temp)
+    with run.autocast():  # 3
+        projected, predicted = run.ddp_model(global_views, local_views)
+    projected, predicted = projected.float(), (predicted.float() if predicted is not None else None)
+    losses = []
+    for view, target in enumerate(targets.chunk(2)):
+        losses.append(excb_loss(target, projected.chunk(2)[1 - view], args.student_temp))
+        if predicted is not None:
+            losses += [excb_loss(target, scores, args.student_temp) for scores in predicted.split(b)]
+    loss = torch.stack(losses).mean()
+    optimizer_step(run, loss)  # 4
+    teacher, student = list(model.teacher.parameters()), list(model.student.parameters())
+    ema_update(teacher, student, run.schedule["teacher_momentum"])  # 5
+    assignments = targets.argmax(1)
+    model.sizes.copy_(update_cluster_sizes(model.sizes, assignments, args.size_momentum))  # 6
+    student_scores = torch.cat([projected] + ([predicted] if predicted is not None else [])).detach()
+    return {
+        "loss": loss.detach(),
+        "teacher_scores": teacher_scores,
+        "targets": targets,
+        "assignments": assignments,
+        "student_scores": student_scores,
+    }
+
+
+@torch.no_grad()
+def diagnostics(run: Run, out: dict) -> dict[str, torch.Tensor]:
+    """The charts of a log step, from ``train_step``'s output: cluster usage (in use, entropy, sorted relative
+    sizes), the confidences of teacher and student, agreement of the two views, what balancing changed."""
+    args, sizes, assignments = run.args, run.model.sizes, out["assignments"]
+    counts = torch.bincount(assignments, minlength=args.num_clusters).float()
+    if run.world_size > 1:
+        dist.all_reduce(counts)
+    share = sizes / sizes.sum()
+    entropy = -(share * share.clamp_min(1e-12).log()).sum()
+    relative = sizes * (args.num_clusters / sizes.sum())
+    b = assignments.shape[0] // 2
+    return {
+        "charts/clusters_in_use": (counts > 0).sum().float(),
+        "charts/usage_entropy": entropy / math.log(args.num_clusters),
+        "charts/effective_clusters": entropy.exp(),
+        "charts/cluster_sizes_sorted": relative.sort(descending=True).values,
+        "charts/size_ratio_max": relative.max(),
+        "charts/size_ratio_min": relative.min(),
+        "charts/teacher_confidence": out["targets"].amax(1).mean(),
+        "charts/student_confidence": torch.softmax(out["student_scores"] / args.student_temp, 1).amax(1).mean(),
+        "charts/view_agreement": (assignments[:b] == assignments[b:]).float().mean(),
+        "charts/changed_by_balancing": (out["teacher_scores"].argmax(1) != assignments).float().mean(),
+    }
+
+
+# ============================================================ shared: loop
+def train(args: Args) -> str:
+    """Build everything, resume if the run exists, train, export; returns the run folder."""
+    device, rank, world_size = setup_distributed()
+    validate(args)
+    amp_choice = " (--amp auto)" if args.amp == "auto" else ""
+    args.amp = resolve_amp(args.amp, device)  # the checkpoint and hyperparameters store the resolved dtype
+    data = lt_data.build_data(args)
+    check_args(args, data)
+    train_set = lt_data.IndexedDataset(
+        data.train_full, data.pretrain_indices(args.balanced_twin), train_transform(args, data)
+    )
+    global_batch = args.batch_size * world_size
+    if global_batch > len(train_set):
+        raise RunError(
+            f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
+            f"{len(train_set)} training images"
+        )
+    if args.train_steps:  # before anything reads --epochs (the checkpoint stores the resolved value)
+        args.epochs = -(-args.train_steps // (len(train_set) // world_size // args.batch_size))
+    run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(args))
+    ckpt_path, export_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "backbone.pt")
+    if rank == 0:  # only now, so that a refused start leaves nothing behind
+        make_run_dir(run_dir)
+
+    seed_everything(args.seed, args.deterministic)  # same initial weights on every rank
+    model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
+    if args.sync_bn and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    labels = train_set.targets if args.sampling == "class-balanced" else None
+    sampler = lt_data.ResumableSampler(len(train_set), world_size, rank, args.seed, labels=labels)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+    run = Run(
+        args=args,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        data=data,
+        train_set=train_set,
+        model=model,
+        ddp_model=torch.compile(ddp_model) if args.compile else ddp_model,
+        optimizer=make_optimizer(args, model, args.lr * global_batch / 256),  # linear scaling rule, global batch
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        amp_dtype=amp_dtype,
+        steps_per_epoch=len(sampler) // args.batch_size,
+        run_dir=run_dir,
+    )
+    resumed = os.path.exists(ckpt_path)
+    if resumed:
+        load_checkpoint(run, ckpt_path)
+    else:
+        torch.manual_seed(args.seed * 1000 + rank)  # ranks draw different masks, noise, ...
+    loader = lt_data.make_loader(train_set, args.batch_size, num_workers(args), sampler, drop_last=True)
+    stop_step = min(run.total_steps, args.max_steps or run.total_steps)
+    if rank == 0:
+        start = f"resuming at step {run.step} of {stop_step}" if resumed else f"{stop_step} steps"
+        print(
+            f"{METHOD}: {len(train_set)} training images, {data.num_classes} classes, global batch {global_batch} "
+            f"on {world_size} x {device.type}, {run.steps_per_epoch} steps/epoch, {start}, "
+            f"amp {args.amp}{amp_choice} -> {run_dir}",
+            flush=True,
+        )
+    logger = Logger(run, resumed)
+    monitor = None
+    if args.eval_every:  # in-process (0 workers): no idle workers between evaluations
+        monitor = KNNMonitor(
+            data, args.eval_bank, args.eval_queries, max(args.batch_size, 256), 0, args.seed, rank, world_size
+        )
+        if not resumed:
+            logger.write(*evaluate(run, monitor))
+    first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss
+    set_schedules(run)
+    model.train()
+    stop, start_step = StopSignal(), run.step
+    while run.step < stop_step:
+        run.epoch, done_in_epoch = divmod(run.step, run.steps_per_epoch)
+        sampler.set_epoch(run.epoch, skip=done_in_epoch * args.batch_size)
+        if done_in_epoch == 0:
+            on_epoch_start(run, run.epoch)
+        for batch in loader:
+            batch = [[to_device(v, run) for v in x] if isinstance(x, list) else to_device(x, run) for x in batch]
+            if run.step == 0:
+                logger.write_views(batch[0], data.mean, data.std)
+            schedule = run.schedule  # this step's values
+            out = train_step(run, batch)
+            run.step += 1
+            set_schedules(run)  # the next step's: the optimizer (and a checkpoint) always holds them
+            first_bad = torch.where(torch.isfinite(out["loss"]), first_bad, run.step)
+            logger.accumulate({k: v for k, v in out.items() if k.startswith("loss")})
+            end_of_epoch = run.step % run.steps_per_epoch == 0
+            log_now = run.step % args.log_every == 0 or run.step in (stop_step, start_step + 1) or end_of_epoch
+            save_now = run.step % args.checkpoint_every == 0 or run.step == stop_step or end_of_epoch
+            if log_now:
+                check_finite(run, first_bad, ckpt_path)
+                logger.accumulate({**diagnostics(run, out), **{f"charts/{k}": v for k, v in schedule.items()}})
+                due = monitor is not None and (
+                    run.step == stop_step or end_of_epoch and (run.epoch + 1) % args.eval_every == 0
+                )
+                logger.write(*(evaluate(run, monitor) if due else (None, 0.0)))
+            if save_now:
+                check_finite(run, first_bad, ckpt_path)
+                save_checkpoint(run, ckpt_path)
+                logger.flush()  # the events up to the checkpoint survive a kill
+            if run.step >= stop_step:
+                break
+            signum = stop.agreed(run, log_now or save_now)
+            if signum:
+                if run.checkpoint_step != run.step:
+                    check_finite(run, first_bad, ckpt_path)
+                    save_checkpoint(run, ckpt_path)
+                logger.close()
+                raise Interrupted(
+                    signum, f"interrupted at step {run.step}; checkpoint saved; run the same command to resume"
+                )
+    stop.restore()
+    if rank == 0:
+        export_backbone(run, export_path)
+        print(
+            f"done: step {run.step}; checkpoint {ckpt_path}; backbone {export_path}; probe with: "
+            f"python linear_probe.py {export_path}",
+            flush=True,
+        )
+    logger.close()
+    return run_dir
+
+
+# ============================================================ method: parts
+def check_args(args: Args, data: lt_data.LTData) -> None:
+    """The method's flags, checked once the data is known (the shared ``validate`` checks the others)."""
+    excb_backbone_spec(args, data)
+    if not all(0.05 < s < 1 for s in args.crop_scale):
+        raise RunError(f"--crop-scale values must be in (0.05, 1), got {' '.join(map(str, args.crop_scale))}")
+    check_ints(args, 2, "num_clusters")
+    check_ints(args, 1, "hidden_dim", "out_dim")
+    check_ints(args, 0, "num_local_crops", "warmup_epochs")
+    check_floats(args, "[0, 1]", "size_momentum", "teacher_momentum")
+    check_floats(args, "(0, inf)", "teacher_temp", "student_temp")
+    check_floats(args, "[0, inf)", "weight_decay", "final_weight_decay")
+    check_floats(args, "[0, 1)", "drop_path")
+    n = min(len(data.pretrain_indices(args.balanced_twin)), args.kmeans_samples)
+    if args.kmeans_init and n <= args.num_clusters:
+        raise RunError(
+            f"k-means initialisation of {args.num_clusters} centroids needs more than {args.num_clusters} images, "
+            f"got {n}; lower --num-clusters or use --no-kmeans-init"
+        )
 
 
 def local_size(args: Args, data: lt_data.LTData) -> int:
@@ -209,14 +454,26 @@ def local_size(args: Args, data: lt_data.LTData) -> int:
     return args.local_size or (max(8, data.image_size // 2) if data.image_size < 112 else 96)
 
 
-def _cosine(start: float, end: float, t: float) -> float:
-    """start -> end on a half cosine as t goes 0 -> 1 (every schedule of the official code)."""
-    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+def excb_backbone_spec(args: Args, data: lt_data.LTData) -> dict:
+    """The backbone for build_backbone and the export; raises BackboneError on impossible backbone flags."""
+    return backbone_spec(
+        args.arch,
+        data.image_size,
+        args.vit_layers,
+        args.vit_heads,
+        args.vit_dim,
+        args.patch_size,
+        {"--local-size": local_size(args, data)},
+    )
 
 
 def crop_scale(args: Args, epoch: int) -> float:
     """The crop-scale split s of an epoch: cosine from --crop-scale[0] to --crop-scale[1] over --epochs (official)."""
-    return _cosine(*args.crop_scale, epoch / max(args.epochs, 1))
+    return cosine(*args.crop_scale, epoch / max(args.epochs, 1))
+
+
+def train_transform(args: Args, data: lt_data.LTData):
+    return ExcbCrops(args, data)
 
 
 class ExcbCrops:
@@ -232,55 +489,61 @@ class ExcbCrops:
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             s = crop_scale(self.args, epoch)
-            self.crops = lt_data.MultiCrop(*self.sizes, 2, self.args.num_local_crops, self.mean, self.std,
-                                           global_scale=(s, 1.0), local_scale=(0.05, s))
+            self.crops = lt_data.MultiCrop(
+                *self.sizes,
+                2,
+                self.args.num_local_crops,
+                self.mean,
+                self.std,
+                global_scale=(s, 1.0),
+                local_scale=(0.05, s),
+            )
             self.epoch = epoch
 
     def __call__(self, img):
         return self.crops(img)
 
 
-def _check_method_args(args: Args, data: lt_data.LTData) -> None:
-    """Refuse impossible method flags, each named on its own (train_transform, the first method hook, calls it)."""
-    if not all(0.05 < c < 1 for c in args.crop_scale):
-        raise RunError(f"--crop-scale values must be in (0.05, 1), got {' '.join(map(str, args.crop_scale))}")
-    if args.num_clusters < 2 or args.hidden_dim < 1 or args.out_dim < 1 or args.num_local_crops < 0:
-        raise RunError("--num-clusters must be >= 2, --hidden-dim/--out-dim >= 1, --num-local-crops >= 0")
-    check_floats(args, "[0, 1]", "size_momentum", "teacher_momentum")
-    check_floats(args, "(0, inf)", "teacher_temp", "student_temp")
-    check_floats(args, "[0, inf)", "weight_decay", "final_weight_decay")
-    check_floats(args, "[0, 1)", "drop_path")
-    n = min(len(data.pretrain_indices(args.balanced_twin)), args.kmeans_samples)
-    if args.kmeans_init and n <= args.num_clusters:
-        raise RunError(f"k-means initialisation of {args.num_clusters} centroids needs more than "
-                       f"{args.num_clusters} images, got {n}; lower --num-clusters or use --no-kmeans-init")
+class Model(nn.Module):
+    """Student (backbone, projector, centroids, predictor), EMA teacher (same without predictor, no gradients),
+    the cluster-size estimate s (float32 buffer, 1/K) and the centroid-initialisation flag, all in the state dict."""
 
+    export_prefix = "teacher.backbone."  # the teacher backbone is exported and probed (official)
 
-def train_transform(args: Args, data: lt_data.LTData):
-    _check_method_args(args, data)  # the first method hook: refuse before building crops
-    return ExcbCrops(args, data)
+    def __init__(self, args: Args, data: lt_data.LTData):
+        super().__init__()
+        self.backbone_spec = excb_backbone_spec(args, data)
+        self.student = Encoder(args, self.backbone_spec)
+        vit = self.backbone_spec["arch"] == "vit"
+        self.predictor = None
+        if args.predictor:
+            mlp = _mlp([args.out_dim, args.hidden_dim, args.out_dim], bn=not vit, act=nn.GELU if vit else nn.ReLU)
+            self.predictor = nn.Sequential(nn.BatchNorm1d(args.out_dim), mlp)
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        if vit:  # stochastic depth in the student only (official)
+            self.student.backbone.set_drop_path(args.drop_path)
+        self.register_buffer("sizes", torch.full((args.num_clusters,), 1.0 / args.num_clusters, dtype=torch.float32))
+        self.register_buffer("centroids_initialised", torch.tensor(False))
 
+    def forward(self, global_views: torch.Tensor, local_views: Optional[torch.Tensor]):
+        """Student scores: (projector scores of the global views [2B, K], and either the predictor scores of all
+        views [(2+M)B, K] with detached centroids, or, without predictor, the projector scores of the local
+        views)."""
+        student = self.student
+        projected = student.project(global_views)
+        projected_local = student.project(local_views) if local_views is not None else None
+        if self.predictor is not None:
+            both = projected if projected_local is None else torch.cat([projected, projected_local])
+            return student.scores(projected), student.scores(self.predictor(both), detach_centroids=True)
+        return student.scores(projected), (student.scores(projected_local) if projected_local is not None else None)
 
-def _mlp(dims: list[int], bn: bool = True, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
-    """Linear layers with [BN]-activation between them; truncated-normal (std 0.02) weights, zero biases (official)."""
-    layers = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(a, b))
-        nn.init.trunc_normal_(layers[-1].weight, std=0.02)
-        nn.init.zeros_(layers[-1].bias)
-        if i < len(dims) - 2:
-            layers += [nn.BatchNorm1d(b), act()] if bn else [act()]
-    return nn.Sequential(*layers)
-
-
-def backbone_spec(args: Args, data: lt_data.LTData) -> dict:
-    """Backbone architecture for build_backbone and the export; raises RunError on impossible backbone flags."""
-    try:
-        return linear_probe.backbone_spec(args.arch, data.image_size, args.vit_layers, args.vit_heads, args.vit_dim,
-                                          args.patch_size,
-                                     {"--local-size": local_size(args, data)})
-    except ProbeError as e:
-        raise RunError(str(e)) from None
+    def parameter_groups(self):
+        """(weight matrices, biases/BatchNorm, centroids) of the student."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        centroids = [p for n, p in named if n.endswith("centroids")]
+        decay = [p for n, p in named if p.ndim > 1 and not n.endswith("centroids")]
+        no_decay = [p for n, p in named if p.ndim <= 1]
+        return decay, no_decay, centroids
 
 
 class Encoder(nn.Module):
@@ -296,101 +559,71 @@ class Encoder(nn.Module):
                     nn.init.zeros_(getattr(m, name).weight)
                     break
         vit = spec["arch"] == "vit"
-        self.projector = _mlp([feature_dim(spec["arch"], **spec["arch_kwargs"]), args.hidden_dim, args.hidden_dim,
-                               args.out_dim], bn=not vit, act=nn.GELU if vit else nn.ReLU)
+        dims = [feature_dim(spec["arch"], **spec["arch_kwargs"]), args.hidden_dim, args.hidden_dim, args.out_dim]
+        self.projector = _mlp(dims, bn=not vit, act=nn.GELU if vit else nn.ReLU)
         self.centroids = nn.Parameter(F.normalize(torch.randn(args.num_clusters, args.out_dim), dim=1))
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(x))
 
     def scores(self, h: torch.Tensor, detach_centroids: bool = False) -> torch.Tensor:
-        c = F.normalize(self.centroids, dim=1)
-        return F.normalize(h, dim=1) @ (c.detach() if detach_centroids else c).t()
+        """Cosines [N, K] of the rows of h [N, D] to the K centroids."""
+        centroids = F.normalize(self.centroids, dim=1)
+        return F.normalize(h, dim=1) @ (centroids.detach() if detach_centroids else centroids).t()
 
 
-class Model(nn.Module):
-    """Student (backbone, projector, centroids, predictor), EMA teacher (same without predictor, no gradients),
-    the cluster-size estimate s (float32 buffer, 1/K) and the centroid-initialisation flag, all in the state dict."""
-
-    export_prefix = "teacher.backbone."  # the teacher backbone is exported and probed (official)
-
-    def __init__(self, args: Args, data: lt_data.LTData):
-        super().__init__()
-        _check_method_args(args, data)
-        self.backbone_spec = backbone_spec(args, data)
-        self.student = Encoder(args, self.backbone_spec)
-        vit = self.backbone_spec["arch"] == "vit"
-        self.predictor = nn.Sequential(nn.BatchNorm1d(args.out_dim), _mlp(
-            [args.out_dim, args.hidden_dim, args.out_dim], bn=not vit, act=nn.GELU if vit else nn.ReLU)) \
-            if args.predictor else None
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
-        if vit:  # stochastic depth in the student only (official)
-            self.student.backbone.set_drop_path(args.drop_path)
-        self.register_buffer("sizes", torch.full((args.num_clusters,), 1.0 / args.num_clusters, dtype=torch.float32))
-        self.register_buffer("centroids_initialised", torch.tensor(False))
-
-    def forward(self, global_views: torch.Tensor, local_views: Optional[torch.Tensor]):
-        """Student scores: (projector scores of the global views [2B, K], and either the predictor scores of all
-        views [(2+M)B, K] with detached centroids, or, without predictor, the projector scores of the local views)."""
-        s = self.student
-        hg = s.project(global_views)
-        hl = s.project(local_views) if local_views is not None else None
-        if self.predictor is not None:
-            p = self.predictor(hg if hl is None else torch.cat([hg, hl]))
-            return s.scores(hg), s.scores(p, detach_centroids=True)
-        return s.scores(hg), (s.scores(hl) if hl is not None else None)
-
-    def parameter_groups(self):
-        """(weight matrices, biases/BatchNorm, centroids) of the student."""
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        cent = [p for n, p in named if n.endswith("centroids")]
-        decay = [p for n, p in named if p.ndim > 1 and not n.endswith("centroids")]
-        no_decay = [p for n, p in named if p.ndim <= 1]
-        return decay, no_decay, cent
+def _mlp(dims: list[int], bn: bool = True, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """Linear layers with [BN]-activation between them; truncated-normal (std 0.02) weights, zero biases (official)."""
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        nn.init.trunc_normal_(layers[-1].weight, std=0.02)
+        nn.init.zeros_(layers[-1].bias)
+        if i < len(dims) - 2:
+            layers += [nn.BatchNorm1d(b), act()] if bn else [act()]
+    return nn.Sequential(*layers)
 
 
 def make_optimizer(args: Args, model: Model, lr: float) -> torch.optim.Optimizer:
     """SGD momentum 0.9 (ResNets) or AdamW (ViTs), as the official configs; weight decay on weight matrices only,
-    scheduled per step in train_step (the centroids' group on its own schedule). Fused kernels (one pass)."""
-    decay, no_decay, cent = model.parameter_groups()
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-              {"params": cent, "weight_decay": 10 * args.weight_decay}]
+    on the weight_decay schedule (the centroids on their own). Fused kernels (one pass)."""
+    decay, no_decay, centroids = model.parameter_groups()
+    groups = [
+        {"params": decay, "weight_decay": args.weight_decay, "weight_decay_schedule": "weight_decay"},
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": centroids, "weight_decay": 10 * args.weight_decay, "weight_decay_schedule": "centroid_weight_decay"},
+    ]
     if args.arch.startswith("vit"):
         return torch.optim.AdamW(groups, lr=lr, fused=True)
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, fused=args.amp != "fp16")  # see resolve_amp
 
 
-def lr_factor(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """Linear warm-up over --warmup-epochs, then a per-step cosine from 1 to 1e-4 (official)."""
-    warmup = min(args.warmup_epochs * steps_per_epoch, total_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    return _cosine(1.0, 1e-4, (step - warmup) / max(total_steps - warmup, 1))
+def schedules(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> dict[str, float]:
+    """The official schedules: lr_scale (x the peak lr) a linear warm-up over --warmup-epochs, then a per-step
+    cosine from 1 to 1e-4; weight_decay a cosine from --weight-decay to --final-weight-decay; the centroids'
+    weight decay x(1 + 9c), c a cosine 1 -> 0; teacher_momentum a cosine from --teacher-momentum to 1; crop_scale
+    (per epoch, applied by the data workers: ``crop_scale``)."""
+    progress = step / max(total_steps, 1)
+    decaying = cosine(1.0, 0.0, progress)
+    weight_decay = cosine(args.weight_decay, args.final_weight_decay, progress)
+    return {
+        "lr_scale": warmup_cosine(step, args.warmup_epochs * steps_per_epoch, total_steps, end=1e-4),
+        "weight_decay": weight_decay,
+        "centroid_weight_decay": weight_decay * (1 + 9 * decaying),
+        "teacher_momentum": cosine(args.teacher_momentum, 1.0, progress),
+        "crop_scale": crop_scale(args, step // steps_per_epoch),
+    }
+
+
+def on_epoch_start(run: Run, epoch: int) -> None:
+    """Before epoch 0: k-means initialisation of the centroids (once; the flag is in the checkpoint)."""
+    if run.args.kmeans_init and not bool(run.model.centroids_initialised):
+        init_centroids(run)
+        run.model.centroids_initialised.fill_(True)
 
 
 @torch.no_grad()
-def spherical_kmeans(x: torch.Tensor, k: int, iters: int, restarts: int, generator: torch.Generator) -> torch.Tensor:
-    """Spherical k-means on L2-normalised rows of ``x``; restarts until no cluster is empty (or ``restarts`` tries,
-    keeping the attempt with the fewest empty clusters, whose empty centroids stay at their random sample)."""
-    x = F.normalize(x.float(), dim=1)
-    best, best_empty = None, None
-    for _ in range(max(restarts, 1)):
-        c = x[torch.randperm(len(x), generator=generator)[:k]].clone()
-        for _ in range(iters):
-            a = (x @ c.t()).argmax(1)
-            sums = torch.zeros_like(c).index_add_(0, a, x)
-            counts = torch.bincount(a, minlength=k)
-            c = torch.where((counts > 0)[:, None], F.normalize(sums, dim=1), c)
-        empty = int((torch.bincount((x @ c.t()).argmax(1), minlength=k) == 0).sum())
-        if best is None or empty < best_empty:
-            best, best_empty = c, empty
-        if empty == 0:
-            break
-    return best
-
-
-@torch.no_grad()
-def init_centroids(run: "Run") -> None:
+def init_centroids(run: Run) -> None:
     """Spherical k-means on the random teacher's projector outputs (one deterministic view per image, at most
     --kmeans-samples images) on rank 0, broadcast to every rank; student and teacher centroids both set to it.
     Uses its own generator and a throw-away copy of the teacher, so neither the RNG nor BatchNorm statistics move."""
@@ -399,96 +632,45 @@ def init_centroids(run: "Run") -> None:
     if run.rank == 0:
         g = torch.Generator().manual_seed(args.seed)
         images, indices = run.train_set.images, run.train_set.indices
-        pick = torch.randperm(len(indices), generator=g)[:args.kmeans_samples].sort().values.tolist()
-        tf = lt_data.eval_transform(run.data.image_size, run.data.mean, run.data.std)
+        pick = torch.randperm(len(indices), generator=g)[: args.kmeans_samples].sort().values.tolist()
+        transform = lt_data.eval_transform(run.data.image_size, run.data.mean, run.data.std)
         teacher = copy.deepcopy(model.teacher).train()  # batch statistics, as the teacher uses in training
         feats, bounds = [], list(range(0, len(pick), 256)) + [len(pick)]
         if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:  # BatchNorm in train mode refuses a batch of 1:
-            del bounds[-2]                                     # the last image joins the previous chunk
-        for i, stop in zip(bounds, bounds[1:]):
-            x = torch.stack([tf(images.image(indices[j])) for j in pick[i:stop]])
+            del bounds[-2]  # the last image joins the previous chunk
+        for start, stop in zip(bounds, bounds[1:]):
+            x = torch.stack([transform(images.image(indices[j])) for j in pick[start:stop]])
             with run.autocast():
                 feats.append(teacher.project(to_device(x, run)).float())
         del teacher
-        centroids.copy_(spherical_kmeans(torch.cat(feats), args.num_clusters, args.kmeans_iters,
-                                         args.kmeans_restarts, g))
+        found = spherical_kmeans(torch.cat(feats), args.num_clusters, args.kmeans_iters, args.kmeans_restarts, g)
+        centroids.copy_(found)
     if run.world_size > 1:
         dist.broadcast(centroids, 0)
     model.student.centroids.copy_(centroids)
     model.teacher.centroids.copy_(centroids)
 
 
-def on_epoch_start(run: "Run", epoch: int) -> None:
-    """Before epoch 0: k-means initialisation of the centroids (once; the flag is in the checkpoint)."""
-    if run.args.kmeans_init and not bool(run.model.centroids_initialised):
-        init_centroids(run)
-        run.model.centroids_initialised.fill_(True)
-
-
-def train_step(run: "Run", batch) -> dict[str, torch.Tensor | float]:
-    """Teacher targets from balanced scores, student cross-entropy over the view pairs, optimizer step, teacher EMA,
-    then the size-estimate update (step t's targets use statistics up to t-1). No host sync."""
-    args, model = run.args, run.model
-    views, _, _ = batch
-    b = views[0].shape[0]
-    global_views = torch.cat(views[:2])
-    local_views = torch.cat(views[2:]) if len(views) > 2 else None
-    progress = run.step / max(run.total_steps, 1)
-    c = _cosine(1.0, 0.0, progress)
-    wd = args.final_weight_decay + (args.weight_decay - args.final_weight_decay) * c
-    run.optimizer.param_groups[0]["weight_decay"] = wd
-    run.optimizer.param_groups[2]["weight_decay"] = wd * (1 + 9 * c)
-
-    with torch.no_grad():
-        with run.autocast():
-            t_scores = model.teacher.scores(model.teacher.project(global_views))
-        t_scores = t_scores.float()
-        sizes = model.sizes.clone()
-        q = excb_targets(t_scores, sizes if args.balancing else torch.ones_like(sizes), args.teacher_temp)
-    with run.autocast():
-        proj_g, other = run.ddp_model(global_views, local_views)
-    proj_g, other = proj_g.float(), (other.float() if other is not None else None)
-    pg = proj_g.chunk(2)
-    qt = q.chunk(2)
-    losses = []
-    for t in range(2):
-        losses.append(excb_loss(qt[t], pg[1 - t], args.student_temp))
-        if other is not None:
-            losses += [excb_loss(qt[t], o, args.student_temp) for o in other.split(b)]
-    loss = torch.stack(losses).mean()
-    optimizer_step(run, loss)
-
-    m = _cosine(args.teacher_momentum, 1.0, progress)
-    with torch.no_grad():
-        t_params, s_params = list(model.teacher.parameters()), list(model.student.parameters())
-        torch._foreach_mul_(t_params, m)
-        torch._foreach_add_(t_params, s_params, alpha=1 - m)
-        assign = q.argmax(1)
-        model.sizes.copy_(update_cluster_sizes(model.sizes, assign, args.size_momentum))
-        counts = torch.bincount(assign, minlength=args.num_clusters).float()
-        if run.world_size > 1:
-            dist.all_reduce(counts)
-        p = model.sizes / model.sizes.sum()
-        entropy = -(p * p.clamp_min(1e-12).log()).sum()
-        raw = t_scores.argmax(1)
-        r = model.sizes * (args.num_clusters / model.sizes.sum())
-        student_conf = torch.softmax(torch.cat([proj_g] + ([other] if other is not None else [])).detach()
-                                     / args.student_temp, dim=1).amax(1).mean()
-    return {"loss": loss.detach(),
-            "charts/clusters_in_use": (counts > 0).sum().float(),
-            "charts/usage_entropy": entropy / math.log(args.num_clusters),
-            "charts/effective_clusters": entropy.exp(),
-            "charts/cluster_sizes_sorted": (r.sort(descending=True).values),
-            "charts/size_ratio_max": r.max(),
-            "charts/size_ratio_min": r.min(),
-            "charts/teacher_confidence": q.amax(1).mean(),
-            "charts/student_confidence": student_conf,
-            "charts/view_agreement": (assign[:b] == assign[b:]).float().mean(),
-            "charts/changed_by_balancing": (raw != assign).float().mean(),
-            "charts/teacher_momentum": m,
-            "charts/weight_decay": wd,
-            "charts/centroid_weight_decay": wd * (1 + 9 * c),
-            "charts/crop_scale": crop_scale(args, run.epoch)}
+@torch.no_grad()
+def spherical_kmeans(x: torch.Tensor, k: int, iters: int, restarts: int, generator: torch.Generator) -> torch.Tensor:
+    """Spherical k-means on L2-normalised rows of ``x`` [N, D] -> centroids [k, D]; restarts until no cluster is
+    empty (or ``restarts`` tries, keeping the attempt with the fewest empty clusters, whose empty centroids stay at
+    their random sample)."""
+    x = F.normalize(x.float(), dim=1)
+    best, best_empty = None, None
+    for _ in range(max(restarts, 1)):
+        centroids = x[torch.randperm(len(x), generator=generator)[:k]].clone()
+        for _ in range(iters):
+            assigned = (x @ centroids.t()).argmax(1)
+            sums = torch.zeros_like(centroids).index_add_(0, assigned, x)
+            counts = torch.bincount(assigned, minlength=k)
+            centroids = torch.where((counts > 0)[:, None], F.normalize(sums, dim=1), centroids)
+        empty = int((torch.bincount((x @ centroids.t()).argmax(1), minlength=k) == 0).sum())
+        if best is None or empty < best_empty:
+            best, best_empty = centroids, empty
+        if empty == 0:
+            break
+    return best
 
 
 # ============================================================ shared: runtime
@@ -500,65 +682,83 @@ class Interrupted(Exception):
     """SIGINT/SIGTERM: the run saved a checkpoint and exits with 128 + the signal number."""
 
 
-class StopSignal:
-    """SIGINT and SIGTERM only set a flag; the loop checks it after each step (under DDP at log, checkpoint and
-    epoch-end steps, where an all-reduce makes every rank agree), saves a checkpoint and stops."""
-
-    def __init__(self):
-        self.signum = 0
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame) -> None:
-        self.signum = self.signum or signum
-
-    def agreed(self, run: "Run", sync_point: bool) -> int:
-        if run.world_size == 1 or not sync_point:
-            return self.signum if run.world_size == 1 else 0
-        flag = torch.tensor(self.signum, device=run.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag)
-
-    def restore(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-@dataclass
+@dataclass(kw_only=True)
 class Run:
-    """Everything a training step needs."""
+    """Everything a training step needs; ``schedule`` holds the method's scheduled values of the current step."""
 
     args: Args
-    device: torch.device
-    rank: int
-    world_size: int
-    data: lt_data.LTData
-    train_set: lt_data.IndexedDataset
-    model: nn.Module
-    ddp_model: nn.Module
+    model: nn.Module  # the module whose state is saved and exported
+    ddp_model: nn.Module  # what the step calls: ``model`` under DDP and torch.compile
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    amp_dtype: Optional[torch.dtype]
-    steps_per_epoch: int
-    total_steps: int
-    run_dir: str
+    data: lt_data.LTData
+    train_set: Optional[lt_data.IndexedDataset] = None
+    device: torch.device = torch.device("cpu")
+    rank: int = 0
+    world_size: int = 1
+    amp_dtype: Optional[torch.dtype] = None
+    steps_per_epoch: int = 1
+    run_dir: str = ""
     step: int = 0
     epoch: int = 0
     checkpoint_step: int = -1  # step of the checkpoint on disk, -1: none
+    schedule: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.total_steps = self.args.epochs * self.steps_per_epoch
+        self.peak_lr = [group["lr"] for group in self.optimizer.param_groups]  # what make_optimizer set
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
 
-def optimizer_step(run: Run, loss: torch.Tensor, clip_grad: Optional[float] = None) -> None:
-    """Backward (scaled for fp16), optional gradient clipping on unscaled gradients, optimizer step."""
+def set_schedules(run: Run) -> dict[str, float]:
+    """Apply the method's ``schedules`` for step ``run.step``: every group's lr is its peak lr x lr_scale; a group
+    marked ``{"weight_decay_schedule": name}`` takes the weight decay ``schedules(...)[name]``; ``train_step``
+    reads the others (EMA momentum, ...) from ``run.schedule``."""
+    run.schedule = schedules(run.args, run.step, run.total_steps, run.steps_per_epoch)
+    for group, peak in zip(run.optimizer.param_groups, run.peak_lr):
+        group["lr"] = peak * run.schedule["lr_scale"]
+        if "weight_decay_schedule" in group:
+            group["weight_decay"] = run.schedule[group["weight_decay_schedule"]]
+    return run.schedule
+
+
+def cosine(start: float, end: float, t: float) -> float:
+    """start -> end on a half cosine as t goes 0 -> 1 (t is clipped to [0, 1]): every decaying schedule."""
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+
+
+def warmup_cosine(step: int, warmup: int, total: int, end: float = 0.0) -> float:
+    """(step + 1) / warmup over the first ``warmup`` steps (at most ``total``), then a cosine from 1 to ``end``."""
+    warmup = min(warmup, total)
+    return (step + 1) / warmup if step < warmup else cosine(1.0, end, (step - warmup) / max(total - warmup, 1))
+
+
+def optimizer_step(run: Run, loss: torch.Tensor, clip: Optional[list] = None, max_norm: float = math.inf):
+    """Backward (scaled for fp16) and optimizer step. With ``clip`` (parameters): clip their unscaled gradients to
+    ``max_norm`` (inf: measure only) and return the norm before clipping; else None."""
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
-    if clip_grad is not None:
+    norm = None
+    if clip is not None:
         run.scaler.unscale_(run.optimizer)
-        nn.utils.clip_grad_norm_(run.model.parameters(), clip_grad)
+        norm = nn.utils.clip_grad_norm_(clip, max_norm)
     run.scaler.step(run.optimizer)
     run.scaler.update()
+    return norm
+
+
+@torch.no_grad()
+def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * online (the teacher / target encoder of MSN and ExCB)."""
+    torch._foreach_mul_(target, momentum)
+    torch._foreach_add_(target, online, alpha=1.0 - momentum)
+
+
+def distributed() -> bool:
+    """Whether a process group of more than one process is running (torchrun)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def to_device(x: torch.Tensor, run: Run) -> torch.Tensor:
@@ -586,17 +786,23 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 
 def setup_distributed() -> tuple[torch.device, int, int]:
     """DDP from torchrun's environment: NCCL on CUDA, gloo on CPU; returns (device, rank, world size)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = torch.device("cpu")
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
     return device, rank, world_size
+
+
+def num_workers(args: Args) -> int:
+    """--num-workers, by default min(8, CPU cores per process)."""
+    if args.num_workers is not None:
+        return args.num_workers
+    return min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -605,21 +811,22 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = not deterministic
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def default_run_name(args: Args) -> str:
+    twin = "_twin" if args.balanced_twin else ""
+    return f"{METHOD}_{args.dataset}_r{lt_data.resolved_ratio(args):g}{twin}_s{args.seed}"
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+def make_run_dir(run_dir: str) -> None:
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write-test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise RunError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
 
 
 def atomic_save(obj, path: str) -> None:
@@ -642,16 +849,18 @@ def atomic_save(obj, path: str) -> None:
 
 
 # flags that may differ when a run resumes; any other change is refused
-RESUMABLE_FLAGS = ("max_steps", "num_workers", "log_every", "checkpoint_every", "compile", "channels_last", "download",
-                   "data_dir", "output_dir", "eval_every", "eval_bank", "eval_queries")
+RESUMABLE_FLAGS = (
+    "max_steps num_workers log_every checkpoint_every compile channels_last download data_dir output_dir eval_every "
+    "eval_bank eval_queries"
+).split()
 
 
 def backbone_meta(run: Run) -> dict:
     """What linear_probe.py needs to rebuild the backbone and its data."""
     data_args = {f.name: getattr(run.args, f.name) for f in dataclasses.fields(lt_data.DataArgs)}
     data_args.update(image_size=run.data.image_size, imbalance_ratio=lt_data.resolved_ratio(run.args))
-    return {**run.model.backbone_spec, "prefix": run.model.export_prefix, "method": METHOD, "data": data_args,
-            "step": run.step}
+    prefix = run.model.export_prefix
+    return {**run.model.backbone_spec, "prefix": prefix, "method": METHOD, "data": data_args, "step": run.step}
 
 
 def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -663,31 +872,46 @@ def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
 
 
 def kept_checkpoint(run: Run, path: str) -> str:
-    return f"the last good checkpoint {path} (step {run.checkpoint_step}) is untouched" \
-        if run.checkpoint_step >= 0 else "no checkpoint was written"
+    if run.checkpoint_step < 0:
+        return "no checkpoint was written"
+    return f"the last good checkpoint {path} (step {run.checkpoint_step}) is untouched"
 
 
 def save_checkpoint(run: Run, path: str) -> None:
-    """Model, optimizer, scaler, scheduler, step, every rank's RNG states and the args (collective call).
-    Refuses (RunError) a model or optimizer state holding a non-finite tensor: one host sync, at save time only."""
-    state = [*run.model.state_dict().values(),
-             *(t for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
-    ok = all_finite(state, run.device).int()
+    """Model, optimizer, scaler, step, every rank's RNG states and the args (collective call). Refuses (RunError)
+    a model or optimizer state holding a non-finite tensor: one host sync, at save time only."""
+    state = [*run.model.state_dict().values(), *(t for s in run.optimizer.state.values() for t in s.values())]
+    ok = all_finite([t for t in state if torch.is_tensor(t)], run.device).int()
     if run.world_size > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if not ok:
-        raise RunError(f"non-finite weights after step {run.step}; stopping, {kept_checkpoint(run, path)}. "
-                       f"Try a lower --lr or --amp none")
-    states = [None] * run.world_size
+        raise RunError(
+            f"non-finite weights after step {run.step}; stopping, {kept_checkpoint(run, path)}. "
+            f"Try a lower --lr or --amp none"
+        )
+    rng = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    states = [rng] * run.world_size
     if run.world_size > 1:
-        dist.all_gather_object(states, rng_state())
-    else:
-        states = [rng_state()]
+        dist.all_gather_object(states, rng)
     if run.rank == 0:
-        atomic_save({"format": CHECKPOINT_FORMAT, "model": run.model.state_dict(),
-                     "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-                     "scheduler": run.scheduler.state_dict(), "step": run.step, "world_size": run.world_size,
-                     "rng": states, "args": dataclasses.asdict(run.args), "backbone": backbone_meta(run)}, path)
+        atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "model": run.model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scaler": run.scaler.state_dict(),
+                "step": run.step,
+                "world_size": run.world_size,
+                "rng": states,
+                "args": dataclasses.asdict(run.args),
+                "backbone": backbone_meta(run),
+            },
+            path,
+        )
     run.checkpoint_step = run.step
 
 
@@ -696,36 +920,43 @@ def load_checkpoint(run: Run, path: str) -> None:
     try:
         ckpt = torch.load(path, map_location=run.device, weights_only=True)
     except Exception as e:
-        raise RunError(f"cannot resume from {path} ({str(e).strip().splitlines()[0][:200]}); "
-                       f"move it away to start afresh") from None
+        raise RunError(
+            f"cannot resume from {path} ({str(e).strip().splitlines()[0][:200]}); move it away to start afresh"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a checkpoint of these scripts; move it away to start afresh")
     old, new = ckpt["args"], dataclasses.asdict(run.args)
     changed = [k for k in new if k not in RESUMABLE_FLAGS and old.get(k) != new[k]]
     if changed or ckpt["backbone"]["method"] != METHOD:
         what = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} -> {new[k]}" for k in changed) or "another method"
-        raise RunError(f"{path} was written with other flags ({what}); resume with the same command or "
-                       f"choose another --run-name")
+        raise RunError(
+            f"{path} was written with other flags ({what}); resume with the same command or choose another --run-name"
+        )
     if ckpt["world_size"] != run.world_size:
-        raise RunError(f"{path} was written by {ckpt['world_size']} processes, this run has {run.world_size}; "
-                       f"the global batch, learning rate and data order would change")
+        raise RunError(
+            f"{path} was written by {ckpt['world_size']} processes, this run has {run.world_size}; "
+            f"the global batch, learning rate and data order would change"
+        )
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     for p, state in run.optimizer.state.items():  # saved under another --channels-last or device: take the
-        for k, v in state.items():                # parameter's layout (fused kernels pair them in memory order)
+        for k, v in state.items():  # parameter's layout (fused kernels pair them in memory order)
             if torch.is_tensor(v) and v.shape == p.shape and (v.stride() != p.stride() or v.device != p.device):
                 state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
     if ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
     run.step = run.checkpoint_step = ckpt["step"]
-    set_rng_state(ckpt["rng"][run.rank])
+    rng = ckpt["rng"][run.rank]
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def export_backbone(run: Run, path: str) -> None:
     """backbone.pt: the backbone's state dict in plain torchvision layout, loadable with strict=True."""
     prefix = run.model.export_prefix
-    state = {k[len(prefix):]: v for k, v in run.model.state_dict().items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in run.model.state_dict().items() if k.startswith(prefix)}
     if not all_finite(list(state.values()), run.device):
         raise RunError(f"non-finite backbone weights at step {run.step}; {path} not written")
     atomic_save({"format": EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
@@ -737,86 +968,100 @@ def format_eta(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
-def resolved_args(run: Run) -> dict:
-    """The flags with the values this run resolved at start (data defaults, backbone sizes): the hyperparameters."""
-    values = dataclasses.asdict(run.args)
-    if isinstance(run, Run):
-        values.update(backbone_meta(run)["data"])
-        values.update({f"backbone.{k}": v for k, v in run.model.backbone_spec["arch_kwargs"].items()})
-    return values
-
-
 class Logger:
-    """Rank-0 TensorBoard (charts/ and losses/ namespaces) and a progress line; no host sync between logs."""
+    """Rank-0 TensorBoard (charts/, losses/, eval/) and a progress line. ``accumulate`` sums scalars (tensors on the
+    device, no host sync; floats on the host) and keeps the last vectors; ``write`` logs each scalar's mean since
+    the last write, histograms of the vectors, and the progress line."""
 
     def __init__(self, run: Run, resumed: bool):
-        self.run, self.sums, self.count = run, {}, 0
-        self.writer = None
-        self.t0, self.step0 = time.perf_counter(), run.step
-        if run.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-            # a resumed run logs again from step + 1: older events at or after that step are from the lost run
+        self.run, self.sums, self.counts, self.vectors = run, {}, {}, {}
+        self.clock, self.step0, self.writer = time.perf_counter(), run.step, None
+        if run.rank == 0:  # a resumed run logs again from step + 1: later events are from the lost run
             self.writer = SummaryWriter(run.run_dir, purge_step=run.step + 1 if resumed else None)
-            if not resumed:
-                rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(resolved_args(run).items()))
-                self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+        if self.writer is not None and not resumed:  # the flags with the values resolved at start
+            table = {**dataclasses.asdict(run.args)}
+            if isinstance(run, Run):
+                table.update(backbone_meta(run)["data"])
+                table.update({f"backbone.{k}": v for k, v in run.model.backbone_spec["arch_kwargs"].items()})
+            rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(table.items()))
+            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
 
     def accumulate(self, metrics: dict[str, torch.Tensor | float]) -> None:
-        """Sum the scalars: tensors on the device (no sync), Python floats (host-side schedules) on the host."""
         for k, v in metrics.items():
-            if not torch.is_tensor(v):
-                self.sums[k] = self.sums.get(k, 0.0) + float(v)
-            elif v.ndim == 0:
-                self.sums[k] = self.sums.get(k, 0) + v.detach().float().to(self.run.device, non_blocking=True)
-        self.last = metrics
-        self.count += 1
+            if torch.is_tensor(v) and v.ndim > 0:
+                self.vectors[k] = v
+                continue
+            v = v.detach().float().to(self.run.device, non_blocking=True) if torch.is_tensor(v) else float(v)
+            self.sums[k], self.counts[k] = self.sums.get(k, 0) + v, self.counts.get(k, 0) + 1
 
     def write(self, evals: Optional[dict[str, float]] = None, eval_seconds: float = 0.0) -> None:
-        """Mean of each scalar since the last write, histograms of the last step, lr, images/s, ETA, and the
-        evaluations ``evals`` (which took ``eval_seconds``, left out of images/s and the ETA)."""
-        run, keys, evals = self.run, list(self.sums), evals or {}
-        on_device = [k for k in keys if torch.is_tensor(self.sums[k])]
-        means = dict(zip(on_device, torch.stack([self.sums[k] for k in on_device]).tolist() if on_device else []))
-        values = [means.get(k, self.sums[k]) / self.count for k in keys]
-        elapsed = time.perf_counter() - self.t0 - eval_seconds
-        images_per_s = (run.step - self.step0) * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
-        stop_step = min(run.total_steps, run.args.max_steps or run.total_steps)  # where this run will stop
-        eta = (stop_step - run.step) * elapsed / max(run.step - self.step0, 1)
-        shown = "".join(f" | {k.split('/')[-1]} {v:.2f}" for k, v in evals.items()) + \
-            (f" ({eval_seconds:.0f}s)" if evals else "")
+        """Log and print; ``evals`` took ``eval_seconds``, left out of images/s and the ETA."""
+        run, evals, steps = self.run, evals or {}, self.run.step - self.step0
+        on_device = [k for k in self.sums if torch.is_tensor(self.sums[k])]
+        host = dict(zip(on_device, torch.stack([self.sums[k] for k in on_device]).tolist())) if on_device else {}
+        means = {k: host.get(k, v) / self.counts[k] for k, v in self.sums.items()}
+        elapsed = time.perf_counter() - self.clock - eval_seconds
+        images_per_s = steps * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
+        eta = (min(run.total_steps, run.args.max_steps or run.total_steps) - run.step) * elapsed / max(steps, 1)
+        shown = "".join(f" | {k.split('/')[-1]} {v:.2f}" for k, v in evals.items())
+        shown += f" ({eval_seconds:.0f}s)" if evals else ""
         if self.writer is not None:
-            for k, v in [*zip(keys, values), *evals.items()]:
+            if steps:
+                means["charts/learning_rate"] = run.optimizer.param_groups[0]["lr"]
+                means.update({"charts/images_per_second": images_per_s, "charts/epoch": run.step / run.steps_per_epoch})
+            for k, v in {**means, **evals}.items():
                 self.writer.add_scalar(k if "/" in k else f"losses/{k}", v, run.step)
-        if self.writer is not None and self.count == 0:
-            print(f"step {run.step}, before training{shown}", flush=True)
-        elif self.writer is not None:
-            for k, v in self.last.items():
-                if torch.is_tensor(v) and v.ndim > 0:
-                    self.writer.add_histogram(k, v.detach().float().cpu(), run.step)
-            self.writer.add_scalar("charts/learning_rate", run.optimizer.param_groups[0]["lr"], run.step)
-            self.writer.add_scalar("charts/images_per_second", images_per_s, run.step)
-            self.writer.add_scalar("charts/epoch", run.step / run.steps_per_epoch, run.step)
-            loss = dict(zip(keys, values)).get("loss", float("nan"))
-            memory = f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if run.device.type == "cuda" else ""
-            print(f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss {loss:.4f}{shown} "
-                  f"| {images_per_s:.0f} img/s{memory} | eta {format_eta(eta)}", flush=True)
-        self.sums, self.count, self.t0, self.step0 = {}, 0, time.perf_counter(), run.step
+            for k, v in self.vectors.items():
+                self.writer.add_histogram(k, v.detach().float().cpu(), run.step)
+            print(
+                f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss "
+                f"{means.get('loss', math.nan):.4f}{shown} | {images_per_s:.0f} img/s | eta {format_eta(eta)}"
+                if steps
+                else f"step {run.step}, before training{shown}",
+                flush=True,
+            )
+        self.sums, self.counts, self.vectors, self.clock, self.step0 = {}, {}, {}, time.perf_counter(), run.step
 
     def write_views(self, views: list[torch.Tensor] | torch.Tensor, mean, std) -> None:
-        """One image of the first 8 images of the batch (rows) x their augmented views (columns, resized to the
-        first view's size), un-normalised: what the augmentations do to these images."""
-        if self.writer is None:
-            return
-        views = views if isinstance(views, list) else [views]
-        size = views[0].shape[-2:]
-        m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
-        cols = [F.interpolate(v[:8].detach().float().cpu(), size=size) * s + m for v in views]
-        grid = make_grid(torch.stack(cols, 1).flatten(0, 1).clamp(0, 1), nrow=len(cols))
-        self.writer.add_image("views/augmented", grid, self.run.step)
+        """The first 8 images of the batch (rows) x their augmented views (columns, resized to the first view's
+        size), un-normalised: what the augmentations do."""
+        if self.writer is not None:
+            views = views if isinstance(views, list) else [views]
+            m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+            cols = [F.interpolate(v[:8].detach().float().cpu(), size=views[0].shape[-2:]) * s + m for v in views]
+            grid = make_grid(torch.stack(cols, 1).flatten(0, 1).clamp(0, 1), nrow=len(cols))
+            self.writer.add_image("views/augmented", grid, self.run.step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class StopSignal:
+    """SIGINT and SIGTERM only set a flag; the loop reads it after each step (under DDP at log, checkpoint and
+    epoch-end steps, where an all-reduce makes every rank agree), saves a checkpoint and stops."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def agreed(self, run: Run, sync_point: bool) -> int:
+        if run.world_size == 1 or not sync_point:
+            return self.signum if run.world_size == 1 else 0
+        flag = torch.tensor(self.signum, device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def check_finite(run: Run, first_bad: torch.Tensor, ckpt_path: str) -> None:
@@ -825,8 +1070,10 @@ def check_finite(run: Run, first_bad: torch.Tensor, ckpt_path: str) -> None:
         dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
     bad = int(first_bad)
     if bad < 2**62:
-        raise RunError(f"non-finite loss at step {bad} (epoch {bad // run.steps_per_epoch + 1}); stopping, "
-                       f"{kept_checkpoint(run, ckpt_path)}. Try a lower --lr or --amp none")
+        raise RunError(
+            f"non-finite loss at step {bad} (epoch {bad // run.steps_per_epoch + 1}); stopping, "
+            f"{kept_checkpoint(run, ckpt_path)}. Try a lower --lr or --amp none"
+        )
 
 
 def check_floats(args: Args, interval: str, *names: str) -> None:
@@ -841,162 +1088,35 @@ def check_floats(args: Args, interval: str, *names: str) -> None:
             raise RunError(f"{flag} must be {words}, got {v}")
 
 
-def evaluate(run: Run, monitor: KNNMonitor) -> tuple[dict[str, float], float]:
-    """The kNN monitor on the backbone that backbone.pt exports; returns ({"eval/knn_top1": %}, seconds)."""
-    t0 = time.perf_counter()
-    exported = run.model.get_submodule(run.model.export_prefix.rstrip("."))
-    top1 = monitor(exported, lambda x: to_device(x, run), run.autocast)
-    return {"eval/knn_top1": top1}, time.perf_counter() - t0
+def check_ints(args: Args, low: int, *names: str) -> None:
+    """Refuse an integer flag below ``low`` (None, an unset optional flag, passes)."""
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise RunError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
 
 
-def validate(args: Args, world_size: int) -> None:
-    """Fail fast on arguments that cannot work, before any data is read (method flags: the first method hook)."""
-    for name in ("batch_size", "epochs", "log_every", "checkpoint_every"):
-        if getattr(args, name) < 1:
-            raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_steps", "train_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+def validate(args: Args) -> None:
+    """Fail fast on shared flags that cannot work, before any data is read (method flags: ``check_args``)."""
+    check_ints(args, 1, "batch_size", "epochs", "log_every", "checkpoint_every", "max_steps", "train_steps")
+    check_ints(args, 0, "num_workers", "eval_every", "eval_bank", "eval_queries")
     check_floats(args, "(0, inf)", "lr")
     if args.sync_bn and not torch.cuda.is_available():
         raise RunError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise RunError(f"--num-workers must be >= 0, got {args.num_workers}")
-    for name in ("eval_every", "eval_bank", "eval_queries"):
-        if getattr(args, name) < 0:
-            raise RunError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
 
-def train(args: Args) -> str:
-    """Build everything, resume if the run exists, train, export; returns the run folder."""
-    device, rank, world_size = setup_distributed()
-    validate(args, world_size)
-    amp_choice = "" if args.amp != "auto" else " (--amp auto)"
-    args.amp = resolve_amp(args.amp, device)  # the checkpoint and hyperparameters store the resolved dtype
-    ratio = lt_data.resolved_ratio(args)
-    run_name = args.run_name or f"{METHOD}_{args.dataset}_r{ratio:g}{'_twin' if args.balanced_twin else ''}_s{args.seed}"
-    run_dir = os.path.join(args.output_dir, run_name)
-    ckpt_path, export_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "backbone.pt")
-    data = lt_data.build_data(args)
-    train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(args.balanced_twin),
-                                       train_transform(args, data))  # the first method hook checks method flags
-    global_batch = args.batch_size * world_size
-    if global_batch > len(train_set):
-        raise RunError(f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
-                       f"{len(train_set)} training images")
-    if args.train_steps:  # before anything reads --epochs (the checkpoint stores the resolved value)
-        args.epochs = -(-args.train_steps // (len(train_set) // world_size // args.batch_size))
-    if rank == 0:  # only now, so that a refused start leaves nothing behind
-        try:
-            os.makedirs(run_dir, exist_ok=True)
-            probe = os.path.join(run_dir, f".write-test{os.getpid()}")
-            open(probe, "w").close()
-            os.remove(probe)
-        except OSError as e:
-            raise RunError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
-
-    seed_everything(args.seed, args.deterministic)  # same initial weights on every rank
-    model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
-    if args.sync_bn and world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    if args.compile:
-        ddp_model = torch.compile(ddp_model)
-    optimizer = make_optimizer(args, model, args.lr * global_batch / 256)  # linear scaling rule, global batch
-    sampler = lt_data.ResumableSampler(len(train_set), world_size, rank, args.seed,
-                                       labels=train_set.targets if args.sampling == "class-balanced" else None)
-    steps_per_epoch = len(sampler) // args.batch_size
-    total_steps = args.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(args, s, total_steps, steps_per_epoch))
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    run = Run(args, device, rank, world_size, data, train_set, model, ddp_model, optimizer, scheduler, scaler,
-              amp_dtype, steps_per_epoch, total_steps, run_dir)
-    resumed = os.path.exists(ckpt_path)
-    if resumed:
-        load_checkpoint(run, ckpt_path)
-    else:
-        torch.manual_seed(args.seed * 1000 + rank)  # ranks draw different masks, noise, ...
-    workers = args.num_workers if args.num_workers is not None else \
-        min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    loader = lt_data.make_loader(train_set, args.batch_size, workers, sampler, drop_last=True)
-    stop_step = min(total_steps, args.max_steps or total_steps)
-    if rank == 0:
-        print(f"{METHOD}: {len(train_set)} training images, {data.num_classes} classes, global batch "
-              f"{global_batch} on {world_size} x {device.type}, {steps_per_epoch} steps/epoch, "
-              + (f"resuming at step {run.step} of {stop_step}" if resumed else f"{stop_step} steps")
-              + f", amp {args.amp}{amp_choice} -> {run_dir}",
-              flush=True)
-
-    logger = Logger(run, resumed)
-    monitor = None
-    if args.eval_every:
-        monitor = KNNMonitor(data, args.eval_bank, args.eval_queries, max(args.batch_size, 256), 0,  # in-process:
-                             args.seed, rank, world_size)                                    # no idle workers
-        if not resumed:
-            logger.write(*evaluate(run, monitor))
-    first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss
-    inject_nan = int(os.environ.get("SSL_IMBALANCE_INJECT_NAN_AT_STEP", "-1"))  # for the tests of the guard
-    if os.environ.get("SSL_IMBALANCE_BN_RUNNING_STATS") == "1":  # for the DDP-equivalence tests: BatchNorm uses
-        for m in model.modules():                                # running statistics, so the only per-process
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):   # batch statistics are the method's own
-                m.register_forward_pre_hook(lambda mod, _: setattr(mod, "training", False))
-    run.model.train()
-    stop, start_step = StopSignal(), run.step
-    while run.step < stop_step:
-        run.epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
-        sampler.set_epoch(run.epoch, skip=done_in_epoch * args.batch_size)
-        if done_in_epoch == 0:
-            on_epoch_start(run, run.epoch)
-        for batch in loader:
-            batch = [[to_device(v, run) for v in x] if isinstance(x, list) else to_device(x, run) for x in batch]
-            if run.step == 0:
-                logger.write_views(batch[0], data.mean, data.std)
-            metrics = train_step(run, batch)
-            run.scheduler.step()
-            run.step += 1
-            if run.step == inject_nan:
-                metrics["loss"] = metrics["loss"] + float("nan")
-            first_bad = torch.where(torch.isfinite(metrics["loss"]), first_bad, torch.full_like(first_bad, run.step))
-            logger.accumulate(metrics)
-            end_of_epoch = run.step % steps_per_epoch == 0
-            due = monitor is not None and (run.step == stop_step or end_of_epoch and
-                                           (run.epoch + 1) % args.eval_every == 0)
-            first = run.step == start_step + 1   # a first progress line after one step, not after log_every
-            if run.step % args.log_every == 0 or run.step == stop_step or end_of_epoch or first:
-                check_finite(run, first_bad, ckpt_path)
-                logger.write(*(evaluate(run, monitor) if due else (None, 0.0)))
-            if run.step % args.checkpoint_every == 0 or run.step == stop_step or end_of_epoch:
-                check_finite(run, first_bad, ckpt_path)
-                save_checkpoint(run, ckpt_path)
-                if logger.writer is not None:  # the events up to the checkpoint survive a kill
-                    logger.writer.flush()
-            if run.step >= stop_step:
-                break
-            sync_point = run.step % args.log_every == 0 or run.step % args.checkpoint_every == 0 or end_of_epoch
-            signum = stop.agreed(run, sync_point)
-            if signum:
-                if run.checkpoint_step != run.step:
-                    check_finite(run, first_bad, ckpt_path)
-                    save_checkpoint(run, ckpt_path)
-                logger.close()
-                raise Interrupted(signum, f"interrupted at step {run.step}; checkpoint saved; run the same "
-                                          f"command to resume")
-    stop.restore()
-    if rank == 0:
-        export_backbone(run, export_path)
-        print(f"done: step {run.step}; checkpoint {ckpt_path}; backbone {export_path}; probe with: "
-              f"python linear_probe.py {export_path}", flush=True)
-    logger.close()
-    return run_dir
+def evaluate(run: Run, monitor: KNNMonitor) -> tuple[dict[str, float], float]:
+    """The kNN monitor on the backbone that backbone.pt exports; returns ({"eval/knn_top1": %}, seconds)."""
+    start = time.perf_counter()
+    exported = run.model.get_submodule(run.model.export_prefix.rstrip("."))
+    top1 = monitor(exported, lambda x: to_device(x, run), run.autocast)
+    return {"eval/knn_top1": top1}, time.perf_counter() - start
 
 
 def main() -> None:
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
     try:
         train(args)
-    except (RunError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
+    except (RunError, BackboneError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
         print(f"{os.path.basename(sys.argv[0])}: error: {lt_data.error_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Interrupted as e:
@@ -1004,7 +1124,7 @@ def main() -> None:
             print(e.args[1], flush=True)
         sys.exit(128 + e.args[0])
     finally:
-        if dist.is_initialized():
+        if distributed():
             dist.destroy_process_group()
 
 

@@ -45,6 +45,12 @@ class ProbeError(ValueError):
 
 
 # --------------------------------------------------------------------------- backbones and exports
+# The backbones of the training scripts and of the probe (ResNets, the ViT), their flags and the export format.
+
+
+class BackboneError(ValueError):
+    """An impossible backbone configuration (flags that do not fit the architecture or the image size); the
+    training scripts and the probe print it as one line, exit code 2."""
 
 
 VIT_PRESETS = {"vit_tiny": (12, 3, 192), "vit_small": (12, 6, 384), "vit_base": (12, 12, 768)}  # layers, heads, dim
@@ -54,15 +60,15 @@ def vit_kwargs(preset: str, image_size: int, layers: Optional[int] = None, heads
                dim: Optional[int] = None, patch: Optional[int] = None, crop_sizes: Optional[dict] = None) -> dict:
     """``build_backbone("vit", **kwargs)`` arguments for a preset (DeiT sizes, MLP 4x) with optional overrides;
     the patch size defaults to 4 below 64 px (CIFAR: 64 patches) and 16 above. ``crop_sizes`` maps a flag name
-    to another crop side the ViT must take (focal / local views). Raises ProbeError on impossible sizes."""
+    to another crop side the ViT must take (focal / local views). Raises BackboneError on impossible sizes."""
     p_layers, p_heads, p_dim = VIT_PRESETS[preset]
     layers, heads, dim = layers or p_layers, heads or p_heads, dim or p_dim
     patch = patch or (4 if image_size < 64 else 16)
     if dim % heads:
-        raise ProbeError(f"--vit-dim {dim} is not divisible by --vit-heads {heads}")
+        raise BackboneError(f"--vit-dim {dim} is not divisible by --vit-heads {heads}")
     for name, size in {"--image-size": image_size, **(crop_sizes or {})}.items():
         if size % patch:
-            raise ProbeError(f"{name} {size} is not a multiple of --patch-size {patch}")
+            raise BackboneError(f"{name} {size} is not a multiple of --patch-size {patch}")
     return {"image_size": image_size, "patch_size": patch, "num_layers": layers, "num_heads": heads,
             "hidden_dim": dim, "mlp_dim": 4 * dim}
 
@@ -128,7 +134,7 @@ class ViT(nn.Module):
             nn.init.trunc_normal_(blk.self_attention.in_proj_weight, std=0.02)
             nn.init.zeros_(blk.self_attention.in_proj_bias)
 
-    def set_drop_path(self, rate: float) -> "ViT":
+    def set_drop_path(self, rate: float) -> ViT:
         blocks = list(self.encoder.layers)
         for i, blk in enumerate(blocks):
             blk.drop_path = rate * i / max(len(blocks) - 1, 1)
@@ -170,18 +176,18 @@ def build_backbone(arch: str, **kwargs) -> nn.Module:
         return model
     if arch == "vit":
         return ViT(**kwargs)
-    raise ProbeError(f"unknown backbone architecture {arch!r}")
+    raise BackboneError(f"unknown backbone architecture {arch!r}")
 
 
 def backbone_spec(arch: str, image_size: int, vit_layers: Optional[int] = None, vit_heads: Optional[int] = None,
                   vit_dim: Optional[int] = None, patch_size: Optional[int] = None,
                   crop_sizes: Optional[dict] = None) -> dict:
     """``{"arch", "arch_kwargs"}`` for build_backbone and the export, from a training script's --arch (resnet18,
-    resnet50: CIFAR stem below 64 px; vit_*: ``vit_kwargs``). Raises ProbeError on ViT flags with a ResNet or
+    resnet50: CIFAR stem below 64 px; vit_*: ``vit_kwargs``). Raises BackboneError on ViT flags with a ResNet or
     impossible ViT sizes."""
     if not arch.startswith("vit"):
         if any(v is not None for v in (vit_layers, vit_dim, vit_heads, patch_size)):
-            raise ProbeError(f"--vit-layers/--vit-dim/--vit-heads/--patch-size apply to ViTs, not --arch {arch}")
+            raise BackboneError(f"--vit-layers/--vit-dim/--vit-heads/--patch-size apply to ViTs, not --arch {arch}")
         return {"arch": arch, "arch_kwargs": {"cifar_stem": image_size < 64}}
     return {"arch": "vit", "arch_kwargs": vit_kwargs(arch, image_size, vit_layers, vit_heads, vit_dim, patch_size,
                                                       crop_sizes)}
@@ -425,7 +431,8 @@ class ProbeArgs:
     """backbone.pt or checkpoint.pt written by one of the training scripts"""
     dataset: Annotated[Optional[lt_data.DatasetName],
                        _from_run("{" + ",".join(lt_data.DATASETS) + "}")] = None
-    """data set to probe on (another one: out-of-domain probing, whose other data flags default as in the training scripts)"""
+    """data set to probe on (another one: out-of-domain probing, whose other data flags default as in the training
+    scripts)"""
     data_dir: Annotated[Optional[str], _from_run("STR")] = None
     """root of the data (see the training scripts)"""
     split_file: Annotated[Optional[str], _from_run("STR")] = None
@@ -451,7 +458,8 @@ class ProbeArgs:
     download: bool = True
     """download CIFAR or Fashion-MNIST when it is missing and the network allows it"""
     train_on: Literal["balanced", "long-tailed"] = "balanced"
-    """training set of the linear probe and kNN bank: the full balanced training set (the papers' protocol) or the long-tailed pre-training subset"""
+    """training set of the linear probe and kNN bank: the full balanced training set (the papers' protocol) or the
+    long-tailed pre-training subset"""
     epochs: int = 100
     """linear-probe epochs over the pre-extracted features"""
     lr: float = 0.5
@@ -573,7 +581,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 raise ProbeError(f"--{name.replace('_', '-')} must be a finite number "
                                  f"{'> 0' if low is not None else '>= 0'}, got {v}")
         res = run_probe(args)
-    except (ProbeError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
+    except (ProbeError, BackboneError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
         print(f"linear_probe.py: error: {lt_data.error_line(e)}", file=sys.stderr)
         sys.exit(2)
     print(markdown(res))

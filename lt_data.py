@@ -70,20 +70,24 @@ class DataArgs:
     """Data flags shared by every training script and the probe."""
 
     dataset: DatasetName = "cifar10"
-    """which data set: cifar10/cifar100 (torchvision's python format), fashion-mnist (IDX files), imagenet-lt (split files over an image root), imagefolder (train/ and val/ class folders), synthetic (generated, no files)"""
+    """which data set: cifar10/cifar100 (torchvision's python format), fashion-mnist (IDX files), imagenet-lt (split
+    files over an image root), imagefolder (train/ and val/ class folders), synthetic (generated, no files)"""
     data_dir: str = "data"
-    """root of the data: CIFAR's parent folder of cifar-10-batches-py, the folder of Fashion-MNIST's IDX files (or of FashionMNIST/raw/), the image root for imagenet-lt, the folder holding train/ and val/ for imagefolder"""
+    """root of the data: CIFAR's parent folder of cifar-10-batches-py, the folder of Fashion-MNIST's IDX files (or of
+    FashionMNIST/raw/), the image root for imagenet-lt, the folder holding train/ and val/ for imagefolder"""
     split_file: Optional[str] = None
     """imagenet-lt: training split file of `relative/path label` lines (e.g. ImageNet_LT_train.txt)"""
     test_split_file: Optional[str] = None
     """imagenet-lt: evaluation split file; default: the --split-file name with 'train' replaced by 'test'"""
     index_file: Optional[str] = None
-    """optional text file of training-set indices (whitespace separated) that replaces the long-tail construction, e.g. SDCLR/BCL split files"""
+    """optional text file of training-set indices (whitespace separated) that replaces the long-tail construction, e.g.
+    SDCLR/BCL split files"""
     imbalance_ratio: Annotated[Optional[float], resolved_later(
         "100 for cifar/fashion-mnist/synthetic, 1 for imagenet-lt/imagefolder", "FLOAT")] = None
     """head/tail class-size ratio r >= 1 (1: the data as is)"""
     imbalance_profile: Literal["exp", "step"] = "exp"
-    """exp: class i keeps int(n_max * r^(-i/(C-1))); step: first half of the classes keep n_max, the rest int(n_max/r)"""
+    """exp: class i keeps int(n_max * r^(-i/(C-1))); step: first half of the classes keep n_max, the rest
+    int(n_max/r)"""
     balanced_twin: bool = False
     """pre-train on the balanced twin: same total size as the long-tailed set, uniform class counts"""
     split_seed: int = 0

@@ -20,11 +20,14 @@ un-augmented training images (label-free), recomputed every --reweight-every epo
 
 Sections marked "shared" are textually identical in supervised_baseline.py, simsiam_rwsam.py,
 msn_prior.py and excb.py (tests/test_skeleton.py enforces it): diff two scripts to see the method.
+Reading order: the flags, the method's algorithm (train_step), the training loop, the method's parts, and the
+shared plumbing last. docs/simsiam_rwsam.md has the logged metrics and the implementation notes.
 """
 
 # ============================================================ shared: imports
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -33,7 +36,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal, Optional
 
 import torch
@@ -41,29 +44,44 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
 
 import lt_data
-from linear_probe import CHECKPOINT_FORMAT, EXPORT_FORMAT, KNNMonitor, build_backbone, feature_dim
-from torchvision.utils import make_grid
+from linear_probe import (
+    CHECKPOINT_FORMAT,
+    EXPORT_FORMAT,
+    BackboneError,
+    KNNMonitor,
+    backbone_spec,
+    build_backbone,
+    feature_dim,
+    vit_kwargs,
+)
 
 
 # ============================================================ shared: arguments
 @dataclass
 class Args(lt_data.DataArgs):
     run_name: Optional[str] = None
-    """run folder name under --output-dir; default: <method>_<dataset>_r<ratio>[_twin]_s<seed>. An existing run of that name resumes"""
+    """run folder name under --output-dir; default: <method>_<dataset>_r<ratio>[_twin]_s<seed>.
+    An existing run of that name resumes"""
     output_dir: str = "runs"
     """where run folders go (TensorBoard events, checkpoint.pt, backbone.pt)"""
     seed: int = 1
     """seed of initialisation, data order and augmentations"""
     deterministic: bool = False
-    """deterministic kernels (torch.use_deterministic_algorithms); slower on GPU, needed for bit-identical resume there"""
+    """deterministic kernels (torch.use_deterministic_algorithms); slower on GPU, needed for bit-identical resume
+    there"""
     max_steps: Optional[int] = None
     """stop after this many optimisation steps (smoke runs); the schedules still span --epochs"""
     train_steps: Optional[int] = None
-    """replaces --epochs by the fewest whole epochs of at least this many optimisation steps: one budget for data sets of any size"""
+    """replaces --epochs by the fewest whole epochs of at least this many optimisation steps: one budget for data
+    sets of any size"""
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
-    """autocast dtype: bf16, fp16 (with a GradScaler), none (fp32); auto: bf16 on CUDA GPUs with bf16, fp16 on older ones, bf16 on CPUs with native bf16 (AVX512-BF16/AMX, Arm BF16), else none (emulated bf16 is ~2x slower than fp32)"""
+    """autocast dtype: bf16, fp16 (with a GradScaler), none (fp32); auto: bf16 on CUDA GPUs with bf16, fp16 on
+    older ones, bf16 on CPUs with native bf16 (AVX512-BF16/AMX, Arm BF16), else none (emulated bf16 is ~2x slower
+    than fp32)"""
     compile: bool = False
     """torch.compile the training model"""
     channels_last: bool = True
@@ -71,7 +89,8 @@ class Args(lt_data.DataArgs):
     sync_bn: bool = False
     """SyncBatchNorm across processes (CUDA only); otherwise BatchNorm statistics are per process"""
     sampling: Literal["instance", "class-balanced"] = "instance"
-    """instance: each image once per epoch; class-balanced: draws with probability 1/(C*n_class) (uses labels: an oracle for SSL)"""
+    """instance: each image once per epoch; class-balanced: draws with probability 1/(C*n_class) (uses labels: an
+    oracle for SSL)"""
     num_workers: Optional[int] = None
     """data-loading processes per training process; default: min(8, CPU cores per process)"""
     log_every: int = 50
@@ -79,15 +98,18 @@ class Args(lt_data.DataArgs):
     checkpoint_every: int = 500
     """also write checkpoint.pt every this many steps (always at the end of an epoch and of the run)"""
     eval_every: int = 5
-    """online kNN monitor (eval/knn_top1 of the exported backbone; k 20, cosine, T 0.07): before training, every this many epochs and at the end; 0: off"""
+    """online kNN monitor (eval/knn_top1 of the exported backbone; k 20, cosine, T 0.07): before training, every
+    this many epochs and at the end; 0: off"""
     eval_bank: int = 5000
-    """kNN monitor's bank: a class-balanced random subsample of this many un-augmented images of the full training set"""
+    """kNN monitor's bank: a class-balanced random subsample of this many un-augmented images of the full training
+    set"""
     eval_queries: int = 2000
     """kNN monitor's queries: a class-balanced random subsample of this many test images; 0: the whole test set"""
 
     # ======================================================== method: arguments
     arch: Literal["resnet18", "resnet50", "vit_tiny", "vit_small"] = "resnet18"
-    """backbone: ResNets (the papers'; CIFAR stem below 64 px; SGD) or ViTs (tiny 192-d/3 heads, small 384-d/6 heads, 12 layers; AdamW, as MoCo v3 trains SimSiam-style ViTs)"""
+    """backbone: ResNets (the papers'; CIFAR stem below 64 px; SGD) or ViTs (tiny 192-d/3 heads, small 384-d/6 heads, 12
+    layers; AdamW, as MoCo v3 trains SimSiam-style ViTs)"""
     vit_layers: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
     """ViT only: override the preset's number of transformer layers"""
     vit_dim: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
@@ -101,7 +123,8 @@ class Args(lt_data.DataArgs):
     batch_size: int = 512
     """batch size per process (the global batch is this times the number of processes)"""
     lr: Annotated[Optional[float], lt_data.resolved_later("0.03 for ResNets, 5e-4 for ViTs", "FLOAT")] = None
-    """learning rate for a global batch of 256, scaled linearly: SGD for ResNets (0.06 at the paper's batch 512), AdamW for ViTs"""
+    """learning rate for a global batch of 256, scaled linearly: SGD for ResNets (0.06 at the paper's batch 512), AdamW
+    for ViTs"""
     weight_decay: Annotated[Optional[float], lt_data.resolved_later("5e-4 for ResNets, 0.05 for ViTs", "FLOAT")] = None
     """weight decay: on all parameters for ResNets (SimSiam's CIFAR recipe), on weight matrices only for ViTs"""
     warmup_epochs: int = 0
@@ -113,13 +136,17 @@ class Args(lt_data.DataArgs):
     pred_dim: int = 512
     """predictor bottleneck width"""
     crop_min_scale: float = 0.2
-    """smallest area fraction of RandomResizedCrop (SimSiam: 0.2); a larger one keeps more of the object in small images"""
+    """smallest area fraction of RandomResizedCrop (SimSiam: 0.2); a larger one keeps more of the object
+    in small images"""
     sam: Literal["asam", "sam", "none"] = "asam"
-    """sharpness-aware step: asam (adaptive, e = rho theta^2 g / || |theta| g ||), sam (e = rho g / ||g||), none (plain SimSiam)"""
+    """sharpness-aware step: asam (adaptive, e = rho theta^2 g / || |theta| g ||), sam (e = rho g / ||g||), none (plain
+    SimSiam)"""
     rho: float = 0.5
-    """radius of the ascent step (ASAM scale; the paper's code uses 0.5 by default, 7 for CIFAR label weights, 2 on ImageNet)"""
+    """radius of the ascent step (ASAM scale; the paper's code uses 0.5 by default, 7 for CIFAR label weights, 2 on
+    ImageNet)"""
     reweight: Literal["kde", "label", "none"] = "kde"
-    """weights of the ascent loss: kde (label-free density, the paper's method), label (oracle: base^frequency rank), none (plain (A)SAM); ignored with --sam none"""
+    """weights of the ascent loss: kde (label-free density, the paper's method), label (oracle: base^frequency rank),
+    none (plain (A)SAM); ignored with --sam none"""
     reweight_warmup: int = 10
     """epochs of uniform weights before the first KDE"""
     reweight_every: int = 10
@@ -143,24 +170,23 @@ class Args(lt_data.DataArgs):
         self.weight_decay = self.weight_decay if self.weight_decay is not None else (0.05 if vit else 5e-4)
 
 
-# ============================================================ method: model and loss
-import linear_probe
-from linear_probe import ProbeError
-
+# ============================================================ method: algorithm
 METHOD = "simsiam_rwsam"
 
 
-def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
-                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+def simsiam_loss(
+    p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """SimSiam's symmetric loss (Chen & He 2021, eq. 2-3), optionally re-weighted per example (rwSAM's L_w):
 
         L_w = 1/2 mean_i w_i D(p1_i, sg(z2_i)) + 1/2 mean_i w_i D(p2_i, sg(z1_i)),  D(p, z) = -cos(p, z),
 
-    sg = stop-gradient (applied here). ``weights=None`` means w_i = 1 (plain SimSiam). Computed in fp32 (or fp64).
+    p, z [B, D]; sg = stop-gradient (applied here). ``weights=None`` means w_i = 1 (plain SimSiam). Computed in
+    fp32 (or fp64).
     """
-    dt = torch.promote_types(p1.dtype, torch.float32)
-    d1 = -F.cosine_similarity(p1.to(dt), z2.detach().to(dt), dim=-1)
-    d2 = -F.cosine_similarity(p2.to(dt), z1.detach().to(dt), dim=-1)
+    dtype = torch.promote_types(p1.dtype, torch.float32)
+    d1 = -F.cosine_similarity(p1.to(dtype), z2.detach().to(dtype), dim=-1)
+    d2 = -F.cosine_similarity(p2.to(dtype), z1.detach().to(dtype), dim=-1)
     if weights is None:
         return 0.5 * d1.mean() + 0.5 * d2.mean()
     w = weights.to(d1.dtype)
@@ -188,51 +214,25 @@ def sam_perturbation(params, rho: float, adaptive: bool = True) -> list[torch.Te
         if adaptive:
             torch._foreach_mul_(e, wide)
         torch._foreach_mul_(e, rho / (norm + 1e-12))
-        it = iter(e)
-        return [next(it).to(p.dtype) if p.grad is not None else torch.zeros_like(p) for p in params]
+        ascent = iter(e)
+        return [next(ascent).to(p.dtype) if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
-def _kde_log_density(queries: torch.Tensor, reference: torch.Tensor, bandwidth: float, chunk_size: int,
-                     query_ids: Optional[torch.Tensor] = None, reference_ids: Optional[torch.Tensor] = None
-                     ) -> torch.Tensor:
-    """log p_i = log mean_j exp(-||q_i - r_j||^2 / (2 h^2)) over the reference points j with
-    reference_ids[j] != query_ids[i] (self excluded when ids are given). Rows of ``queries`` and ``reference``
-    are unit vectors, so ||q - r||^2 = 2 - 2 q.r. Blockwise log-sum-exp: memory O(chunk^2), no underflow."""
-    n, m = queries.shape[0], reference.shape[0]
-    out = torch.empty(n, dtype=torch.float32, device=queries.device)
-    inv = 1.0 / (2.0 * bandwidth * bandwidth)
-    for qs in range(0, n, chunk_size):
-        q = queries[qs:qs + chunk_size]
-        parts, selves = [], torch.zeros(q.shape[0], device=q.device)
-        for rs in range(0, m, chunk_size):
-            logk = (q @ reference[rs:rs + chunk_size].T).mul_(2).sub_(2).clamp_(max=0).mul_(inv)  # -d^2 / (2h^2)
-            if query_ids is not None and reference_ids is not None:
-                same = query_ids[qs:qs + chunk_size, None] == reference_ids[None, rs:rs + chunk_size]
-                logk.masked_fill_(same, -math.inf)
-                selves += same.sum(1)
-            parts.append(torch.logsumexp(logk, dim=1))
-        count = (m - selves).clamp_(min=1)
-        out[qs:qs + chunk_size] = torch.logsumexp(torch.stack(parts, 1), dim=1) - count.log()
-    return out
-
-
-def _weights_from_log_density(log_density: torch.Tensor, alpha: float, max_ratio: float) -> torch.Tensor:
-    """w_i proportional to p_i^(-alpha), the largest clipped to max_ratio times the smallest, mean 1."""
-    logw = -alpha * log_density.double()
-    logw = torch.minimum(logw, logw.min() + math.log(max_ratio))
-    w = (logw - logw.max()).exp()
-    return (w / w.mean()).float()
-
-
-def kde_weights(features: torch.Tensor, bandwidth: float, alpha: float = 1.0, max_ratio: float = 10.0,
-                reference: Optional[torch.Tensor] = None, chunk_size: int = 4096) -> torch.Tensor:
+def kde_weights(
+    features: torch.Tensor,
+    bandwidth: float,
+    alpha: float = 1.0,
+    max_ratio: float = 10.0,
+    reference: Optional[torch.Tensor] = None,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
     """Label-free per-example weights of rwSAM (Liu et al. 2022): rare = low density = large weight.
 
-    f_i = features_i / ||features_i||; p_i = mean_j exp(-||f_i - f_j||^2 / (2 h^2)) with h = ``bandwidth``,
-    over the reference points j: by default all other examples (self excluded); ``reference`` = a 1-d integer
-    tensor of indices into ``features`` (a random subset of M points: cost O(N M); self excluded where
-    present) or a float tensor of reference features (nothing excluded).
-    w_i proportional to p_i^(-alpha), clipped so that max(w) / min(w) <= ``max_ratio``, normalised to mean 1.
+    f_i = features_i / ||features_i|| (features [N, D]); p_i = mean_j exp(-||f_i - f_j||^2 / (2 h^2)) with
+    h = ``bandwidth``, over the reference points j: by default all other examples (self excluded); ``reference`` =
+    a 1-d integer tensor of indices into ``features`` (a random subset of M points: cost O(N M); self excluded
+    where present) or a float tensor of reference features (nothing excluded).
+    w_i proportional to p_i^(-alpha), clipped so that max(w) / min(w) <= ``max_ratio``, normalised to mean 1 [N].
     Computed in blocks of ``chunk_size`` x ``chunk_size`` (bounded memory).
     """
     f = F.normalize(features.float(), dim=1)
@@ -247,12 +247,394 @@ def kde_weights(features: torch.Tensor, bandwidth: float, alpha: float = 1.0, ma
     return _weights_from_log_density(log_p, alpha, max_ratio)
 
 
+def train_step(run: Run, batch) -> dict[str, torch.Tensor]:
+    """One rwSAM step (Liu et al. 2022, Sec. 4) on two views x1, x2 [B, 3, H, W] of the images idx [B]; returns the
+    losses and what ``diagnostics`` needs (no host sync). --sam none: plain SimSiam, one step on L(theta).
+
+    1. g = gradient of the weighted loss L_w(theta), w = the images' KDE (or label) weights (DDP averages it
+       over ranks: the global gradient)
+    2. ascent e = rho theta^2 g / || |theta| g || (ASAM) or rho g / ||g|| (SAM), one global norm
+    3. g' = gradient of the unweighted loss L(theta + e) on the same views
+    4. back to theta (exact copy, BatchNorm keeps pass 1's statistics), base optimiser step with g'
+    """
+    (x1, x2), _, idx = batch
+    args, model, optimizer = run.args, run.model, run.optimizer
+    with run.autocast():
+        p1, p2, z1, z2 = run.ddp_model(x1, x2)
+    views = {"p1": p1.detach(), "p2": p2.detach(), "z1": z1.detach(), "z2": z2.detach()}
+    if args.sam == "none":
+        loss = simsiam_loss(p1, p2, z1, z2)
+        optimizer_step(run, loss)
+        return {"loss": loss.detach(), **views}
+    # 1.
+    weights = model.sample_weights[idx] if args.reweight != "none" else None
+    loss_w = simsiam_loss(p1, p2, z1, z2, weights)
+    optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss_w).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    fp16 = run.scaler.is_enabled()
+    if fp16:  # unscale this pass by hand (unscale_ may run once per update())
+        torch._foreach_mul_([p.grad for p in params if p.grad is not None], 1.0 / run.scaler._get_scale_async())
+    # 2. fp16: an overflowed gradient gives e = 0 (GradScaler's business, no host sync); in bf16/fp32 a non-finite
+    # gradient propagates to the loss and the NaN guard stops the run.
+    e = sam_perturbation(params, args.rho, adaptive=args.sam == "asam")
+    e_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(e)))
+    ascent_ok = torch.isfinite(e_norm)
+    if fp16:
+        e = [torch.where(ascent_ok, ei, torch.zeros_like(ei)) for ei in e]
+    theta = [p.detach().clone() for p in params]
+    bn_statistics = [b.clone() for b in _batchnorm_buffers(model)]
+    with torch.no_grad():
+        torch._foreach_add_(params, e)
+    # 3.
+    with run.autocast():
+        q1, q2, y1, y2 = run.ddp_model(x1, x2)
+    loss = simsiam_loss(q1, q2, y1, y2)
+    optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    # 4.
+    with torch.no_grad():
+        torch._foreach_copy_(params, theta)
+        for buffer, saved in zip(_batchnorm_buffers(model), bn_statistics):
+            buffer.copy_(saved)
+    run.scaler.step(optimizer)
+    run.scaler.update()
+    return {
+        "loss": loss.detach(),
+        "losses/ascent_weighted": loss_w.detach(),
+        **views,
+        "e_norm": e_norm,
+        "ascent_ok": ascent_ok,
+        "weights": weights,
+    }
+
+
+@torch.no_grad()
+def diagnostics(run: Run, out: dict) -> dict[str, torch.Tensor]:
+    """The charts of a log step, from ``train_step``'s output: the spread of the projector outputs (collapse shows
+    as std -> 0; 1/sqrt(D) when healthy), the first pass's unweighted loss, the ascent and the weights."""
+    charts = {"charts/output_std": F.normalize(out["z1"].float(), dim=1).std(0).mean()}
+    if "e_norm" in out:
+        charts["losses/first_pass"] = simsiam_loss(out["p1"], out["p2"], out["z1"], out["z2"])
+        charts["charts/perturbation_norm"] = torch.where(out["ascent_ok"], out["e_norm"], 0.0)
+        charts["charts/ascent_skipped"] = (~out["ascent_ok"]).float()  # fp16: pass 1 overflowed, e = 0
+    if out.get("weights") is not None:
+        weights = run.model.sample_weights
+        charts.update(
+            {
+                "charts/batch_weights": out["weights"],
+                "charts/weight_min": weights.min(),
+                "charts/weight_max": weights.max(),
+            }
+        )
+    return charts
+
+
+# ============================================================ shared: loop
+def train(args: Args) -> str:
+    """Build everything, resume if the run exists, train, export; returns the run folder."""
+    device, rank, world_size = setup_distributed()
+    validate(args)
+    amp_choice = " (--amp auto)" if args.amp == "auto" else ""
+    args.amp = resolve_amp(args.amp, device)  # the checkpoint and hyperparameters store the resolved dtype
+    data = lt_data.build_data(args)
+    check_args(args, data)
+    train_set = lt_data.IndexedDataset(
+        data.train_full, data.pretrain_indices(args.balanced_twin), train_transform(args, data)
+    )
+    global_batch = args.batch_size * world_size
+    if global_batch > len(train_set):
+        raise RunError(
+            f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
+            f"{len(train_set)} training images"
+        )
+    if args.train_steps:  # before anything reads --epochs (the checkpoint stores the resolved value)
+        args.epochs = -(-args.train_steps // (len(train_set) // world_size // args.batch_size))
+    run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(args))
+    ckpt_path, export_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "backbone.pt")
+    if rank == 0:  # only now, so that a refused start leaves nothing behind
+        make_run_dir(run_dir)
+
+    seed_everything(args.seed, args.deterministic)  # same initial weights on every rank
+    model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
+    if args.sync_bn and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    labels = train_set.targets if args.sampling == "class-balanced" else None
+    sampler = lt_data.ResumableSampler(len(train_set), world_size, rank, args.seed, labels=labels)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+    run = Run(
+        args=args,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        data=data,
+        train_set=train_set,
+        model=model,
+        ddp_model=torch.compile(ddp_model) if args.compile else ddp_model,
+        optimizer=make_optimizer(args, model, args.lr * global_batch / 256),  # linear scaling rule, global batch
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        amp_dtype=amp_dtype,
+        steps_per_epoch=len(sampler) // args.batch_size,
+        run_dir=run_dir,
+    )
+    resumed = os.path.exists(ckpt_path)
+    if resumed:
+        load_checkpoint(run, ckpt_path)
+    else:
+        torch.manual_seed(args.seed * 1000 + rank)  # ranks draw different masks, noise, ...
+    loader = lt_data.make_loader(train_set, args.batch_size, num_workers(args), sampler, drop_last=True)
+    stop_step = min(run.total_steps, args.max_steps or run.total_steps)
+    if rank == 0:
+        start = f"resuming at step {run.step} of {stop_step}" if resumed else f"{stop_step} steps"
+        print(
+            f"{METHOD}: {len(train_set)} training images, {data.num_classes} classes, global batch {global_batch} "
+            f"on {world_size} x {device.type}, {run.steps_per_epoch} steps/epoch, {start}, "
+            f"amp {args.amp}{amp_choice} -> {run_dir}",
+            flush=True,
+        )
+    logger = Logger(run, resumed)
+    monitor = None
+    if args.eval_every:  # in-process (0 workers): no idle workers between evaluations
+        monitor = KNNMonitor(
+            data, args.eval_bank, args.eval_queries, max(args.batch_size, 256), 0, args.seed, rank, world_size
+        )
+        if not resumed:
+            logger.write(*evaluate(run, monitor))
+    first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss
+    set_schedules(run)
+    model.train()
+    stop, start_step = StopSignal(), run.step
+    while run.step < stop_step:
+        run.epoch, done_in_epoch = divmod(run.step, run.steps_per_epoch)
+        sampler.set_epoch(run.epoch, skip=done_in_epoch * args.batch_size)
+        if done_in_epoch == 0:
+            on_epoch_start(run, run.epoch)
+        for batch in loader:
+            batch = [[to_device(v, run) for v in x] if isinstance(x, list) else to_device(x, run) for x in batch]
+            if run.step == 0:
+                logger.write_views(batch[0], data.mean, data.std)
+            schedule = run.schedule  # this step's values
+            out = train_step(run, batch)
+            run.step += 1
+            set_schedules(run)  # the next step's: the optimizer (and a checkpoint) always holds them
+            first_bad = torch.where(torch.isfinite(out["loss"]), first_bad, run.step)
+            logger.accumulate({k: v for k, v in out.items() if k.startswith("loss")})
+            end_of_epoch = run.step % run.steps_per_epoch == 0
+            log_now = run.step % args.log_every == 0 or run.step in (stop_step, start_step + 1) or end_of_epoch
+            save_now = run.step % args.checkpoint_every == 0 or run.step == stop_step or end_of_epoch
+            if log_now:
+                check_finite(run, first_bad, ckpt_path)
+                logger.accumulate({**diagnostics(run, out), **{f"charts/{k}": v for k, v in schedule.items()}})
+                due = monitor is not None and (
+                    run.step == stop_step or end_of_epoch and (run.epoch + 1) % args.eval_every == 0
+                )
+                logger.write(*(evaluate(run, monitor) if due else (None, 0.0)))
+            if save_now:
+                check_finite(run, first_bad, ckpt_path)
+                save_checkpoint(run, ckpt_path)
+                logger.flush()  # the events up to the checkpoint survive a kill
+            if run.step >= stop_step:
+                break
+            signum = stop.agreed(run, log_now or save_now)
+            if signum:
+                if run.checkpoint_step != run.step:
+                    check_finite(run, first_bad, ckpt_path)
+                    save_checkpoint(run, ckpt_path)
+                logger.close()
+                raise Interrupted(
+                    signum, f"interrupted at step {run.step}; checkpoint saved; run the same command to resume"
+                )
+    stop.restore()
+    if rank == 0:
+        export_backbone(run, export_path)
+        print(
+            f"done: step {run.step}; checkpoint {ckpt_path}; backbone {export_path}; probe with: "
+            f"python linear_probe.py {export_path}",
+            flush=True,
+        )
+    logger.close()
+    return run_dir
+
+
+# ============================================================ method: parts
+def check_args(args: Args, data: lt_data.LTData) -> None:
+    """The method's flags, checked once the data is known (the shared ``validate`` checks the others)."""
+    backbone_spec(args.arch, data.image_size, args.vit_layers, args.vit_heads, args.vit_dim, args.patch_size)
+    check_floats(args, "(0, inf)", "rho", "kde_bandwidth", "kde_alpha", "label_base")
+    check_floats(args, "[0, inf)", "weight_decay")
+    check_floats(args, "[1, inf)", "kde_max_ratio")
+    if args.batch_size < 2:  # each view's projector input is one process's batch
+        raise RunError(
+            f"--batch-size must be >= 2: the projector's BatchNorm needs 2 images per process, got {args.batch_size}"
+        )
+    check_ints(args, 1, "reweight_every", "kde_chunk_size", "proj_dim", "pred_dim")
+    if args.proj_layers is not None and args.proj_layers < 2:
+        raise RunError(f"--proj-layers must be >= 2, got {args.proj_layers}")
+    check_ints(args, 0, "reweight_warmup", "kde_reference", "warmup_epochs")
+    check_floats(args, "(0, 1]", "crop_min_scale")
+
+
+def train_transform(args: Args, data: lt_data.LTData):
+    """Two SimSiam views per image (RandomResizedCrop --crop-min-scale..1, flip, jitter .4/.4/.4/.1 p .8, grayscale
+    p .2)."""
+    return lt_data.TwoViews(lt_data.ssl_augment(data.image_size, data.mean, data.std, (args.crop_min_scale, 1.0)))
+
+
+class Model(nn.Module):
+    """Backbone, SimSiam projector and predictor, and the per-example ascent weights (a buffer)."""
+
+    export_prefix = "backbone."  # what backbone.pt exports
+
+    def __init__(self, args: Args, data: lt_data.LTData):
+        super().__init__()
+        self.backbone_spec = backbone_spec(
+            args.arch, data.image_size, args.vit_layers, args.vit_heads, args.vit_dim, args.patch_size
+        )
+        arch, arch_kwargs = self.backbone_spec["arch"], self.backbone_spec["arch_kwargs"]
+        self.backbone = build_backbone(arch, **arch_kwargs)
+        d, h, b = feature_dim(arch, **arch_kwargs), args.proj_dim, args.pred_dim
+        layers = args.proj_layers or (3 if data.image_size >= 96 else 2)  # SimSiam: ImageNet 3, CIFAR 2 (App. D)
+        hidden = [
+            m
+            for i in range(layers - 1)
+            for m in (nn.Linear(d if i == 0 else h, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True))
+        ]
+        self.projector = nn.Sequential(*hidden, nn.Linear(h, h, bias=False), nn.BatchNorm1d(h, affine=False))
+        self.predictor = nn.Sequential(
+            nn.Linear(h, b, bias=False), nn.BatchNorm1d(b), nn.ReLU(inplace=True), nn.Linear(b, h)
+        )
+        train_idx = data.pretrain_indices(args.balanced_twin)
+        if args.reweight == "label":
+            w = label_weights([data.train_full.targets[i] for i in train_idx], data.num_classes, args.label_base)
+        else:
+            w = torch.ones(len(train_idx))
+        self.register_buffer("sample_weights", w)  # saved in checkpoints: a resumed run keeps its weights
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
+        """(p1, p2, z1, z2); both views in one call so DDP sees one forward per backward."""
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        return self.predictor(z1), self.predictor(z2), z1, z2
+
+
+def make_optimizer(args: Args, model: Model, lr: float) -> torch.optim.Optimizer:
+    """The base optimiser of (A)SAM. ResNets: SGD momentum 0.9 with weight decay on all parameters (SimSiam's CIFAR
+    recipe); ViTs: AdamW with weight decay on weight matrices only."""
+    if not args.arch.startswith("vit"):
+        return torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay, fused=args.amp != "fp16"
+        )  # unfused with fp16: see resolve_amp
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, fused=True)
+
+
+def schedules(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> dict[str, float]:
+    """lr_scale (x the peak lr): linear warm-up over --warmup-epochs (SimSiam: none), then a cosine to 0."""
+    return {"lr_scale": warmup_cosine(step, args.warmup_epochs * steps_per_epoch, total_steps)}
+
+
+def on_epoch_start(run: Run, epoch: int) -> None:
+    """--reweight kde: recompute the KDE weights at epochs warmup, warmup + every, ... (all ranks identical)."""
+    args = run.args
+    if args.sam == "none" or args.reweight != "kde" or epoch < args.reweight_warmup:
+        return
+    if (epoch - args.reweight_warmup) % args.reweight_every:
+        return
+    started, n = time.perf_counter(), len(run.train_set)
+    start, stop, _ = shard_bounds(n, run.rank, run.world_size)
+    local = backbone_features(run, start, stop)
+    reference = None
+    if 0 < args.kde_reference < n:  # same subset on every rank: a function of (seed, epoch)
+        g = torch.Generator().manual_seed(args.seed * 7919 + epoch)
+        reference = torch.randperm(n, generator=g)[: args.kde_reference].sort().values
+    w = sharded_kde_weights(
+        local, n, args.kde_bandwidth, args.kde_alpha, args.kde_max_ratio, reference, args.kde_chunk_size
+    )
+    run.model.sample_weights.copy_(w)
+    if run.rank == 0:
+        print(
+            f"epoch {epoch + 1}: KDE weights of {n} images in {time.perf_counter() - started:.1f}s "
+            f"(min {w.min().item():.3f}, max {w.max().item():.3f})",
+            flush=True,
+        )
+
+
+@torch.no_grad()
+def backbone_features(run: Run, start: int, stop: int) -> torch.Tensor:
+    """Eval-mode backbone features of un-augmented training images start..stop-1 [stop - start, D] (fp32).
+
+    Computed in fp32 whatever --amp says: the densities go through an exponential kernel, and bf16 features
+    (3 significant digits) would shift the weights by about 1e-3 relative, enough for two processes that pick
+    different bf16 kernels to end with different weights (seen once as a non-bit-identical resume in our tests)."""
+    data, indices = run.data, run.train_set.indices[start:stop]
+    transform = lt_data.eval_transform(data.image_size, data.mean, data.std)
+    dataset = lt_data.IndexedDataset(data.train_full, indices, transform)
+    workers = run.args.num_workers if run.args.num_workers is not None else min(4, os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=max(run.args.batch_size, 256),
+        shuffle=False,
+        num_workers=workers,
+        generator=torch.Generator(),
+        worker_init_fn=lt_data.ignore_stop_signals,
+    )
+    backbone, feats = run.model.backbone, []
+    backbone.eval()
+    try:
+        for x, _, _ in loader:
+            feats.append(backbone(to_device(x, run)).float())
+    finally:
+        run.model.train()
+    spec = run.model.backbone_spec
+    dim = feature_dim(spec["arch"], **spec["arch_kwargs"])
+    return torch.cat(feats) if feats else torch.zeros(0, dim, device=run.device)
+
+
+def _kde_log_density(
+    queries: torch.Tensor,
+    reference: torch.Tensor,
+    bandwidth: float,
+    chunk_size: int,
+    query_ids: Optional[torch.Tensor] = None,
+    reference_ids: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """log p_i = log mean_j exp(-||q_i - r_j||^2 / (2 h^2)) over the reference points j with
+    reference_ids[j] != query_ids[i] (self excluded when ids are given). Rows of ``queries`` and ``reference``
+    are unit vectors, so ||q - r||^2 = 2 - 2 q.r. Blockwise log-sum-exp: memory O(chunk^2), no underflow."""
+    n, m = queries.shape[0], reference.shape[0]
+    out = torch.empty(n, dtype=torch.float32, device=queries.device)
+    inv = 1.0 / (2.0 * bandwidth * bandwidth)
+    for qs in range(0, n, chunk_size):
+        q = queries[qs : qs + chunk_size]
+        parts, selves = [], torch.zeros(q.shape[0], device=q.device)
+        for rs in range(0, m, chunk_size):
+            logk = (q @ reference[rs : rs + chunk_size].T).mul_(2).sub_(2).clamp_(max=0).mul_(inv)  # -d^2 / (2h^2)
+            if query_ids is not None and reference_ids is not None:
+                same = query_ids[qs : qs + chunk_size, None] == reference_ids[None, rs : rs + chunk_size]
+                logk.masked_fill_(same, -math.inf)
+                selves += same.sum(1)
+            parts.append(torch.logsumexp(logk, dim=1))
+        count = (m - selves).clamp_(min=1)
+        out[qs : qs + chunk_size] = torch.logsumexp(torch.stack(parts, 1), dim=1) - count.log()
+    return out
+
+
+def _weights_from_log_density(log_density: torch.Tensor, alpha: float, max_ratio: float) -> torch.Tensor:
+    """w_i proportional to p_i^(-alpha), the largest clipped to max_ratio times the smallest, mean 1."""
+    logw = -alpha * log_density.double()
+    logw = torch.minimum(logw, logw.min() + math.log(max_ratio))
+    w = (logw - logw.max()).exp()
+    return (w / w.mean()).float()
+
+
 def _gather_rows(x: torch.Tensor, rows_per_rank: int) -> torch.Tensor:
     """Concatenate every rank's rows (each padded to rows_per_rank) in rank order."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not distributed():
         return x
     padded = x.new_zeros((rows_per_rank, *x.shape[1:]))
-    padded[:x.shape[0]] = x
+    padded[: x.shape[0]] = x
     out = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
     dist.all_gather(out, padded)
     return torch.cat(out)
@@ -264,14 +646,19 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int, int]:
     return min(rank * per, n), min((rank + 1) * per, n), per
 
 
-def sharded_kde_weights(local_features: torch.Tensor, n: int, bandwidth: float, alpha: float = 1.0,
-                        max_ratio: float = 10.0, reference: Optional[torch.Tensor] = None,
-                        chunk_size: int = 4096) -> torch.Tensor:
+def sharded_kde_weights(
+    local_features: torch.Tensor,
+    n: int,
+    bandwidth: float,
+    alpha: float = 1.0,
+    max_ratio: float = 10.0,
+    reference: Optional[torch.Tensor] = None,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
     """``kde_weights`` under DDP: each rank holds the features of its ``shard_bounds`` rows; features are
     all-gathered, each rank estimates its rows' densities, densities are all-gathered, so every rank ends
     with the same N weights (= kde_weights on all features; ``reference``: integer indices, same on all ranks)."""
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
+    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed() else (1, 0)
     start, stop, per = shard_bounds(n, rank, world)
     mine = F.normalize(local_features.float(), dim=1)
     f = _gather_rows(mine, per)[:n]
@@ -293,196 +680,8 @@ def label_weights(labels, num_classes: int, base: float) -> torch.Tensor:
     return (w / w.mean()).float()
 
 
-def _check_method_args(args: Args, data: lt_data.LTData) -> None:
-    """Refuse impossible method flags (train_transform, the first method hook, calls it)."""
-    backbone_spec(args, data)
-    check_floats(args, "(0, inf)", "rho", "kde_bandwidth", "kde_alpha", "label_base")
-    check_floats(args, "[0, inf)", "weight_decay")
-    check_floats(args, "[1, inf)", "kde_max_ratio")
-    if args.batch_size < 2:  # each view's projector input is one process's batch
-        raise RunError(f"--batch-size must be >= 2: the projector's BatchNorm needs 2 images per process, "
-                       f"got {args.batch_size}")
-    for name in ("reweight_every", "kde_chunk_size", "proj_dim", "pred_dim"):
-        if getattr(args, name) < 1:
-            raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.proj_layers is not None and args.proj_layers < 2:
-        raise RunError(f"--proj-layers must be >= 2, got {args.proj_layers}")
-    if args.reweight_warmup < 0 or args.kde_reference < 0:
-        raise RunError("--reweight-warmup and --kde-reference must be >= 0")
-    check_floats(args, "(0, 1]", "crop_min_scale")
-    if args.warmup_epochs < 0:
-        raise RunError(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
-
-
-def train_transform(args: Args, data: lt_data.LTData):
-    """Two SimSiam views per image (RandomResizedCrop --crop-min-scale..1, flip, jitter .4/.4/.4/.1 p .8, grayscale
-    p .2)."""
-    _check_method_args(args, data)  # the first method hook the runtime calls: refuse bad method flags early
-    return lt_data.TwoViews(lt_data.ssl_augment(data.image_size, data.mean, data.std, (args.crop_min_scale, 1.0)))
-
-
-def backbone_spec(args: Args, data: lt_data.LTData) -> dict:
-    """Backbone architecture for build_backbone and the export; raises RunError on impossible backbone flags."""
-    try:
-        return linear_probe.backbone_spec(args.arch, data.image_size, args.vit_layers, args.vit_heads, args.vit_dim,
-                                          args.patch_size)
-    except ProbeError as e:
-        raise RunError(str(e)) from None
-
-
-class Model(nn.Module):
-    """Backbone, SimSiam projector and predictor, and the per-example ascent weights (a buffer)."""
-
-    export_prefix = "backbone."  # what backbone.pt exports
-
-    def __init__(self, args: Args, data: lt_data.LTData):
-        super().__init__()
-        self.backbone_spec = backbone_spec(args, data)
-        self.backbone = build_backbone(self.backbone_spec["arch"], **self.backbone_spec["arch_kwargs"])
-        d, h, b = feature_dim(self.backbone_spec["arch"], **self.backbone_spec["arch_kwargs"]), args.proj_dim, args.pred_dim
-        layers = args.proj_layers or (3 if data.image_size >= 96 else 2)  # SimSiam: ImageNet 3, CIFAR 2 (App. D)
-        hidden = [m for i in range(layers - 1) for m in (nn.Linear(d if i == 0 else h, h, bias=False),
-                                                          nn.BatchNorm1d(h), nn.ReLU(inplace=True))]
-        self.projector = nn.Sequential(*hidden, nn.Linear(h, h, bias=False), nn.BatchNorm1d(h, affine=False))
-        self.predictor = nn.Sequential(nn.Linear(h, b, bias=False), nn.BatchNorm1d(b), nn.ReLU(inplace=True),
-                                       nn.Linear(b, h))
-        train_idx = data.pretrain_indices(args.balanced_twin)
-        if args.reweight == "label":
-            w = label_weights([data.train_full.targets[i] for i in train_idx], data.num_classes, args.label_base)
-        else:
-            w = torch.ones(len(train_idx))
-        self.register_buffer("sample_weights", w)  # saved in checkpoints: a resumed run keeps its weights
-
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
-        """(p1, p2, z1, z2); both views in one call so DDP sees one forward per backward."""
-        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
-        return self.predictor(z1), self.predictor(z2), z1, z2
-
-
-def make_optimizer(args: Args, model: Model, lr: float) -> torch.optim.Optimizer:
-    """The base optimiser of (A)SAM. ResNets: SGD momentum 0.9 with weight decay on all parameters (SimSiam's CIFAR
-    recipe); ViTs: AdamW with weight decay on weight matrices only."""
-    if not args.arch.startswith("vit"):
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay,
-                               fused=args.amp != "fp16")  # see resolve_amp
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True)
-
-
-def lr_factor(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """Linear warm-up over --warmup-epochs (SimSiam: none), then cosine decay to 0, per step."""
-    warmup = min(args.warmup_epochs * steps_per_epoch, total_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total_steps - warmup, 1)))
-
-
-@torch.no_grad()
-def backbone_features(run: "Run", start: int, stop: int) -> torch.Tensor:
-    """Eval-mode backbone features of un-augmented training images start..stop-1 (fp32, not normalised).
-
-    Computed in fp32 whatever --amp says: the densities go through an exponential kernel, and bf16 features
-    (3 significant digits) would shift the weights by about 1e-3 relative, enough for two processes that pick
-    different bf16 kernels to end with different weights (seen once as a non-bit-identical resume in our tests)."""
-    data, ds_idx = run.data, run.train_set.indices[start:stop]
-    dataset = lt_data.IndexedDataset(data.train_full, ds_idx, lt_data.eval_transform(data.image_size, data.mean,
-                                                                                     data.std))
-    workers = run.args.num_workers if run.args.num_workers is not None else min(4, os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=max(run.args.batch_size, 256), shuffle=False,
-                                         num_workers=workers, generator=torch.Generator(),  # no global RNG draw
-                                         worker_init_fn=lt_data.ignore_stop_signals)
-    backbone, feats = run.model.backbone, []
-    backbone.eval()
-    try:
-        for x, _, _ in loader:
-            feats.append(backbone(to_device(x, run)).float())
-    finally:
-        run.model.train()
-    dim = feature_dim(run.model.backbone_spec["arch"], **run.model.backbone_spec["arch_kwargs"])
-    return torch.cat(feats) if feats else torch.zeros(0, dim, device=run.device)
-
-
-def on_epoch_start(run: "Run", epoch: int) -> None:
-    """--reweight kde: recompute the KDE weights at epochs warmup, warmup + every, ... (all ranks identical)."""
-    args = run.args
-    if args.sam == "none" or args.reweight != "kde" or epoch < args.reweight_warmup or \
-            (epoch - args.reweight_warmup) % args.reweight_every:
-        return
-    t0, n = time.perf_counter(), len(run.train_set)
-    start, stop, _ = shard_bounds(n, run.rank, run.world_size)
-    local = backbone_features(run, start, stop)
-    reference = None
-    if 0 < args.kde_reference < n:  # same subset on every rank: a function of (seed, epoch)
-        g = torch.Generator().manual_seed(args.seed * 7919 + epoch)
-        reference = torch.randperm(n, generator=g)[:args.kde_reference].sort().values
-    w = sharded_kde_weights(local, n, args.kde_bandwidth, args.kde_alpha, args.kde_max_ratio, reference,
-                            args.kde_chunk_size)
-    run.model.sample_weights.copy_(w)
-    if run.rank == 0:
-        print(f"epoch {epoch + 1}: KDE weights of {n} images in {time.perf_counter() - t0:.1f}s "
-              f"(min {w.min().item():.3f}, max {w.max().item():.3f})", flush=True)
-
-
 def _batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
     return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
-
-
-def train_step(run: "Run", batch) -> dict[str, torch.Tensor]:
-    """SimSiam loss; with --sam: weighted ascent pass, unweighted descent pass at theta + e, SGD step at theta."""
-    (x1, x2), _, idx = batch
-    args, model, opt = run.args, run.model, run.optimizer
-    with run.autocast():
-        p1, p2, z1, z2 = run.ddp_model(x1, x2)
-    z_std = F.normalize(z1.detach().float(), dim=1).std(0).mean()
-    if args.sam == "none":
-        loss = simsiam_loss(p1, p2, z1, z2)
-        optimizer_step(run, loss)
-        return {"loss": loss.detach(), "charts/output_std": z_std}
-
-    # 1. gradient of the weighted loss at theta (DDP averages it over ranks: the global gradient)
-    w = model.sample_weights[idx] if args.reweight != "none" else None
-    loss_w = simsiam_loss(p1, p2, z1, z2, w)
-    opt.zero_grad(set_to_none=True)
-    run.scaler.scale(loss_w).backward()
-    params = [p for p in model.parameters() if p.requires_grad]
-    fp16 = run.scaler.is_enabled()
-    if fp16:  # unscale this pass by hand (unscale_ may run once per update())
-        torch._foreach_mul_([p.grad for p in params if p.grad is not None], 1.0 / run.scaler._get_scale_async())
-    # 2. ascent e, one global norm. fp16: an overflowed gradient gives e = 0 (GradScaler's business, no host
-    # sync); in bf16/fp32 a non-finite gradient propagates to the loss and the NaN guard stops the run.
-    e = sam_perturbation(params, args.rho, adaptive=args.sam == "asam")
-    e_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(e)))
-    ok = torch.isfinite(e_norm)
-    if fp16:
-        e = [torch.where(ok, t, torch.zeros_like(t)) for t in e]
-    saved = [p.detach().clone() for p in params]
-    bn_saved = [b.clone() for b in _batchnorm_buffers(model)]
-    with torch.no_grad():
-        torch._foreach_add_(params, e)
-    # 3. unweighted loss and its gradient at theta + e, same views
-    with run.autocast():
-        q1, q2, y1, y2 = run.ddp_model(x1, x2)
-    loss = simsiam_loss(q1, q2, y1, y2)
-    opt.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    # 4. back to theta (exact copy), keep the first pass's BatchNorm statistics, base SGD step
-    with torch.no_grad():
-        torch._foreach_copy_(params, saved)
-        for b, s in zip(_batchnorm_buffers(model), bn_saved):
-            b.copy_(s)
-    run.scaler.step(opt)
-    run.scaler.update()
-    d1 = simsiam_loss(p1.detach(), p2.detach(), z1, z2)
-    out = {"loss": loss.detach(), "losses/ascent_weighted": loss_w.detach(), "losses/first_pass": d1,
-           "charts/perturbation_norm": torch.where(ok, e_norm, torch.zeros_like(e_norm)),
-           "charts/ascent_skipped": (~ok).float(),   # fp16: the weighted pass overflowed, e = 0 (interval mean)
-           "charts/output_std": z_std}
-    if w is not None:
-        out.update({"charts/batch_weights": w, "charts/weight_min": model.sample_weights.min(),
-                    "charts/weight_max": model.sample_weights.max()})
-    return out
 
 
 # ============================================================ shared: runtime
@@ -494,65 +693,83 @@ class Interrupted(Exception):
     """SIGINT/SIGTERM: the run saved a checkpoint and exits with 128 + the signal number."""
 
 
-class StopSignal:
-    """SIGINT and SIGTERM only set a flag; the loop checks it after each step (under DDP at log, checkpoint and
-    epoch-end steps, where an all-reduce makes every rank agree), saves a checkpoint and stops."""
-
-    def __init__(self):
-        self.signum = 0
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame) -> None:
-        self.signum = self.signum or signum
-
-    def agreed(self, run: "Run", sync_point: bool) -> int:
-        if run.world_size == 1 or not sync_point:
-            return self.signum if run.world_size == 1 else 0
-        flag = torch.tensor(self.signum, device=run.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag)
-
-    def restore(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-@dataclass
+@dataclass(kw_only=True)
 class Run:
-    """Everything a training step needs."""
+    """Everything a training step needs; ``schedule`` holds the method's scheduled values of the current step."""
 
     args: Args
-    device: torch.device
-    rank: int
-    world_size: int
-    data: lt_data.LTData
-    train_set: lt_data.IndexedDataset
-    model: nn.Module
-    ddp_model: nn.Module
+    model: nn.Module  # the module whose state is saved and exported
+    ddp_model: nn.Module  # what the step calls: ``model`` under DDP and torch.compile
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    amp_dtype: Optional[torch.dtype]
-    steps_per_epoch: int
-    total_steps: int
-    run_dir: str
+    data: lt_data.LTData
+    train_set: Optional[lt_data.IndexedDataset] = None
+    device: torch.device = torch.device("cpu")
+    rank: int = 0
+    world_size: int = 1
+    amp_dtype: Optional[torch.dtype] = None
+    steps_per_epoch: int = 1
+    run_dir: str = ""
     step: int = 0
     epoch: int = 0
     checkpoint_step: int = -1  # step of the checkpoint on disk, -1: none
+    schedule: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.total_steps = self.args.epochs * self.steps_per_epoch
+        self.peak_lr = [group["lr"] for group in self.optimizer.param_groups]  # what make_optimizer set
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
 
-def optimizer_step(run: Run, loss: torch.Tensor, clip_grad: Optional[float] = None) -> None:
-    """Backward (scaled for fp16), optional gradient clipping on unscaled gradients, optimizer step."""
+def set_schedules(run: Run) -> dict[str, float]:
+    """Apply the method's ``schedules`` for step ``run.step``: every group's lr is its peak lr x lr_scale; a group
+    marked ``{"weight_decay_schedule": name}`` takes the weight decay ``schedules(...)[name]``; ``train_step``
+    reads the others (EMA momentum, ...) from ``run.schedule``."""
+    run.schedule = schedules(run.args, run.step, run.total_steps, run.steps_per_epoch)
+    for group, peak in zip(run.optimizer.param_groups, run.peak_lr):
+        group["lr"] = peak * run.schedule["lr_scale"]
+        if "weight_decay_schedule" in group:
+            group["weight_decay"] = run.schedule[group["weight_decay_schedule"]]
+    return run.schedule
+
+
+def cosine(start: float, end: float, t: float) -> float:
+    """start -> end on a half cosine as t goes 0 -> 1 (t is clipped to [0, 1]): every decaying schedule."""
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+
+
+def warmup_cosine(step: int, warmup: int, total: int, end: float = 0.0) -> float:
+    """(step + 1) / warmup over the first ``warmup`` steps (at most ``total``), then a cosine from 1 to ``end``."""
+    warmup = min(warmup, total)
+    return (step + 1) / warmup if step < warmup else cosine(1.0, end, (step - warmup) / max(total - warmup, 1))
+
+
+def optimizer_step(run: Run, loss: torch.Tensor, clip: Optional[list] = None, max_norm: float = math.inf):
+    """Backward (scaled for fp16) and optimizer step. With ``clip`` (parameters): clip their unscaled gradients to
+    ``max_norm`` (inf: measure only) and return the norm before clipping; else None."""
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
-    if clip_grad is not None:
+    norm = None
+    if clip is not None:
         run.scaler.unscale_(run.optimizer)
-        nn.utils.clip_grad_norm_(run.model.parameters(), clip_grad)
+        norm = nn.utils.clip_grad_norm_(clip, max_norm)
     run.scaler.step(run.optimizer)
     run.scaler.update()
+    return norm
+
+
+@torch.no_grad()
+def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * online (the teacher / target encoder of MSN and ExCB)."""
+    torch._foreach_mul_(target, momentum)
+    torch._foreach_add_(target, online, alpha=1.0 - momentum)
+
+
+def distributed() -> bool:
+    """Whether a process group of more than one process is running (torchrun)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def to_device(x: torch.Tensor, run: Run) -> torch.Tensor:
@@ -580,17 +797,23 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 
 def setup_distributed() -> tuple[torch.device, int, int]:
     """DDP from torchrun's environment: NCCL on CUDA, gloo on CPU; returns (device, rank, world size)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = torch.device("cpu")
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
     return device, rank, world_size
+
+
+def num_workers(args: Args) -> int:
+    """--num-workers, by default min(8, CPU cores per process)."""
+    if args.num_workers is not None:
+        return args.num_workers
+    return min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -599,21 +822,22 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = not deterministic
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def default_run_name(args: Args) -> str:
+    twin = "_twin" if args.balanced_twin else ""
+    return f"{METHOD}_{args.dataset}_r{lt_data.resolved_ratio(args):g}{twin}_s{args.seed}"
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+def make_run_dir(run_dir: str) -> None:
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write-test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise RunError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
 
 
 def atomic_save(obj, path: str) -> None:
@@ -636,16 +860,18 @@ def atomic_save(obj, path: str) -> None:
 
 
 # flags that may differ when a run resumes; any other change is refused
-RESUMABLE_FLAGS = ("max_steps", "num_workers", "log_every", "checkpoint_every", "compile", "channels_last", "download",
-                   "data_dir", "output_dir", "eval_every", "eval_bank", "eval_queries")
+RESUMABLE_FLAGS = (
+    "max_steps num_workers log_every checkpoint_every compile channels_last download data_dir output_dir eval_every "
+    "eval_bank eval_queries"
+).split()
 
 
 def backbone_meta(run: Run) -> dict:
     """What linear_probe.py needs to rebuild the backbone and its data."""
     data_args = {f.name: getattr(run.args, f.name) for f in dataclasses.fields(lt_data.DataArgs)}
     data_args.update(image_size=run.data.image_size, imbalance_ratio=lt_data.resolved_ratio(run.args))
-    return {**run.model.backbone_spec, "prefix": run.model.export_prefix, "method": METHOD, "data": data_args,
-            "step": run.step}
+    prefix = run.model.export_prefix
+    return {**run.model.backbone_spec, "prefix": prefix, "method": METHOD, "data": data_args, "step": run.step}
 
 
 def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -657,31 +883,46 @@ def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
 
 
 def kept_checkpoint(run: Run, path: str) -> str:
-    return f"the last good checkpoint {path} (step {run.checkpoint_step}) is untouched" \
-        if run.checkpoint_step >= 0 else "no checkpoint was written"
+    if run.checkpoint_step < 0:
+        return "no checkpoint was written"
+    return f"the last good checkpoint {path} (step {run.checkpoint_step}) is untouched"
 
 
 def save_checkpoint(run: Run, path: str) -> None:
-    """Model, optimizer, scaler, scheduler, step, every rank's RNG states and the args (collective call).
-    Refuses (RunError) a model or optimizer state holding a non-finite tensor: one host sync, at save time only."""
-    state = [*run.model.state_dict().values(),
-             *(t for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
-    ok = all_finite(state, run.device).int()
+    """Model, optimizer, scaler, step, every rank's RNG states and the args (collective call). Refuses (RunError)
+    a model or optimizer state holding a non-finite tensor: one host sync, at save time only."""
+    state = [*run.model.state_dict().values(), *(t for s in run.optimizer.state.values() for t in s.values())]
+    ok = all_finite([t for t in state if torch.is_tensor(t)], run.device).int()
     if run.world_size > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if not ok:
-        raise RunError(f"non-finite weights after step {run.step}; stopping, {kept_checkpoint(run, path)}. "
-                       f"Try a lower --lr or --amp none")
-    states = [None] * run.world_size
+        raise RunError(
+            f"non-finite weights after step {run.step}; stopping, {kept_checkpoint(run, path)}. "
+            f"Try a lower --lr or --amp none"
+        )
+    rng = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    states = [rng] * run.world_size
     if run.world_size > 1:
-        dist.all_gather_object(states, rng_state())
-    else:
-        states = [rng_state()]
+        dist.all_gather_object(states, rng)
     if run.rank == 0:
-        atomic_save({"format": CHECKPOINT_FORMAT, "model": run.model.state_dict(),
-                     "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-                     "scheduler": run.scheduler.state_dict(), "step": run.step, "world_size": run.world_size,
-                     "rng": states, "args": dataclasses.asdict(run.args), "backbone": backbone_meta(run)}, path)
+        atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "model": run.model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scaler": run.scaler.state_dict(),
+                "step": run.step,
+                "world_size": run.world_size,
+                "rng": states,
+                "args": dataclasses.asdict(run.args),
+                "backbone": backbone_meta(run),
+            },
+            path,
+        )
     run.checkpoint_step = run.step
 
 
@@ -690,36 +931,43 @@ def load_checkpoint(run: Run, path: str) -> None:
     try:
         ckpt = torch.load(path, map_location=run.device, weights_only=True)
     except Exception as e:
-        raise RunError(f"cannot resume from {path} ({str(e).strip().splitlines()[0][:200]}); "
-                       f"move it away to start afresh") from None
+        raise RunError(
+            f"cannot resume from {path} ({str(e).strip().splitlines()[0][:200]}); move it away to start afresh"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a checkpoint of these scripts; move it away to start afresh")
     old, new = ckpt["args"], dataclasses.asdict(run.args)
     changed = [k for k in new if k not in RESUMABLE_FLAGS and old.get(k) != new[k]]
     if changed or ckpt["backbone"]["method"] != METHOD:
         what = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} -> {new[k]}" for k in changed) or "another method"
-        raise RunError(f"{path} was written with other flags ({what}); resume with the same command or "
-                       f"choose another --run-name")
+        raise RunError(
+            f"{path} was written with other flags ({what}); resume with the same command or choose another --run-name"
+        )
     if ckpt["world_size"] != run.world_size:
-        raise RunError(f"{path} was written by {ckpt['world_size']} processes, this run has {run.world_size}; "
-                       f"the global batch, learning rate and data order would change")
+        raise RunError(
+            f"{path} was written by {ckpt['world_size']} processes, this run has {run.world_size}; "
+            f"the global batch, learning rate and data order would change"
+        )
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     for p, state in run.optimizer.state.items():  # saved under another --channels-last or device: take the
-        for k, v in state.items():                # parameter's layout (fused kernels pair them in memory order)
+        for k, v in state.items():  # parameter's layout (fused kernels pair them in memory order)
             if torch.is_tensor(v) and v.shape == p.shape and (v.stride() != p.stride() or v.device != p.device):
                 state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
     if ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
     run.step = run.checkpoint_step = ckpt["step"]
-    set_rng_state(ckpt["rng"][run.rank])
+    rng = ckpt["rng"][run.rank]
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def export_backbone(run: Run, path: str) -> None:
     """backbone.pt: the backbone's state dict in plain torchvision layout, loadable with strict=True."""
     prefix = run.model.export_prefix
-    state = {k[len(prefix):]: v for k, v in run.model.state_dict().items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in run.model.state_dict().items() if k.startswith(prefix)}
     if not all_finite(list(state.values()), run.device):
         raise RunError(f"non-finite backbone weights at step {run.step}; {path} not written")
     atomic_save({"format": EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
@@ -731,86 +979,100 @@ def format_eta(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
-def resolved_args(run: Run) -> dict:
-    """The flags with the values this run resolved at start (data defaults, backbone sizes): the hyperparameters."""
-    values = dataclasses.asdict(run.args)
-    if isinstance(run, Run):
-        values.update(backbone_meta(run)["data"])
-        values.update({f"backbone.{k}": v for k, v in run.model.backbone_spec["arch_kwargs"].items()})
-    return values
-
-
 class Logger:
-    """Rank-0 TensorBoard (charts/ and losses/ namespaces) and a progress line; no host sync between logs."""
+    """Rank-0 TensorBoard (charts/, losses/, eval/) and a progress line. ``accumulate`` sums scalars (tensors on the
+    device, no host sync; floats on the host) and keeps the last vectors; ``write`` logs each scalar's mean since
+    the last write, histograms of the vectors, and the progress line."""
 
     def __init__(self, run: Run, resumed: bool):
-        self.run, self.sums, self.count = run, {}, 0
-        self.writer = None
-        self.t0, self.step0 = time.perf_counter(), run.step
-        if run.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-            # a resumed run logs again from step + 1: older events at or after that step are from the lost run
+        self.run, self.sums, self.counts, self.vectors = run, {}, {}, {}
+        self.clock, self.step0, self.writer = time.perf_counter(), run.step, None
+        if run.rank == 0:  # a resumed run logs again from step + 1: later events are from the lost run
             self.writer = SummaryWriter(run.run_dir, purge_step=run.step + 1 if resumed else None)
-            if not resumed:
-                rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(resolved_args(run).items()))
-                self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+        if self.writer is not None and not resumed:  # the flags with the values resolved at start
+            table = {**dataclasses.asdict(run.args)}
+            if isinstance(run, Run):
+                table.update(backbone_meta(run)["data"])
+                table.update({f"backbone.{k}": v for k, v in run.model.backbone_spec["arch_kwargs"].items()})
+            rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(table.items()))
+            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
 
     def accumulate(self, metrics: dict[str, torch.Tensor | float]) -> None:
-        """Sum the scalars: tensors on the device (no sync), Python floats (host-side schedules) on the host."""
         for k, v in metrics.items():
-            if not torch.is_tensor(v):
-                self.sums[k] = self.sums.get(k, 0.0) + float(v)
-            elif v.ndim == 0:
-                self.sums[k] = self.sums.get(k, 0) + v.detach().float().to(self.run.device, non_blocking=True)
-        self.last = metrics
-        self.count += 1
+            if torch.is_tensor(v) and v.ndim > 0:
+                self.vectors[k] = v
+                continue
+            v = v.detach().float().to(self.run.device, non_blocking=True) if torch.is_tensor(v) else float(v)
+            self.sums[k], self.counts[k] = self.sums.get(k, 0) + v, self.counts.get(k, 0) + 1
 
     def write(self, evals: Optional[dict[str, float]] = None, eval_seconds: float = 0.0) -> None:
-        """Mean of each scalar since the last write, histograms of the last step, lr, images/s, ETA, and the
-        evaluations ``evals`` (which took ``eval_seconds``, left out of images/s and the ETA)."""
-        run, keys, evals = self.run, list(self.sums), evals or {}
-        on_device = [k for k in keys if torch.is_tensor(self.sums[k])]
-        means = dict(zip(on_device, torch.stack([self.sums[k] for k in on_device]).tolist() if on_device else []))
-        values = [means.get(k, self.sums[k]) / self.count for k in keys]
-        elapsed = time.perf_counter() - self.t0 - eval_seconds
-        images_per_s = (run.step - self.step0) * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
-        stop_step = min(run.total_steps, run.args.max_steps or run.total_steps)  # where this run will stop
-        eta = (stop_step - run.step) * elapsed / max(run.step - self.step0, 1)
-        shown = "".join(f" | {k.split('/')[-1]} {v:.2f}" for k, v in evals.items()) + \
-            (f" ({eval_seconds:.0f}s)" if evals else "")
+        """Log and print; ``evals`` took ``eval_seconds``, left out of images/s and the ETA."""
+        run, evals, steps = self.run, evals or {}, self.run.step - self.step0
+        on_device = [k for k in self.sums if torch.is_tensor(self.sums[k])]
+        host = dict(zip(on_device, torch.stack([self.sums[k] for k in on_device]).tolist())) if on_device else {}
+        means = {k: host.get(k, v) / self.counts[k] for k, v in self.sums.items()}
+        elapsed = time.perf_counter() - self.clock - eval_seconds
+        images_per_s = steps * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
+        eta = (min(run.total_steps, run.args.max_steps or run.total_steps) - run.step) * elapsed / max(steps, 1)
+        shown = "".join(f" | {k.split('/')[-1]} {v:.2f}" for k, v in evals.items())
+        shown += f" ({eval_seconds:.0f}s)" if evals else ""
         if self.writer is not None:
-            for k, v in [*zip(keys, values), *evals.items()]:
+            if steps:
+                means["charts/learning_rate"] = run.optimizer.param_groups[0]["lr"]
+                means.update({"charts/images_per_second": images_per_s, "charts/epoch": run.step / run.steps_per_epoch})
+            for k, v in {**means, **evals}.items():
                 self.writer.add_scalar(k if "/" in k else f"losses/{k}", v, run.step)
-        if self.writer is not None and self.count == 0:
-            print(f"step {run.step}, before training{shown}", flush=True)
-        elif self.writer is not None:
-            for k, v in self.last.items():
-                if torch.is_tensor(v) and v.ndim > 0:
-                    self.writer.add_histogram(k, v.detach().float().cpu(), run.step)
-            self.writer.add_scalar("charts/learning_rate", run.optimizer.param_groups[0]["lr"], run.step)
-            self.writer.add_scalar("charts/images_per_second", images_per_s, run.step)
-            self.writer.add_scalar("charts/epoch", run.step / run.steps_per_epoch, run.step)
-            loss = dict(zip(keys, values)).get("loss", float("nan"))
-            memory = f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if run.device.type == "cuda" else ""
-            print(f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss {loss:.4f}{shown} "
-                  f"| {images_per_s:.0f} img/s{memory} | eta {format_eta(eta)}", flush=True)
-        self.sums, self.count, self.t0, self.step0 = {}, 0, time.perf_counter(), run.step
+            for k, v in self.vectors.items():
+                self.writer.add_histogram(k, v.detach().float().cpu(), run.step)
+            print(
+                f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss "
+                f"{means.get('loss', math.nan):.4f}{shown} | {images_per_s:.0f} img/s | eta {format_eta(eta)}"
+                if steps
+                else f"step {run.step}, before training{shown}",
+                flush=True,
+            )
+        self.sums, self.counts, self.vectors, self.clock, self.step0 = {}, {}, {}, time.perf_counter(), run.step
 
     def write_views(self, views: list[torch.Tensor] | torch.Tensor, mean, std) -> None:
-        """One image of the first 8 images of the batch (rows) x their augmented views (columns, resized to the
-        first view's size), un-normalised: what the augmentations do to these images."""
-        if self.writer is None:
-            return
-        views = views if isinstance(views, list) else [views]
-        size = views[0].shape[-2:]
-        m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
-        cols = [F.interpolate(v[:8].detach().float().cpu(), size=size) * s + m for v in views]
-        grid = make_grid(torch.stack(cols, 1).flatten(0, 1).clamp(0, 1), nrow=len(cols))
-        self.writer.add_image("views/augmented", grid, self.run.step)
+        """The first 8 images of the batch (rows) x their augmented views (columns, resized to the first view's
+        size), un-normalised: what the augmentations do."""
+        if self.writer is not None:
+            views = views if isinstance(views, list) else [views]
+            m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+            cols = [F.interpolate(v[:8].detach().float().cpu(), size=views[0].shape[-2:]) * s + m for v in views]
+            grid = make_grid(torch.stack(cols, 1).flatten(0, 1).clamp(0, 1), nrow=len(cols))
+            self.writer.add_image("views/augmented", grid, self.run.step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class StopSignal:
+    """SIGINT and SIGTERM only set a flag; the loop reads it after each step (under DDP at log, checkpoint and
+    epoch-end steps, where an all-reduce makes every rank agree), saves a checkpoint and stops."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def agreed(self, run: Run, sync_point: bool) -> int:
+        if run.world_size == 1 or not sync_point:
+            return self.signum if run.world_size == 1 else 0
+        flag = torch.tensor(self.signum, device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def check_finite(run: Run, first_bad: torch.Tensor, ckpt_path: str) -> None:
@@ -819,8 +1081,10 @@ def check_finite(run: Run, first_bad: torch.Tensor, ckpt_path: str) -> None:
         dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
     bad = int(first_bad)
     if bad < 2**62:
-        raise RunError(f"non-finite loss at step {bad} (epoch {bad // run.steps_per_epoch + 1}); stopping, "
-                       f"{kept_checkpoint(run, ckpt_path)}. Try a lower --lr or --amp none")
+        raise RunError(
+            f"non-finite loss at step {bad} (epoch {bad // run.steps_per_epoch + 1}); stopping, "
+            f"{kept_checkpoint(run, ckpt_path)}. Try a lower --lr or --amp none"
+        )
 
 
 def check_floats(args: Args, interval: str, *names: str) -> None:
@@ -835,162 +1099,35 @@ def check_floats(args: Args, interval: str, *names: str) -> None:
             raise RunError(f"{flag} must be {words}, got {v}")
 
 
-def evaluate(run: Run, monitor: KNNMonitor) -> tuple[dict[str, float], float]:
-    """The kNN monitor on the backbone that backbone.pt exports; returns ({"eval/knn_top1": %}, seconds)."""
-    t0 = time.perf_counter()
-    exported = run.model.get_submodule(run.model.export_prefix.rstrip("."))
-    top1 = monitor(exported, lambda x: to_device(x, run), run.autocast)
-    return {"eval/knn_top1": top1}, time.perf_counter() - t0
+def check_ints(args: Args, low: int, *names: str) -> None:
+    """Refuse an integer flag below ``low`` (None, an unset optional flag, passes)."""
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise RunError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
 
 
-def validate(args: Args, world_size: int) -> None:
-    """Fail fast on arguments that cannot work, before any data is read (method flags: the first method hook)."""
-    for name in ("batch_size", "epochs", "log_every", "checkpoint_every"):
-        if getattr(args, name) < 1:
-            raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_steps", "train_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+def validate(args: Args) -> None:
+    """Fail fast on shared flags that cannot work, before any data is read (method flags: ``check_args``)."""
+    check_ints(args, 1, "batch_size", "epochs", "log_every", "checkpoint_every", "max_steps", "train_steps")
+    check_ints(args, 0, "num_workers", "eval_every", "eval_bank", "eval_queries")
     check_floats(args, "(0, inf)", "lr")
     if args.sync_bn and not torch.cuda.is_available():
         raise RunError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise RunError(f"--num-workers must be >= 0, got {args.num_workers}")
-    for name in ("eval_every", "eval_bank", "eval_queries"):
-        if getattr(args, name) < 0:
-            raise RunError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
 
-def train(args: Args) -> str:
-    """Build everything, resume if the run exists, train, export; returns the run folder."""
-    device, rank, world_size = setup_distributed()
-    validate(args, world_size)
-    amp_choice = "" if args.amp != "auto" else " (--amp auto)"
-    args.amp = resolve_amp(args.amp, device)  # the checkpoint and hyperparameters store the resolved dtype
-    ratio = lt_data.resolved_ratio(args)
-    run_name = args.run_name or f"{METHOD}_{args.dataset}_r{ratio:g}{'_twin' if args.balanced_twin else ''}_s{args.seed}"
-    run_dir = os.path.join(args.output_dir, run_name)
-    ckpt_path, export_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "backbone.pt")
-    data = lt_data.build_data(args)
-    train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(args.balanced_twin),
-                                       train_transform(args, data))  # the first method hook checks method flags
-    global_batch = args.batch_size * world_size
-    if global_batch > len(train_set):
-        raise RunError(f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
-                       f"{len(train_set)} training images")
-    if args.train_steps:  # before anything reads --epochs (the checkpoint stores the resolved value)
-        args.epochs = -(-args.train_steps // (len(train_set) // world_size // args.batch_size))
-    if rank == 0:  # only now, so that a refused start leaves nothing behind
-        try:
-            os.makedirs(run_dir, exist_ok=True)
-            probe = os.path.join(run_dir, f".write-test{os.getpid()}")
-            open(probe, "w").close()
-            os.remove(probe)
-        except OSError as e:
-            raise RunError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
-
-    seed_everything(args.seed, args.deterministic)  # same initial weights on every rank
-    model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
-    if args.sync_bn and world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    if args.compile:
-        ddp_model = torch.compile(ddp_model)
-    optimizer = make_optimizer(args, model, args.lr * global_batch / 256)  # linear scaling rule, global batch
-    sampler = lt_data.ResumableSampler(len(train_set), world_size, rank, args.seed,
-                                       labels=train_set.targets if args.sampling == "class-balanced" else None)
-    steps_per_epoch = len(sampler) // args.batch_size
-    total_steps = args.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(args, s, total_steps, steps_per_epoch))
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    run = Run(args, device, rank, world_size, data, train_set, model, ddp_model, optimizer, scheduler, scaler,
-              amp_dtype, steps_per_epoch, total_steps, run_dir)
-    resumed = os.path.exists(ckpt_path)
-    if resumed:
-        load_checkpoint(run, ckpt_path)
-    else:
-        torch.manual_seed(args.seed * 1000 + rank)  # ranks draw different masks, noise, ...
-    workers = args.num_workers if args.num_workers is not None else \
-        min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    loader = lt_data.make_loader(train_set, args.batch_size, workers, sampler, drop_last=True)
-    stop_step = min(total_steps, args.max_steps or total_steps)
-    if rank == 0:
-        print(f"{METHOD}: {len(train_set)} training images, {data.num_classes} classes, global batch "
-              f"{global_batch} on {world_size} x {device.type}, {steps_per_epoch} steps/epoch, "
-              + (f"resuming at step {run.step} of {stop_step}" if resumed else f"{stop_step} steps")
-              + f", amp {args.amp}{amp_choice} -> {run_dir}",
-              flush=True)
-
-    logger = Logger(run, resumed)
-    monitor = None
-    if args.eval_every:
-        monitor = KNNMonitor(data, args.eval_bank, args.eval_queries, max(args.batch_size, 256), 0,  # in-process:
-                             args.seed, rank, world_size)                                    # no idle workers
-        if not resumed:
-            logger.write(*evaluate(run, monitor))
-    first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss
-    inject_nan = int(os.environ.get("SSL_IMBALANCE_INJECT_NAN_AT_STEP", "-1"))  # for the tests of the guard
-    if os.environ.get("SSL_IMBALANCE_BN_RUNNING_STATS") == "1":  # for the DDP-equivalence tests: BatchNorm uses
-        for m in model.modules():                                # running statistics, so the only per-process
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):   # batch statistics are the method's own
-                m.register_forward_pre_hook(lambda mod, _: setattr(mod, "training", False))
-    run.model.train()
-    stop, start_step = StopSignal(), run.step
-    while run.step < stop_step:
-        run.epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
-        sampler.set_epoch(run.epoch, skip=done_in_epoch * args.batch_size)
-        if done_in_epoch == 0:
-            on_epoch_start(run, run.epoch)
-        for batch in loader:
-            batch = [[to_device(v, run) for v in x] if isinstance(x, list) else to_device(x, run) for x in batch]
-            if run.step == 0:
-                logger.write_views(batch[0], data.mean, data.std)
-            metrics = train_step(run, batch)
-            run.scheduler.step()
-            run.step += 1
-            if run.step == inject_nan:
-                metrics["loss"] = metrics["loss"] + float("nan")
-            first_bad = torch.where(torch.isfinite(metrics["loss"]), first_bad, torch.full_like(first_bad, run.step))
-            logger.accumulate(metrics)
-            end_of_epoch = run.step % steps_per_epoch == 0
-            due = monitor is not None and (run.step == stop_step or end_of_epoch and
-                                           (run.epoch + 1) % args.eval_every == 0)
-            first = run.step == start_step + 1   # a first progress line after one step, not after log_every
-            if run.step % args.log_every == 0 or run.step == stop_step or end_of_epoch or first:
-                check_finite(run, first_bad, ckpt_path)
-                logger.write(*(evaluate(run, monitor) if due else (None, 0.0)))
-            if run.step % args.checkpoint_every == 0 or run.step == stop_step or end_of_epoch:
-                check_finite(run, first_bad, ckpt_path)
-                save_checkpoint(run, ckpt_path)
-                if logger.writer is not None:  # the events up to the checkpoint survive a kill
-                    logger.writer.flush()
-            if run.step >= stop_step:
-                break
-            sync_point = run.step % args.log_every == 0 or run.step % args.checkpoint_every == 0 or end_of_epoch
-            signum = stop.agreed(run, sync_point)
-            if signum:
-                if run.checkpoint_step != run.step:
-                    check_finite(run, first_bad, ckpt_path)
-                    save_checkpoint(run, ckpt_path)
-                logger.close()
-                raise Interrupted(signum, f"interrupted at step {run.step}; checkpoint saved; run the same "
-                                          f"command to resume")
-    stop.restore()
-    if rank == 0:
-        export_backbone(run, export_path)
-        print(f"done: step {run.step}; checkpoint {ckpt_path}; backbone {export_path}; probe with: "
-              f"python linear_probe.py {export_path}", flush=True)
-    logger.close()
-    return run_dir
+def evaluate(run: Run, monitor: KNNMonitor) -> tuple[dict[str, float], float]:
+    """The kNN monitor on the backbone that backbone.pt exports; returns ({"eval/knn_top1": %}, seconds)."""
+    start = time.perf_counter()
+    exported = run.model.get_submodule(run.model.export_prefix.rstrip("."))
+    top1 = monitor(exported, lambda x: to_device(x, run), run.autocast)
+    return {"eval/knn_top1": top1}, time.perf_counter() - start
 
 
 def main() -> None:
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
     try:
         train(args)
-    except (RunError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
+    except (RunError, BackboneError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
         print(f"{os.path.basename(sys.argv[0])}: error: {lt_data.error_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Interrupted as e:
@@ -998,7 +1135,7 @@ def main() -> None:
             print(e.args[1], flush=True)
         sys.exit(128 + e.args[0])
     finally:
-        if dist.is_initialized():
+        if distributed():
             dist.destroy_process_group()
 
 

@@ -13,11 +13,14 @@ A_balanced between pre-training on the long-tailed set and on its same-size bala
 
 Sections marked "shared" are textually identical in supervised_baseline.py, simsiam_rwsam.py,
 msn_prior.py and excb.py (tests/test_skeleton.py enforces it): diff two scripts to see the method.
+Reading order: the flags, the method's algorithm (train_step), the training loop, the method's parts, and the
+shared plumbing last. docs/supervised_baseline.md has the logged metrics and the implementation notes.
 """
 
 # ============================================================ shared: imports
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -26,7 +29,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal, Optional
 
 import torch
@@ -34,29 +37,44 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
 
 import lt_data
-from linear_probe import CHECKPOINT_FORMAT, EXPORT_FORMAT, KNNMonitor, build_backbone, feature_dim
-from torchvision.utils import make_grid
+from linear_probe import (
+    CHECKPOINT_FORMAT,
+    EXPORT_FORMAT,
+    BackboneError,
+    KNNMonitor,
+    backbone_spec,
+    build_backbone,
+    feature_dim,
+    vit_kwargs,
+)
 
 
 # ============================================================ shared: arguments
 @dataclass
 class Args(lt_data.DataArgs):
     run_name: Optional[str] = None
-    """run folder name under --output-dir; default: <method>_<dataset>_r<ratio>[_twin]_s<seed>. An existing run of that name resumes"""
+    """run folder name under --output-dir; default: <method>_<dataset>_r<ratio>[_twin]_s<seed>.
+    An existing run of that name resumes"""
     output_dir: str = "runs"
     """where run folders go (TensorBoard events, checkpoint.pt, backbone.pt)"""
     seed: int = 1
     """seed of initialisation, data order and augmentations"""
     deterministic: bool = False
-    """deterministic kernels (torch.use_deterministic_algorithms); slower on GPU, needed for bit-identical resume there"""
+    """deterministic kernels (torch.use_deterministic_algorithms); slower on GPU, needed for bit-identical resume
+    there"""
     max_steps: Optional[int] = None
     """stop after this many optimisation steps (smoke runs); the schedules still span --epochs"""
     train_steps: Optional[int] = None
-    """replaces --epochs by the fewest whole epochs of at least this many optimisation steps: one budget for data sets of any size"""
+    """replaces --epochs by the fewest whole epochs of at least this many optimisation steps: one budget for data
+    sets of any size"""
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
-    """autocast dtype: bf16, fp16 (with a GradScaler), none (fp32); auto: bf16 on CUDA GPUs with bf16, fp16 on older ones, bf16 on CPUs with native bf16 (AVX512-BF16/AMX, Arm BF16), else none (emulated bf16 is ~2x slower than fp32)"""
+    """autocast dtype: bf16, fp16 (with a GradScaler), none (fp32); auto: bf16 on CUDA GPUs with bf16, fp16 on
+    older ones, bf16 on CPUs with native bf16 (AVX512-BF16/AMX, Arm BF16), else none (emulated bf16 is ~2x slower
+    than fp32)"""
     compile: bool = False
     """torch.compile the training model"""
     channels_last: bool = True
@@ -64,7 +82,8 @@ class Args(lt_data.DataArgs):
     sync_bn: bool = False
     """SyncBatchNorm across processes (CUDA only); otherwise BatchNorm statistics are per process"""
     sampling: Literal["instance", "class-balanced"] = "instance"
-    """instance: each image once per epoch; class-balanced: draws with probability 1/(C*n_class) (uses labels: an oracle for SSL)"""
+    """instance: each image once per epoch; class-balanced: draws with probability 1/(C*n_class) (uses labels: an
+    oracle for SSL)"""
     num_workers: Optional[int] = None
     """data-loading processes per training process; default: min(8, CPU cores per process)"""
     log_every: int = 50
@@ -72,9 +91,11 @@ class Args(lt_data.DataArgs):
     checkpoint_every: int = 500
     """also write checkpoint.pt every this many steps (always at the end of an epoch and of the run)"""
     eval_every: int = 5
-    """online kNN monitor (eval/knn_top1 of the exported backbone; k 20, cosine, T 0.07): before training, every this many epochs and at the end; 0: off"""
+    """online kNN monitor (eval/knn_top1 of the exported backbone; k 20, cosine, T 0.07): before training, every
+    this many epochs and at the end; 0: off"""
     eval_bank: int = 5000
-    """kNN monitor's bank: a class-balanced random subsample of this many un-augmented images of the full training set"""
+    """kNN monitor's bank: a class-balanced random subsample of this many un-augmented images of the full training
+    set"""
     eval_queries: int = 2000
     """kNN monitor's queries: a class-balanced random subsample of this many test images; 0: the whole test set"""
 
@@ -95,20 +116,169 @@ class Args(lt_data.DataArgs):
     """cross-entropy label smoothing"""
 
 
-# ============================================================ method: model and loss
+# ============================================================ method: algorithm
 METHOD = "supervised"
 
 
-def _check_method_args(args: Args) -> None:
+def train_step(run: Run, batch) -> dict[str, torch.Tensor]:
+    """One step of supervised training on a labelled batch x [B, 3, H, W], y [B]; returns the loss and what
+    ``diagnostics`` needs (no host sync).
+
+    1. logits = classifier(backbone(x))
+    2. L = cross-entropy(logits, y) (with --label-smoothing)
+    3. SGD step on L (momentum 0.9, weight decay on weight matrices)
+    """
+    x, y, _ = batch
+    with run.autocast():
+        logits = run.ddp_model(x)  # 1
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=run.args.label_smoothing)  # 2
+    optimizer_step(run, loss)  # 3
+    return {"loss": loss.detach(), "logits": logits.detach(), "labels": y}
+
+
+@torch.no_grad()
+def diagnostics(run: Run, out: dict) -> dict[str, torch.Tensor]:
+    """The charts of a log step, from ``train_step``'s output: the batch accuracy."""
+    return {"charts/train_accuracy": (out["logits"].argmax(1) == out["labels"]).float().mean()}
+
+
+# ============================================================ shared: loop
+def train(args: Args) -> str:
+    """Build everything, resume if the run exists, train, export; returns the run folder."""
+    device, rank, world_size = setup_distributed()
+    validate(args)
+    amp_choice = " (--amp auto)" if args.amp == "auto" else ""
+    args.amp = resolve_amp(args.amp, device)  # the checkpoint and hyperparameters store the resolved dtype
+    data = lt_data.build_data(args)
+    check_args(args, data)
+    train_set = lt_data.IndexedDataset(
+        data.train_full, data.pretrain_indices(args.balanced_twin), train_transform(args, data)
+    )
+    global_batch = args.batch_size * world_size
+    if global_batch > len(train_set):
+        raise RunError(
+            f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
+            f"{len(train_set)} training images"
+        )
+    if args.train_steps:  # before anything reads --epochs (the checkpoint stores the resolved value)
+        args.epochs = -(-args.train_steps // (len(train_set) // world_size // args.batch_size))
+    run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(args))
+    ckpt_path, export_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "backbone.pt")
+    if rank == 0:  # only now, so that a refused start leaves nothing behind
+        make_run_dir(run_dir)
+
+    seed_everything(args.seed, args.deterministic)  # same initial weights on every rank
+    model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
+    if args.sync_bn and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    labels = train_set.targets if args.sampling == "class-balanced" else None
+    sampler = lt_data.ResumableSampler(len(train_set), world_size, rank, args.seed, labels=labels)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+    run = Run(
+        args=args,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        data=data,
+        train_set=train_set,
+        model=model,
+        ddp_model=torch.compile(ddp_model) if args.compile else ddp_model,
+        optimizer=make_optimizer(args, model, args.lr * global_batch / 256),  # linear scaling rule, global batch
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        amp_dtype=amp_dtype,
+        steps_per_epoch=len(sampler) // args.batch_size,
+        run_dir=run_dir,
+    )
+    resumed = os.path.exists(ckpt_path)
+    if resumed:
+        load_checkpoint(run, ckpt_path)
+    else:
+        torch.manual_seed(args.seed * 1000 + rank)  # ranks draw different masks, noise, ...
+    loader = lt_data.make_loader(train_set, args.batch_size, num_workers(args), sampler, drop_last=True)
+    stop_step = min(run.total_steps, args.max_steps or run.total_steps)
+    if rank == 0:
+        start = f"resuming at step {run.step} of {stop_step}" if resumed else f"{stop_step} steps"
+        print(
+            f"{METHOD}: {len(train_set)} training images, {data.num_classes} classes, global batch {global_batch} "
+            f"on {world_size} x {device.type}, {run.steps_per_epoch} steps/epoch, {start}, "
+            f"amp {args.amp}{amp_choice} -> {run_dir}",
+            flush=True,
+        )
+    logger = Logger(run, resumed)
+    monitor = None
+    if args.eval_every:  # in-process (0 workers): no idle workers between evaluations
+        monitor = KNNMonitor(
+            data, args.eval_bank, args.eval_queries, max(args.batch_size, 256), 0, args.seed, rank, world_size
+        )
+        if not resumed:
+            logger.write(*evaluate(run, monitor))
+    first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss
+    set_schedules(run)
+    model.train()
+    stop, start_step = StopSignal(), run.step
+    while run.step < stop_step:
+        run.epoch, done_in_epoch = divmod(run.step, run.steps_per_epoch)
+        sampler.set_epoch(run.epoch, skip=done_in_epoch * args.batch_size)
+        if done_in_epoch == 0:
+            on_epoch_start(run, run.epoch)
+        for batch in loader:
+            batch = [[to_device(v, run) for v in x] if isinstance(x, list) else to_device(x, run) for x in batch]
+            if run.step == 0:
+                logger.write_views(batch[0], data.mean, data.std)
+            schedule = run.schedule  # this step's values
+            out = train_step(run, batch)
+            run.step += 1
+            set_schedules(run)  # the next step's: the optimizer (and a checkpoint) always holds them
+            first_bad = torch.where(torch.isfinite(out["loss"]), first_bad, run.step)
+            logger.accumulate({k: v for k, v in out.items() if k.startswith("loss")})
+            end_of_epoch = run.step % run.steps_per_epoch == 0
+            log_now = run.step % args.log_every == 0 or run.step in (stop_step, start_step + 1) or end_of_epoch
+            save_now = run.step % args.checkpoint_every == 0 or run.step == stop_step or end_of_epoch
+            if log_now:
+                check_finite(run, first_bad, ckpt_path)
+                logger.accumulate({**diagnostics(run, out), **{f"charts/{k}": v for k, v in schedule.items()}})
+                due = monitor is not None and (
+                    run.step == stop_step or end_of_epoch and (run.epoch + 1) % args.eval_every == 0
+                )
+                logger.write(*(evaluate(run, monitor) if due else (None, 0.0)))
+            if save_now:
+                check_finite(run, first_bad, ckpt_path)
+                save_checkpoint(run, ckpt_path)
+                logger.flush()  # the events up to the checkpoint survive a kill
+            if run.step >= stop_step:
+                break
+            signum = stop.agreed(run, log_now or save_now)
+            if signum:
+                if run.checkpoint_step != run.step:
+                    check_finite(run, first_bad, ckpt_path)
+                    save_checkpoint(run, ckpt_path)
+                logger.close()
+                raise Interrupted(
+                    signum, f"interrupted at step {run.step}; checkpoint saved; run the same command to resume"
+                )
+    stop.restore()
+    if rank == 0:
+        export_backbone(run, export_path)
+        print(
+            f"done: step {run.step}; checkpoint {ckpt_path}; backbone {export_path}; probe with: "
+            f"python linear_probe.py {export_path}",
+            flush=True,
+        )
+    logger.close()
+    return run_dir
+
+
+# ============================================================ method: parts
+def check_args(args: Args, data: lt_data.LTData) -> None:
+    """The method's flags, checked once the data is known (the shared ``validate`` checks the others)."""
     check_floats(args, "[0, inf)", "weight_decay")
     check_floats(args, "[0, 1)", "label_smoothing")
-    if args.warmup_epochs < 0:
-        raise RunError(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
+    check_ints(args, 0, "warmup_epochs")
 
 
 def train_transform(args: Args, data: lt_data.LTData):
     """One supervised view per image."""
-    _check_method_args(args)  # the first method hook the runtime calls: refuse bad method flags early
     return lt_data.supervised_augment(data.image_size, data.mean, data.std)
 
 
@@ -131,31 +301,17 @@ def make_optimizer(args: Args, model: Model, lr: float) -> torch.optim.Optimizer
     """SGD with momentum; no weight decay on biases and BatchNorm parameters."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=0.9,
-                           fused=args.amp != "fp16")  # see resolve_amp
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, fused=args.amp != "fp16")  # see resolve_amp
 
 
-def lr_factor(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """Linear warm-up over --warmup-epochs, then cosine decay to 0."""
-    warmup = args.warmup_epochs * steps_per_epoch
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total_steps - warmup, 1)))
+def schedules(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> dict[str, float]:
+    """lr_scale (x the peak lr): linear warm-up over --warmup-epochs, then a cosine to 0."""
+    return {"lr_scale": warmup_cosine(step, args.warmup_epochs * steps_per_epoch, total_steps)}
 
 
-def on_epoch_start(run: "Run", epoch: int) -> None:
+def on_epoch_start(run: Run, epoch: int) -> None:
     """Nothing to refresh per epoch for the supervised baseline."""
-
-
-def train_step(run: "Run", batch) -> dict[str, torch.Tensor]:
-    """Cross-entropy on one batch; returns the loss and the batch accuracy (no host sync)."""
-    x, y, _ = batch
-    with run.autocast():
-        logits = run.ddp_model(x)
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=run.args.label_smoothing)
-    optimizer_step(run, loss)
-    return {"loss": loss.detach(), "charts/train_accuracy": (logits.argmax(1) == y).float().mean()}
 
 
 # ============================================================ shared: runtime
@@ -167,65 +323,83 @@ class Interrupted(Exception):
     """SIGINT/SIGTERM: the run saved a checkpoint and exits with 128 + the signal number."""
 
 
-class StopSignal:
-    """SIGINT and SIGTERM only set a flag; the loop checks it after each step (under DDP at log, checkpoint and
-    epoch-end steps, where an all-reduce makes every rank agree), saves a checkpoint and stops."""
-
-    def __init__(self):
-        self.signum = 0
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame) -> None:
-        self.signum = self.signum or signum
-
-    def agreed(self, run: "Run", sync_point: bool) -> int:
-        if run.world_size == 1 or not sync_point:
-            return self.signum if run.world_size == 1 else 0
-        flag = torch.tensor(self.signum, device=run.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag)
-
-    def restore(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-@dataclass
+@dataclass(kw_only=True)
 class Run:
-    """Everything a training step needs."""
+    """Everything a training step needs; ``schedule`` holds the method's scheduled values of the current step."""
 
     args: Args
-    device: torch.device
-    rank: int
-    world_size: int
-    data: lt_data.LTData
-    train_set: lt_data.IndexedDataset
-    model: nn.Module
-    ddp_model: nn.Module
+    model: nn.Module  # the module whose state is saved and exported
+    ddp_model: nn.Module  # what the step calls: ``model`` under DDP and torch.compile
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    amp_dtype: Optional[torch.dtype]
-    steps_per_epoch: int
-    total_steps: int
-    run_dir: str
+    data: lt_data.LTData
+    train_set: Optional[lt_data.IndexedDataset] = None
+    device: torch.device = torch.device("cpu")
+    rank: int = 0
+    world_size: int = 1
+    amp_dtype: Optional[torch.dtype] = None
+    steps_per_epoch: int = 1
+    run_dir: str = ""
     step: int = 0
     epoch: int = 0
     checkpoint_step: int = -1  # step of the checkpoint on disk, -1: none
+    schedule: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.total_steps = self.args.epochs * self.steps_per_epoch
+        self.peak_lr = [group["lr"] for group in self.optimizer.param_groups]  # what make_optimizer set
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
 
-def optimizer_step(run: Run, loss: torch.Tensor, clip_grad: Optional[float] = None) -> None:
-    """Backward (scaled for fp16), optional gradient clipping on unscaled gradients, optimizer step."""
+def set_schedules(run: Run) -> dict[str, float]:
+    """Apply the method's ``schedules`` for step ``run.step``: every group's lr is its peak lr x lr_scale; a group
+    marked ``{"weight_decay_schedule": name}`` takes the weight decay ``schedules(...)[name]``; ``train_step``
+    reads the others (EMA momentum, ...) from ``run.schedule``."""
+    run.schedule = schedules(run.args, run.step, run.total_steps, run.steps_per_epoch)
+    for group, peak in zip(run.optimizer.param_groups, run.peak_lr):
+        group["lr"] = peak * run.schedule["lr_scale"]
+        if "weight_decay_schedule" in group:
+            group["weight_decay"] = run.schedule[group["weight_decay_schedule"]]
+    return run.schedule
+
+
+def cosine(start: float, end: float, t: float) -> float:
+    """start -> end on a half cosine as t goes 0 -> 1 (t is clipped to [0, 1]): every decaying schedule."""
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+
+
+def warmup_cosine(step: int, warmup: int, total: int, end: float = 0.0) -> float:
+    """(step + 1) / warmup over the first ``warmup`` steps (at most ``total``), then a cosine from 1 to ``end``."""
+    warmup = min(warmup, total)
+    return (step + 1) / warmup if step < warmup else cosine(1.0, end, (step - warmup) / max(total - warmup, 1))
+
+
+def optimizer_step(run: Run, loss: torch.Tensor, clip: Optional[list] = None, max_norm: float = math.inf):
+    """Backward (scaled for fp16) and optimizer step. With ``clip`` (parameters): clip their unscaled gradients to
+    ``max_norm`` (inf: measure only) and return the norm before clipping; else None."""
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
-    if clip_grad is not None:
+    norm = None
+    if clip is not None:
         run.scaler.unscale_(run.optimizer)
-        nn.utils.clip_grad_norm_(run.model.parameters(), clip_grad)
+        norm = nn.utils.clip_grad_norm_(clip, max_norm)
     run.scaler.step(run.optimizer)
     run.scaler.update()
+    return norm
+
+
+@torch.no_grad()
+def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * online (the teacher / target encoder of MSN and ExCB)."""
+    torch._foreach_mul_(target, momentum)
+    torch._foreach_add_(target, online, alpha=1.0 - momentum)
+
+
+def distributed() -> bool:
+    """Whether a process group of more than one process is running (torchrun)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def to_device(x: torch.Tensor, run: Run) -> torch.Tensor:
@@ -253,17 +427,23 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 
 def setup_distributed() -> tuple[torch.device, int, int]:
     """DDP from torchrun's environment: NCCL on CUDA, gloo on CPU; returns (device, rank, world size)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = torch.device("cpu")
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
     return device, rank, world_size
+
+
+def num_workers(args: Args) -> int:
+    """--num-workers, by default min(8, CPU cores per process)."""
+    if args.num_workers is not None:
+        return args.num_workers
+    return min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -272,21 +452,22 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = not deterministic
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def default_run_name(args: Args) -> str:
+    twin = "_twin" if args.balanced_twin else ""
+    return f"{METHOD}_{args.dataset}_r{lt_data.resolved_ratio(args):g}{twin}_s{args.seed}"
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+def make_run_dir(run_dir: str) -> None:
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write-test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise RunError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
 
 
 def atomic_save(obj, path: str) -> None:
@@ -309,16 +490,18 @@ def atomic_save(obj, path: str) -> None:
 
 
 # flags that may differ when a run resumes; any other change is refused
-RESUMABLE_FLAGS = ("max_steps", "num_workers", "log_every", "checkpoint_every", "compile", "channels_last", "download",
-                   "data_dir", "output_dir", "eval_every", "eval_bank", "eval_queries")
+RESUMABLE_FLAGS = (
+    "max_steps num_workers log_every checkpoint_every compile channels_last download data_dir output_dir eval_every "
+    "eval_bank eval_queries"
+).split()
 
 
 def backbone_meta(run: Run) -> dict:
     """What linear_probe.py needs to rebuild the backbone and its data."""
     data_args = {f.name: getattr(run.args, f.name) for f in dataclasses.fields(lt_data.DataArgs)}
     data_args.update(image_size=run.data.image_size, imbalance_ratio=lt_data.resolved_ratio(run.args))
-    return {**run.model.backbone_spec, "prefix": run.model.export_prefix, "method": METHOD, "data": data_args,
-            "step": run.step}
+    prefix = run.model.export_prefix
+    return {**run.model.backbone_spec, "prefix": prefix, "method": METHOD, "data": data_args, "step": run.step}
 
 
 def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -330,31 +513,46 @@ def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
 
 
 def kept_checkpoint(run: Run, path: str) -> str:
-    return f"the last good checkpoint {path} (step {run.checkpoint_step}) is untouched" \
-        if run.checkpoint_step >= 0 else "no checkpoint was written"
+    if run.checkpoint_step < 0:
+        return "no checkpoint was written"
+    return f"the last good checkpoint {path} (step {run.checkpoint_step}) is untouched"
 
 
 def save_checkpoint(run: Run, path: str) -> None:
-    """Model, optimizer, scaler, scheduler, step, every rank's RNG states and the args (collective call).
-    Refuses (RunError) a model or optimizer state holding a non-finite tensor: one host sync, at save time only."""
-    state = [*run.model.state_dict().values(),
-             *(t for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
-    ok = all_finite(state, run.device).int()
+    """Model, optimizer, scaler, step, every rank's RNG states and the args (collective call). Refuses (RunError)
+    a model or optimizer state holding a non-finite tensor: one host sync, at save time only."""
+    state = [*run.model.state_dict().values(), *(t for s in run.optimizer.state.values() for t in s.values())]
+    ok = all_finite([t for t in state if torch.is_tensor(t)], run.device).int()
     if run.world_size > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if not ok:
-        raise RunError(f"non-finite weights after step {run.step}; stopping, {kept_checkpoint(run, path)}. "
-                       f"Try a lower --lr or --amp none")
-    states = [None] * run.world_size
+        raise RunError(
+            f"non-finite weights after step {run.step}; stopping, {kept_checkpoint(run, path)}. "
+            f"Try a lower --lr or --amp none"
+        )
+    rng = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    states = [rng] * run.world_size
     if run.world_size > 1:
-        dist.all_gather_object(states, rng_state())
-    else:
-        states = [rng_state()]
+        dist.all_gather_object(states, rng)
     if run.rank == 0:
-        atomic_save({"format": CHECKPOINT_FORMAT, "model": run.model.state_dict(),
-                     "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-                     "scheduler": run.scheduler.state_dict(), "step": run.step, "world_size": run.world_size,
-                     "rng": states, "args": dataclasses.asdict(run.args), "backbone": backbone_meta(run)}, path)
+        atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "model": run.model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scaler": run.scaler.state_dict(),
+                "step": run.step,
+                "world_size": run.world_size,
+                "rng": states,
+                "args": dataclasses.asdict(run.args),
+                "backbone": backbone_meta(run),
+            },
+            path,
+        )
     run.checkpoint_step = run.step
 
 
@@ -363,36 +561,43 @@ def load_checkpoint(run: Run, path: str) -> None:
     try:
         ckpt = torch.load(path, map_location=run.device, weights_only=True)
     except Exception as e:
-        raise RunError(f"cannot resume from {path} ({str(e).strip().splitlines()[0][:200]}); "
-                       f"move it away to start afresh") from None
+        raise RunError(
+            f"cannot resume from {path} ({str(e).strip().splitlines()[0][:200]}); move it away to start afresh"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a checkpoint of these scripts; move it away to start afresh")
     old, new = ckpt["args"], dataclasses.asdict(run.args)
     changed = [k for k in new if k not in RESUMABLE_FLAGS and old.get(k) != new[k]]
     if changed or ckpt["backbone"]["method"] != METHOD:
         what = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} -> {new[k]}" for k in changed) or "another method"
-        raise RunError(f"{path} was written with other flags ({what}); resume with the same command or "
-                       f"choose another --run-name")
+        raise RunError(
+            f"{path} was written with other flags ({what}); resume with the same command or choose another --run-name"
+        )
     if ckpt["world_size"] != run.world_size:
-        raise RunError(f"{path} was written by {ckpt['world_size']} processes, this run has {run.world_size}; "
-                       f"the global batch, learning rate and data order would change")
+        raise RunError(
+            f"{path} was written by {ckpt['world_size']} processes, this run has {run.world_size}; "
+            f"the global batch, learning rate and data order would change"
+        )
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     for p, state in run.optimizer.state.items():  # saved under another --channels-last or device: take the
-        for k, v in state.items():                # parameter's layout (fused kernels pair them in memory order)
+        for k, v in state.items():  # parameter's layout (fused kernels pair them in memory order)
             if torch.is_tensor(v) and v.shape == p.shape and (v.stride() != p.stride() or v.device != p.device):
                 state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
     if ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
     run.step = run.checkpoint_step = ckpt["step"]
-    set_rng_state(ckpt["rng"][run.rank])
+    rng = ckpt["rng"][run.rank]
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def export_backbone(run: Run, path: str) -> None:
     """backbone.pt: the backbone's state dict in plain torchvision layout, loadable with strict=True."""
     prefix = run.model.export_prefix
-    state = {k[len(prefix):]: v for k, v in run.model.state_dict().items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in run.model.state_dict().items() if k.startswith(prefix)}
     if not all_finite(list(state.values()), run.device):
         raise RunError(f"non-finite backbone weights at step {run.step}; {path} not written")
     atomic_save({"format": EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
@@ -404,86 +609,101 @@ def format_eta(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
-def resolved_args(run: Run) -> dict:
-    """The flags with the values this run resolved at start (data defaults, backbone sizes): the hyperparameters."""
-    values = dataclasses.asdict(run.args)
-    if isinstance(run, Run):
-        values.update(backbone_meta(run)["data"])
-        values.update({f"backbone.{k}": v for k, v in run.model.backbone_spec["arch_kwargs"].items()})
-    return values
-
-
 class Logger:
-    """Rank-0 TensorBoard (charts/ and losses/ namespaces) and a progress line; no host sync between logs."""
+    """Rank-0 TensorBoard (charts/, losses/, eval/) and a progress line. ``accumulate`` sums scalars (tensors on the
+    device, no host sync; floats on the host) and keeps the last vectors; ``write`` logs each scalar's mean since
+    the last write, histograms of the vectors, and the progress line."""
 
     def __init__(self, run: Run, resumed: bool):
-        self.run, self.sums, self.count = run, {}, 0
-        self.writer = None
-        self.t0, self.step0 = time.perf_counter(), run.step
-        if run.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-            # a resumed run logs again from step + 1: older events at or after that step are from the lost run
+        self.run, self.sums, self.counts, self.vectors = run, {}, {}, {}
+        self.clock, self.step0, self.writer = time.perf_counter(), run.step, None
+        if run.rank == 0:  # a resumed run logs again from step + 1: later events are from the lost run
             self.writer = SummaryWriter(run.run_dir, purge_step=run.step + 1 if resumed else None)
-            if not resumed:
-                rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(resolved_args(run).items()))
-                self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+        if self.writer is not None and not resumed:  # the flags with the values resolved at start
+            table = {**dataclasses.asdict(run.args)}
+            if isinstance(run, Run):
+                table.update(backbone_meta(run)["data"])
+                table.update({f"backbone.{k}": v for k, v in run.model.backbone_spec["arch_kwargs"].items()})
+            rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(table.items()))
+            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
 
     def accumulate(self, metrics: dict[str, torch.Tensor | float]) -> None:
-        """Sum the scalars: tensors on the device (no sync), Python floats (host-side schedules) on the host."""
         for k, v in metrics.items():
-            if not torch.is_tensor(v):
-                self.sums[k] = self.sums.get(k, 0.0) + float(v)
-            elif v.ndim == 0:
-                self.sums[k] = self.sums.get(k, 0) + v.detach().float().to(self.run.device, non_blocking=True)
-        self.last = metrics
-        self.count += 1
+            if torch.is_tensor(v) and v.ndim > 0:
+                self.vectors[k] = v
+                continue
+            v = v.detach().float().to(self.run.device, non_blocking=True) if torch.is_tensor(v) else float(v)
+            self.sums[k], self.counts[k] = self.sums.get(k, 0) + v, self.counts.get(k, 0) + 1
 
     def write(self, evals: Optional[dict[str, float]] = None, eval_seconds: float = 0.0) -> None:
-        """Mean of each scalar since the last write, histograms of the last step, lr, images/s, ETA, and the
-        evaluations ``evals`` (which took ``eval_seconds``, left out of images/s and the ETA)."""
-        run, keys, evals = self.run, list(self.sums), evals or {}
-        on_device = [k for k in keys if torch.is_tensor(self.sums[k])]
-        means = dict(zip(on_device, torch.stack([self.sums[k] for k in on_device]).tolist() if on_device else []))
-        values = [means.get(k, self.sums[k]) / self.count for k in keys]
-        elapsed = time.perf_counter() - self.t0 - eval_seconds
-        images_per_s = (run.step - self.step0) * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
-        stop_step = min(run.total_steps, run.args.max_steps or run.total_steps)  # where this run will stop
-        eta = (stop_step - run.step) * elapsed / max(run.step - self.step0, 1)
-        shown = "".join(f" | {k.split('/')[-1]} {v:.2f}" for k, v in evals.items()) + \
-            (f" ({eval_seconds:.0f}s)" if evals else "")
+        """Log and print; ``evals`` took ``eval_seconds``, left out of images/s and the ETA."""
+        run, evals, steps = self.run, evals or {}, self.run.step - self.step0
+        on_device = [k for k in self.sums if torch.is_tensor(self.sums[k])]
+        host = dict(zip(on_device, torch.stack([self.sums[k] for k in on_device]).tolist())) if on_device else {}
+        means = {k: host.get(k, v) / self.counts[k] for k, v in self.sums.items()}
+        elapsed = time.perf_counter() - self.clock - eval_seconds
+        images_per_s = steps * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
+        eta = (min(run.total_steps, run.args.max_steps or run.total_steps) - run.step) * elapsed / max(steps, 1)
+        shown = "".join(f" | {k.split('/')[-1]} {v:.2f}" for k, v in evals.items())
+        shown += f" ({eval_seconds:.0f}s)" if evals else ""
         if self.writer is not None:
-            for k, v in [*zip(keys, values), *evals.items()]:
+            if steps:
+                means["charts/learning_rate"] = run.optimizer.param_groups[0]["lr"]
+                means.update({"charts/images_per_second": images_per_s, "charts/epoch": run.step / run.steps_per_epoch})
+            for k, v in {**means, **evals}.items():
                 self.writer.add_scalar(k if "/" in k else f"losses/{k}", v, run.step)
-        if self.writer is not None and self.count == 0:
-            print(f"step {run.step}, before training{shown}", flush=True)
-        elif self.writer is not None:
-            for k, v in self.last.items():
-                if torch.is_tensor(v) and v.ndim > 0:
-                    self.writer.add_histogram(k, v.detach().float().cpu(), run.step)
-            self.writer.add_scalar("charts/learning_rate", run.optimizer.param_groups[0]["lr"], run.step)
-            self.writer.add_scalar("charts/images_per_second", images_per_s, run.step)
-            self.writer.add_scalar("charts/epoch", run.step / run.steps_per_epoch, run.step)
-            loss = dict(zip(keys, values)).get("loss", float("nan"))
+            for k, v in self.vectors.items():
+                self.writer.add_histogram(k, v.detach().float().cpu(), run.step)
             memory = f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if run.device.type == "cuda" else ""
-            print(f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss {loss:.4f}{shown} "
-                  f"| {images_per_s:.0f} img/s{memory} | eta {format_eta(eta)}", flush=True)
-        self.sums, self.count, self.t0, self.step0 = {}, 0, time.perf_counter(), run.step
+            print(
+                f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss "
+                f"{means.get('loss', math.nan):.4f}{shown} | {images_per_s:.0f} img/s{memory} | eta {format_eta(eta)}"
+                if steps
+                else f"step {run.step}, before training{shown}",
+                flush=True,
+            )
+        self.sums, self.counts, self.vectors, self.clock, self.step0 = {}, {}, {}, time.perf_counter(), run.step
 
     def write_views(self, views: list[torch.Tensor] | torch.Tensor, mean, std) -> None:
-        """One image of the first 8 images of the batch (rows) x their augmented views (columns, resized to the
-        first view's size), un-normalised: what the augmentations do to these images."""
-        if self.writer is None:
-            return
-        views = views if isinstance(views, list) else [views]
-        size = views[0].shape[-2:]
-        m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
-        cols = [F.interpolate(v[:8].detach().float().cpu(), size=size) * s + m for v in views]
-        grid = make_grid(torch.stack(cols, 1).flatten(0, 1).clamp(0, 1), nrow=len(cols))
-        self.writer.add_image("views/augmented", grid, self.run.step)
+        """The first 8 images of the batch (rows) x their augmented views (columns, resized to the first view's
+        size), un-normalised: what the augmentations do."""
+        if self.writer is not None:
+            views = views if isinstance(views, list) else [views]
+            m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+            cols = [F.interpolate(v[:8].detach().float().cpu(), size=views[0].shape[-2:]) * s + m for v in views]
+            grid = make_grid(torch.stack(cols, 1).flatten(0, 1).clamp(0, 1), nrow=len(cols))
+            self.writer.add_image("views/augmented", grid, self.run.step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class StopSignal:
+    """SIGINT and SIGTERM only set a flag; the loop reads it after each step (under DDP at log, checkpoint and
+    epoch-end steps, where an all-reduce makes every rank agree), saves a checkpoint and stops."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def agreed(self, run: Run, sync_point: bool) -> int:
+        if run.world_size == 1 or not sync_point:
+            return self.signum if run.world_size == 1 else 0
+        flag = torch.tensor(self.signum, device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def check_finite(run: Run, first_bad: torch.Tensor, ckpt_path: str) -> None:
@@ -492,8 +712,10 @@ def check_finite(run: Run, first_bad: torch.Tensor, ckpt_path: str) -> None:
         dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
     bad = int(first_bad)
     if bad < 2**62:
-        raise RunError(f"non-finite loss at step {bad} (epoch {bad // run.steps_per_epoch + 1}); stopping, "
-                       f"{kept_checkpoint(run, ckpt_path)}. Try a lower --lr or --amp none")
+        raise RunError(
+            f"non-finite loss at step {bad} (epoch {bad // run.steps_per_epoch + 1}); stopping, "
+            f"{kept_checkpoint(run, ckpt_path)}. Try a lower --lr or --amp none"
+        )
 
 
 def check_floats(args: Args, interval: str, *names: str) -> None:
@@ -508,162 +730,35 @@ def check_floats(args: Args, interval: str, *names: str) -> None:
             raise RunError(f"{flag} must be {words}, got {v}")
 
 
-def evaluate(run: Run, monitor: KNNMonitor) -> tuple[dict[str, float], float]:
-    """The kNN monitor on the backbone that backbone.pt exports; returns ({"eval/knn_top1": %}, seconds)."""
-    t0 = time.perf_counter()
-    exported = run.model.get_submodule(run.model.export_prefix.rstrip("."))
-    top1 = monitor(exported, lambda x: to_device(x, run), run.autocast)
-    return {"eval/knn_top1": top1}, time.perf_counter() - t0
+def check_ints(args: Args, low: int, *names: str) -> None:
+    """Refuse an integer flag below ``low`` (None, an unset optional flag, passes)."""
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise RunError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
 
 
-def validate(args: Args, world_size: int) -> None:
-    """Fail fast on arguments that cannot work, before any data is read (method flags: the first method hook)."""
-    for name in ("batch_size", "epochs", "log_every", "checkpoint_every"):
-        if getattr(args, name) < 1:
-            raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_steps", "train_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+def validate(args: Args) -> None:
+    """Fail fast on shared flags that cannot work, before any data is read (method flags: ``check_args``)."""
+    check_ints(args, 1, "batch_size", "epochs", "log_every", "checkpoint_every", "max_steps", "train_steps")
+    check_ints(args, 0, "num_workers", "eval_every", "eval_bank", "eval_queries")
     check_floats(args, "(0, inf)", "lr")
     if args.sync_bn and not torch.cuda.is_available():
         raise RunError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise RunError(f"--num-workers must be >= 0, got {args.num_workers}")
-    for name in ("eval_every", "eval_bank", "eval_queries"):
-        if getattr(args, name) < 0:
-            raise RunError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
 
-def train(args: Args) -> str:
-    """Build everything, resume if the run exists, train, export; returns the run folder."""
-    device, rank, world_size = setup_distributed()
-    validate(args, world_size)
-    amp_choice = "" if args.amp != "auto" else " (--amp auto)"
-    args.amp = resolve_amp(args.amp, device)  # the checkpoint and hyperparameters store the resolved dtype
-    ratio = lt_data.resolved_ratio(args)
-    run_name = args.run_name or f"{METHOD}_{args.dataset}_r{ratio:g}{'_twin' if args.balanced_twin else ''}_s{args.seed}"
-    run_dir = os.path.join(args.output_dir, run_name)
-    ckpt_path, export_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "backbone.pt")
-    data = lt_data.build_data(args)
-    train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(args.balanced_twin),
-                                       train_transform(args, data))  # the first method hook checks method flags
-    global_batch = args.batch_size * world_size
-    if global_batch > len(train_set):
-        raise RunError(f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
-                       f"{len(train_set)} training images")
-    if args.train_steps:  # before anything reads --epochs (the checkpoint stores the resolved value)
-        args.epochs = -(-args.train_steps // (len(train_set) // world_size // args.batch_size))
-    if rank == 0:  # only now, so that a refused start leaves nothing behind
-        try:
-            os.makedirs(run_dir, exist_ok=True)
-            probe = os.path.join(run_dir, f".write-test{os.getpid()}")
-            open(probe, "w").close()
-            os.remove(probe)
-        except OSError as e:
-            raise RunError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
-
-    seed_everything(args.seed, args.deterministic)  # same initial weights on every rank
-    model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
-    if args.sync_bn and world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    if args.compile:
-        ddp_model = torch.compile(ddp_model)
-    optimizer = make_optimizer(args, model, args.lr * global_batch / 256)  # linear scaling rule, global batch
-    sampler = lt_data.ResumableSampler(len(train_set), world_size, rank, args.seed,
-                                       labels=train_set.targets if args.sampling == "class-balanced" else None)
-    steps_per_epoch = len(sampler) // args.batch_size
-    total_steps = args.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(args, s, total_steps, steps_per_epoch))
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    run = Run(args, device, rank, world_size, data, train_set, model, ddp_model, optimizer, scheduler, scaler,
-              amp_dtype, steps_per_epoch, total_steps, run_dir)
-    resumed = os.path.exists(ckpt_path)
-    if resumed:
-        load_checkpoint(run, ckpt_path)
-    else:
-        torch.manual_seed(args.seed * 1000 + rank)  # ranks draw different masks, noise, ...
-    workers = args.num_workers if args.num_workers is not None else \
-        min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    loader = lt_data.make_loader(train_set, args.batch_size, workers, sampler, drop_last=True)
-    stop_step = min(total_steps, args.max_steps or total_steps)
-    if rank == 0:
-        print(f"{METHOD}: {len(train_set)} training images, {data.num_classes} classes, global batch "
-              f"{global_batch} on {world_size} x {device.type}, {steps_per_epoch} steps/epoch, "
-              + (f"resuming at step {run.step} of {stop_step}" if resumed else f"{stop_step} steps")
-              + f", amp {args.amp}{amp_choice} -> {run_dir}",
-              flush=True)
-
-    logger = Logger(run, resumed)
-    monitor = None
-    if args.eval_every:
-        monitor = KNNMonitor(data, args.eval_bank, args.eval_queries, max(args.batch_size, 256), 0,  # in-process:
-                             args.seed, rank, world_size)                                    # no idle workers
-        if not resumed:
-            logger.write(*evaluate(run, monitor))
-    first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss
-    inject_nan = int(os.environ.get("SSL_IMBALANCE_INJECT_NAN_AT_STEP", "-1"))  # for the tests of the guard
-    if os.environ.get("SSL_IMBALANCE_BN_RUNNING_STATS") == "1":  # for the DDP-equivalence tests: BatchNorm uses
-        for m in model.modules():                                # running statistics, so the only per-process
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):   # batch statistics are the method's own
-                m.register_forward_pre_hook(lambda mod, _: setattr(mod, "training", False))
-    run.model.train()
-    stop, start_step = StopSignal(), run.step
-    while run.step < stop_step:
-        run.epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
-        sampler.set_epoch(run.epoch, skip=done_in_epoch * args.batch_size)
-        if done_in_epoch == 0:
-            on_epoch_start(run, run.epoch)
-        for batch in loader:
-            batch = [[to_device(v, run) for v in x] if isinstance(x, list) else to_device(x, run) for x in batch]
-            if run.step == 0:
-                logger.write_views(batch[0], data.mean, data.std)
-            metrics = train_step(run, batch)
-            run.scheduler.step()
-            run.step += 1
-            if run.step == inject_nan:
-                metrics["loss"] = metrics["loss"] + float("nan")
-            first_bad = torch.where(torch.isfinite(metrics["loss"]), first_bad, torch.full_like(first_bad, run.step))
-            logger.accumulate(metrics)
-            end_of_epoch = run.step % steps_per_epoch == 0
-            due = monitor is not None and (run.step == stop_step or end_of_epoch and
-                                           (run.epoch + 1) % args.eval_every == 0)
-            first = run.step == start_step + 1   # a first progress line after one step, not after log_every
-            if run.step % args.log_every == 0 or run.step == stop_step or end_of_epoch or first:
-                check_finite(run, first_bad, ckpt_path)
-                logger.write(*(evaluate(run, monitor) if due else (None, 0.0)))
-            if run.step % args.checkpoint_every == 0 or run.step == stop_step or end_of_epoch:
-                check_finite(run, first_bad, ckpt_path)
-                save_checkpoint(run, ckpt_path)
-                if logger.writer is not None:  # the events up to the checkpoint survive a kill
-                    logger.writer.flush()
-            if run.step >= stop_step:
-                break
-            sync_point = run.step % args.log_every == 0 or run.step % args.checkpoint_every == 0 or end_of_epoch
-            signum = stop.agreed(run, sync_point)
-            if signum:
-                if run.checkpoint_step != run.step:
-                    check_finite(run, first_bad, ckpt_path)
-                    save_checkpoint(run, ckpt_path)
-                logger.close()
-                raise Interrupted(signum, f"interrupted at step {run.step}; checkpoint saved; run the same "
-                                          f"command to resume")
-    stop.restore()
-    if rank == 0:
-        export_backbone(run, export_path)
-        print(f"done: step {run.step}; checkpoint {ckpt_path}; backbone {export_path}; probe with: "
-              f"python linear_probe.py {export_path}", flush=True)
-    logger.close()
-    return run_dir
+def evaluate(run: Run, monitor: KNNMonitor) -> tuple[dict[str, float], float]:
+    """The kNN monitor on the backbone that backbone.pt exports; returns ({"eval/knn_top1": %}, seconds)."""
+    start = time.perf_counter()
+    exported = run.model.get_submodule(run.model.export_prefix.rstrip("."))
+    top1 = monitor(exported, lambda x: to_device(x, run), run.autocast)
+    return {"eval/knn_top1": top1}, time.perf_counter() - start
 
 
 def main() -> None:
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
     try:
         train(args)
-    except (RunError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
+    except (RunError, BackboneError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
         print(f"{os.path.basename(sys.argv[0])}: error: {lt_data.error_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Interrupted as e:
@@ -671,7 +766,7 @@ def main() -> None:
             print(e.args[1], flush=True)
         sys.exit(128 + e.args[0])
     finally:
-        if dist.is_initialized():
+        if distributed():
             dist.destroy_process_group()
 
 

@@ -5,7 +5,8 @@ order with the same augmentation draws), the same backbone (linear_probe.build_b
 CIFAR stem below 64 px, or the ViT of --arch vit_tiny with --vit-*, initialised from torch.manual_seed(seed) in
 both, so it starts bit-identical), the same batch, the same optimiser as simsiam_rwsam.py picks for the backbone
 (ResNet: SGD momentum 0.9, weight decay on all parameters; ViT: AdamW, weight decay on weight matrices only;
-lr * batch / 256, --warmup-epochs of linear warm-up, then cosine per step to 0), autocast and number of steps. What differs is the SimSiam part: ours is the project's script, run as a subprocess; lightly's
+lr * batch / 256, --warmup-epochs of linear warm-up, then cosine per step to 0), autocast and number of steps.
+What differs is the SimSiam part: ours is the project's script, run as a subprocess; lightly's
 is lightly 1.6.0's SimSiamProjectionHead, SimSiamPredictionHead and NegativeCosineSimilarity in a small
 loop here, used as lightly's SimSiam example does. Both are scored by the same online kNN monitor
 (linear_probe.KNNMonitor: k 20, T 0.07, on the backbone) before training, every --eval-every epochs and at

@@ -72,9 +72,8 @@ def bench_step(a: CostArgs) -> None:
         model = ss.Model(args, data).to(memory_format=torch.channels_last)
         model.sample_weights.uniform_(0.5, 2.0)
         opt = ss.make_optimizer(args, model, 0.01)
-        run = ss.Run(args, torch.device("cpu"), 0, 1, data, None, model, model, opt,
-                     torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), torch.amp.GradScaler("cpu", enabled=False),
-                     {"bf16": torch.bfloat16, "none": None}[a.amp], 1, 1, "")
+        run = ss.Run(args=args, data=data, model=model, ddp_model=model, optimizer=opt,
+                     scaler=torch.amp.GradScaler("cpu", enabled=False), amp_dtype={"bf16": torch.bfloat16, "none": None}[a.amp])
         model.train()
         ss.train_step(run, batch)  # warm-up
         ts = []

@@ -136,13 +136,12 @@ def make_run(module, args, device):
     torch.manual_seed(args.seed)
     model = module.Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
     optimizer = module.make_optimizer(args, model, args.lr * args.batch_size / 256)
-    spe = len(train_set) // args.batch_size
-    total = args.epochs * spe
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: module.lr_factor(args, s, total, spe))
     amp_dtype = {"bf16": torch.bfloat16, "none": None}[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    run = module.Run(args, device, 0, 1, data, train_set, model, model, optimizer, scheduler, scaler, amp_dtype,
-                     spe, total, tempfile.mkdtemp())
+    run = module.Run(args=args, device=device, data=data, train_set=train_set, model=model, ddp_model=model,
+                     optimizer=optimizer, scaler=scaler, amp_dtype=amp_dtype,
+                     steps_per_epoch=len(train_set) // args.batch_size, run_dir=tempfile.mkdtemp())
+    module.set_schedules(run)   # the step's scheduled values (lr, weight decay, EMA momentum), as the loop sets them
     return run
 
 

@@ -16,21 +16,78 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # A tiny synthetic long-tailed set: 4 classes, 32 images of the head class, 16 px. Steps take milliseconds.
-TINY_DATA = ["--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-per-class", "32",
-             "--synthetic-test-per-class", "8", "--image-size", "16", "--imbalance-ratio", "4"]
+TINY_DATA = [
+    "--dataset",
+    "synthetic",
+    "--synthetic-classes",
+    "4",
+    "--synthetic-per-class",
+    "32",
+    "--synthetic-test-per-class",
+    "8",
+    "--image-size",
+    "16",
+    "--imbalance-ratio",
+    "4",
+]
 
 
 # Per training script: its tiny configuration (data + a small model), and one architecture flag change with
 # the words the refusal to resume must contain. Add a script here and tests/test_scripts.py covers it.
 TINY_ARGS = {
     "supervised_baseline.py": [*TINY_DATA],
-    "msn_prior.py": [*TINY_DATA, "--arch", "vit_tiny", "--vit-layers", "2", "--vit-dim", "32", "--vit-heads", "2",
-                     "--patch-size", "4", "--focal-size", "8", "--num-focal", "2", "--head-hidden", "32",
-                     "--head-out", "16", "--num-prototypes", "16", "--warmup-epochs", "1"],
-    "simsiam_rwsam.py": [*TINY_DATA[:-4], "--image-size", "8", *TINY_DATA[-2:], "--proj-dim", "32", "--pred-dim",
-                         "8", "--reweight-warmup", "0", "--reweight-every", "1"],   # 8 px: two passes per step
-    "excb.py": [*TINY_DATA, "--num-clusters", "16", "--hidden-dim", "64", "--out-dim", "32", "--num-local-crops", "2",
-                "--kmeans-iters", "5"],
+    "msn_prior.py": [
+        *TINY_DATA,
+        "--arch",
+        "vit_tiny",
+        "--vit-layers",
+        "2",
+        "--vit-dim",
+        "32",
+        "--vit-heads",
+        "2",
+        "--patch-size",
+        "4",
+        "--focal-size",
+        "8",
+        "--num-focal",
+        "2",
+        "--head-hidden",
+        "32",
+        "--head-out",
+        "16",
+        "--num-prototypes",
+        "16",
+        "--warmup-epochs",
+        "1",
+    ],
+    "simsiam_rwsam.py": [
+        *TINY_DATA[:-4],
+        "--image-size",
+        "8",
+        *TINY_DATA[-2:],
+        "--proj-dim",
+        "32",
+        "--pred-dim",
+        "8",
+        "--reweight-warmup",
+        "0",
+        "--reweight-every",
+        "1",
+    ],  # 8 px: two passes per step
+    "excb.py": [
+        *TINY_DATA,
+        "--num-clusters",
+        "16",
+        "--hidden-dim",
+        "64",
+        "--out-dim",
+        "32",
+        "--num-local-crops",
+        "2",
+        "--kmeans-iters",
+        "5",
+    ],
 }
 ARCH_CHANGE = {
     "supervised_baseline.py": (["--arch", "resnet50"], "--arch resnet18 -> resnet50"),
@@ -48,23 +105,61 @@ def script_env(threads: int | None = None) -> dict:
     return env
 
 
-def run_script(script: str, *args: str, cwd, env: dict | None = None, timeout: float = 600,
-               check: bool = True) -> subprocess.CompletedProcess:
-    """Run a top-level script as a user would: ``python script.py ARGS`` in ``cwd``."""
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env or script_env(),
-                          capture_output=True, text=True, timeout=timeout)
+def with_seams(script: str, seams: tuple[str, ...]) -> list[str]:
+    """``script.py``, or ``tests/seams.py SEAMS script.py`` (a test seam around the script's loop; see seams.py)."""
+    return [str(ROOT / "tests" / "seams.py"), *seams, str(ROOT / script)] if seams else [str(ROOT / script)]
+
+
+def run_script(
+    script: str,
+    *args: str,
+    cwd,
+    env: dict | None = None,
+    timeout: float = 600,
+    check: bool = True,
+    seams: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
+    """Run a top-level script as a user would: ``python script.py ARGS`` in ``cwd`` (``seams``: see seams.py)."""
+    proc = subprocess.run(
+        [sys.executable, *with_seams(script, seams), *args],
+        cwd=cwd,
+        env=env or script_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
-def run_torchrun(script: str, *args: str, cwd, nproc: int = 2, env: dict | None = None,
-                 timeout: float = 600) -> subprocess.CompletedProcess:
+def run_torchrun(
+    script: str,
+    *args: str,
+    cwd,
+    nproc: int = 2,
+    env: dict | None = None,
+    timeout: float = 600,
+    seams: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node N script.py ARGS`` on CPU (gloo), one thread per process."""
     env = {**(env or script_env()), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *with_seams(script, seams),
+            *args,
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -102,14 +197,19 @@ def write_cifar(root: Path, name: str, per_class_train: int, per_class_test: int
 def write_idx(path: Path, array: np.ndarray) -> None:
     """One IDX file (uint8, big-endian sizes), gzipped when ``path`` ends in .gz, as the MNIST family ships."""
     import gzip
-    raw = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape) + \
-        np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+    raw = (
+        bytes([0, 0, 0x08, array.ndim])
+        + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+        + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     (gzip.open if path.suffix == ".gz" else open)(path, "wb").write(raw)
 
 
-def write_fashion_mnist(folder: Path, per_class_train: int, per_class_test: int, gz: bool = True,
-                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def write_fashion_mnist(
+    folder: Path, per_class_train: int, per_class_test: int, gz: bool = True, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """The four Fashion-MNIST IDX files (28x28 grey, 10 classes, shuffled labels) in ``folder``; returns the
     training images and labels."""
     rng = np.random.default_rng(seed)
@@ -128,8 +228,21 @@ def write_fashion_mnist(folder: Path, per_class_train: int, per_class_test: int,
 def tiny_supervised_run(tmp_path_factory):
     """One short supervised run on tiny synthetic data, shared by the probe and export tests."""
     cwd = tmp_path_factory.mktemp("sup")
-    run_script("supervised_baseline.py", *TINY_DATA, "--batch-size", "8", "--epochs", "2", "--num-workers", "0",
-               "--run-name", "tiny", "--log-every", "2", cwd=cwd)
+    run_script(
+        "supervised_baseline.py",
+        *TINY_DATA,
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--num-workers",
+        "0",
+        "--run-name",
+        "tiny",
+        "--log-every",
+        "2",
+        cwd=cwd,
+    )
     return cwd / "runs" / "tiny"
 
 

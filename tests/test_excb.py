@@ -4,7 +4,6 @@ of the size estimate, and the model/checkpoint invariants. Oracle values are fro
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -12,11 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import TINY_ARGS, run_script
-
 import excb
 import lt_data
-
+from conftest import TINY_ARGS, run_script
 
 # ------------------------------------------------------------------ balancing operator
 
@@ -56,7 +53,7 @@ def test_excb_targets_and_loss_oracle_k4():
     q = excb.excb_targets(z, s, 0.04)
     torch.testing.assert_close(q, q_hand, rtol=1e-5, atol=1e-12)
     torch.testing.assert_close(q, torch.tensor([[2.0e-8, 0.06596, 0.93360, 4.44e-4]]), rtol=2e-3, atol=1e-9)
-    assert q.argmax().item() == 2 and z.argmax().item() == 0   # balancing moved the assignment
+    assert q.argmax().item() == 2 and z.argmax().item() == 0  # balancing moved the assignment
     # CE with student logits z/.1: -sum q log softmax(z/.1)
     lse = math.log(sum(math.exp(v / 0.1) for v in z[0].tolist()))
     ce = -sum(qk * (zk / 0.1 - lse) for qk, zk in zip(q_hand[0].tolist(), z[0].tolist()))
@@ -69,8 +66,8 @@ def test_excb_targets_and_loss_oracle_k2():
     q = excb.excb_targets(z, torch.tensor([0.75, 0.25]), 0.04)
     # r=(1.5,.5): z^B=(1.2/1.5-1, 1-1*.5)=(-.2,.5), boost -> .505; q_0 = 1/(1+exp(.705/.04))
     assert q[0, 0].item() == pytest.approx(1 / (1 + math.exp(0.705 / 0.04)), rel=1e-4)
-    assert excb.excb_loss(q, z, 0.1).item() == pytest.approx(math.log(1 + math.e ** 2), abs=1e-5)  # 2.12693
-    qu = excb.excb_targets(z, torch.tensor([0.5, 0.5]), 0.04)   # uniform: z boosted to (.202, 0)
+    assert excb.excb_loss(q, z, 0.1).item() == pytest.approx(math.log(1 + math.e**2), abs=1e-5)  # 2.12693
+    qu = excb.excb_targets(z, torch.tensor([0.5, 0.5]), 0.04)  # uniform: z boosted to (.202, 0)
     q1 = 1 / (1 + math.exp(0.202 / 0.04))
     ce = -((1 - q1) * math.log(1 / (1 + math.exp(-2))) + q1 * math.log(1 / (1 + math.exp(2))))
     assert excb.excb_loss(qu, z, 0.1).item() == pytest.approx(ce, rel=1e-5)
@@ -110,8 +107,10 @@ def test_update_cluster_sizes_oracle():
     torch.testing.assert_close(new, torch.tensor([0.3, 0.25, 0.225, 0.225]))
     assert new.sum().item() == pytest.approx(1.0, abs=1e-6) and new.dtype == torch.float32
     # momentum 0: s is the last batch's histogram; momentum 1: s stays
-    torch.testing.assert_close(excb.update_cluster_sizes(s, torch.tensor([2, 2, 3, 3, 3, 3, 3, 1]), 0.0),
-                               torch.tensor([0.0, 0.125, 0.25, 0.625]))
+    torch.testing.assert_close(
+        excb.update_cluster_sizes(s, torch.tensor([2, 2, 3, 3, 3, 3, 3, 1]), 0.0),
+        torch.tensor([0.0, 0.125, 0.25, 0.625]),
+    )
     assert torch.equal(excb.update_cluster_sizes(s, torch.tensor([0, 0]), 1.0), s)
 
 
@@ -120,7 +119,7 @@ def test_update_cluster_sizes_stays_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         new = excb.update_cluster_sizes(s, torch.zeros(16, dtype=torch.long), momentum=0.999)
     assert new.dtype == torch.float32
-    assert new[0].item() == pytest.approx(0.999 / 1024 + 0.001, rel=1e-5)     # bf16 would not move it
+    assert new[0].item() == pytest.approx(0.999 / 1024 + 0.001, rel=1e-5)  # bf16 would not move it
     assert new[1].item() == pytest.approx(0.999 / 1024, rel=1e-5)
 
 
@@ -128,7 +127,7 @@ def _ddp_worker(rank, world, init_file, batches, momentum, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         s = torch.full((8,), 1 / 8)
-        for a in batches:            # each batch [2B]: rank r takes its half
+        for a in batches:  # each batch [2B]: rank r takes its half
             half = a.chunk(world)[rank]
             s = excb.update_cluster_sizes(s, half, momentum)
         torch.save(s, f"{out}.{rank}")
@@ -138,18 +137,19 @@ def _ddp_worker(rank, world, init_file, batches, momentum, out):
 
 def test_size_update_two_gloo_processes_equal_one_process_at_twice_the_batch(tmp_path):
     g = torch.Generator().manual_seed(0)
-    batches = torch.randint(0, 8, (6, 10), generator=g)   # 6 steps, global batch 2B = 10
-    batches[:, :5] = torch.randint(0, 2, (6, 5), generator=g)   # rank 0's half is skewed: per-rank h differ
+    batches = torch.randint(0, 8, (6, 10), generator=g)  # 6 steps, global batch 2B = 10
+    batches[:, :5] = torch.randint(0, 2, (6, 5), generator=g)  # rank 0's half is skewed: per-rank h differ
     momentum = 0.7
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), batches, momentum, str(tmp_path / "s")), nprocs=2)
     s0, s1 = torch.load(tmp_path / "s.0", weights_only=True), torch.load(tmp_path / "s.1", weights_only=True)
     one = torch.full((8,), 1 / 8)
     for a in batches:
         one = excb.update_cluster_sizes(one, a, momentum)
-    hand = torch.full((8,), 1 / 8, dtype=torch.float64)   # independent: momentum average of global histograms
+    hand = torch.full((8,), 1 / 8, dtype=torch.float64)  # independent: momentum average of global histograms
     for a in batches:
-        hand = momentum * hand + (1 - momentum) * torch.tensor([(a == k).sum().item() / 10 for k in range(8)],
-                                                                 dtype=torch.float64)
+        hand = momentum * hand + (1 - momentum) * torch.tensor(
+            [(a == k).sum().item() / 10 for k in range(8)], dtype=torch.float64
+        )
     torch.testing.assert_close(s0, s1, rtol=0, atol=0)
     torch.testing.assert_close(s0, one, rtol=0, atol=1e-6)
     torch.testing.assert_close(one.double(), hand, rtol=0, atol=1e-6)
@@ -188,9 +188,11 @@ def test_balancing_drives_usage_of_an_imbalanced_stream_to_uniform(capsys):
     for m in (0.9, 0.99):
         bal = _usage_over_stream(True, m)
         with capsys.disabled():
-            print(f"\nusage entropy / log K over the stream (head 50x tail, batch 16, K 16): balanced (m_s={m}) "
-                  f"{_entropy(bal) / math.log(k):.3f} (max share {bal.max():.3f}), unbalanced "
-                  f"{_entropy(raw) / math.log(k):.3f} (max share {raw.max():.3f})")
+            print(
+                f"\nusage entropy / log K over the stream (head 50x tail, batch 16, K 16): balanced (m_s={m}) "
+                f"{_entropy(bal) / math.log(k):.3f} (max share {bal.max():.3f}), unbalanced "
+                f"{_entropy(raw) / math.log(k):.3f} (max share {raw.max():.3f})"
+            )
         assert _entropy(bal) > 0.98 * math.log(k) and bal.max() < 0.1
     assert raw.max() > 0.6 and _entropy(raw) < 0.6 * math.log(k)
     # size momentum 1: s never moves, so balancing is the identity and usage stays raw
@@ -202,7 +204,7 @@ def test_balancing_drives_usage_of_an_imbalanced_stream_to_uniform(capsys):
 
 def test_spherical_kmeans_recovers_separated_directions():
     g = torch.Generator().manual_seed(0)
-    centres = torch.eye(6)                             # 6 orthogonal directions in R^6
+    centres = torch.eye(6)  # 6 orthogonal directions in R^6
     x = torch.cat([centres[i] + 0.05 * torch.randn(30, 6, generator=g) for i in range(6)])
     c = excb.spherical_kmeans(x, 6, 20, 5, g)
     sim = c @ centres.t()
@@ -212,6 +214,7 @@ def test_spherical_kmeans_recovers_separated_directions():
 def _tiny_model(extra=()):
     argv = [*TINY_ARGS["excb.py"], *extra]
     import tyro
+
     args = tyro.cli(excb.Args, args=argv)
     return args, excb.Model(args, lt_data.build_data(args))
 
@@ -227,7 +230,7 @@ def test_model_state_and_centroid_gradients_only_through_projector_pairs():
     g, loc = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 8, 8)
     proj, pred = model(g, loc)
     assert proj.shape == (8, 16) and pred.shape == (16, 16) and proj.abs().max() <= 1 + 1e-5
-    pred.sum().backward(retain_graph=True)       # predictor path: no gradient to the centroids
+    pred.sum().backward(retain_graph=True)  # predictor path: no gradient to the centroids
     assert model.student.centroids.grad is None or not model.student.centroids.grad.any()
     assert model.predictor[1][0].weight.grad.abs().sum() > 0 and model.student.projector[0].weight.grad is not None
     proj.sum().backward()
@@ -235,7 +238,8 @@ def test_model_state_and_centroid_gradients_only_through_projector_pairs():
     decay, no_decay, cent = model.parameter_groups()
     assert len(cent) == 1 and cent[0] is model.student.centroids
     assert sum(p.numel() for p in decay + no_decay + cent) == sum(
-        p.numel() for p in model.parameters() if p.requires_grad)
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
 
 
 def test_no_predictor_pairs_locals_through_the_projector():
@@ -246,12 +250,27 @@ def test_no_predictor_pairs_locals_through_the_projector():
 
 
 def test_smoke_run_checkpoint_holds_the_method_state(tmp_path):
-    run_script("excb.py", *TINY_ARGS["excb.py"], "--batch-size", "8", "--max-steps", "4", "--epochs", "2",
-               "--num-workers", "0", "--run-name", "s", "--amp", "none", cwd=tmp_path)
+    run_script(
+        "excb.py",
+        *TINY_ARGS["excb.py"],
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "4",
+        "--epochs",
+        "2",
+        "--num-workers",
+        "0",
+        "--run-name",
+        "s",
+        "--amp",
+        "none",
+        cwd=tmp_path,
+    )
     m = torch.load(tmp_path / "runs" / "s" / "checkpoint.pt", weights_only=True)["model"]
     assert bool(m["centroids_initialised"])
     assert m["sizes"].dtype == torch.float32 and m["sizes"].sum().item() == pytest.approx(1.0, abs=1e-5)
-    assert not torch.allclose(m["sizes"], torch.full((16,), 1 / 16))      # updated after each step
+    assert not torch.allclose(m["sizes"], torch.full((16,), 1 / 16))  # updated after each step
     assert not torch.equal(m["teacher.centroids"], m["student.centroids"])  # EMA, not a copy
     # teacher is an EMA of the student: it moved from its start but lags behind
     w_t, w_s = m["teacher.projector.0.weight"], m["student.projector.0.weight"]
@@ -265,8 +284,10 @@ VIT = ["--arch", "vit_tiny", "--vit-layers", "2", "--vit-dim", "32", "--vit-head
 
 def test_vit_option_follows_the_official_vit_recipe():
     args, model = _tiny_model(VIT)
-    assert model.backbone_spec == {"arch": "vit", "arch_kwargs": dict(image_size=16, patch_size=4, num_layers=2,
-                                                                       num_heads=2, hidden_dim=32, mlp_dim=128)}
+    assert model.backbone_spec == {
+        "arch": "vit",
+        "arch_kwargs": dict(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=128),
+    }
     # student: stochastic depth up to 0.1 in its last block; teacher: none
     assert [b.drop_path for b in model.student.backbone.encoder.layers] == [0.0, 0.1]
     assert [b.drop_path for b in model.teacher.backbone.encoder.layers] == [0.0, 0.0]
@@ -293,7 +314,7 @@ def test_crop_scale_follows_the_official_cosine_and_reaches_the_workers():
     data = lt_data.build_data(args)
     ds = lt_data.IndexedDataset(data.train_full, data.lt_indices, excb.train_transform(args, data))
     sampler = lt_data.ResumableSampler(len(ds), seed=0)
-    loader = lt_data.make_loader(ds, 4, 2, sampler)   # persistent workers: built once, told the epoch per sample
+    loader = lt_data.make_loader(ds, 4, 2, sampler)  # persistent workers: built once, told the epoch per sample
     for epoch in (0, 7):
         sampler.set_epoch(epoch)
         views, _, _ = next(iter(loader))
@@ -307,11 +328,23 @@ def test_crop_scale_follows_the_official_cosine_and_reaches_the_workers():
 
 def test_vit_run_resumes_and_exports_a_torchvision_vision_transformer(tmp_path):
     import torchvision
+
     from linear_probe import load_backbone
-    common = [*TINY_ARGS["excb.py"], *VIT, "--batch-size", "8", "--epochs", "2", "--num-workers", "0",
-              "--run-name", "v"]
+
+    common = [
+        *TINY_ARGS["excb.py"],
+        *VIT,
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--num-workers",
+        "0",
+        "--run-name",
+        "v",
+    ]
     run_script("excb.py", *common, "--max-steps", "3", cwd=tmp_path)
-    run_script("excb.py", *common, cwd=tmp_path)          # resumes to the end
+    run_script("excb.py", *common, cwd=tmp_path)  # resumes to the end
     ckpt = torch.load(tmp_path / "runs" / "v" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 2 * (len(lt_data.build_data(_tiny_model()[0]).lt_indices) // 8)
     export = torch.load(tmp_path / "runs" / "v" / "backbone.pt", weights_only=True)
@@ -325,31 +358,36 @@ def test_vit_run_resumes_and_exports_a_torchvision_vision_transformer(tmp_path):
 
 
 def test_vit_flags_are_refused_for_a_resnet(tmp_path):
-    proc = run_script("excb.py", *TINY_ARGS["excb.py"], "--batch-size", "8", "--vit-layers", "2", cwd=tmp_path,
-                      check=False)
+    proc = run_script(
+        "excb.py", *TINY_ARGS["excb.py"], "--batch-size", "8", "--vit-layers", "2", cwd=tmp_path, check=False
+    )
     assert proc.returncode == 2 and "apply to ViTs, not --arch resnet18" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_vit_ddp_step_matches_one_process_at_twice_the_batch(tmp_path):
     """The ViT path is as global as the ResNet one: 2 processes x 8 == 1 x 16 after one step (no drop path, which
     draws per-process masks; the ViT has no BatchNorm, the heads' BatchNorm uses running statistics: test seam)."""
-    from conftest import run_torchrun, script_env
-    env = {**script_env(), "SSL_IMBALANCE_BN_RUNNING_STATS": "1"}
+    from conftest import run_torchrun
+
+    seams = ("--bn-running-stats",)
     args = [*TINY_ARGS["excb.py"], *VIT, "--drop-path", "0", "--max-steps", "1", "--num-workers", "0", "--amp", "none"]
-    run_torchrun("excb.py", *args, "--batch-size", "8", "--run-name", "two", cwd=tmp_path, env=env)
-    run_script("excb.py", *args, "--batch-size", "16", "--run-name", "one", cwd=tmp_path, env=env)
+    run_torchrun("excb.py", *args, "--batch-size", "8", "--run-name", "two", cwd=tmp_path, seams=seams)
+    run_script("excb.py", *args, "--batch-size", "16", "--run-name", "one", cwd=tmp_path, seams=seams)
     one, two = (torch.load(tmp_path / "runs" / r / "checkpoint.pt", weights_only=True)["model"] for r in ("one", "two"))
-    assert not torch.allclose(one["sizes"], torch.full_like(one["sizes"], 1 / 16))   # a step ran and moved s
+    assert not torch.allclose(one["sizes"], torch.full_like(one["sizes"], 1 / 16))  # a step ran and moved s
     for k, v in one.items():
         if v.is_floating_point():
             torch.testing.assert_close(two[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--crop-scale", "0.01", "0.5"], "--crop-scale values must be in (0.05, 1), got 0.01 0.5"),
-    (["--arch", "vit_tiny", "--drop-path", "1.0"], "--drop-path must be in [0, 1), got 1.0"),
-    (["--teacher-temp", "0"], "--teacher-temp must be > 0, got 0.0"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--crop-scale", "0.01", "0.5"], "--crop-scale values must be in (0.05, 1), got 0.01 0.5"),
+        (["--arch", "vit_tiny", "--drop-path", "1.0"], "--drop-path must be in [0, 1), got 1.0"),
+        (["--teacher-temp", "0"], "--teacher-temp must be > 0, got 0.0"),
+    ],
+)
 def test_bad_method_flags_one_clear_line(tmp_path, extra, message):
     proc = run_script("excb.py", *TINY_ARGS["excb.py"], "--batch-size", "8", *extra, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"excb.py: error: {message}"]
@@ -358,9 +396,23 @@ def test_bad_method_flags_one_clear_line(tmp_path, extra, message):
 def test_kmeans_init_takes_a_last_chunk_of_one_image(tmp_path):
     """The k-means features come from the teacher in train mode in chunks of 256: 257 images left a chunk of one,
     which BatchNorm refuses (a ValueError traceback before step 1)."""
-    proc = run_script("excb.py", *TINY_ARGS["excb.py"], "--synthetic-per-class", "100", "--imbalance-ratio", "1",
-                      "--kmeans-samples", "257", "--batch-size", "8", "--max-steps", "1", "--num-workers", "0",
-                      cwd=tmp_path)
+    proc = run_script(
+        "excb.py",
+        *TINY_ARGS["excb.py"],
+        "--synthetic-per-class",
+        "100",
+        "--imbalance-ratio",
+        "1",
+        "--kmeans-samples",
+        "257",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "1",
+        "--num-workers",
+        "0",
+        cwd=tmp_path,
+    )
     assert "done: step 1" in proc.stdout
 
 

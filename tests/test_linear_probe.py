@@ -29,7 +29,7 @@ def test_knn_recovers_separated_clusters_and_weights_votes():
     pred = lp.knn_predict(train, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.0]]), 2, k=3, temperature=0.1)
     assert pred.item() == 0
     pred = lp.knn_predict(train, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.0]]), 2, k=3, temperature=10.0)
-    assert pred.item() == 1   # at a high temperature the two votes outweigh the one
+    assert pred.item() == 1  # at a high temperature the two votes outweigh the one
 
 
 def test_linear_probe_separates_linearly_separable_features():
@@ -42,7 +42,7 @@ def test_linear_probe_separates_linearly_separable_features():
 def test_accuracy_report_groups_by_hand():
     target = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
     pred = target.clone()
-    pred[[3, 6, 7, 10, 11]] = 9    # class 1 half right, class 3 and 5 all wrong
+    pred[[3, 6, 7, 10, 11]] = 9  # class 1 half right, class 3 and 5 all wrong
     groups = {"many": [0, 1], "medium": [2, 3], "few": [4, 5]}
     r = lp.accuracy_report(pred, target, 6, groups)
     assert r["per_class"] == [100.0, 50.0, 100.0, 0.0, 100.0, 0.0]
@@ -61,7 +61,7 @@ def test_few_shot_indices():
 def test_exported_backbone_loads_into_plain_torchvision(tiny_supervised_run):
     export = torch.load(tiny_supervised_run / "backbone.pt", weights_only=True)
     model = torchvision.models.resnet18()
-    model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)   # the CIFAR stem, as in the README
+    model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # the CIFAR stem, as in the README
     model.maxpool = torch.nn.Identity()
     model.fc = torch.nn.Identity()
     model.load_state_dict(export["state_dict"], strict=True)
@@ -73,19 +73,43 @@ def test_exported_backbone_loads_into_plain_torchvision(tiny_supervised_run):
 
 def test_probe_cli_end_to_end(tiny_supervised_run, tmp_path):
     out = tmp_path / "probe.json"
-    proc = run_script("linear_probe.py", str(tiny_supervised_run / "backbone.pt"), "--epochs", "3", "--shots", "2",
-                      "--few-shot-seeds", "2", "--num-workers", "0", "--output", str(out), "--tensorboard",
-                      cwd=tmp_path)
+    proc = run_script(
+        "linear_probe.py",
+        str(tiny_supervised_run / "backbone.pt"),
+        "--epochs",
+        "3",
+        "--shots",
+        "2",
+        "--few-shot-seeds",
+        "2",
+        "--num-workers",
+        "0",
+        "--output",
+        str(out),
+        "--tensorboard",
+        cwd=tmp_path,
+    )
     assert "| linear |" in proc.stdout and "| knn |" in proc.stdout and "2-shot" in proc.stdout
-    assert "extracting features of the training images: 128/128" in proc.stdout   # says what it is doing
+    assert "extracting features of the training images: 128/128" in proc.stdout  # says what it is doing
     assert "training the linear head: epoch 3/3" in proc.stdout
     res = json.loads(out.read_text())
     assert res["dataset"] == "synthetic" and res["num_test"] == 32 and res["num_train"] == 128  # every image
-    assert res["groups"] == {"many": [0, 1], "medium": [2], "few": [3]}   # thirds of 4 long-tailed classes
+    assert res["groups"] == {"many": [0, 1], "medium": [2], "few": [3]}  # thirds of 4 long-tailed classes
     assert len(res["linear"]["per_class"]) == 4 and len(res["few_shot"]["2"]["runs"]) == 2
     # the long-tailed training set instead of the balanced one
-    run_script("linear_probe.py", str(tiny_supervised_run / "checkpoint.pt"), "--train-on", "long-tailed",
-               "--epochs", "2", "--num-workers", "0", "--output", str(tmp_path / "lt.json"), cwd=tmp_path)
+    run_script(
+        "linear_probe.py",
+        str(tiny_supervised_run / "checkpoint.pt"),
+        "--train-on",
+        "long-tailed",
+        "--epochs",
+        "2",
+        "--num-workers",
+        "0",
+        "--output",
+        str(tmp_path / "lt.json"),
+        cwd=tmp_path,
+    )
     res_lt = json.loads((tmp_path / "lt.json").read_text())
     # int(32 * 4^(-i/3)) for i = 0..3
     assert res_lt["num_train"] == 32 + 20 + 12 + 8 and res_lt["train_on"] == "long-tailed"
@@ -95,17 +119,45 @@ def test_probe_cli_end_to_end(tiny_supervised_run, tmp_path):
 def test_probe_data_flags_passed_in_either_spelling_win_over_the_run(tiny_supervised_run, tmp_path, spelling):
     """tyro takes --a_b as well as --a-b; the probe used to scan argv for the hyphen spelling only and replaced
     an underscore-spelled flag with the run's value (8 test images per class: 32, not 16)."""
-    run_script("linear_probe.py", str(tiny_supervised_run / "backbone.pt"), spelling, "4", "--epochs", "1",
-               "--num-workers", "0", "--output", str(tmp_path / "p.json"), cwd=tmp_path)
+    run_script(
+        "linear_probe.py",
+        str(tiny_supervised_run / "backbone.pt"),
+        spelling,
+        "4",
+        "--epochs",
+        "1",
+        "--num-workers",
+        "0",
+        "--output",
+        str(tmp_path / "p.json"),
+        cwd=tmp_path,
+    )
     res = json.loads((tmp_path / "p.json").read_text())
-    assert res["num_test"] == 16 and res["num_train"] == 128   # 4 classes x 4; the rest is the run's
+    assert res["num_test"] == 16 and res["num_train"] == 128  # 4 classes x 4; the rest is the run's
 
 
 def test_probe_out_of_domain(tiny_supervised_run, tmp_path):
-    proc = run_script("linear_probe.py", str(tiny_supervised_run / "backbone.pt"), "--dataset", "synthetic",
-                      "--synthetic-classes", "3", "--synthetic-per-class", "5", "--synthetic-test-per-class", "2",
-                      "--split-seed", "7", "--epochs", "2", "--num-workers", "0", "--output",
-                      str(tmp_path / "ood.json"), cwd=tmp_path)
+    run_script(
+        "linear_probe.py",
+        str(tiny_supervised_run / "backbone.pt"),
+        "--dataset",
+        "synthetic",
+        "--synthetic-classes",
+        "3",
+        "--synthetic-per-class",
+        "5",
+        "--synthetic-test-per-class",
+        "2",
+        "--split-seed",
+        "7",
+        "--epochs",
+        "2",
+        "--num-workers",
+        "0",
+        "--output",
+        str(tmp_path / "ood.json"),
+        cwd=tmp_path,
+    )
     res = json.loads((tmp_path / "ood.json").read_text())
     assert res["num_train"] == 15 and res["num_test"] == 6 and len(res["linear"]["per_class"]) == 3
 
@@ -122,8 +174,12 @@ def test_probe_refuses_bad_checkpoints_in_one_line(tmp_path, case):
     proc = run_script("linear_probe.py", str(path), "--dataset", "synthetic", cwd=tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
-    expected = {"missing": "not found", "corrupted": "cannot load", "not_a_backbone": "not a backbone",
-                "pickled_object": "weights_only"}[case]
+    expected = {
+        "missing": "not found",
+        "corrupted": "cannot load",
+        "not_a_backbone": "not a backbone",
+        "pickled_object": "weights_only",
+    }[case]
     assert expected in proc.stderr
 
 
@@ -160,14 +216,14 @@ def test_vit_is_torchvision_compatible_takes_small_crops_and_drops_paths():
         b = vit(x.repeat(64, 1, 1, 1))
         vit.set_drop_path(0.0)
         c, d = vit(x), vit(x)
-    assert not torch.allclose(a, b)          # different samples' branches dropped
-    torch.testing.assert_close(c, d)         # rate 0: deterministic in training mode too
+    assert not torch.allclose(a, b)  # different samples' branches dropped
+    torch.testing.assert_close(c, d)  # rate 0: deterministic in training mode too
 
 
 def test_vit_kwargs_refuses_impossible_sizes():
-    with pytest.raises(lp.ProbeError, match="--vit-dim 30 is not divisible by --vit-heads 4"):
+    with pytest.raises(lp.BackboneError, match="--vit-dim 30 is not divisible by --vit-heads 4"):
         lp.vit_kwargs("vit_tiny", 32, heads=4, dim=30)
-    with pytest.raises(lp.ProbeError, match="--local-size 18 is not a multiple of --patch-size 4"):
+    with pytest.raises(lp.BackboneError, match="--local-size 18 is not a multiple of --patch-size 4"):
         lp.vit_kwargs("vit_small", 32, crop_sizes={"--local-size": 18})
     assert lp.vit_kwargs("vit_small", 224)["patch_size"] == 16
 
@@ -178,6 +234,7 @@ def test_knn_monitor_matches_a_hand_computation_on_a_balanced_bank():
     import numpy as np
 
     import lt_data
+
     rng = np.random.default_rng(0)
     C, size = 3, 8
     centres = rng.integers(40, 216, size=(C, 1, 1, 3))
@@ -190,17 +247,24 @@ def test_knn_monitor_matches_a_hand_computation_on_a_balanced_bank():
     train, test = images(40), images(12)
     data = lt_data.LTData("t", train, test, list(range(len(train))), [], C, size, (0.5,) * 3, (0.25,) * 3, "thirds")
     torch.manual_seed(0)
-    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * size * size, 16),
-                                   torch.nn.BatchNorm1d(16)).train()
+    backbone = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(3 * size * size, 16), torch.nn.BatchNorm1d(16)
+    ).train()
     monitor = lp.KNNMonitor(data, bank=60, queries=24, batch_size=7, num_workers=0, seed=3)
     top1 = monitor(backbone)
     assert backbone.training
 
-    def subset(targets, total, seed):   # balanced: total // C of each class, drawn as documented
+    def subset(targets, total, seed):  # balanced: total // C of each class, drawn as documented
         g = torch.Generator().manual_seed(seed)
         y = torch.tensor(targets)
-        return sorted(torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()), generator=g)[
-            :total // C]] for c in range(C)]).tolist())
+        return sorted(
+            torch.cat(
+                [
+                    torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()), generator=g)[: total // C]]
+                    for c in range(C)
+                ]
+            ).tolist()
+        )
 
     bank, queries = subset(train.targets, 60, 3), subset(test.targets, 24, 4)
     assert np.bincount(np.array(train.targets)[bank]).tolist() == [20] * 3
@@ -210,8 +274,8 @@ def test_knn_monitor_matches_a_hand_computation_on_a_balanced_bank():
     scale = (bn.weight / (bn.running_var + bn.eps).sqrt()).detach().double().numpy()
 
     def feats(arr):
-        x = (arr.astype(np.float64) / 255 - 0.5) / 0.25                      # ToTensor + Normalize
-        z = x.transpose(0, 3, 1, 2).reshape(len(x), -1) @ W.T + b           # C, H, W order, as Flatten sees it
+        x = (arr.astype(np.float64) / 255 - 0.5) / 0.25  # ToTensor + Normalize
+        z = x.transpose(0, 3, 1, 2).reshape(len(x), -1) @ W.T + b  # C, H, W order, as Flatten sees it
         z = (z - bn.running_mean.double().numpy()) * scale + bn.bias.detach().double().numpy()
         return z / np.linalg.norm(z, axis=1, keepdims=True)
 
@@ -226,12 +290,13 @@ def test_knn_monitor_matches_a_hand_computation_on_a_balanced_bank():
             votes[yb[j]] += np.exp(sim[j] / 0.07)
         correct += votes.argmax() == y
     assert top1 == pytest.approx(100 * correct / len(yq), abs=1e-9)
-    assert 0 < correct < len(yq)   # a case where the votes decide: neither all right nor all wrong
+    assert 0 < correct < len(yq)  # a case where the votes decide: neither all right nor all wrong
 
 
 def test_probe_help_states_the_defaults_it_uses(tmp_path):
     import re
-    out = re.sub(r"[\s│]+", " ", run_script("linear_probe.py", "--help", cwd=tmp_path).stdout)   # unwrapped
-    assert "--balanced-twin" not in out   # means nothing to a probe
+
+    out = re.sub(r"[\s│]+", " ", run_script("linear_probe.py", "--help", cwd=tmp_path).stdout)  # unwrapped
+    assert "--balanced-twin" not in out  # means nothing to a probe
     assert "(default: cifar10)" not in out and "(default: data)" not in out and "{None," not in out
-    assert out.count("(default: the pre-training run's)") >= 10   # the data flags: the run's unless passed
+    assert out.count("(default: the pre-training run's)") >= 10  # the data flags: the run's unless passed

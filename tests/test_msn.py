@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import numpy as np
 import pytest
@@ -14,11 +12,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import msn_prior as M
-from linear_probe import build_backbone
 from conftest import TINY_ARGS, run_script
-
+from linear_probe import build_backbone
 
 # --------------------------------------------------------------------------- independent reference (numpy, float64)
+
 
 def np_softmax(x, axis=1):
     x = x - x.max(axis=axis, keepdims=True)
@@ -44,8 +42,11 @@ def np_sinkhorn(q, iters):
 
 def reference_loss(anchor, target, protos, prior, t_a=0.1, sharpen_T=0.25, sinkhorn_iters=3, lam=1.0):
     """MSN/PMSN from the papers' description: targets are softmax(./0.1) sharpened with T = 0.25."""
-    a, t, P = np_normalise(anchor.astype(np.float64)), np_normalise(target.astype(np.float64)), \
-        np_normalise(protos.astype(np.float64))
+    a, t, P = (
+        np_normalise(anchor.astype(np.float64)),
+        np_normalise(target.astype(np.float64)),
+        np_normalise(protos.astype(np.float64)),
+    )
     B = t.shape[0]
     V = a.shape[0] // B
     p = np_softmax(a @ P.T / t_a)
@@ -70,16 +71,19 @@ def small_case(seed=0, B=4, V=3, D=5, K=6):
 
 # --------------------------------------------------------------------------- the prior
 
+
 def test_power_law_prior_hand_values():
-    torch.testing.assert_close(M.power_law_prior(3, 0.25), torch.tensor([0.384507, 0.323331, 0.292162]),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        M.power_law_prior(3, 0.25), torch.tensor([0.384507, 0.323331, 0.292162]), atol=1e-6, rtol=0
+    )
     torch.testing.assert_close(M.power_law_prior(2, 1.0), torch.tensor([2 / 3, 1 / 3]))
     torch.testing.assert_close(M.power_law_prior(7, 0.0), torch.full((7,), 1 / 7))
     pi = M.power_law_prior(1024, 0.25)
-    assert abs(pi.sum().item() - 1) < 1e-6 and abs((pi[0] / pi[-1]).item() - 1024 ** 0.25) < 1e-3
+    assert abs(pi.sum().item() - 1) < 1e-6 and abs((pi[0] / pi[-1]).item() - 1024**0.25) < 1e-3
 
 
 # --------------------------------------------------------------------------- the loss against the equations
+
 
 @pytest.mark.parametrize("prior_kind", ["uniform", "power-law"])
 @pytest.mark.parametrize("iters", [0, 3])
@@ -88,16 +92,17 @@ def test_msn_loss_matches_the_equations(prior_kind, iters):
     K = protos.shape[0]
     prior = M.power_law_prior(K, 0.0 if prior_kind == "uniform" else 0.5)
     total, ce, reg = M.msn_loss(anchor, target, protos, prior, sinkhorn_iters=iters, reg_weight=0.7)
-    r_total, r_ce, r_reg = reference_loss(anchor.numpy(), target.numpy(), protos.numpy(), prior.double().numpy(),
-                                          sinkhorn_iters=iters, lam=0.7)
+    r_total, r_ce, r_reg = reference_loss(
+        anchor.numpy(), target.numpy(), protos.numpy(), prior.double().numpy(), sinkhorn_iters=iters, lam=0.7
+    )
     assert abs(ce.item() - r_ce) < 1e-5 and abs(reg.item() - r_reg) < 1e-5 and abs(total.item() - r_total) < 1e-5
 
 
 def _embeddings_with_prediction(pbar, temp=0.1, D=4):
     """One anchor row (repeated) whose prediction is exactly pbar: a = e1, prototype k = s_k e1 + sqrt(1-s_k^2) u_k."""
     s = temp * torch.log(torch.tensor(pbar, dtype=torch.float64))
-    u = torch.eye(D, dtype=torch.float64)[1:len(pbar) + 1]
-    P = s[:, None] * torch.eye(D, dtype=torch.float64)[0] + torch.sqrt(1 - s ** 2)[:, None] * u
+    u = torch.eye(D, dtype=torch.float64)[1 : len(pbar) + 1]
+    P = s[:, None] * torch.eye(D, dtype=torch.float64)[0] + torch.sqrt(1 - s**2)[:, None] * u
     a = torch.eye(D, dtype=torch.float64)[:1].repeat(2, 1)
     return a, P
 
@@ -107,8 +112,8 @@ def test_regulariser_hand_case_from_the_spec():
     target = a[:1]
     _, _, r_pl = M.msn_loss(a, target, P, M.power_law_prior(3, 0.25), sinkhorn_iters=0)
     _, _, r_u = M.msn_loss(a, target, P, M.power_law_prior(3, 0.0), sinkhorn_iters=0)
-    assert abs(r_pl.item() - 0.274625) < 1e-5        # KL(pbar || pi), tau = 0.25
-    assert abs(r_u.item() - 0.200667) < 1e-5         # sum pbar log pbar + log K (MSN)
+    assert abs(r_pl.item() - 0.274625) < 1e-5  # KL(pbar || pi), tau = 0.25
+    assert abs(r_u.item() - 0.200667) < 1e-5  # sum pbar log pbar + log K (MSN)
     a2, P2 = _embeddings_with_prediction([0.5, 0.5])
     _, _, r2 = M.msn_loss(a2, a2[:1], P2, M.power_law_prior(2, 1.0), sinkhorn_iters=0)
     assert abs(r2.item() - 0.058892) < 1e-5
@@ -122,14 +127,14 @@ def test_uniform_prior_kl_and_negative_entropy_give_identical_gradients():
         a, P = anchor.clone().requires_grad_(), protos.clone().requires_grad_()
         if use_kl:
             reg = M.msn_loss(a, target, P, M.power_law_prior(K, 0.0), sinkhorn_iters=0)[2]
-        else:   # MSN's me-max written independently: -H(mean_i softmax(a_i . P / 0.1))
+        else:  # MSN's me-max written independently: -H(mean_i softmax(a_i . P / 0.1))
             pbar = F.softmax(F.normalize(a, dim=1) @ F.normalize(P, dim=1).T / 0.1, dim=1).mean(0)
             reg = (pbar * pbar.log()).sum()
         reg.backward()
         grads.append((a.grad, P.grad, reg.detach()))
     torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-6, rtol=1e-5)
-    assert abs(grads[0][2].item() - (grads[1][2].item() + math.log(K))) < 1e-5   # they differ by log K
+    assert abs(grads[0][2].item() - (grads[1][2].item() + math.log(K))) < 1e-5  # they differ by log K
 
 
 def test_regulariser_gradient_and_permutation_properties():
@@ -179,6 +184,7 @@ def test_sinkhorn_marginals_and_sharpening():
 
 # --------------------------------------------------------------------------- the encoder, masking, schedules
 
+
 def test_masking_keeps_the_right_tokens():
     kw = dict(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
     vit = build_backbone("vit", **kw).eval()
@@ -210,18 +216,19 @@ def test_masks_depend_on_the_image_not_on_the_batch():
 def test_schedules_follow_msn_with_the_horizon():
     args = M.Args(epochs=10, lr=1.0, warmup_epochs=2)
     spe, total = 10, 100
-    assert abs(M.lr_factor(args, 0, total, spe) - 0.2) < 1e-9
-    assert abs(M.lr_factor(args, 20, total, spe) - 1.0) < 1e-9
-    last = M.lr_factor(args, total - 1, total, spe)
-    assert args.final_lr_ratio < last < 0.2          # 1.25 horizon: never reaches the final value
-    wd0, m0 = M.schedules(args, 0, total)
-    wd1, m1 = M.schedules(args, total, total)
+    assert abs(M.schedules(args, 0, total, spe)["lr_scale"] - 0.2) < 1e-9
+    assert abs(M.schedules(args, 20, total, spe)["lr_scale"] - 1.0) < 1e-9
+    last = M.schedules(args, total - 1, total, spe)["lr_scale"]
+    assert args.final_lr_ratio < last < 0.2  # 1.25 horizon: never reaches the final value
+    wd0, m0 = (M.schedules(args, 0, total, spe)[k] for k in ("weight_decay", "ema_momentum"))
+    wd1, m1 = (M.schedules(args, total, total, spe)[k] for k in ("weight_decay", "ema_momentum"))
     assert wd0 == pytest.approx(0.04) and m0 == pytest.approx(0.996)
-    assert m1 == pytest.approx(0.996 + 0.004 / 1.25)                          # ends near 0.9992
-    assert wd1 == pytest.approx(0.4 - 0.36 * 0.5 * (1 + math.cos(math.pi * 0.8)))   # cosine at t = 1/1.25
+    assert m1 == pytest.approx(0.996 + 0.004 / 1.25)  # ends near 0.9992
+    assert wd1 == pytest.approx(0.4 - 0.36 * 0.5 * (1 + math.cos(math.pi * 0.8)))  # cosine at t = 1/1.25
 
 
 # --------------------------------------------------------------------------- behaviour
+
 
 def _train_prototypes(prior, iters, steps=100, seed=0):
     """Fixed synthetic features (8 unequal clusters), learnable prototypes, Adam on msn_loss."""
@@ -254,8 +261,10 @@ def _kl(p, q):
 @pytest.fixture(scope="module")
 def trained_usage():
     """Prototype usage before/after training with each prior (the power law without Sinkhorn, the uniform with)."""
-    return {"power-law": _train_prototypes(M.power_law_prior(16, 1.0), iters=0),
-            "uniform": _train_prototypes(M.power_law_prior(16, 0.0), iters=3)}
+    return {
+        "power-law": _train_prototypes(M.power_law_prior(16, 1.0), iters=0),
+        "uniform": _train_prototypes(M.power_law_prior(16, 0.0), iters=3),
+    }
 
 
 def test_power_law_prior_moves_sorted_usage_toward_the_prior(trained_usage):
@@ -263,24 +272,25 @@ def test_power_law_prior_moves_sorted_usage_toward_the_prior(trained_usage):
     before, after = trained_usage["power-law"]
     sb, sa = before.sort(descending=True).values, after.sort(descending=True).values
     assert _kl(sa, pi) < 0.5 * _kl(sb, pi)
-    assert _kl(sa, pi) < _kl(sa, torch.full((16,), 1 / 16))        # closer to the power law than to uniform
+    assert _kl(sa, pi) < _kl(sa, torch.full((16,), 1 / 16))  # closer to the power law than to uniform
     other = trained_usage["uniform"][1].sort(descending=True).values
-    assert _kl(sa, pi) < 0.5 * _kl(other, pi)                        # the uniform prior does not do this
+    assert _kl(sa, pi) < 0.5 * _kl(other, pi)  # the uniform prior does not do this
 
 
 def test_uniform_prior_moves_usage_toward_uniform(trained_usage):
     uniform = M.power_law_prior(16, 0.0)
     before, after = trained_usage["uniform"]
     assert _kl(after, uniform) < 0.5 * _kl(before, uniform)
-    assert _kl(after, uniform) < 0.5 * _kl(trained_usage["power-law"][1], uniform)   # the power law does not
+    assert _kl(after, uniform) < 0.5 * _kl(trained_usage["power-law"][1], uniform)  # the power law does not
 
 
 # --------------------------------------------------------------------------- DDP exactness (2 gloo processes)
 
+
 def _ddp_case(iters, tau):
     g = torch.Generator().manual_seed(7)
     B, V, D, K = 6, 3, 5, 8
-    x = torch.randn(V, 2 * B, D, generator=g)          # per view, the global batch of 2B
+    x = torch.randn(V, 2 * B, D, generator=g)  # per view, the global batch of 2B
     t = torch.randn(2 * B, D, generator=g)
     W = torch.randn(D, D, generator=g)
     P = torch.randn(K, D, generator=g)
@@ -301,7 +311,7 @@ def _ddp_worker(rank, path, iters, tau, out):
     part = slice(rank * B, (rank + 1) * B)
     total, ce, reg = _ddp_loss(x[:, part], t[part], W, P, prior, iters)
     total.backward()
-    for grad in (W.grad, P.grad):                       # what DDP does: average the gradients
+    for grad in (W.grad, P.grad):  # what DDP does: average the gradients
         dist.all_reduce(grad)
         grad /= 2
     total_mean = total.detach().clone()
@@ -320,7 +330,7 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path, iters
     mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), iters, tau, out), nprocs=2, join=True)
     for rank in range(2):
         r = torch.load(f"{out}.{rank}", weights_only=True)
-        torch.testing.assert_close(r["reg"], reg.detach(), atol=1e-6, rtol=1e-5)   # global pbar on each rank
+        torch.testing.assert_close(r["reg"], reg.detach(), atol=1e-6, rtol=1e-5)  # global pbar on each rank
         torch.testing.assert_close(r["total"], total.detach(), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(r["W"], W.grad, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(r["P"], P.grad, atol=1e-5, rtol=1e-5)
@@ -336,16 +346,40 @@ def test_per_process_mean_would_differ(tmp_path):
 
 # --------------------------------------------------------------------------- the script
 
+
 def test_power_law_smoke_run_logs_the_method_metrics(tmp_path):
-    run_script("msn_prior.py", *TINY_ARGS["msn_prior.py"], "--prior", "power-law", "--batch-size", "8",
-               "--max-steps", "3", "--log-every", "1", "--num-workers", "0", "--run-name", "pl", cwd=tmp_path)
+    run_script(
+        "msn_prior.py",
+        *TINY_ARGS["msn_prior.py"],
+        "--prior",
+        "power-law",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "3",
+        "--log-every",
+        "1",
+        "--num-workers",
+        "0",
+        "--run-name",
+        "pl",
+        cwd=tmp_path,
+    )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(tmp_path / "runs" / "pl"))
     acc.Reload()
     scalars, hists = set(acc.Tags()["scalars"]), set(acc.Tags()["histograms"])
-    for tag in ("losses/cross_entropy", "losses/regulariser", "charts/kl_mean_to_prior", "charts/kl_sorted_to_prior",
-                "charts/prototype_entropy",
-                "charts/prototypes_in_use", "charts/ema_momentum", "charts/images_per_second"):
+    for tag in (
+        "losses/cross_entropy",
+        "losses/regulariser",
+        "charts/kl_mean_to_prior",
+        "charts/kl_sorted_to_prior",
+        "charts/prototype_entropy",
+        "charts/prototypes_in_use",
+        "charts/ema_momentum",
+        "charts/images_per_second",
+    ):
         assert tag in scalars, tag
     assert {"charts/sorted_usage", "charts/sorted_usage_over_prior"} <= hists
     ckpt = torch.load(tmp_path / "runs" / "pl" / "checkpoint.pt", weights_only=True)
@@ -354,7 +388,17 @@ def test_power_law_smoke_run_logs_the_method_metrics(tmp_path):
 
 
 def test_impossible_view_sizes_fail_with_one_line(tmp_path):
-    proc = run_script("msn_prior.py", *TINY_ARGS["msn_prior.py"], "--focal-size", "6", "--max-steps", "1",
-                      "--num-workers", "0", cwd=tmp_path, check=False)
+    proc = run_script(
+        "msn_prior.py",
+        *TINY_ARGS["msn_prior.py"],
+        "--focal-size",
+        "6",
+        "--max-steps",
+        "1",
+        "--num-workers",
+        "0",
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2 and "--focal-size 6 is not a multiple of --patch-size 4" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

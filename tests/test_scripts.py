@@ -19,7 +19,6 @@ import torch
 
 import linear_probe
 import lt_data
-
 from conftest import ARCH_CHANGE, ROOT, TINY_ARGS, run_script, run_torchrun, script_env
 
 SCRIPTS = [s for s in TINY_ARGS if (ROOT / s).exists()]
@@ -36,6 +35,7 @@ def _load(path):
 
 def _scalar_steps(run_dir, tag="losses/loss"):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     return [e.step for e in acc.Scalars(tag)]
@@ -46,9 +46,10 @@ def test_killed_run_resumes_bit_identical(tmp_path, script):
     args = [*base(script), "--max-steps", "9", "--num-workers", "2", "--deterministic"]
     run_script(script, *args, "--run-name", "straight", cwd=tmp_path)
     cmd = [sys.executable, str(ROOT / script), *args, "--run-name", "killed"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    for line in proc.stdout:   # kill it hard between checkpoints (every 2 steps), after step 5
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    for line in proc.stdout:  # kill it hard between checkpoints (every 2 steps), after step 5
         if " step 5/" in line:
             proc.send_signal(signal.SIGKILL)
             break
@@ -57,24 +58,35 @@ def test_killed_run_resumes_bit_identical(tmp_path, script):
     killed = tmp_path / "runs" / "killed"
     assert _load(killed / "checkpoint.pt")["step"] in (4, 5)
     assert not (killed / "backbone.pt").exists()
-    out = run_script(script, *args, "--run-name", "killed", cwd=tmp_path).stdout   # the same command
+    out = run_script(script, *args, "--run-name", "killed", cwd=tmp_path).stdout  # the same command
     assert "resuming at step" in out
     a, b = _load(tmp_path / "runs" / "straight" / "checkpoint.pt"), _load(killed / "checkpoint.pt")
     assert a["step"] == b["step"] == 9
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    for k, v in a["optimizer"]["state"][0].items():   # momentum buffer (SGD), exp_avg / exp_avg_sq / step (AdamW)
+    for k, v in a["optimizer"]["state"][0].items():  # momentum buffer (SGD), exp_avg / exp_avg_sq / step (AdamW)
         assert torch.equal(v, b["optimizer"]["state"][0][k]), k
-    steps = _scalar_steps(killed)   # TensorBoard continues without duplicate or missing points
+    steps = _scalar_steps(killed)  # TensorBoard continues without duplicate or missing points
     assert steps == list(range(1, 10))
     assert (killed / "backbone.pt").exists()
 
 
 def test_resume_keeps_every_tensorboard_point(tmp_path):
     """The writer used to purge from the checkpoint step itself, which a resumed run never logs again."""
-    script = "supervised_baseline.py"   # the shared runtime's resume path
-    args = [*TINY_ARGS[script], "--batch-size", "8", "--log-every", "1", "--checkpoint-every", "2",
-            "--num-workers", "0", "--run-name", "tb"]
+    script = "supervised_baseline.py"  # the shared runtime's resume path
+    args = [
+        *TINY_ARGS[script],
+        "--batch-size",
+        "8",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "2",
+        "--num-workers",
+        "0",
+        "--run-name",
+        "tb",
+    ]
     run_script(script, *args, "--max-steps", "4", cwd=tmp_path)
     run_script(script, *args, "--max-steps", "6", cwd=tmp_path)
     assert _scalar_steps(tmp_path / "runs" / "tb") == [1, 2, 3, 4, 5, 6]
@@ -85,10 +97,17 @@ def test_interrupted_run_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig
     """SIGTERM (to the process) or Ctrl-C (SIGINT to the whole process group, DataLoader workers included) used to
     end in a 20-line traceback: now a checkpoint at the current step, one line, exit 128 + signal, and the same
     command resumes from it."""
-    script = "supervised_baseline.py"   # the shared runtime's loop
+    script = "supervised_baseline.py"  # the shared runtime's loop
     args = [*base(script), "--epochs", "6", "--checkpoint-every", "100", "--num-workers", "1", "--run-name", "i"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=script_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=tmp_path,
+        env=script_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     for line in proc.stdout:
         if " step 3/" in line:
             os.killpg(proc.pid, signum) if to_group else proc.send_signal(signum)
@@ -102,14 +121,25 @@ def test_interrupted_run_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig
     step = int(m.group(1))
     assert 3 <= step < 54 and _load(tmp_path / "runs" / "i" / "checkpoint.pt")["step"] == step
     assert not (tmp_path / "runs" / "i" / "backbone.pt").exists()
-    out = run_script(script, *args, cwd=tmp_path).stdout   # the same command
+    out = run_script(script, *args, cwd=tmp_path).stdout  # the same command
     assert f"resuming at step {step} of 54" in out and "done: step 54" in out
 
 
 def test_first_progress_line_comes_after_the_first_step(tmp_path):
-    script = "supervised_baseline.py"   # the shared runtime's loop
-    out = run_script(script, *TINY_ARGS[script], "--batch-size", "8", "--log-every", "50", "--max-steps", "3",
-                     "--num-workers", "0", cwd=tmp_path).stdout
+    script = "supervised_baseline.py"  # the shared runtime's loop
+    out = run_script(
+        script,
+        *TINY_ARGS[script],
+        "--batch-size",
+        "8",
+        "--log-every",
+        "50",
+        "--max-steps",
+        "3",
+        "--num-workers",
+        "0",
+        cwd=tmp_path,
+    ).stdout
     assert " step 1/" in out and " step 2/" not in out and " step 3/" in out
 
 
@@ -129,10 +159,8 @@ def test_finished_run_reruns_as_a_no_op_and_refuses_changed_flags(tmp_path, scri
 
 @per_script
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, script):
-    env = script_env()
-    env["SSL_IMBALANCE_INJECT_NAN_AT_STEP"] = "3"
     args = [*base(script), "--max-steps", "6", "--num-workers", "0", "--run-name", "nan", "--log-every", "5"]
-    proc = run_script(script, *args, cwd=tmp_path, env=env, check=False)
+    proc = run_script(script, *args, cwd=tmp_path, check=False, seams=("--inject-nan-at-step", "3"))
     assert proc.returncode == 2
     assert "non-finite loss at step 3" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "the last good checkpoint" in proc.stderr and "(step 2) is untouched" in proc.stderr
@@ -146,8 +174,23 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, script):
     """--lr 1e45 gives a finite loss at step 1 but infinite weights after its update: that state used to be saved
     as checkpoint.pt of step 1 and called "the last good checkpoint". Now the save is refused, nothing is written
     and the message says so."""
-    args = [*base(script), "--amp", "none", "--lr", "1e45", "--checkpoint-every", "1", "--log-every", "1",
-            "--max-steps", "4", "--num-workers", "0", "--run-name", "inf"]
+    args = [
+        *base(script),
+        "--amp",
+        "none",
+        "--lr",
+        "1e45",
+        "--checkpoint-every",
+        "1",
+        "--log-every",
+        "1",
+        "--max-steps",
+        "4",
+        "--num-workers",
+        "0",
+        "--run-name",
+        "inf",
+    ]
     proc = run_script(script, *args, cwd=tmp_path, check=False)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1, proc.stdout + proc.stderr
@@ -156,13 +199,14 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, script):
     assert not (tmp_path / "runs" / "inf" / "backbone.pt").exists()
 
 
-@pytest.mark.parametrize("before,after", [("--channels-last", "--no-channels-last"),
-                                          ("--no-channels-last", "--channels-last")])
+@pytest.mark.parametrize(
+    "before,after", [("--channels-last", "--no-channels-last"), ("--no-channels-last", "--channels-last")]
+)
 def test_resume_with_another_memory_format_keeps_the_sgd_update_exact(tmp_path, before, after):
     """--channels-last may change on resume: the momentum buffers used to keep the saved layout while the weights
     took the new one, and the fused SGD kernel paired them element by element in memory order. The resumed
     step must satisfy w_new = w_old - lr * momentum_buffer (SGD, no Nesterov; the buffer includes weight decay)."""
-    script = "supervised_baseline.py"   # the shared runtime's resume path
+    script = "supervised_baseline.py"  # the shared runtime's resume path
     args = [*base(script), "--amp", "none", "--num-workers", "0", "--run-name", "m"]
     run_script(script, *args, before, "--max-steps", "2", cwd=tmp_path)
     old = _load(tmp_path / "runs" / "m" / "checkpoint.pt")
@@ -171,24 +215,36 @@ def test_resume_with_another_memory_format_keeps_the_sgd_update_exact(tmp_path, 
     assert (old["step"], new["step"]) == (2, 3)
     module = _import_script(script)
     model = module.Model(module.Args(**old["args"]), lt_data.build_data(module.Args(**old["args"])))
-    names = [n for n, p in model.named_parameters() if p.ndim > 1] + \
-        [n for n, p in model.named_parameters() if p.ndim <= 1]   # the optimizer's parameter order
+    names = [n for n, p in model.named_parameters() if p.ndim > 1] + [
+        n for n, p in model.named_parameters() if p.ndim <= 1
+    ]  # the optimizer's parameter order
     checked = 0
     for group in old["optimizer"]["param_groups"]:
         for i in group["params"]:
             w_old, w_new = old["model"][names[i]], new["model"][names[i]]
             step = group["lr"] * new["optimizer"]["state"][i]["momentum_buffer"]
             # 1e-3 of the update, above fp32 rounding of the weights (a wrong pairing is off by ~100%)
-            err = (w_old - w_new - step).norm() - 2 ** -23 * w_old.norm()
+            err = (w_old - w_new - step).norm() - 2**-23 * w_old.norm()
             assert err <= 1e-3 * step.norm(), (names[i], float(err / step.norm()))
             checked += w_old.ndim == 4
-    assert checked >= 10   # the convolutions, whose layout channels-last changes
+    assert checked >= 10  # the convolutions, whose layout channels-last changes
 
 
 @per_script
 def test_torchrun_two_processes_gloo(tmp_path, script):
-    out = run_torchrun(script, *base(script), "--batch-size", "4", "--max-steps", "3", "--num-workers", "0",
-                       "--run-name", "ddp", cwd=tmp_path).stdout
+    out = run_torchrun(
+        script,
+        *base(script),
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "3",
+        "--num-workers",
+        "0",
+        "--run-name",
+        "ddp",
+        cwd=tmp_path,
+    ).stdout
     assert "global batch 8 on 2 x cpu" in out
     ckpt = _load(tmp_path / "runs" / "ddp" / "checkpoint.pt")
     assert ckpt["step"] == 3 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
@@ -196,35 +252,44 @@ def test_torchrun_two_processes_gloo(tmp_path, script):
     assert (tmp_path / "runs" / "ddp" / "backbone.pt").exists()
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--batch-size", "1000"], "exceeds the 72 training images"),
-    (["--imbalance-ratio", "0.5"], "--imbalance-ratio must be >= 1"),
-    (["--dataset", "cifar10", "--data-dir", "nowhere", "--no-download"], "use --dataset synthetic"),
-    (["--output-dir", "afile"], "cannot write to the run folder"),
-    (["--sync-bn"], "--sync-bn needs CUDA"),
-    (["--dataset", "imagenet-lt", "--data-dir", ".", "--split-file", "lt_train.txt"], "listed images not found"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--batch-size", "1000"], "exceeds the 72 training images"),
+        (["--imbalance-ratio", "0.5"], "--imbalance-ratio must be >= 1"),
+        (["--dataset", "cifar10", "--data-dir", "nowhere", "--no-download"], "use --dataset synthetic"),
+        (["--output-dir", "afile"], "cannot write to the run folder"),
+        (["--sync-bn"], "--sync-bn needs CUDA"),
+        (["--dataset", "imagenet-lt", "--data-dir", ".", "--split-file", "lt_train.txt"], "listed images not found"),
+    ],
+)
 @per_script
 def test_bad_input_one_clear_line(tmp_path, script, extra, message):
     (tmp_path / "afile").write_text("a file, not a folder")
     (tmp_path / "lt_train.txt").write_text("train/n01/missing.png 0\n")
     (tmp_path / "lt_test.txt").write_text("val/n01/missing.png 0\n")
-    proc = run_script(script, *base(script), "--max-steps", "1", "--num-workers", "0", *extra, cwd=tmp_path, check=False)
+    proc = run_script(
+        script, *base(script), "--max-steps", "1", "--num-workers", "0", *extra, cwd=tmp_path, check=False
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
 def _float_flags(module) -> list[tuple[str, int]]:
     """Every float-valued flag of a script (its own, the shared and the data flags): (name, number of values)."""
-    return [(f.name, 2 if str(f.type).startswith("tuple") else 1) for f in dataclasses.fields(module.Args)
-            if "float" in str(f.type)]
+    return [
+        (f.name, 2 if str(f.type).startswith("tuple") else 1)
+        for f in dataclasses.fields(module.Args)
+        if "float" in str(f.type)
+    ]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
 @per_script
-def test_every_float_flag_refuses_non_finite_values_before_writing_anything(tmp_path, monkeypatch, capsys, script,
-                                                                             value):
+def test_every_float_flag_refuses_non_finite_values_before_writing_anything(
+    tmp_path, monkeypatch, capsys, script, value
+):
     """`--lr nan` used to train to NaN weights (or die in a traceback): each float flag is refused in one line
     naming it, with exit code 2, and no run folder is created. In-process: about 30 flags x 4 scripts."""
     module = _import_script(script)
@@ -233,8 +298,9 @@ def test_every_float_flag_refuses_non_finite_values_before_writing_anything(tmp_
     assert {"lr", "imbalance_ratio"} <= {n for n, _ in flags}
     for name, count in flags:
         flag = "--" + name.replace("_", "-")
-        monkeypatch.setattr(sys, "argv", [script, *base(script), "--max-steps", "1", "--num-workers", "0", flag,
-                                          *[value] * count])
+        monkeypatch.setattr(
+            sys, "argv", [script, *base(script), "--max-steps", "1", "--num-workers", "0", flag, *[value] * count]
+        )
         with pytest.raises(SystemExit) as exit_:
             module.main()
         err = capsys.readouterr().err.strip().splitlines()
@@ -245,12 +311,27 @@ def test_every_float_flag_refuses_non_finite_values_before_writing_anything(tmp_
 @per_script
 def test_a_failed_start_leaves_nothing_behind(tmp_path, script):
     """A failed CIFAR download used to leave an empty run folder and create the missing data folder."""
-    env = {**script_env(), "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
-           "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}   # offline, deterministically
+    env = {
+        **script_env(),
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "http_proxy": "http://127.0.0.1:9",
+        "https_proxy": "http://127.0.0.1:9",
+    }  # offline, deterministically
     (tmp_path / "empty").mkdir()
     for data_dir in ("no_such_dir/sub", "empty"):
-        proc = run_script(script, "--dataset", "cifar10", "--data-dir", data_dir, "--num-workers", "0", cwd=tmp_path,
-                          env=env, check=False)
+        proc = run_script(
+            script,
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            data_dir,
+            "--num-workers",
+            "0",
+            cwd=tmp_path,
+            env=env,
+            check=False,
+        )
         assert proc.returncode == 2 and "the download failed" in proc.stderr, proc.stdout + proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == ["empty"] and os.listdir(tmp_path / "empty") == []
@@ -261,13 +342,28 @@ def test_a_truncated_image_stops_the_run_in_one_line_naming_it(tmp_path, script)
     """A JPEG cut in half used to end the run with exit 1 and two anonymous tracebacks (from the DataLoader
     worker): now exit 2 and one line naming the file."""
     from test_lt_data import _write_tree, truncated_jpeg
+
     _write_tree(tmp_path / "d", "train", [12, 12])
     _write_tree(tmp_path / "d", "val", [1, 1])
     bad = tmp_path / "d" / "train" / "n0001" / "img3.jpg"
     (tmp_path / "d" / "train" / "n0001" / "img3.png").unlink()
     truncated_jpeg(bad)
-    proc = run_script(script, *base(script), "--dataset", "imagefolder", "--data-dir", "d", "--imbalance-ratio", "1",
-                      "--max-steps", "3", "--num-workers", "1", cwd=tmp_path, check=False)
+    proc = run_script(
+        script,
+        *base(script),
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        "d",
+        "--imbalance-ratio",
+        "1",
+        "--max-steps",
+        "3",
+        "--num-workers",
+        "1",
+        cwd=tmp_path,
+        check=False,
+    )
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1, proc.stdout + proc.stderr
     assert f"cannot read image {os.path.join('d', 'train', 'n0001', 'img3.jpg')}: " in err[0]
@@ -278,8 +374,18 @@ def test_a_truncated_image_stops_the_run_in_one_line_naming_it(tmp_path, script)
 def test_batch_size_one_trains_or_is_refused_in_one_line(tmp_path, script):
     """BatchNorm in train mode refuses a batch of one: a method whose heads would see one row per process says so
     up front (simsiam's projector, MSN's target head) instead of a ValueError traceback; the others train."""
-    proc = run_script(script, *TINY_ARGS[script], "--batch-size", "1", "--max-steps", "1", "--num-workers", "0",
-                      cwd=tmp_path, check=False)
+    proc = run_script(
+        script,
+        *TINY_ARGS[script],
+        "--batch-size",
+        "1",
+        "--max-steps",
+        "1",
+        "--num-workers",
+        "0",
+        cwd=tmp_path,
+        check=False,
+    )
     if script in ("simsiam_rwsam.py", "msn_prior.py"):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert proc.stderr.strip().splitlines()[-1].endswith("needs 2 images per process, got 1")
@@ -297,22 +403,55 @@ def test_unknown_dataset_is_refused_by_the_parser(tmp_path, script):
 @per_script
 def test_help_explains_every_flag(tmp_path, script):
     out = run_script(script, "--help", cwd=tmp_path).stdout
-    assert "{None," not in out   # MSN's --sinkhorn offered None next to off
+    assert "{None," not in out  # MSN's --sinkhorn offered None next to off
     for flag in ("--image-size", "--imbalance-ratio") + (("--lr", "--weight-decay") if script == "excb.py" else ()):
         text = re.sub(r"[\s│]+", " ", out.split(flag + " ", 1)[1].split("\n --", 1)[0])
-        assert "(default: None)" not in text.split(" --")[0], flag   # the rule resolved at run time instead
-    for flag in ("--dataset", "--data-dir", "--split-file", "--imbalance-ratio", "--imbalance-profile",
-                 "--balanced-twin", "--image-size", "--epochs", "--max-steps", "--batch-size", "--lr", "--seed",
-                 "--amp", "--num-workers", "--run-name", "--sampling"):
+        assert "(default: None)" not in text.split(" --")[0], flag  # the rule resolved at run time instead
+    for flag in (
+        "--dataset",
+        "--data-dir",
+        "--split-file",
+        "--imbalance-ratio",
+        "--imbalance-profile",
+        "--balanced-twin",
+        "--image-size",
+        "--epochs",
+        "--max-steps",
+        "--batch-size",
+        "--lr",
+        "--seed",
+        "--amp",
+        "--num-workers",
+        "--run-name",
+        "--sampling",
+    ):
         assert flag in out
 
 
 def test_hyperparameter_table_records_the_resolved_values(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    script = "supervised_baseline.py"   # the shared Logger
-    run_script(script, "--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-per-class", "8",
-               "--synthetic-test-per-class", "2", "--batch-size", "4", "--max-steps", "1", "--num-workers", "0",
-               "--run-name", "h", cwd=tmp_path)
+
+    script = "supervised_baseline.py"  # the shared Logger
+    run_script(
+        script,
+        "--dataset",
+        "synthetic",
+        "--synthetic-classes",
+        "4",
+        "--synthetic-per-class",
+        "8",
+        "--synthetic-test-per-class",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "1",
+        "--num-workers",
+        "0",
+        "--run-name",
+        "h",
+        cwd=tmp_path,
+    )
     acc = EventAccumulator(str(tmp_path / "runs" / "h"), size_guidance={"tensors": 0})
     acc.Reload()
     table = acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
@@ -323,12 +462,12 @@ def test_hyperparameter_table_records_the_resolved_values(tmp_path):
 @per_script
 def test_ddp_step_matches_one_process_at_twice_the_batch(tmp_path, script):
     """2 processes x B == 1 process x 2B after one step, to float tolerance. BatchNorm is switched to its
-    running statistics (a test seam): per-process BatchNorm batch statistics are the one legitimate
+    running statistics (a test seam, tests/seams.py): per-process BatchNorm batch statistics are the one legitimate
     difference (README), everything else that depends on the batch must be global."""
-    env = {**script_env(), "SSL_IMBALANCE_BN_RUNNING_STATS": "1"}
+    seams = ("--bn-running-stats",)
     args = [*TINY_ARGS[script], "--max-steps", "1", "--num-workers", "0", "--amp", "none"]
-    two = run_torchrun(script, *args, "--batch-size", "8", "--run-name", "two", cwd=tmp_path, env=env)
-    one = run_script(script, *args, "--batch-size", "16", "--run-name", "one", cwd=tmp_path, env=env)
+    two = run_torchrun(script, *args, "--batch-size", "8", "--run-name", "two", cwd=tmp_path, seams=seams)
+    one = run_script(script, *args, "--batch-size", "16", "--run-name", "one", cwd=tmp_path, seams=seams)
     # the kNN monitor before training: each process embeds half the images, the features are all-gathered
     before = [re.search(r"before training \| knn_top1 ([0-9.]+)", p.stdout).group(1) for p in (two, one)]
     assert before[0] == before[1], before
@@ -343,13 +482,14 @@ def test_knn_monitor_and_view_grid_reach_tensorboard(tmp_path, script):
     """eval/knn_top1 before training, at the end of every --eval-every epoch and at the last step, on the progress
     line too; one grid of augmented views at the first step; --eval-every 0 turns the monitor off."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     args = [*TINY_ARGS[script], "--batch-size", "8", "--epochs", "3", "--num-workers", "0", "--log-every", "100"]
     out = run_script(script, *args, "--max-steps", "20", "--eval-every", "2", "--run-name", "m", cwd=tmp_path).stdout
     per_epoch = int(re.search(r"(\d+) steps/epoch", out).group(1))
     acc = EventAccumulator(str(tmp_path / "runs" / "m"), size_guidance={"images": 0})
     acc.Reload()
     knn = acc.Scalars("eval/knn_top1")
-    assert 2 * per_epoch < 20 < 3 * per_epoch   # epoch 2 ends before step 20; the run stops in epoch 3
+    assert 2 * per_epoch < 20 < 3 * per_epoch  # epoch 2 ends before step 20; the run stops in epoch 3
     assert [e.step for e in knn] == [0, 2 * per_epoch, 20]
     assert all(0 <= e.value <= 100 for e in knn) and out.count("knn_top1") == len(knn)
     (grid,) = acc.Images("views/augmented")
@@ -361,7 +501,7 @@ def test_knn_monitor_and_view_grid_reach_tensorboard(tmp_path, script):
 def _import_script(script):
     spec = importlib.util.spec_from_file_location(script[:-3], ROOT / script)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # dataclasses look their module up while the class is created
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
     spec.loader.exec_module(module)
     return module
 
@@ -377,9 +517,9 @@ def test_export_loads_strict_into_torchvision_and_gives_the_training_features(tm
     model.load_state_dict(ckpt["model"])
     trained = functools.reduce(getattr, model.export_prefix.rstrip(".").split("."), model)
     meta = export["backbone"]
-    plain = linear_probe.build_backbone(meta["arch"], **meta["arch_kwargs"])   # as the probe rebuilds it
+    plain = linear_probe.build_backbone(meta["arch"], **meta["arch_kwargs"])  # as the probe rebuilds it
     plain.load_state_dict(export["state_dict"], strict=True)
-    from_ckpt, _ = linear_probe.load_backbone(str(run_dir / "checkpoint.pt"))   # the probe takes either file
+    from_ckpt, _ = linear_probe.load_backbone(str(run_dir / "checkpoint.pt"))  # the probe takes either file
     x = torch.randn(4, 3, 16, 16)
     for m in (trained, plain, from_ckpt):
         m.eval()
@@ -390,7 +530,7 @@ def test_export_loads_strict_into_torchvision_and_gives_the_training_features(tm
 
 @pytest.mark.parametrize("case", ["corrupted", "pickled_object"])
 def test_resume_refuses_an_unsafe_or_corrupted_checkpoint(tmp_path, case):
-    script = "supervised_baseline.py"   # the shared runtime's resume path, the same text in every script
+    script = "supervised_baseline.py"  # the shared runtime's resume path, the same text in every script
     run_dir = tmp_path / "runs" / "x"
     run_dir.mkdir(parents=True)
     if case == "corrupted":
@@ -398,8 +538,9 @@ def test_resume_refuses_an_unsafe_or_corrupted_checkpoint(tmp_path, case):
     else:
         torch.save({"format": linear_probe.CHECKPOINT_FORMAT, "payload": _Pickled()}, run_dir / "checkpoint.pt")
     before = (run_dir / "checkpoint.pt").read_bytes()
-    proc = run_script(script, *base(script), "--max-steps", "1", "--num-workers", "0", "--run-name", "x",
-                      cwd=tmp_path, check=False)
+    proc = run_script(
+        script, *base(script), "--max-steps", "1", "--num-workers", "0", "--run-name", "x", cwd=tmp_path, check=False
+    )
     assert proc.returncode == 2 and "cannot resume" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     if case == "pickled_object":
@@ -421,10 +562,10 @@ def test_atomic_save_never_leaves_a_half_written_file(tmp_path):
     module = _import_script("supervised_baseline.py")
     target = tmp_path / "checkpoint.pt"
     module.atomic_save({"step": 1}, str(target))
-    with pytest.raises(Exception):
-        module.atomic_save({"bad": _Unpicklable()}, str(target))   # fails half-way through writing
+    with pytest.raises(Exception):  # noqa: B017 (whatever torch.save raises for an object it cannot pickle)
+        module.atomic_save({"bad": _Unpicklable()}, str(target))  # fails half-way through writing
     assert torch.load(target, weights_only=True) == {"step": 1}
-    assert os.listdir(tmp_path) == ["checkpoint.pt"]   # no temporary file left behind
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
 
 
 class _Unpicklable:
@@ -435,8 +576,19 @@ class _Unpicklable:
 def test_train_steps_sets_the_epochs_from_the_data_size(tmp_path):
     """--train-steps N: the fewest whole epochs with >= N steps (9 steps/epoch here: N = 20 -> 3 epochs, 27 steps),
     recorded in the checkpoint so the same command resumes."""
-    args = [*TINY_ARGS["supervised_baseline.py"], "--batch-size", "8", "--train-steps", "20", "--num-workers", "0",
-            "--eval-every", "0", "--run-name", "t"]
+    args = [
+        *TINY_ARGS["supervised_baseline.py"],
+        "--batch-size",
+        "8",
+        "--train-steps",
+        "20",
+        "--num-workers",
+        "0",
+        "--eval-every",
+        "0",
+        "--run-name",
+        "t",
+    ]
     out = run_script("supervised_baseline.py", *args, "--max-steps", "2", cwd=tmp_path).stdout
     assert "9 steps/epoch" in out and "step 2/27" in out
     assert _load(tmp_path / "runs" / "t" / "checkpoint.pt")["args"]["epochs"] == 3
@@ -452,15 +604,25 @@ def test_amp_choice_is_printed_first_stored_and_trains(tmp_path, script, amp):
     like with like."""
     module = _import_script(script)
     expected = amp or module.resolve_amp("auto", torch.device("cpu"))
-    args = [*TINY_ARGS[script], "--batch-size", "8", "--num-workers", "0", "--eval-every", "0", "--run-name", "a",
-            *(["--amp", amp] if amp else [])]
+    args = [
+        *TINY_ARGS[script],
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "0",
+        "--eval-every",
+        "0",
+        "--run-name",
+        "a",
+        *(["--amp", amp] if amp else []),
+    ]
     out = run_script(script, *args, "--max-steps", "2", cwd=tmp_path).stdout
     first = out.splitlines()[0]
     assert f", amp {expected}{'' if amp else ' (--amp auto)'} -> " in first, first
     ckpt = _load(tmp_path / "runs" / "a" / "checkpoint.pt")
     assert ckpt["args"]["amp"] == expected and ckpt["step"] == 2
-    assert bool(ckpt["scaler"]) == (expected == "fp16")   # the GradScaler runs with fp16 only
-    again = run_script(script, *args, "--max-steps", "3", cwd=tmp_path).stdout   # the same command resumes
+    assert bool(ckpt["scaler"]) == (expected == "fp16")  # the GradScaler runs with fp16 only
+    again = run_script(script, *args, "--max-steps", "3", cwd=tmp_path).stdout  # the same command resumes
     assert "resuming at step 2" in again and "done: step 3" in again
 
 
@@ -492,6 +654,7 @@ def test_fp16_overflowing_first_step_leaves_the_optimizer_untouched(script):
     allocates its momentum with empty_like on the first step and keeps that memory when the step is skipped; the
     freed NaN buffers below make that garbage NaN, so the comparison fails with fused SGD.)"""
     import tyro
+
     module = _import_script(script)
     args = tyro.cli(module.Args, args=[*TINY_ARGS[script], "--amp", "fp16"])
     data = lt_data.build_data(args)
@@ -501,16 +664,16 @@ def test_fp16_overflowing_first_step_leaves_the_optimizer_untouched(script):
         model = module.Model(args, data)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = module.make_optimizer(args, model, 0.1)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
-        for factor in ((1e6, 1.0) if skip_first else (1.0,)):   # fp16 gradients overflow at 65504: 1e6 * 2^8 does
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        for factor in (1e6, 1.0) if skip_first else (1.0,):  # fp16 gradients overflow at 65504: 1e6 * 2^8 does
             optimizer.zero_grad(set_to_none=True)
             loss = sum((p.half().float() ** 2).sum() for p in params) * factor
             scaler.scale(loss).backward()
             junk = [torch.full_like(p, float("nan")) for p in params]
-            del junk   # the allocator hands this memory to the next empty_like
+            del junk  # the allocator hands this memory to the next empty_like
             scaler.step(optimizer)
             scaler.update()
-        assert scaler.get_scale() == (2.0 ** 7 if skip_first else 2.0 ** 8)   # only the first step was skipped
+        assert scaler.get_scale() == (2.0**7 if skip_first else 2.0**8)  # only the first step was skipped
         return [p.detach().clone() for p in params]
 
     after_skip, reference = two_steps(True), two_steps(False)

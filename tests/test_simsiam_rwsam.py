@@ -19,8 +19,8 @@ import lt_data
 import simsiam_rwsam as ss
 from conftest import TINY_DATA
 
-
 # ------------------------------------------------------------------ the loss
+
 
 def _neg_cos(a, b):
     return -sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a)) / math.sqrt(sum(y * y for y in b))
@@ -33,12 +33,14 @@ def test_loss_matches_a_hand_computation_and_stops_the_gradient(weighted):
     w = torch.rand(5, generator=g, dtype=torch.float64) * 3 if weighted else None
     ww = w.tolist() if weighted else [1.0] * 5
     P1, P2, Z1, Z2 = (t.tolist() for t in (p1, p2, z1, z2))
-    expected = 0.5 * sum(ww[i] * _neg_cos(P1[i], Z2[i]) for i in range(5)) / 5 + \
-        0.5 * sum(ww[i] * _neg_cos(P2[i], Z1[i]) for i in range(5)) / 5
+    expected = (
+        0.5 * sum(ww[i] * _neg_cos(P1[i], Z2[i]) for i in range(5)) / 5
+        + 0.5 * sum(ww[i] * _neg_cos(P2[i], Z1[i]) for i in range(5)) / 5
+    )
     loss = ss.simsiam_loss(p1, p2, z1, z2, w)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     loss.backward()
-    assert z1.grad is None and z2.grad is None            # stop-gradient on the targets
+    assert z1.grad is None and z2.grad is None  # stop-gradient on the targets
     assert p1.grad is not None and p1.grad.abs().sum() > 0
 
 
@@ -50,10 +52,27 @@ def test_uniform_weights_equal_no_weights_and_only_relative_size_changes_directi
 
 # ------------------------------------------------------------------ the (A)SAM step
 
+
 def _tiny_run(tmp_path, **overrides):
-    argv = dict(dataset="synthetic", synthetic_classes=4, synthetic_per_class=32, synthetic_test_per_class=8,
-                image_size=8, imbalance_ratio=4.0, proj_dim=16, pred_dim=8, batch_size=4, epochs=1, amp="none",
-                channels_last=False, num_workers=0, lr=0.5, weight_decay=5e-4, rho=0.5, reweight="kde")
+    argv = dict(
+        dataset="synthetic",
+        synthetic_classes=4,
+        synthetic_per_class=32,
+        synthetic_test_per_class=8,
+        image_size=8,
+        imbalance_ratio=4.0,
+        proj_dim=16,
+        pred_dim=8,
+        batch_size=4,
+        epochs=1,
+        amp="none",
+        channels_last=False,
+        num_workers=0,
+        lr=0.5,
+        weight_decay=5e-4,
+        rho=0.5,
+        reweight="kde",
+    )
     scaled = overrides.pop("_scaler", False)
     argv.update(overrides)
     args = ss.Args(**argv)
@@ -63,19 +82,31 @@ def _tiny_run(tmp_path, **overrides):
     model = ss.Model(args, data)
     lr = args.lr * args.batch_size / 256
     opt = ss.make_optimizer(args, model, lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=scaled)
     amp_dtype = {"bf16": torch.bfloat16, "none": None}[args.amp]
-    run = ss.Run(args, torch.device("cpu"), 0, 1, data, train_set, model, model, opt, sched, scaler, amp_dtype,
-                 10, 10, str(tmp_path))
+    run = ss.Run(
+        args=args,
+        data=data,
+        train_set=train_set,
+        model=model,
+        ddp_model=model,
+        optimizer=opt,
+        scaler=scaler,
+        amp_dtype=amp_dtype,
+        steps_per_epoch=10,
+        run_dir=str(tmp_path),
+    )
     model.train()
     return run, lr
 
 
 def _batch(seed=0, n=4):
     g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(n, 3, 8, 8, generator=g), torch.randn(n, 3, 8, 8, generator=g)],
-            torch.zeros(n, dtype=torch.long), torch.tensor([0, 5, 40, 70][:n])]
+    return [
+        [torch.randn(n, 3, 8, 8, generator=g), torch.randn(n, 3, 8, 8, generator=g)],
+        torch.zeros(n, dtype=torch.long),
+        torch.tensor([0, 5, 40, 70][:n]),
+    ]
 
 
 def _hand_loss(model, x1, x2, w):
@@ -91,15 +122,16 @@ def _hand_loss(model, x1, x2, w):
 @pytest.mark.parametrize("sam", ["asam", "sam"])
 def test_one_sam_step_equals_the_four_steps_by_hand(tmp_path, sam):
     run, lr = _tiny_run(tmp_path, sam=sam)
-    run.model.double()          # fp64: the perturbed pass amplifies fp32 rounding (batch-4 BatchNorm at 1x1 px)
+    run.model.double()  # fp64: the perturbed pass amplifies fp32 rounding (batch-4 BatchNorm at 1x1 px)
     run.optimizer = ss.make_optimizer(run.args, run.model, lr)
-    weights = torch.rand(len(run.model.sample_weights), generator=torch.Generator().manual_seed(3),
-                         dtype=torch.float64) + 0.2
+    weights = (
+        torch.rand(len(run.model.sample_weights), generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.2
+    )
     run.model.sample_weights.copy_(weights)
     batch = _batch()
     batch[0] = [x.double() for x in batch[0]]
     (x1, x2), _, idx = batch
-    ref = copy.deepcopy(run.model)                       # the hand computation works on copies
+    ref = copy.deepcopy(run.model)  # the hand computation works on copies
     names = [n for n, p in ref.named_parameters()]
     theta = {n: p.detach().clone() for n, p in ref.named_parameters()}
     # 1. gradient of the weighted loss at theta
@@ -118,22 +150,26 @@ def test_one_sam_step_equals_the_four_steps_by_hand(tmp_path, sam):
     with torch.no_grad():
         for n, p in perturbed.named_parameters():
             p.copy_(theta[n] + e[n])
-    g2 = torch.autograd.grad(_hand_loss(perturbed, x1, x2, torch.ones(4)), list(perturbed.parameters()),
-                             allow_unused=True)
+    g2 = torch.autograd.grad(
+        _hand_loss(perturbed, x1, x2, torch.ones(4)), list(perturbed.parameters()), allow_unused=True
+    )
     # 4. SGD (first step: momentum buffer = gradient + weight decay) at theta
-    expected = {n: theta[n] - lr * ((torch.zeros_like(theta[n]) if gi is None else gi) + 5e-4 * theta[n])
-                for n, gi in zip(names, g2)}
+    expected = {
+        n: theta[n] - lr * ((torch.zeros_like(theta[n]) if gi is None else gi) + 5e-4 * theta[n])
+        for n, gi in zip(names, g2)
+    }
 
     out = ss.train_step(run, batch)
+    out.update(ss.diagnostics(run, out))  # the charts of a log step
     got = dict(run.model.named_parameters())
     moved = 0.0
     for n in names:
         torch.testing.assert_close(got[n].detach(), expected[n], rtol=0, atol=1e-6, msg=lambda m: f"{n}: {m}")
         moved = max(moved, float((expected[n] - theta[n]).abs().max()))
-    assert moved > 1e-4                                  # the step did something measurable
-    e_norm = math.sqrt(sum(float((v ** 2).sum()) for v in e.values()))
+    assert moved > 1e-4  # the step did something measurable
+    e_norm = math.sqrt(sum(float((v**2).sum()) for v in e.values()))
     assert out["charts/perturbation_norm"].item() == pytest.approx(e_norm, rel=1e-4)
-    state = run.model.state_dict()                       # BatchNorm keeps the first (unperturbed) pass's statistics
+    state = run.model.state_dict()  # BatchNorm keeps the first (unperturbed) pass's statistics
     for k, v in bn_after_first.items():
         torch.testing.assert_close(state[k], v, rtol=0, atol=0)
 
@@ -155,9 +191,9 @@ def test_weights_change_the_update_and_uniform_weights_equal_reweight_none(tmp_p
     for a, b in zip(none, uniform):
         assert torch.equal(a, b)
     diff = math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(none, skewed)))
-    size = math.sqrt(sum(float((a ** 2).sum()) for a in none))
+    size = math.sqrt(sum(float((a**2).sum()) for a in none))
     assert diff > 1e-3 * size
-    plain = _update(tmp_path, reweight="none", sam="none")   # and the perturbation itself changes the update
+    plain = _update(tmp_path, reweight="none", sam="none")  # and the perturbation itself changes the update
     diff = math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(none, plain)))
     assert diff > 1e-3 * size
 
@@ -178,6 +214,7 @@ def test_bf16_step_runs_and_is_finite(tmp_path):
 
 # ------------------------------------------------------------------ KDE weights
 
+
 def _hand_kde(f, h, alpha, max_ratio):
     f = [[x / math.sqrt(sum(y * y for y in row)) for x in row] for row in f.tolist()]
     n = len(f)
@@ -195,7 +232,7 @@ def _hand_kde(f, h, alpha, max_ratio):
 @pytest.mark.parametrize("alpha,max_ratio", [(1.0, 1e6), (0.5, 1e6), (1.0, 1.5)])
 def test_kde_weights_match_a_hand_computation(alpha, max_ratio):
     f = torch.randn(7, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    f[:3] = f[0] + 0.05 * f[:3]                           # a little cluster, so the weights differ
+    f[:3] = f[0] + 0.05 * f[:3]  # a little cluster, so the weights differ
     got = ss.kde_weights(f, bandwidth=0.5, alpha=alpha, max_ratio=max_ratio)
     expected = torch.tensor(_hand_kde(f, 0.5, alpha, max_ratio), dtype=torch.float32)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -216,20 +253,20 @@ def test_chunked_equals_unchunked_and_a_reference_subset_is_close():
     centres = torch.randn(5, 16, generator=g)
     labels = torch.arange(2000) % 5
     labels[labels == 4] = torch.randint(0, 4, (int((labels == 4).sum()),), generator=g)
-    labels[:40] = 4                                       # class 4 is rare
+    labels[:40] = 4  # class 4 is rare
     f = centres[labels] + 0.4 * torch.randn(2000, 16, generator=g)
     full = ss.kde_weights(f, bandwidth=0.6, max_ratio=50.0, chunk_size=100000)
     chunked = ss.kde_weights(f, bandwidth=0.6, max_ratio=50.0, chunk_size=97)
     torch.testing.assert_close(chunked, full, rtol=1e-4, atol=1e-5)
     ref = torch.randperm(2000, generator=g)[:500]
     sub = ss.kde_weights(f, bandwidth=0.6, max_ratio=50.0, reference=ref, chunk_size=128)
-    assert ((sub - full).abs() / full).mean() < 0.08     # a quarter of the points: about 4% off on average
+    assert ((sub - full).abs() / full).mean() < 0.08  # a quarter of the points: about 4% off on average
     assert torch.corrcoef(torch.stack([sub, full]))[0, 1] > 0.98
-    assert full[:40].mean() > 2 * full[40:].mean()        # and the rare class is up-weighted
+    assert full[:40].mean() > 2 * full[40:].mean()  # and the rare class is up-weighted
 
 
 def test_label_weights_are_base_to_the_frequency_rank():
-    labels = [2, 2, 2, 0, 0, 1, 1, 1, 1, 3]              # frequency ranks: class 1 -> 0, 2 -> 1, 0 -> 2, 3 -> 3
+    labels = [2, 2, 2, 0, 0, 1, 1, 1, 1, 3]  # frequency ranks: class 1 -> 0, 2 -> 1, 0 -> 2, 3 -> 3
     raw = [1.2 ** {1: 0, 2: 1, 0: 2, 3: 3}[y] for y in labels]
     expected = torch.tensor([r / (sum(raw) / len(raw)) for r in raw])
     torch.testing.assert_close(ss.label_weights(labels, 4, 1.2), expected)
@@ -244,8 +281,10 @@ def _sharded_worker(rank, world, port, path):
         f = torch.randn(37, 8, generator=g)
         ref = torch.randperm(37, generator=g)[:20]
         start, stop, _ = ss.shard_bounds(37, rank, world)
-        out = {"all": ss.sharded_kde_weights(f[start:stop], 37, 0.5, max_ratio=20.0, chunk_size=5),
-               "sub": ss.sharded_kde_weights(f[start:stop], 37, 0.5, max_ratio=20.0, reference=ref, chunk_size=5)}
+        out = {
+            "all": ss.sharded_kde_weights(f[start:stop], 37, 0.5, max_ratio=20.0, chunk_size=5),
+            "sub": ss.sharded_kde_weights(f[start:stop], 37, 0.5, max_ratio=20.0, reference=ref, chunk_size=5),
+        }
         torch.save(out, f"{path}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -253,6 +292,7 @@ def _sharded_worker(rank, world, port, path):
 
 def test_sharded_kde_under_two_gloo_processes_equals_one_process(tmp_path):
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -260,18 +300,31 @@ def test_sharded_kde_under_two_gloo_processes_equals_one_process(tmp_path):
     g = torch.Generator().manual_seed(7)
     f = torch.randn(37, 8, generator=g)
     ref = torch.randperm(37, generator=g)[:20]
-    expected = {"all": ss.kde_weights(f, 0.5, max_ratio=20.0), "sub": ss.kde_weights(f, 0.5, max_ratio=20.0,
-                                                                                      reference=ref)}
+    expected = {
+        "all": ss.kde_weights(f, 0.5, max_ratio=20.0),
+        "sub": ss.kde_weights(f, 0.5, max_ratio=20.0, reference=ref),
+    }
     r0, r1 = (torch.load(tmp_path / f"w.{r}", weights_only=True) for r in (0, 1))
     for k in expected:
-        assert torch.equal(r0[k], r1[k])                  # every rank has the same weights
+        assert torch.equal(r0[k], r1[k])  # every rank has the same weights
         torch.testing.assert_close(r0[k], expected[k], rtol=1e-5, atol=1e-6)
 
 
 def test_bad_method_flags_are_refused_in_one_line(tmp_path):
     from conftest import run_script
-    proc = run_script("simsiam_rwsam.py", *TINY_DATA, "--rho", "0", "--max-steps", "1", "--num-workers", "0",
-                      cwd=tmp_path, check=False)
+
+    proc = run_script(
+        "simsiam_rwsam.py",
+        *TINY_DATA,
+        "--rho",
+        "0",
+        "--max-steps",
+        "1",
+        "--num-workers",
+        "0",
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2 and "--rho must be > 0" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -281,8 +334,22 @@ def test_skipped_ascent_steps_are_logged(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from conftest import TINY_ARGS, run_script
-    run_script("simsiam_rwsam.py", *TINY_ARGS["simsiam_rwsam.py"], "--batch-size", "8", "--max-steps", "2",
-               "--log-every", "1", "--num-workers", "0", "--run-name", "s", cwd=tmp_path)
+
+    run_script(
+        "simsiam_rwsam.py",
+        *TINY_ARGS["simsiam_rwsam.py"],
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "2",
+        "--log-every",
+        "1",
+        "--num-workers",
+        "0",
+        "--run-name",
+        "s",
+        cwd=tmp_path,
+    )
     acc = EventAccumulator(str(tmp_path / "runs" / "s"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("charts/ascent_skipped")] == [(1, 0.0), (2, 0.0)]
@@ -293,19 +360,64 @@ def test_vit_option_trains_with_adamw_and_exports_a_vit(tmp_path):
     that load_backbone rebuilds as the ViT that was trained; ViT flags with a ResNet are refused before any file."""
     import linear_probe
     from conftest import run_script
-    vit = ["--arch", "vit_tiny", "--vit-layers", "2", "--vit-dim", "32", "--vit-heads", "2", "--proj-dim", "32",
-           "--pred-dim", "8", "--sam", "none"]
-    run_script("simsiam_rwsam.py", *TINY_DATA, *vit, "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1",
-               "--max-steps", "3", "--num-workers", "0", "--run-name", "v", cwd=tmp_path)
+
+    vit = [
+        "--arch",
+        "vit_tiny",
+        "--vit-layers",
+        "2",
+        "--vit-dim",
+        "32",
+        "--vit-heads",
+        "2",
+        "--proj-dim",
+        "32",
+        "--pred-dim",
+        "8",
+        "--sam",
+        "none",
+    ]
+    run_script(
+        "simsiam_rwsam.py",
+        *TINY_DATA,
+        *vit,
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--max-steps",
+        "3",
+        "--num-workers",
+        "0",
+        "--run-name",
+        "v",
+        cwd=tmp_path,
+    )
     ckpt = torch.load(tmp_path / "runs" / "v" / "checkpoint.pt", weights_only=True)
     groups = ckpt["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0] and "exp_avg" in ckpt["optimizer"]["state"][0]
-    assert groups[0]["lr"] == pytest.approx(5e-4 * 8 / 256 * 4 / 9)   # 9 steps/epoch: the 4th step of the warm-up is next
+    assert groups[0]["lr"] == pytest.approx(
+        5e-4 * 8 / 256 * 4 / 9
+    )  # 9 steps/epoch: the 4th step of the warm-up is next
     model, meta = linear_probe.load_backbone(str(tmp_path / "runs" / "v" / "backbone.pt"))
     assert meta["arch"] == "vit" and meta["arch_kwargs"]["num_layers"] == 2 and meta["arch_kwargs"]["hidden_dim"] == 32
     assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 32)
-    proc = run_script("simsiam_rwsam.py", *TINY_DATA, "--vit-dim", "32", "--batch-size", "8", "--max-steps", "1",
-                      "--run-name", "r", cwd=tmp_path, check=False)
+    proc = run_script(
+        "simsiam_rwsam.py",
+        *TINY_DATA,
+        "--vit-dim",
+        "32",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "1",
+        "--run-name",
+        "r",
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2 and "apply to ViTs, not --arch resnet18" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs" / "r").exists()
 
@@ -329,4 +441,4 @@ def test_projector_depth_follows_simsiam_imagenet_3_cifar_2_and_the_flag():
     assert linear_layers(*small, "--image-size", "32", "--proj-layers", "4") == 4
     args = tyro.cli(ss.Args, args=[*small, "--image-size", "32", "--proj-layers", "1"])
     with pytest.raises(ss.RunError, match="--proj-layers must be >= 2, got 1"):
-        ss._check_method_args(args, lt_data.build_data(args))
+        ss.check_args(args, lt_data.build_data(args))

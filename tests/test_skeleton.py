@@ -10,7 +10,7 @@ from conftest import ROOT
 
 SCRIPTS = ["supervised_baseline.py", "simsiam_rwsam.py", "msn_prior.py", "excb.py"]
 MARKER = re.compile(r"^ *# =+ (shared|method): (.+)$")
-SHARED = ["imports", "arguments", "runtime"]
+SHARED = ["imports", "arguments", "loop", "runtime"]
 
 
 def sections(path):
@@ -61,15 +61,24 @@ def test_logger_averages_device_tensors_and_host_floats_over_the_interval(tmp_pa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     import supervised_baseline as S
+
     args = S.Args(dataset="synthetic", batch_size=4, epochs=1)
-    run = SimpleNamespace(args=args, rank=0, world_size=1, step=0, epoch=0, total_steps=10, steps_per_epoch=10,
-                          run_dir=str(tmp_path), device=torch.device("cpu"),
-                          optimizer=SimpleNamespace(param_groups=[{"lr": 0.1}]))
+    run = SimpleNamespace(
+        args=args,
+        rank=0,
+        world_size=1,
+        step=0,
+        epoch=0,
+        total_steps=10,
+        steps_per_epoch=10,
+        run_dir=str(tmp_path),
+        device=torch.device("cpu"),
+        optimizer=SimpleNamespace(param_groups=[{"lr": 0.1}]),
+    )
     logger = S.Logger(run, resumed=False)
     for step, (loss, momentum) in enumerate([(1.0, 0.9), (3.0, 0.95)], start=1):
         run.step = step
-        logger.accumulate({"loss": torch.tensor(loss), "charts/momentum": momentum,
-                           "charts/hist": torch.arange(3.0)})
+        logger.accumulate({"loss": torch.tensor(loss), "charts/momentum": momentum, "charts/hist": torch.arange(3.0)})
     logger.write()
     logger.close()
     acc = EventAccumulator(str(tmp_path))
@@ -82,7 +91,8 @@ def test_logger_averages_device_tensors_and_host_floats_over_the_interval(tmp_pa
 
 def test_eta_floors_hours_and_minutes():
     import supervised_baseline as S
-    assert S.format_eta(3000) == "0h50m"    # was 1h50m: hours were rounded
+
+    assert S.format_eta(3000) == "0h50m"  # was 1h50m: hours were rounded
     assert S.format_eta(3599.9) == "0h59m"  # not 0h60m
     assert S.format_eta(5400) == "1h30m" and S.format_eta(7199) == "1h59m" and S.format_eta(0) == "0h00m"
 
@@ -94,16 +104,26 @@ def test_eta_counts_to_the_step_the_run_stops_at(tmp_path, capsys, monkeypatch):
     import torch
 
     import supervised_baseline as S
-    clock = [0.0]   # Logger starts at 0 s, writes at 100 s (2 steps: 50 s a step)
+
+    clock = [0.0]  # Logger starts at 0 s, writes at 100 s (2 steps: 50 s a step)
     monkeypatch.setattr(S.time, "perf_counter", lambda: clock.pop(0) if clock else 100.0)
     args = S.Args(dataset="synthetic", batch_size=4, epochs=1, max_steps=4)
-    run = SimpleNamespace(args=args, rank=0, world_size=1, step=0, epoch=0, total_steps=1000, steps_per_epoch=1000,
-                          run_dir=str(tmp_path), device=torch.device("cpu"),
-                          optimizer=SimpleNamespace(param_groups=[{"lr": 0.1}]))
+    run = SimpleNamespace(
+        args=args,
+        rank=0,
+        world_size=1,
+        step=0,
+        epoch=0,
+        total_steps=1000,
+        steps_per_epoch=1000,
+        run_dir=str(tmp_path),
+        device=torch.device("cpu"),
+        optimizer=SimpleNamespace(param_groups=[{"lr": 0.1}]),
+    )
     logger = S.Logger(run, resumed=False)
     for step in (1, 2):
         run.step = step
         logger.accumulate({"loss": torch.tensor(1.0)})
     logger.write()
     logger.close()
-    assert "eta 0h01m" in capsys.readouterr().out   # 2 steps x 50 s; was 14h52m (998 steps)
+    assert "eta 0h01m" in capsys.readouterr().out  # 2 steps x 50 s; was 14h52m (998 steps)

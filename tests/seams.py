@@ -1,0 +1,65 @@
+"""Run a training script with a test seam, as ``python script.py ARGS`` would run it otherwise.
+
+    python tests/seams.py [--inject-nan-at-step N] [--bn-running-stats] SCRIPT.py ARGS...
+
+--inject-nan-at-step N: the loss returned by step N (1-based) becomes NaN (the weights stay finite), for the tests of
+    the NaN guard.
+--bn-running-stats: every BatchNorm of the model normalises with its running statistics, so that the only
+    per-process batch statistics left are the method's own (the DDP-equivalence tests).
+
+The script is imported and its ``train_step`` / ``Model`` are wrapped; ``train()`` itself has no test seam.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import torch.nn as nn
+
+
+def main() -> None:
+    argv, nan_at, bn_running_stats = sys.argv[1:], None, False
+    while argv and argv[0].startswith("--"):
+        flag = argv.pop(0)
+        if flag == "--inject-nan-at-step":
+            nan_at = int(argv.pop(0))
+        elif flag == "--bn-running-stats":
+            bn_running_stats = True
+        else:
+            raise SystemExit(f"seams.py: unknown seam {flag}")
+    script = argv[0]
+    name = os.path.basename(script)[:-3]
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+
+    if nan_at is not None:
+        train_step = module.train_step
+
+        def nan_step(run, batch):
+            out = train_step(run, batch)
+            if run.step + 1 == nan_at:  # run.step counts the steps done before this one
+                out["loss"] = out["loss"] + float("nan")
+            return out
+
+        module.train_step = nan_step
+    if bn_running_stats:
+        build = module.Model
+
+        def model_with_running_stats(args, data):
+            model = build(args, data)
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.register_forward_pre_hook(lambda mod, _: setattr(mod, "training", False))
+            return model
+
+        module.Model = model_with_running_stats
+    sys.argv = argv
+    module.main()
+
+
+if __name__ == "__main__":
+    main()
