@@ -56,8 +56,15 @@ class BackboneError(ValueError):
 VIT_PRESETS = {"vit_tiny": (12, 3, 192), "vit_small": (12, 6, 384), "vit_base": (12, 12, 768)}  # layers, heads, dim
 
 
-def vit_kwargs(preset: str, image_size: int, layers: Optional[int] = None, heads: Optional[int] = None,
-               dim: Optional[int] = None, patch: Optional[int] = None, crop_sizes: Optional[dict] = None) -> dict:
+def vit_kwargs(
+    preset: str,
+    image_size: int,
+    layers: Optional[int] = None,
+    heads: Optional[int] = None,
+    dim: Optional[int] = None,
+    patch: Optional[int] = None,
+    crop_sizes: Optional[dict] = None,
+) -> dict:
     """``build_backbone("vit", **kwargs)`` arguments for a preset (DeiT sizes, MLP 4x) with optional overrides;
     the patch size defaults to 4 below 64 px (CIFAR: 64 patches) and 16 above. ``crop_sizes`` maps a flag name
     to another crop side the ViT must take (focal / local views). Raises BackboneError on impossible sizes."""
@@ -69,8 +76,14 @@ def vit_kwargs(preset: str, image_size: int, layers: Optional[int] = None, heads
     for name, size in {"--image-size": image_size, **(crop_sizes or {})}.items():
         if size % patch:
             raise BackboneError(f"{name} {size} is not a multiple of --patch-size {patch}")
-    return {"image_size": image_size, "patch_size": patch, "num_layers": layers, "num_heads": heads,
-            "hidden_dim": dim, "mlp_dim": 4 * dim}
+    return {
+        "image_size": image_size,
+        "patch_size": patch,
+        "num_layers": layers,
+        "num_heads": heads,
+        "hidden_dim": dim,
+        "mlp_dim": 4 * dim,
+    }
 
 
 class _EncoderBlock(nn.Module):
@@ -82,8 +95,9 @@ class _EncoderBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(hidden_dim, eps=1e-6)
         self.self_attention = nn.MultiheadAttention(hidden_dim, num_heads, batch_first=True)
         self.ln_2 = nn.LayerNorm(hidden_dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(hidden_dim, mlp_dim), nn.GELU(), nn.Dropout(0.0),
-                                 nn.Linear(mlp_dim, hidden_dim), nn.Dropout(0.0))
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_dim, mlp_dim), nn.GELU(), nn.Dropout(0.0), nn.Linear(mlp_dim, hidden_dim), nn.Dropout(0.0)
+        )
         self.drop_path = 0.0
 
     def _branch(self, y: torch.Tensor) -> torch.Tensor:
@@ -103,8 +117,11 @@ class _Encoder(nn.Module):
     def __init__(self, seq_length: int, num_layers: int, num_heads: int, hidden_dim: int, mlp_dim: int):
         super().__init__()
         self.pos_embedding = nn.Parameter(torch.empty(1, seq_length, hidden_dim))
-        self.layers = nn.Sequential(OrderedDict(
-            (f"encoder_layer_{i}", _EncoderBlock(num_heads, hidden_dim, mlp_dim)) for i in range(num_layers)))
+        self.layers = nn.Sequential(
+            OrderedDict(
+                (f"encoder_layer_{i}", _EncoderBlock(num_heads, hidden_dim, mlp_dim)) for i in range(num_layers)
+            )
+        )
         self.ln = nn.LayerNorm(hidden_dim, eps=1e-6)
 
 
@@ -117,13 +134,14 @@ class ViT(nn.Module):
     mask tokens). Initialisation: truncated normal std 0.02 (DeiT, DINO, MSN). set_drop_path(rate): stochastic
     depth rising linearly over the blocks from 0 to ``rate`` (DINO rule)."""
 
-    def __init__(self, image_size: int, patch_size: int, num_layers: int, num_heads: int, hidden_dim: int,
-                 mlp_dim: int):
+    def __init__(
+        self, image_size: int, patch_size: int, num_layers: int, num_heads: int, hidden_dim: int, mlp_dim: int
+    ):
         super().__init__()
         self.grid, self.hidden_dim = image_size // patch_size, hidden_dim
         self.conv_proj = nn.Conv2d(3, hidden_dim, kernel_size=patch_size, stride=patch_size)
         self.class_token = nn.Parameter(torch.zeros(1, 1, hidden_dim))
-        self.encoder = _Encoder(self.grid ** 2 + 1, num_layers, num_heads, hidden_dim, mlp_dim)
+        self.encoder = _Encoder(self.grid**2 + 1, num_layers, num_heads, hidden_dim, mlp_dim)
         nn.init.trunc_normal_(self.encoder.pos_embedding, std=0.02)
         nn.init.trunc_normal_(self.class_token, std=0.02)
         for m in self.modules():
@@ -179,9 +197,15 @@ def build_backbone(arch: str, **kwargs) -> nn.Module:
     raise BackboneError(f"unknown backbone architecture {arch!r}")
 
 
-def backbone_spec(arch: str, image_size: int, vit_layers: Optional[int] = None, vit_heads: Optional[int] = None,
-                  vit_dim: Optional[int] = None, patch_size: Optional[int] = None,
-                  crop_sizes: Optional[dict] = None) -> dict:
+def backbone_spec(
+    arch: str,
+    image_size: int,
+    vit_layers: Optional[int] = None,
+    vit_heads: Optional[int] = None,
+    vit_dim: Optional[int] = None,
+    patch_size: Optional[int] = None,
+    crop_sizes: Optional[dict] = None,
+) -> dict:
     """``{"arch", "arch_kwargs"}`` for build_backbone and the export, from a training script's --arch (resnet18,
     resnet50: CIFAR stem below 64 px; vit_*: ``vit_kwargs``). Raises BackboneError on ViT flags with a ResNet or
     impossible ViT sizes."""
@@ -189,8 +213,10 @@ def backbone_spec(arch: str, image_size: int, vit_layers: Optional[int] = None, 
         if any(v is not None for v in (vit_layers, vit_dim, vit_heads, patch_size)):
             raise BackboneError(f"--vit-layers/--vit-dim/--vit-heads/--patch-size apply to ViTs, not --arch {arch}")
         return {"arch": arch, "arch_kwargs": {"cifar_stem": image_size < 64}}
-    return {"arch": "vit", "arch_kwargs": vit_kwargs(arch, image_size, vit_layers, vit_heads, vit_dim, patch_size,
-                                                      crop_sizes)}
+    return {
+        "arch": "vit",
+        "arch_kwargs": vit_kwargs(arch, image_size, vit_layers, vit_heads, vit_dim, patch_size, crop_sizes),
+    }
 
 
 def feature_dim(arch: str, **kwargs) -> int:
@@ -204,11 +230,14 @@ def _load(path: str) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ProbeError(f"cannot load {path}: not a readable checkpoint or refused by weights_only=True "
-                         f"({first[:200]})") from None
+        raise ProbeError(
+            f"cannot load {path}: not a readable checkpoint or refused by weights_only=True ({first[:200]})"
+        ) from None
     if not isinstance(obj, dict) or obj.get("format") not in (EXPORT_FORMAT, CHECKPOINT_FORMAT):
-        raise ProbeError(f"{path} is not a backbone export or checkpoint of these scripts "
-                         f"(expected format {EXPORT_FORMAT} or {CHECKPOINT_FORMAT})")
+        raise ProbeError(
+            f"{path} is not a backbone export or checkpoint of these scripts "
+            f"(expected format {EXPORT_FORMAT} or {CHECKPOINT_FORMAT})"
+        )
     return obj
 
 
@@ -220,13 +249,15 @@ def load_backbone(path: str) -> tuple[nn.Module, dict]:
         state = obj["state_dict"]
     else:
         prefix = meta["prefix"]
-        state = {k[len(prefix):]: v for k, v in obj["model"].items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in obj["model"].items() if k.startswith(prefix)}
     model = build_backbone(meta["arch"], **meta["arch_kwargs"])
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ProbeError(f"{path}: weights do not fit a {meta['arch']} backbone "
-                         f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+        raise ProbeError(
+            f"{path}: weights do not fit a {meta['arch']} backbone "
+            f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})"
+        ) from None
     return model, meta
 
 
@@ -234,8 +265,15 @@ def load_backbone(path: str) -> tuple[nn.Module, dict]:
 
 
 @torch.inference_mode()
-def extract_features(model: nn.Module, dataset, batch_size: int, num_workers: int, device: torch.device,
-                     amp: str = "none", label: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    model: nn.Module,
+    dataset,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    amp: str = "none",
+    label: Optional[str] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features and labels of every item of ``dataset`` (eval mode, no drop_last), in order; with a
     ``label``, a progress line at about every tenth of the images."""
     model.eval().to(device, memory_format=torch.channels_last)
@@ -253,21 +291,37 @@ def extract_features(model: nn.Module, dataset, batch_size: int, num_workers: in
     return torch.cat(feats), torch.cat(labels)
 
 
-def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, num_classes: int,
-                k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+def knn_predict(
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    test_f: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk: int = 1024,
+) -> torch.Tensor:
     """Weighted kNN (Wu et al. 2018): cosine similarity, the k nearest vote with weight exp(sim / T)."""
     train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
     k = min(k, len(train_f))
     preds = []
     for i in range(0, len(test_f), chunk):
-        sim, idx = (test_f[i:i + chunk] @ train_f.T).topk(k, dim=1)
+        sim, idx = (test_f[i : i + chunk] @ train_f.T).topk(k, dim=1)
         votes = torch.zeros(len(sim), num_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
         preds.append(votes.argmax(1))
     return torch.cat(preds)
 
 
-def train_linear(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int, epochs: int, lr: float,
-                 batch_size: int, weight_decay: float, seed: int, verbose: bool = False) -> nn.Module:
+def train_linear(
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    num_classes: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    seed: int,
+    verbose: bool = False,
+) -> nn.Module:
     """Logistic regression on standardised frozen features: SGD momentum 0.9, cosine lr, cross-entropy
     (``verbose``: a progress line at about every tenth of the epochs)."""
     g = torch.Generator().manual_seed(seed)
@@ -283,7 +337,7 @@ def train_linear(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int,
             print(f"training the linear head: epoch {epoch}/{epochs}", flush=True)
         perm = torch.randperm(len(xs), generator=g)
         for i in range(0, len(xs), batch_size):
-            j = perm[i:i + batch_size]
+            j = perm[i : i + batch_size]
             loss = F.cross_entropy(clf(xs[j]), train_y[j])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -302,12 +356,12 @@ class _Standardise(nn.Module):
         return (x - self.mean) / self.std
 
 
-def accuracy_report(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                    groups: dict[str, list[int]]) -> dict:
+def accuracy_report(pred: torch.Tensor, target: torch.Tensor, num_classes: int, groups: dict[str, list[int]]) -> dict:
     """Top-1, per-class accuracy, the mean per-class accuracy of each shot group and the std of the groups."""
     correct = (pred == target).double()
-    per_class = [correct[target == c].mean().item() * 100 if (target == c).any() else float("nan")
-                 for c in range(num_classes)]
+    per_class = [
+        correct[target == c].mean().item() * 100 if (target == c).any() else float("nan") for c in range(num_classes)
+    ]
     out = {"top1": correct.mean().item() * 100, "per_class": per_class}
     accs = []
     for name, cls in groups.items():
@@ -342,8 +396,10 @@ def balanced_subset(targets, total: int, seed: int) -> list[int]:
     C = int(y.max()) + 1
     per_class = max(total // C, 1)
     g = torch.Generator().manual_seed(seed)
-    picks = [idx[torch.randperm(len(idx), generator=g)[:per_class]] for idx in
-             (torch.nonzero(y == c).flatten() for c in range(C))]
+    picks = [
+        idx[torch.randperm(len(idx), generator=g)[:per_class]]
+        for idx in (torch.nonzero(y == c).flatten() for c in range(C))
+    ]
     return sorted(torch.cat(picks).tolist())
 
 
@@ -358,8 +414,19 @@ class KNNMonitor:
     would. Draws nothing from the global RNGs, so training is the same with or without it.
     """
 
-    def __init__(self, data: lt_data.LTData, bank: int, queries: int, batch_size: int, num_workers: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, k: int = 20, temperature: float = 0.07):
+    def __init__(
+        self,
+        data: lt_data.LTData,
+        bank: int,
+        queries: int,
+        batch_size: int,
+        num_workers: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        k: int = 20,
+        temperature: float = 0.07,
+    ):
         tf = lt_data.eval_transform(data.image_size, data.mean, data.std)
         bank_idx = balanced_subset(data.train_full.targets, bank, seed)
         query_idx = balanced_subset(data.test.targets, queries, seed + 1)
@@ -369,9 +436,10 @@ class KNNMonitor:
         self.per_rank = -(-sum(self.sizes) // world_size)
         images = [(data.train_full, i) for i in bank_idx] + [(data.test, i) for i in query_idx]
         self.targets = torch.tensor([s.targets[i] for s, i in images])
-        mine = images[rank * self.per_rank:(rank + 1) * self.per_rank]
-        self.loader = lt_data.make_loader(_ImageList(mine, tf), batch_size, num_workers,
-                                          generator=torch.Generator())  # no draw from the global RNG
+        mine = images[rank * self.per_rank : (rank + 1) * self.per_rank]
+        self.loader = lt_data.make_loader(
+            _ImageList(mine, tf), batch_size, num_workers, generator=torch.Generator()
+        )  # no draw from the global RNG
 
     @torch.no_grad()
     def __call__(self, backbone: nn.Module, prepare=lambda x: x, autocast=None) -> float:
@@ -390,11 +458,11 @@ class KNNMonitor:
         f = torch.cat(feats) if feats else torch.zeros(0, 1, device=device)
         if self.world_size > 1:
             padded = f.new_zeros(self.per_rank, f.shape[1])
-            padded[:len(f)] = f
+            padded[: len(f)] = f
             parts = [torch.empty_like(padded) for _ in range(self.world_size)]
             torch.distributed.all_gather(parts, padded)
             f = torch.cat(parts)
-        f = f[:sum(self.sizes)].cpu()
+        f = f[: sum(self.sizes)].cpu()
         n_bank = self.sizes[0]
         pred = knn_predict(f[:n_bank], self.targets[:n_bank], f[n_bank:], self.num_classes, self.k, self.temperature)
         return (pred == self.targets[n_bank:]).double().mean().item() * 100
@@ -429,8 +497,7 @@ class ProbeArgs:
 
     checkpoint: tyro.conf.Positional[str] = ""
     """backbone.pt or checkpoint.pt written by one of the training scripts"""
-    dataset: Annotated[Optional[lt_data.DatasetName],
-                       _from_run("{" + ",".join(lt_data.DATASETS) + "}")] = None
+    dataset: Annotated[Optional[lt_data.DatasetName], _from_run("{" + ",".join(lt_data.DATASETS) + "}")] = None
     """data set to probe on (another one: out-of-domain probing, whose other data flags default as in the training
     scripts)"""
     data_dir: Annotated[Optional[str], _from_run("STR")] = None
@@ -521,49 +588,72 @@ def run_probe(args: ProbeArgs) -> dict:
     tf = lt_data.eval_transform(data.image_size, data.mean, data.std)
     train_idx = list(range(len(data.train_full))) if args.train_on == "balanced" else data.lt_indices
     extract = lambda images, idx, label: extract_features(  # noqa: E731
-        model, lt_data.IndexedDataset(images, idx, tf), args.extract_batch_size, args.num_workers, device, args.amp,
-        label)
+        model,
+        lt_data.IndexedDataset(images, idx, tf),
+        args.extract_batch_size,
+        args.num_workers,
+        device,
+        args.amp,
+        label,
+    )
     train_f, train_y = extract(data.train_full, train_idx, "training")
     test_f, test_y = extract(data.test, range(len(data.test)), "test")
     groups = data.groups
     C = data.num_classes
 
-    clf = train_linear(train_f, train_y, C, args.epochs, args.lr, args.batch_size, args.weight_decay, args.seed,
-                       verbose=True)
+    clf = train_linear(
+        train_f, train_y, C, args.epochs, args.lr, args.batch_size, args.weight_decay, args.seed, verbose=True
+    )
     with torch.no_grad():
         linear = accuracy_report(clf(test_f).argmax(1), test_y, C, groups)
-    knn = accuracy_report(knn_predict(train_f, train_y, test_f, C, args.knn_k, args.knn_temperature),
-                          test_y, C, groups)
+    knn = accuracy_report(knn_predict(train_f, train_y, test_f, C, args.knn_k, args.knn_temperature), test_y, C, groups)
     few = {}
     for shots in args.shots:
         runs = []
         for s in range(args.few_shot_seeds):
             idx = few_shot_indices(train_y, shots, args.seed + s)
-            clf_s = train_linear(train_f[idx], train_y[idx], C, args.epochs, args.lr, args.batch_size,
-                                 args.weight_decay, args.seed + s)
+            clf_s = train_linear(
+                train_f[idx], train_y[idx], C, args.epochs, args.lr, args.batch_size, args.weight_decay, args.seed + s
+            )
             with torch.no_grad():
                 runs.append(accuracy_report(clf_s(test_f).argmax(1), test_y, C, groups)["top1"])
         m = sum(runs) / len(runs)
         few[str(shots)] = {"top1": m, "std": math.sqrt(sum((r - m) ** 2 for r in runs) / len(runs)), "runs": runs}
-    return {"checkpoint": args.checkpoint, "method": meta.get("method"), "step": meta.get("step"),
-            "random_init": args.random_init, "dataset": data_args.dataset, "pretrain_dataset":
-            meta.get("data", {}).get("dataset"), "train_on": args.train_on, "num_train": len(train_f),
-            "num_test": len(test_f), "groups": groups, "linear": linear, "knn": knn, "few_shot": few}
+    return {
+        "checkpoint": args.checkpoint,
+        "method": meta.get("method"),
+        "step": meta.get("step"),
+        "random_init": args.random_init,
+        "dataset": data_args.dataset,
+        "pretrain_dataset": meta.get("data", {}).get("dataset"),
+        "train_on": args.train_on,
+        "num_train": len(train_f),
+        "num_test": len(test_f),
+        "groups": groups,
+        "linear": linear,
+        "knn": knn,
+        "few_shot": few,
+    }
 
 
 def markdown(res: dict) -> str:
     fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
-    lines = [f"probe of {res['checkpoint']} ({res['method']}{', random init' if res['random_init'] else ''}) "
-             f"on {res['dataset']}: {res['num_train']} training / {res['num_test']} test images, "
-             f"probe trained on the {res['train_on']} set", "",
-             "| probe | top-1 | many | medium | few | std(groups) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"probe of {res['checkpoint']} ({res['method']}{', random init' if res['random_init'] else ''}) "
+        f"on {res['dataset']}: {res['num_train']} training / {res['num_test']} test images, "
+        f"probe trained on the {res['train_on']} set",
+        "",
+        "| probe | top-1 | many | medium | few | std(groups) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in ("linear", "knn"):
         r = res[name]
-        lines.append(f"| {name} | {fmt(r['top1'])} | {fmt(r.get('many'))} | {fmt(r.get('medium'))} | "
-                     f"{fmt(r.get('few'))} | {fmt(r.get('group_std'))} |")
+        lines.append(
+            f"| {name} | {fmt(r['top1'])} | {fmt(r.get('many'))} | {fmt(r.get('medium'))} | "
+            f"{fmt(r.get('few'))} | {fmt(r.get('group_std'))} |"
+        )
     for shots, r in res["few_shot"].items():
-        lines.append(f"| linear {shots}-shot (mean of {len(r['runs'])}) | {fmt(r['top1'])} ± {fmt(r['std'])} "
-                     f"| | | | |")
+        lines.append(f"| linear {shots}-shot (mean of {len(r['runs'])}) | {fmt(r['top1'])} ± {fmt(r['std'])} | | | | |")
     return "\n".join(lines)
 
 
@@ -578,20 +668,25 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for name, low in (("lr", 0.0), ("knn_temperature", 0.0), ("weight_decay", None)):
             v = getattr(args, name)
             if not math.isfinite(v) or (v <= low if low is not None else v < 0):
-                raise ProbeError(f"--{name.replace('_', '-')} must be a finite number "
-                                 f"{'> 0' if low is not None else '>= 0'}, got {v}")
+                raise ProbeError(
+                    f"--{name.replace('_', '-')} must be a finite number "
+                    f"{'> 0' if low is not None else '>= 0'}, got {v}"
+                )
         res = run_probe(args)
     except (ProbeError, BackboneError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
         print(f"linear_probe.py: error: {lt_data.error_line(e)}", file=sys.stderr)
         sys.exit(2)
     print(markdown(res))
-    out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                      f"probe_{res['dataset']}{'_random' if args.random_init else ''}.json")
+    out = args.output or os.path.join(
+        os.path.dirname(os.path.abspath(args.checkpoint)),
+        f"probe_{res['dataset']}{'_random' if args.random_init else ''}.json",
+    )
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"wrote {out}")
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
+
         with SummaryWriter(os.path.dirname(os.path.abspath(args.checkpoint))) as w:
             tag = f"probe/{res['dataset']}{'_random' if args.random_init else ''}"
             for name in ("linear", "knn"):

@@ -82,8 +82,9 @@ class DataArgs:
     index_file: Optional[str] = None
     """optional text file of training-set indices (whitespace separated) that replaces the long-tail construction, e.g.
     SDCLR/BCL split files"""
-    imbalance_ratio: Annotated[Optional[float], resolved_later(
-        "100 for cifar/fashion-mnist/synthetic, 1 for imagenet-lt/imagefolder", "FLOAT")] = None
+    imbalance_ratio: Annotated[
+        Optional[float], resolved_later("100 for cifar/fashion-mnist/synthetic, 1 for imagenet-lt/imagefolder", "FLOAT")
+    ] = None
     """head/tail class-size ratio r >= 1 (1: the data as is)"""
     imbalance_profile: Literal["exp", "step"] = "exp"
     """exp: class i keeps int(n_max * r^(-i/(C-1))); step: first half of the classes keep n_max, the rest
@@ -98,8 +99,10 @@ class DataArgs:
     """synthetic: training images per class before long-tail subsampling (n_max)"""
     synthetic_test_per_class: int = 100
     """synthetic: test images per class"""
-    image_size: Annotated[Optional[int], resolved_later(
-        "32 for cifar/synthetic, 28 for fashion-mnist, 224 for imagenet-lt/imagefolder", "INT")] = None
+    image_size: Annotated[
+        Optional[int],
+        resolved_later("32 for cifar/synthetic, 28 for fashion-mnist, 224 for imagenet-lt/imagefolder", "INT"),
+    ] = None
     """input resolution"""
     download: bool = True
     """download CIFAR or Fashion-MNIST when it is missing and the network allows it"""
@@ -108,8 +111,9 @@ class DataArgs:
 # --------------------------------------------------------------------------- long-tail counts
 
 
-def long_tail_counts(n_max: int | Sequence[int], num_classes: int, imbalance_ratio: float,
-                     profile: str = "exp") -> list[int]:
+def long_tail_counts(
+    n_max: int | Sequence[int], num_classes: int, imbalance_ratio: float, profile: str = "exp"
+) -> list[int]:
     """Per-class image counts of the standard long-tailed construction.
 
     exp:  n_i = int(n_max * (1/r) ** (i / (C - 1)))   (Cao et al. 2019; CIFAR-10-LT r=100 -> 5000 ... 50)
@@ -167,14 +171,19 @@ def shot_groups(class_counts: Sequence[int], rule: str = "thirds") -> dict[str, 
     """
     C = len(class_counts)
     if rule == "thresholds":
-        return {"many": [c for c in range(C) if class_counts[c] > 100],
-                "medium": [c for c in range(C) if 20 <= class_counts[c] <= 100],
-                "few": [c for c in range(C) if class_counts[c] < 20]}
+        return {
+            "many": [c for c in range(C) if class_counts[c] > 100],
+            "medium": [c for c in range(C) if 20 <= class_counts[c] <= 100],
+            "few": [c for c in range(C) if class_counts[c] < 20],
+        }
     order = sorted(range(C), key=lambda c: (-class_counts[c], c))
     q, m = divmod(C, 3)
     sizes = [q + (m > 0), q + (m > 1), q]
-    return {"many": sorted(order[:sizes[0]]), "medium": sorted(order[sizes[0]:sizes[0] + sizes[1]]),
-            "few": sorted(order[sizes[0] + sizes[1]:])}
+    return {
+        "many": sorted(order[: sizes[0]]),
+        "medium": sorted(order[sizes[0] : sizes[0] + sizes[1]]),
+        "few": sorted(order[sizes[0] + sizes[1] :]),
+    }
 
 
 # --------------------------------------------------------------------------- base image sets
@@ -267,7 +276,7 @@ class SyntheticImages(ImageSet):
         s = self.size
         h, w = int(r[5] * s / 2), int(r[6] * s / 2)
         y0, x0 = int(r[7] * (s - h)), int(r[8] * (s - w))
-        img[:, y0:y0 + h, x0:x0 + w] = torch.rand(3, 1, 1, generator=g)
+        img[:, y0 : y0 + h, x0 : x0 + w] = torch.rand(3, 1, 1, generator=g)
         img = img + 0.08 * torch.randn(img.shape, generator=g)
         arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
         return Image.fromarray(arr.numpy())
@@ -277,25 +286,33 @@ def _read_cifar(root: str, name: str, train: bool, download: bool) -> ArrayImage
     """CIFAR in torchvision's on-disk format (the 'python version' pickles)."""
 
     folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
-    files = ([f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]) if name == "cifar10" \
+    files = (
+        ([f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"])
+        if name == "cifar10"
         else (["train"] if train else ["test"])
+    )
     paths = [os.path.join(root, folder, f) for f in files]
     if not all(os.path.isfile(p) for p in paths):
         if download:
-            created = _missing_ancestor(root)   # the download makes it; a failed one must not leave it behind
+            created = _missing_ancestor(root)  # the download makes it; a failed one must not leave it behind
             before = set(os.listdir(root)) if created is None else set()
             try:
                 import torchvision.datasets as D
+
                 (D.CIFAR10 if name == "cifar10" else D.CIFAR100)(root, train=train, download=True)
             except Exception as e:  # offline: say where the files go
                 _remove_new(root, created, before)
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise DataError(f"{name} not found in {os.path.join(root, folder)} and the download failed "
-                                f"({reason}); put the extracted python-version archive there "
-                                f"(--data-dir {root}) or use --dataset synthetic") from None
+                raise DataError(
+                    f"{name} not found in {os.path.join(root, folder)} and the download failed "
+                    f"({reason}); put the extracted python-version archive there "
+                    f"(--data-dir {root}) or use --dataset synthetic"
+                ) from None
         else:
-            raise DataError(f"{name} not found in {os.path.join(root, folder)}; put the extracted python-version "
-                            f"archive there, pass --download, or use --dataset synthetic")
+            raise DataError(
+                f"{name} not found in {os.path.join(root, folder)}; put the extracted python-version "
+                f"archive there, pass --download, or use --dataset synthetic"
+            )
     arrays, targets = [], []
     for p in paths:
         try:
@@ -319,6 +336,7 @@ def _missing_ancestor(path: str) -> Optional[str]:
 def _remove_new(root: str, created: Optional[str], before: set) -> None:
     """Undo a failed download: the folders it created, or the entries it added to an existing ``root``."""
     import shutil
+
     if created is not None:
         shutil.rmtree(created, ignore_errors=True)
         return
@@ -327,8 +345,10 @@ def _remove_new(root: str, created: Optional[str], before: set) -> None:
         shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else os.remove(target)
 
 
-FASHION_MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-                       False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_MNIST_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def read_idx(path: str):
@@ -344,7 +364,7 @@ def read_idx(path: str):
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] < 1:
         raise DataError(f"{path} is not an IDX file of unsigned bytes (magic {raw[:4].hex()})")
     ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
     offset, count = 4 + 4 * ndim, math.prod(shape)
     if len(raw) != offset + count:
         raise DataError(f"{path}: header says {shape} ({count} bytes), the file holds {len(raw) - offset}")
@@ -356,8 +376,9 @@ def _find_fashion_mnist(root: str, train: bool) -> Optional[list[str]]:
     for folder in (root, os.path.join(root, "FashionMNIST", "raw")):
         found = []
         for name in FASHION_MNIST_FILES[train]:
-            path = next((p for p in (os.path.join(folder, name), os.path.join(folder, name + ".gz"))
-                         if os.path.isfile(p)), None)
+            path = next(
+                (p for p in (os.path.join(folder, name), os.path.join(folder, name + ".gz")) if os.path.isfile(p)), None
+            )
             found.append(path)
         if all(found):
             return found
@@ -368,26 +389,33 @@ def _read_fashion_mnist(root: str, train: bool, download: bool) -> ArrayImages:
     """Fashion-MNIST (Xiao et al. 2017): 60,000 training / 10,000 test 28x28 grey images of 10 classes."""
     paths = _find_fashion_mnist(root, train)
     if paths is None and download:
-        created = _missing_ancestor(root)   # the download makes it; a failed one must not leave it behind
+        created = _missing_ancestor(root)  # the download makes it; a failed one must not leave it behind
         before = set(os.listdir(root)) if created is None else set()
         try:
             import torchvision.datasets as D
+
             D.FashionMNIST(root, train=train, download=True)
         except Exception as e:  # offline: say where the files go
             _remove_new(root, created, before)
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DataError(f"fashion-mnist not found in {root} and the download failed ({reason}); "
-                            f"apt-get install dataset-fashion-mnist and pass --data-dir {FASHION_MNIST_DEBIAN}, "
-                            f"or put the four IDX files in {root}") from None
+            raise DataError(
+                f"fashion-mnist not found in {root} and the download failed ({reason}); "
+                f"apt-get install dataset-fashion-mnist and pass --data-dir {FASHION_MNIST_DEBIAN}, "
+                f"or put the four IDX files in {root}"
+            ) from None
         paths = _find_fashion_mnist(root, train)
     if paths is None:
-        raise DataError(f"fashion-mnist not found in {root} (expected {FASHION_MNIST_FILES[train][0]}[.gz] there "
-                        f"or in {os.path.join(root, 'FashionMNIST', 'raw')}); apt-get install dataset-fashion-mnist "
-                        f"and pass --data-dir {FASHION_MNIST_DEBIAN}, or pass --download")
+        raise DataError(
+            f"fashion-mnist not found in {root} (expected {FASHION_MNIST_FILES[train][0]}[.gz] there "
+            f"or in {os.path.join(root, 'FashionMNIST', 'raw')}); apt-get install dataset-fashion-mnist "
+            f"and pass --data-dir {FASHION_MNIST_DEBIAN}, or pass --download"
+        )
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(f"{paths[0]} and {paths[1]} do not hold N images [N, H, W] and N labels "
-                        f"(shapes {images.shape} and {labels.shape})")
+        raise DataError(
+            f"{paths[0]} and {paths[1]} do not hold N images [N, H, W] and N labels "
+            f"(shapes {images.shape} and {labels.shape})"
+        )
     return ArrayImages(images, labels.astype(int).tolist())
 
 
@@ -407,8 +435,9 @@ def _read_split_file(root: str, split_file: str) -> FileImages:
                 missing.append(parts[0])
             samples.append((path, int(parts[1])))
     if missing:
-        raise DataError(f"{split_file}: {len(missing)} listed images not found under {root} "
-                        f"(first: {missing[0]}); check --data-dir")
+        raise DataError(
+            f"{split_file}: {len(missing)} listed images not found under {root} (first: {missing[0]}); check --data-dir"
+        )
     if not samples:
         raise DataError(f"split file {split_file} lists no images")
     _check_image_files([p for p, _ in samples])
@@ -419,20 +448,24 @@ def _visible_image(path: str, folder: str) -> bool:
     """An image file that no part of its path below ``folder`` hides (macOS ``._x.png``, ``.DS_Store``,
     ``.ipynb_checkpoints/``): hidden entries are never images of the set."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
-    return not any(part.startswith(".") for part in os.path.relpath(path, folder).split(os.sep)) and \
-        has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+    return not any(
+        part.startswith(".") for part in os.path.relpath(path, folder).split(os.sep)
+    ) and has_file_allowed_extension(path, IMG_EXTENSIONS)
 
 
 def _read_image_folder(folder: str) -> tuple[FileImages, list[str]]:
     from torchvision.datasets.folder import make_dataset
+
     if not os.path.isdir(folder):
         raise DataError(f"image folder not found: {folder} (expected class folders of images)")
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{folder} holds no class folders")
     try:
-        samples = make_dataset(folder, {c: i for i, c in enumerate(classes)},
-                               is_valid_file=lambda p: _visible_image(p, folder))
+        samples = make_dataset(
+            folder, {c: i for i, c in enumerate(classes)}, is_valid_file=lambda p: _visible_image(p, folder)
+        )
     except FileNotFoundError as e:
         raise DataError(str(e).splitlines()[0]) from None
     _check_image_files([p for p, _ in samples])
@@ -447,10 +480,10 @@ class LTData:
     """Everything a script needs: the full training set, its long-tailed subset and balanced twin."""
 
     name: str
-    train_full: ImageSet         # every training image (the probe trains on it by default)
+    train_full: ImageSet  # every training image (the probe trains on it by default)
     test: ImageSet
-    lt_indices: list[int]        # the long-tailed subset of train_full
-    twin_indices: list[int]      # same size, uniform class counts
+    lt_indices: list[int]  # the long-tailed subset of train_full
+    twin_indices: list[int]  # same size, uniform class counts
     num_classes: int
     image_size: int
     mean: tuple
@@ -487,9 +520,15 @@ def build_data(args: DataArgs) -> LTData:
     size = args.image_size or (224 if natural else 28 if args.dataset == "fashion-mnist" else 32)
     if size < 8:
         raise DataError(f"--image-size must be >= 8, got {size}")
-    mean, std = (CIFAR_MEAN, CIFAR_STD) if args.dataset.startswith("cifar") else \
-        (SYNTHETIC_MEAN, SYNTHETIC_STD) if args.dataset == "synthetic" else \
-        (FASHION_MNIST_MEAN, FASHION_MNIST_STD) if args.dataset == "fashion-mnist" else (IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = (
+        (CIFAR_MEAN, CIFAR_STD)
+        if args.dataset.startswith("cifar")
+        else (SYNTHETIC_MEAN, SYNTHETIC_STD)
+        if args.dataset == "synthetic"
+        else (FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+        if args.dataset == "fashion-mnist"
+        else (IMAGENET_MEAN, IMAGENET_STD)
+    )
 
     if args.dataset in ("cifar10", "cifar100"):
         train = _read_cifar(args.data_dir, args.dataset, True, args.download)
@@ -504,7 +543,8 @@ def build_data(args: DataArgs) -> LTData:
         if not args.split_file:
             raise DataError("--dataset imagenet-lt needs --split-file (e.g. ImageNet_LT_train.txt)")
         test_file = args.test_split_file or os.path.join(
-            os.path.dirname(args.split_file), os.path.basename(args.split_file).replace("train", "test"))
+            os.path.dirname(args.split_file), os.path.basename(args.split_file).replace("train", "test")
+        )
         if test_file == args.split_file:
             raise DataError("cannot derive the test split from --split-file; pass --test-split-file")
         train, test = _read_split_file(args.data_dir, args.split_file), _read_split_file(args.data_dir, test_file)
@@ -512,31 +552,38 @@ def build_data(args: DataArgs) -> LTData:
         train, classes = _read_image_folder(os.path.join(args.data_dir, "train"))
         test, test_classes = _read_image_folder(os.path.join(args.data_dir, "val"))
         if classes != test_classes:
-            raise DataError(f"class count mismatch: {len(classes)} class folders in train/, "
-                            f"{len(test_classes)} in val/ (or different names)")
+            raise DataError(
+                f"class count mismatch: {len(classes)} class folders in train/, "
+                f"{len(test_classes)} in val/ (or different names)"
+            )
 
     num_classes = max(train.targets) + 1
     if min(train.targets) < 0 or len(set(train.targets)) != num_classes:
-        raise DataError(f"training labels must cover 0..C-1; found {len(set(train.targets))} distinct "
-                        f"labels with max {num_classes - 1}")
+        raise DataError(
+            f"training labels must cover 0..C-1; found {len(set(train.targets))} distinct "
+            f"labels with max {num_classes - 1}"
+        )
     if min(test.targets) < 0 or max(test.targets) >= num_classes:
-        raise DataError(f"class count mismatch: test labels reach {max(test.targets)}, "
-                        f"training has {num_classes} classes")
+        raise DataError(
+            f"class count mismatch: test labels reach {max(test.targets)}, training has {num_classes} classes"
+        )
 
     available = class_histogram(train.targets, num_classes)
     if args.index_file:
         lt_indices = _read_index_file(args.index_file, len(train))
     elif ratio == 1 and natural:
-        lt_indices = list(range(len(train)))   # naturally long-tailed: use as is
+        lt_indices = list(range(len(train)))  # naturally long-tailed: use as is
     else:
         counts = long_tail_counts(available, num_classes, ratio, args.imbalance_profile)
         lt_indices = select_per_class(train.targets, counts, args.split_seed)
     twin_counts = balanced_counts(len(lt_indices), num_classes)
     short = [c for c in range(num_classes) if available[c] < twin_counts[c]]
     if short and args.balanced_twin:
-        raise DataError(f"no balanced twin: class {short[0]} has {available[short[0]]} images, the twin needs "
-                        f"{twin_counts[short[0]]} per class (imagenet-lt: use --dataset imagefolder on the full "
-                        f"ImageNet train/ with --imbalance-ratio)")
+        raise DataError(
+            f"no balanced twin: class {short[0]} has {available[short[0]]} images, the twin needs "
+            f"{twin_counts[short[0]]} per class (imagenet-lt: use --dataset imagefolder on the full "
+            f"ImageNet train/ with --imbalance-ratio)"
+        )
     twin_indices = [] if short else select_per_class(train.targets, twin_counts, args.split_seed + 1)
     rule = "thresholds" if natural else "thirds"
     return LTData(args.dataset, train, test, lt_indices, twin_indices, num_classes, size, mean, std, rule)
@@ -595,9 +642,7 @@ class ToNormalizedTensor:
 
 
 def _color_ops(image_size: int, jitter=(0.4, 0.4, 0.4, 0.1), blur_p: float = 0.0) -> list:
-    ops = [T.RandomHorizontalFlip(),
-           T.RandomApply([T.ColorJitter(*jitter)], p=0.8),
-           T.RandomGrayscale(p=0.2)]
+    ops = [T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(*jitter)], p=0.8), T.RandomGrayscale(p=0.2)]
     if blur_p > 0:
         ops.append(T.RandomApply([GaussianBlur((0.1, 2.0))], p=blur_p))
     return ops
@@ -607,16 +652,25 @@ def ssl_augment(image_size: int, mean, std, scale=(0.2, 1.0), blur: Optional[boo
     """SimSiam/MoCo-v2 augmentation: RandomResizedCrop, flip, colour jitter p .8, grayscale p .2,
     Gaussian blur p .5 only at ImageNet resolutions (no blur at 32 px, as in the CIFAR recipes)."""
     blur = image_size >= 96 if blur is None else blur
-    return T.Compose([T.RandomResizedCrop(image_size, scale=scale, antialias=True),
-                      *_color_ops(image_size, blur_p=0.5 if blur else 0.0),
-                      ToNormalizedTensor(mean, std)])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=scale, antialias=True),
+            *_color_ops(image_size, blur_p=0.5 if blur else 0.0),
+            ToNormalizedTensor(mean, std),
+        ]
+    )
 
 
 def supervised_augment(image_size: int, mean, std) -> T.Compose:
     """Standard supervised augmentation: pad-4 random crop and flip at CIFAR sizes (LDAM recipe),
     RandomResizedCrop and flip at ImageNet sizes."""
-    crop = T.RandomResizedCrop(image_size, antialias=True) if image_size >= 64 else \
-        T.Compose([T.Resize((image_size, image_size), antialias=True), T.RandomCrop(image_size, padding=image_size // 8)])
+    crop = (
+        T.RandomResizedCrop(image_size, antialias=True)
+        if image_size >= 64
+        else T.Compose(
+            [T.Resize((image_size, image_size), antialias=True), T.RandomCrop(image_size, padding=image_size // 8)]
+        )
+    )
     return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
@@ -634,22 +688,37 @@ class MultiCrop:
     """``num_global`` crops at ``global_size`` then ``num_local`` crops at ``local_size`` (MSN focal views,
     DINO/ExCB local views). Returns a list, global crops first."""
 
-    def __init__(self, global_size: int, local_size: int, num_global: int, num_local: int, mean, std,
-                 global_scale=(0.3, 1.0), local_scale=(0.05, 0.3), blur: Optional[bool] = None):
+    def __init__(
+        self,
+        global_size: int,
+        local_size: int,
+        num_global: int,
+        num_local: int,
+        mean,
+        std,
+        global_scale=(0.3, 1.0),
+        local_scale=(0.05, 0.3),
+        blur: Optional[bool] = None,
+    ):
         self.global_t = ssl_augment(global_size, mean, std, global_scale, blur)
         self.local_t = ssl_augment(local_size, mean, std, local_scale, blur)
         self.num_global, self.num_local = num_global, num_local
 
     def __call__(self, img):
-        return [self.global_t(img) for _ in range(self.num_global)] + \
-            [self.local_t(img) for _ in range(self.num_local)]
+        return [self.global_t(img) for _ in range(self.num_global)] + [self.local_t(img) for _ in range(self.num_local)]
 
 
 def eval_transform(image_size: int, mean, std) -> T.Compose:
     """Deterministic evaluation view: resize to 1.14x and centre-crop at ImageNet sizes, resize only below 64 px."""
     if image_size >= 64:
-        return T.Compose([T.Resize(int(round(image_size * 256 / 224)), antialias=True), T.CenterCrop(image_size),
-                          T.ToTensor(), T.Normalize(mean, std)])
+        return T.Compose(
+            [
+                T.Resize(int(round(image_size * 256 / 224)), antialias=True),
+                T.CenterCrop(image_size),
+                T.ToTensor(),
+                T.Normalize(mean, std),
+            ]
+        )
     return T.Compose([T.Resize((image_size, image_size), antialias=True), T.ToTensor(), T.Normalize(mean, std)])
 
 
@@ -696,8 +765,15 @@ class ResumableSampler(torch.utils.data.Sampler):
     ``set_epoch(epoch, skip)`` drops this rank's first ``skip`` samples (resume mid-epoch).
     """
 
-    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True, labels: Optional[Sequence[int]] = None):
+    def __init__(
+        self,
+        num_samples: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        labels: Optional[Sequence[int]] = None,
+    ):
         self.n, self.replicas, self.rank, self.seed, self.shuffle = num_samples, num_replicas, rank, seed, shuffle
         self.weights = None
         if labels is not None:
@@ -729,20 +805,36 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: a Ctrl-C or SIGTERM sent to the whole process group is the main process's to
     handle (it saves a checkpoint, then stops its workers); a worker killed by it would fail the next batch."""
     import signal
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loader(dataset, batch_size: int, num_workers: int, sampler=None, drop_last: bool = False,
-                pin_memory: Optional[bool] = None, generator: Optional[torch.Generator] = None
-                ) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset,
+    batch_size: int,
+    num_workers: int,
+    sampler=None,
+    drop_last: bool = False,
+    pin_memory: Optional[bool] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.utils.data.DataLoader:
     """A DataLoader that keeps a GPU fed: worker processes, pinned memory, persistent workers, prefetching.
     ``generator`` seeds the workers instead of a draw from the global RNG (loaders that must not touch it)."""
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
-        num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_stop_signals, generator=generator)
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        pin_memory=pin,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=ignore_stop_signals,
+        generator=generator,
+    )
 
 
 # --------------------------------------------------------------------------- command line
@@ -751,29 +843,46 @@ def make_loader(dataset, batch_size: int, num_workers: int, sampler=None, drop_l
 def describe(data: LTData, args: DataArgs) -> str:
     """A printable summary of the split: per-class counts, totals, shot groups."""
     counts = data.class_counts
-    twin = class_histogram([data.train_full.targets[i] for i in data.twin_indices], data.num_classes) \
-        if data.twin_indices else None
-    lines = [f"dataset {data.name}: {data.num_classes} classes, {len(data.train_full)} training images "
-             f"available, {len(data.test)} test images, image size {data.image_size}",
-             f"long-tailed set: {len(data.lt_indices)} images, head/tail {max(counts)}/{min(counts)} "
-             f"= {max(counts) / max(min(counts), 1):.1f}"
-             + (f" (index file {args.index_file})" if args.index_file else ""),
-             "balanced twin: " + (f"{len(data.twin_indices)} images, {min(twin)}..{max(twin)} per class"
-                                  if twin else "not available (some class is too small)"),
-             "per-class counts: " + ", ".join(map(str, counts))]
-    rule = ("ImageNet-LT thresholds: many > 100, medium 20..100, few < 20" if data.shot_rule == "thresholds"
-            else "thirds of the classes sorted by count")
+    twin = (
+        class_histogram([data.train_full.targets[i] for i in data.twin_indices], data.num_classes)
+        if data.twin_indices
+        else None
+    )
+    lines = [
+        f"dataset {data.name}: {data.num_classes} classes, {len(data.train_full)} training images "
+        f"available, {len(data.test)} test images, image size {data.image_size}",
+        f"long-tailed set: {len(data.lt_indices)} images, head/tail {max(counts)}/{min(counts)} "
+        f"= {max(counts) / max(min(counts), 1):.1f}" + (f" (index file {args.index_file})" if args.index_file else ""),
+        "balanced twin: "
+        + (
+            f"{len(data.twin_indices)} images, {min(twin)}..{max(twin)} per class"
+            if twin
+            else "not available (some class is too small)"
+        ),
+        "per-class counts: " + ", ".join(map(str, counts)),
+    ]
+    rule = (
+        "ImageNet-LT thresholds: many > 100, medium 20..100, few < 20"
+        if data.shot_rule == "thresholds"
+        else "thirds of the classes sorted by count"
+    )
     lines.append(f"shot groups ({rule}):")
     for name, cls in data.groups.items():
-        lines.append(f"  {name:6s} {len(cls):4d} classes, {sum(counts[c] for c in cls):7d} images: "
-                     + (", ".join(map(str, cls)) if len(cls) <= 40 else f"{cls[:40]} ..."))
+        lines.append(
+            f"  {name:6s} {len(cls):4d} classes, {sum(counts[c] for c in cls):7d} images: "
+            + (", ".join(map(str, cls)) if len(cls) <= 40 else f"{cls[:40]} ...")
+        )
     return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     import tyro
-    args = tyro.cli(DataArgs, args=argv, description="Inspect a long-tailed split: per-class counts, total, "
-                    "balanced twin and shot groups.")
+
+    args = tyro.cli(
+        DataArgs,
+        args=argv,
+        description="Inspect a long-tailed split: per-class counts, total, balanced twin and shot groups.",
+    )
     try:
         print(describe(build_data(args), args))
     except DataError as e:

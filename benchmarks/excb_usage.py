@@ -34,7 +34,7 @@ def usage(path: str) -> dict:
     labels = torch.tensor([data.train_full.targets[i] for i in idx])
     scores = []
     for i in range(0, len(idx), 256):
-        x = torch.stack([tf(data.train_full.image(j)) for j in idx[i:i + 256]])
+        x = torch.stack([tf(data.train_full.image(j)) for j in idx[i : i + 256]])
         scores.append(model.teacher.scores(model.teacher.project(x)).float())
     z = torch.cat(scores)
     k = args.num_clusters
@@ -43,8 +43,12 @@ def usage(path: str) -> dict:
         p = torch.bincount(a, minlength=k).double() / len(a)
         h = -(p * p.clamp_min(1e-12).log()).sum().item()
         per_class = [len(set(a[labels == c].tolist())) for c in range(data.num_classes)]
-        out[name] = {"clusters_in_use": int((p > 0).sum()), "entropy_over_logK": h / math.log(k),
-                     "max_share": p.max().item(), "clusters_per_class": per_class}
+        out[name] = {
+            "clusters_in_use": int((p > 0).sum()),
+            "entropy_over_logK": h / math.log(k),
+            "max_share": p.max().item(),
+            "clusters_per_class": per_class,
+        }
     return out
 
 

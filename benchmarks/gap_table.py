@@ -46,27 +46,96 @@ import lt_data  # noqa: E402  (the data sets the scripts accept)
 
 # Per method: its script, the flags of the CPU run, and those of the paper-scale run (a GPU job).
 VIT = ["--arch", "vit_tiny", "--vit-layers", "4", "--vit-dim", "96", "--vit-heads", "3"]
-SIMSIAM = ["--sam", "none", *VIT, "--proj-dim", "512", "--pred-dim", "128", "--train-steps", "1800", "--warmup-epochs", "1",
-           "--batch-size", "64", "--lr", "2e-3", "--crop-min-scale", "0.5"]
-RWSAM = ["--sam", "asam", "--reweight", "kde", "--reweight-warmup", "2", "--reweight-every", "2"]   # after SIMSIAM
-MSN = [*VIT, "--num-focal", "4", "--head-hidden", "256", "--head-out", "64", "--num-prototypes", "64", "--train-steps", "1200",
-       "--warmup-epochs", "1", "--batch-size", "64", "--lr", "2e-3", "--ema-momentum", "0.99"]   # uniform prior
+SIMSIAM = [
+    "--sam",
+    "none",
+    *VIT,
+    "--proj-dim",
+    "512",
+    "--pred-dim",
+    "128",
+    "--train-steps",
+    "1800",
+    "--warmup-epochs",
+    "1",
+    "--batch-size",
+    "64",
+    "--lr",
+    "2e-3",
+    "--crop-min-scale",
+    "0.5",
+]
+RWSAM = ["--sam", "asam", "--reweight", "kde", "--reweight-warmup", "2", "--reweight-every", "2"]  # after SIMSIAM
+MSN = [
+    *VIT,
+    "--num-focal",
+    "4",
+    "--head-hidden",
+    "256",
+    "--head-out",
+    "64",
+    "--num-prototypes",
+    "64",
+    "--train-steps",
+    "1200",
+    "--warmup-epochs",
+    "1",
+    "--batch-size",
+    "64",
+    "--lr",
+    "2e-3",
+    "--ema-momentum",
+    "0.99",
+]  # uniform prior
 METHODS = {
     "supervised": ("supervised_baseline.py", ["--train-steps", "1200", "--batch-size", "64"], ["--epochs", "200"]),
     "simsiam": ("simsiam_rwsam.py", SIMSIAM, ["--sam", "none", "--epochs", "800", "--batch-size", "512"]),
-    "rwsam": ("simsiam_rwsam.py", [*SIMSIAM, *RWSAM], ["--sam", "asam", "--reweight", "kde", "--epochs", "800",
-                                                       "--batch-size", "512"]),
+    "rwsam": (
+        "simsiam_rwsam.py",
+        [*SIMSIAM, *RWSAM],
+        ["--sam", "asam", "--reweight", "kde", "--epochs", "800", "--batch-size", "512"],
+    ),
     "msn": ("msn_prior.py", MSN, ["--epochs", "800", "--batch-size", "256"]),
-    "pmsn": ("msn_prior.py", [*MSN, "--prior", "power-law"], ["--prior", "power-law", "--epochs", "800",
-                                                             "--batch-size", "256"]),
-    "excb": ("excb.py", [*VIT, "--num-clusters", "256", "--hidden-dim", "512", "--out-dim", "64", "--num-local-crops",
-                         "2", "--train-steps", "1200", "--warmup-epochs", "1", "--batch-size", "64", "--lr", "2e-3",
-                         "--teacher-momentum", "0.99"], ["--epochs", "800", "--batch-size", "256"]),
+    "pmsn": (
+        "msn_prior.py",
+        [*MSN, "--prior", "power-law"],
+        ["--prior", "power-law", "--epochs", "800", "--batch-size", "256"],
+    ),
+    "excb": (
+        "excb.py",
+        [
+            *VIT,
+            "--num-clusters",
+            "256",
+            "--hidden-dim",
+            "512",
+            "--out-dim",
+            "64",
+            "--num-local-crops",
+            "2",
+            "--train-steps",
+            "1200",
+            "--warmup-epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--lr",
+            "2e-3",
+            "--teacher-momentum",
+            "0.99",
+        ],
+        ["--epochs", "800", "--batch-size", "256"],
+    ),
 }
-SETS = {"long-tailed": "lt", "balanced": "twin"}   # pre-training set -> run-name suffix
+SETS = {"long-tailed": "lt", "balanced": "twin"}  # pre-training set -> run-name suffix
 # (name in the table and JSON, probe, key): linear and kNN top-1, linear many / medium / few
-METRICS = [("linear top-1", "linear", "top1"), ("kNN top-1", "knn", "top1"), ("many", "linear", "many"),
-           ("medium", "linear", "medium"), ("few", "linear", "few")]
+METRICS = [
+    ("linear top-1", "linear", "top1"),
+    ("kNN top-1", "knn", "top1"),
+    ("many", "linear", "many"),
+    ("medium", "linear", "medium"),
+    ("few", "linear", "few"),
+]
 
 
 @dataclass
@@ -117,9 +186,21 @@ def run(cmd: list[str], log: str) -> None:
 def probe(args: GapArgs, backbone: str, out: str, seed: int, random_init: bool = False) -> dict:
     """linear_probe.py's JSON for ``backbone`` (run unless ``out`` exists; written whole or not at all)."""
     if not os.path.exists(out):
-        run([sys.executable, os.path.join(ROOT, "linear_probe.py"), backbone, "--seed", str(seed), "--num-workers",
-             str(args.num_workers), "--output", out + ".part", *(["--random-init"] if random_init else [])],
-            os.path.splitext(out)[0] + ".log")
+        run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "linear_probe.py"),
+                backbone,
+                "--seed",
+                str(seed),
+                "--num-workers",
+                str(args.num_workers),
+                "--output",
+                out + ".part",
+                *(["--random-init"] if random_init else []),
+            ],
+            os.path.splitext(out)[0] + ".log",
+        )
         os.replace(out + ".part", out)
     with open(out) as f:
         return json.load(f)
@@ -137,14 +218,40 @@ def train_and_probe(args: GapArgs, method: str, pretrain: str, seed: int) -> tup
     run_dir = os.path.join(args.output_dir, name)
     backbone = os.path.join(run_dir, "backbone.pt")
     if not os.path.exists(backbone):
-        data = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--imbalance-ratio", str(args.imbalance_ratio),
-                "--image-size", str(args.image_size), "--synthetic-classes", str(args.synthetic_classes),
-                "--synthetic-per-class", str(args.synthetic_per_class)]
+        data = [
+            "--dataset",
+            args.dataset,
+            "--data-dir",
+            args.data_dir,
+            "--imbalance-ratio",
+            str(args.imbalance_ratio),
+            "--image-size",
+            str(args.image_size),
+            "--synthetic-classes",
+            str(args.synthetic_classes),
+            "--synthetic-per-class",
+            str(args.synthetic_per_class),
+        ]
         os.makedirs(run_dir, exist_ok=True)
-        run([sys.executable, os.path.join(ROOT, script), *data, *flags,
-             *shlex.split(args.extra), *(["--balanced-twin"] if pretrain == "balanced" else []), "--seed", str(seed),
-             "--num-workers", str(args.num_workers), "--output-dir", args.output_dir, "--run-name", name],
-            os.path.join(run_dir, "train.log"))
+        run(
+            [
+                sys.executable,
+                os.path.join(ROOT, script),
+                *data,
+                *flags,
+                *shlex.split(args.extra),
+                *(["--balanced-twin"] if pretrain == "balanced" else []),
+                "--seed",
+                str(seed),
+                "--num-workers",
+                str(args.num_workers),
+                "--output-dir",
+                args.output_dir,
+                "--run-name",
+                name,
+            ],
+            os.path.join(run_dir, "train.log"),
+        )
     return backbone, probe(args, backbone, os.path.join(run_dir, "probe.json"), seed - 1)
 
 
@@ -183,16 +290,22 @@ def main(args: GapArgs) -> dict:
         fail(f"--seeds must be one or more distinct seeds >= 1, got {list(args.seeds)}")
     if args.num_workers < 0:
         fail(f"--num-workers must be >= 0, got {args.num_workers}")
-    try:   # the long-tailed class counts (the figure's x axis); also checks the data before hours of training
-        counts = lt_data.build_data(lt_data.DataArgs(
-            dataset=args.dataset, data_dir=args.data_dir, imbalance_ratio=args.imbalance_ratio,
-            image_size=args.image_size, synthetic_classes=args.synthetic_classes,
-            synthetic_per_class=args.synthetic_per_class)).class_counts
+    try:  # the long-tailed class counts (the figure's x axis); also checks the data before hours of training
+        counts = lt_data.build_data(
+            lt_data.DataArgs(
+                dataset=args.dataset,
+                data_dir=args.data_dir,
+                imbalance_ratio=args.imbalance_ratio,
+                image_size=args.image_size,
+                synthetic_classes=args.synthetic_classes,
+                synthetic_per_class=args.synthetic_per_class,
+            )
+        ).class_counts
     except lt_data.DataError as e:
         fail(lt_data.error_line(e))
     os.makedirs(args.output_dir, exist_ok=True)
 
-    table, random_runs = {}, {}   # random_runs: architecture -> a long-tailed backbone.pt of each seed
+    table, random_runs = {}, {}  # random_runs: architecture -> a long-tailed backbone.pt of each seed
     for seed in args.seeds:
         for method in args.methods:
             runs = table.setdefault(method, {"runs": {pretrain: {} for pretrain in SETS}})["runs"]
@@ -204,10 +317,14 @@ def main(args: GapArgs) -> dict:
                     random_runs.setdefault(table[method]["arch"], {}).setdefault(seed, backbone)
     for arch, backbones in random_runs.items():
         slug = re.sub(r"[^A-Za-z0-9]+", "_", arch)
-        runs = {str(s): probe(args, b, os.path.join(args.output_dir, f"random_{slug}_s{s}.json"), s - 1, True)
-                for s, b in backbones.items()}
-        table[f"random ({arch})"] = {"arch": arch, "runs": {"random init": {
-            s: {p: r[p] for p in ("linear", "knn")} for s, r in runs.items()}}}
+        runs = {
+            str(s): probe(args, b, os.path.join(args.output_dir, f"random_{slug}_s{s}.json"), s - 1, True)
+            for s, b in backbones.items()
+        }
+        table[f"random ({arch})"] = {
+            "arch": arch,
+            "runs": {"random init": {s: {p: r[p] for p in ("linear", "knn")} for s, r in runs.items()}},
+        }
     for row in table.values():
         row["summary"] = {pretrain: summarise(per_seed) for pretrain, per_seed in row["runs"].items()}
         if "balanced" in row["runs"]:
@@ -230,8 +347,10 @@ def pm(s: dict, scale: float = 1.0, unit: str = "") -> str:
 
 def markdown(table: dict) -> str:
     names = [name for name, _, _ in METRICS]
-    lines = [f"| method | pre-training set | {' | '.join(names)} | relative gap (linear) | relative gap (kNN) |",
-             "|---" * (len(names) + 4) + "|"]
+    lines = [
+        f"| method | pre-training set | {' | '.join(names)} | relative gap (linear) | relative gap (kNN) |",
+        "|---" * (len(names) + 4) + "|",
+    ]
     for method, row in table.items():
         for pretrain, summary in row["summary"].items():
             gap = row.get("relative_gap") if pretrain == "long-tailed" else None
@@ -247,16 +366,20 @@ def claim(table: dict) -> str:
     if "supervised" not in table or not ssl:
         return "supervised vs SSL: not checked (needs supervised and at least one SSL method in --methods)"
     sup = table["supervised"]["relative_gap"]["linear"]
-    parts = [f"{'exceeds' if sup['mean'] > g['mean'] else 'does not exceed'} {m}'s {pm(g, 100, '%')}"
-             for m, g in ((m, table[m]["relative_gap"]["linear"]) for m in ssl)]
-    return (f"supervised's mean relative gap (linear top-1, mean ± std over seeds), {pm(sup, 100, '%')}, "
-            f"{', '.join(parts)}")
+    parts = [
+        f"{'exceeds' if sup['mean'] > g['mean'] else 'does not exceed'} {m}'s {pm(g, 100, '%')}"
+        for m, g in ((m, table[m]["relative_gap"]["linear"]) for m in ssl)
+    ]
+    return (
+        f"supervised's mean relative gap (linear top-1, mean ± std over seeds), {pm(sup, 100, '%')}, {', '.join(parts)}"
+    )
 
 
 def figure(table: dict, counts: list[int], path: str) -> None:
     """One panel per method: per-class linear accuracy (mean over seeds) against the long-tailed class count."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -272,9 +395,12 @@ def figure(table: dict, counts: list[int], path: str) -> None:
             per_seed = [r["linear"]["per_class"] for r in table[method]["runs"][pretrain].values()]
             acc = [statistics.mean(p[c] for p in per_seed) for c in order]
             ax.plot([counts[c] for c in order], acc, "o-", label=f"{label} pre-training")
-        ax.set(xscale="log", title=f"{method}: relative gap {pm(table[method]['relative_gap']['linear'], 100, '%')}",
-               xlabel="training images of the class in the long-tailed set")
-    for ax in axes.flat[len(methods):]:
+        ax.set(
+            xscale="log",
+            title=f"{method}: relative gap {pm(table[method]['relative_gap']['linear'], 100, '%')}",
+            xlabel="training images of the class in the long-tailed set",
+        )
+    for ax in axes.flat[len(methods) :]:
         ax.axis("off")
     for ax in axes[:, 0]:
         ax.set_ylabel("per-class linear top-1 (%)")

@@ -29,8 +29,12 @@ from typing import Literal, Optional
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {"supervised": ("supervised_baseline.py", []), "simsiam": ("simsiam_rwsam.py", []),
-           "msn": ("msn_prior.py", []), "excb": ("excb.py", ["--no-kmeans-init"])}
+SCRIPTS = {
+    "supervised": ("supervised_baseline.py", []),
+    "simsiam": ("simsiam_rwsam.py", []),
+    "msn": ("msn_prior.py", []),
+    "excb": ("excb.py", ["--no-kmeans-init"]),
+}
 MODES = {"bf16": ["--amp", "bf16"], "fp16": ["--amp", "fp16"], "compile": ["--amp", "bf16", "--compile"]}
 PROGRESS = re.compile(r"step (\d+)/\d+ .*\| ([0-9.]+) img/s(?: \| ([0-9.]+) GiB)?")
 
@@ -81,45 +85,109 @@ def main(args: GpuCheckArgs) -> list[dict]:
     env = {**os.environ, **({} if cuda else {"CUDA_VISIBLE_DEVICES": ""})}
     if cuda:
         import torch
+
         if not torch.cuda.is_available():
             raise SystemExit("gpu_check: no CUDA device visible; use --device cpu for the smoke mode")
-        print(f"gpu_check on {torch.cuda.get_device_name()}: {size} px, batch {batch}, {steps} steps, "
-              f"{workers} workers", flush=True)
+        print(
+            f"gpu_check on {torch.cuda.get_device_name()}: {size} px, batch {batch}, {steps} steps, {workers} workers",
+            flush=True,
+        )
     per_class = -(-batch * steps // 4) + batch  # enough synthetic images for --steps steps at r = 1 (4 classes)
-    data = ["--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-per-class", str(per_class),
-            "--synthetic-test-per-class", "2", "--imbalance-ratio", "1", "--image-size", str(size)]
+    data = [
+        "--dataset",
+        "synthetic",
+        "--synthetic-classes",
+        "4",
+        "--synthetic-per-class",
+        str(per_class),
+        "--synthetic-test-per-class",
+        "2",
+        "--imbalance-ratio",
+        "1",
+        "--image-size",
+        str(size),
+    ]
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for method in args.methods:
             script, flags = SCRIPTS[method]
             for mode in modes:
-                cmd = [sys.executable, os.path.join(ROOT, script), *data, *flags, *MODES[mode], "--batch-size",
-                       str(batch), "--max-steps", str(steps), "--log-every", str(max(1, steps // 2)), "--eval-every",
-                       "0", "--num-workers", str(workers), "--output-dir", out, "--run-name", f"{method}_{mode}"]
+                cmd = [
+                    sys.executable,
+                    os.path.join(ROOT, script),
+                    *data,
+                    *flags,
+                    *MODES[mode],
+                    "--batch-size",
+                    str(batch),
+                    "--max-steps",
+                    str(steps),
+                    "--log-every",
+                    str(max(1, steps // 2)),
+                    "--eval-every",
+                    "0",
+                    "--num-workers",
+                    str(workers),
+                    "--output-dir",
+                    out,
+                    "--run-name",
+                    f"{method}_{mode}",
+                ]
                 text, first = run(cmd, env)
                 progress = PROGRESS.findall(text)
                 step, images_per_s, memory = progress[-1]
-                rows.append({"method": method, "mode": mode, "images_per_s": float(images_per_s),
-                             "peak_gib": float(memory) if memory else None, "first_progress_s": first,
-                             "steps": int(step)})
-                print(f"{method} {mode}: {float(images_per_s):.0f} img/s, "
-                      f"{memory + ' GiB' if memory else 'no GPU memory'}, first progress line after {first:.1f} s",
-                      flush=True)
-    print("\n| script | mode | img/s (loop) | peak GPU memory (GiB) | first progress line (s) | compile time (s) |\n"
-          "|---|---|---|---|---|---|")
+                rows.append(
+                    {
+                        "method": method,
+                        "mode": mode,
+                        "images_per_s": float(images_per_s),
+                        "peak_gib": float(memory) if memory else None,
+                        "first_progress_s": first,
+                        "steps": int(step),
+                    }
+                )
+                print(
+                    f"{method} {mode}: {float(images_per_s):.0f} img/s, "
+                    f"{memory + ' GiB' if memory else 'no GPU memory'}, first progress line after {first:.1f} s",
+                    flush=True,
+                )
+    print(
+        "\n| script | mode | img/s (loop) | peak GPU memory (GiB) | first progress line (s) | compile time (s) |\n"
+        "|---|---|---|---|---|---|"
+    )
     first_bf16 = {r["method"]: r["first_progress_s"] for r in rows if r["mode"] == "bf16"}
     for r in rows:
-        compile_s = r["first_progress_s"] - first_bf16[r["method"]] if r["mode"] == "compile" and \
-            r["method"] in first_bf16 else None
-        print(f"| {r['method']} | {r['mode']} | {r['images_per_s']:.0f} | "
-              f"{r['peak_gib'] if r['peak_gib'] is not None else '-'} | {r['first_progress_s']:.1f} | "
-              f"{'' if compile_s is None else f'{compile_s:.1f}'} |")
+        compile_s = (
+            r["first_progress_s"] - first_bf16[r["method"]]
+            if r["mode"] == "compile" and r["method"] in first_bf16
+            else None
+        )
+        print(
+            f"| {r['method']} | {r['mode']} | {r['images_per_s']:.0f} | "
+            f"{r['peak_gib'] if r['peak_gib'] is not None else '-'} | {r['first_progress_s']:.1f} | "
+            f"{'' if compile_s is None else f'{compile_s:.1f}'} |"
+        )
     if args.step_cost:
-        cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "step_cost.py"), "--methods", *args.methods, "--amp",
-               "bf16", "--batch-size", str(batch), "--image-size", str(size), "--repeats", "3" if cuda else "1",
-               "--loop-steps", "4" if cuda else "2", "--num-workers", str(workers)]
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "step_cost.py"),
+            "--methods",
+            *args.methods,
+            "--amp",
+            "bf16",
+            "--batch-size",
+            str(batch),
+            "--image-size",
+            str(size),
+            "--repeats",
+            "3" if cuda else "1",
+            "--loop-steps",
+            "4" if cuda else "2",
+            "--num-workers",
+            str(workers),
+        ]
         text, _ = run(cmd, env)
-        print("\nstep / limit (benchmarks/step_cost.py, bf16):\n" + text[text.index("| method"):], end="")
+        print("\nstep / limit (benchmarks/step_cost.py, bf16):\n" + text[text.index("| method") :], end="")
     print("gpu_check: all runs finished")
     return rows
 

@@ -33,12 +33,16 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import lt_data  # noqa: E402
 import pipeline  # noqa: E402
 import step_cost  # noqa: E402
 
-SCRIPTS = {"simsiam": ("simsiam_rwsam.py", ["--sam", "none"]), "msn": ("msn_prior.py", []),
-           "pmsn": ("msn_prior.py", ["--prior", "power-law"])}
+import lt_data  # noqa: E402
+
+SCRIPTS = {
+    "simsiam": ("simsiam_rwsam.py", ["--sam", "none"]),
+    "msn": ("msn_prior.py", []),
+    "pmsn": ("msn_prior.py", ["--prior", "power-law"]),
+}
 
 
 class PeersError(Exception):
@@ -79,9 +83,22 @@ def our_step(method: str, args: PeersArgs, device: torch.device):
     """(module, run, batch, step function) of our script, built as step_cost.py builds it."""
     script, flags = SCRIPTS[method]
     module = step_cost.load_script(script)
-    margs = tyro.cli(module.Args, args=["--dataset", "synthetic", "--image-size", str(args.image_size),
-                                        "--imbalance-ratio", "10", "--amp", args.amp, "--batch-size",
-                                        str(args.batch_size), *flags])
+    margs = tyro.cli(
+        module.Args,
+        args=[
+            "--dataset",
+            "synthetic",
+            "--image-size",
+            str(args.image_size),
+            "--imbalance-ratio",
+            "10",
+            "--amp",
+            args.amp,
+            "--batch-size",
+            str(args.batch_size),
+            *flags,
+        ],
+    )
     run = step_cost.make_run(module, margs, device)
     batch = step_cost.real_batch(module, run, args.batch_size)
     run.model.train()
@@ -96,8 +113,7 @@ def lightly_simsiam_step(run, batch, lightly_loss, heads):
     projection = heads.SimSiamProjectionHead(512, args.proj_dim, args.proj_dim).to(run.device)
     prediction = heads.SimSiamPredictionHead(args.proj_dim, args.pred_dim, args.proj_dim).to(run.device)
     modules = nn.ModuleList([backbone, projection, prediction]).train()
-    optimizer = torch.optim.SGD(modules.parameters(), lr=0.06, momentum=0.9, weight_decay=args.weight_decay,
-                                fused=True)
+    optimizer = torch.optim.SGD(modules.parameters(), lr=0.06, momentum=0.9, weight_decay=args.weight_decay, fused=True)
     criterion = lightly_loss.NegativeCosineSimilarity()
     (x0, x1), _, _ = batch
 
@@ -117,18 +133,27 @@ def lightly_msn_step(module, run, batch, lightly_loss, power_law: bool):
     """Our MSN model, AdamW and EMA with lightly's MSNLoss (uniform prior, Sinkhorn) or PMSNLoss (power law)."""
     args, model = run.args, run.model
     if power_law:
-        criterion = lightly_loss.PMSNLoss(temperature=args.anchor_temp, sinkhorn_iterations=0,
-                                          regularization_weight=args.reg_weight, power_law_exponent=args.prior_tau)
+        criterion = lightly_loss.PMSNLoss(
+            temperature=args.anchor_temp,
+            sinkhorn_iterations=0,
+            regularization_weight=args.reg_weight,
+            power_law_exponent=args.prior_tau,
+        )
     else:
-        criterion = lightly_loss.MSNLoss(temperature=args.anchor_temp, sinkhorn_iterations=model.sinkhorn_iters,
-                                         regularization_weight=args.reg_weight)
+        criterion = lightly_loss.MSNLoss(
+            temperature=args.anchor_temp,
+            sinkhorn_iterations=model.sinkhorn_iters,
+            regularization_weight=args.reg_weight,
+        )
     views, _, indices = batch
 
     def step():
         with run.autocast():
             anchor, prototypes = run.ddp_model(views[1:], indices, run.step)
             target = model.target_forward(views[0])
-        loss = criterion(anchor.float(), target.float(), prototypes.float(), target_sharpen_temperature=args.target_temp)
+        loss = criterion(
+            anchor.float(), target.float(), prototypes.float(), target_sharpen_temperature=args.target_temp
+        )
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
@@ -143,10 +168,14 @@ def lightly_transform(method: str, our_transform, transforms):
         size = our_transform.transform.transforms[0].size[0]
         return transforms.SimSiamTransform(input_size=size, min_scale=our_transform.transform.transforms[0].scale[0])
     crops = our_transform
-    return transforms.MSNTransform(random_size=crops.global_t.transforms[0].size[0],
-                                   focal_size=crops.local_t.transforms[0].size[0], random_views=crops.num_global,
-                                   focal_views=crops.num_local, random_crop_scale=crops.global_t.transforms[0].scale,
-                                   focal_crop_scale=crops.local_t.transforms[0].scale)
+    return transforms.MSNTransform(
+        random_size=crops.global_t.transforms[0].size[0],
+        focal_size=crops.local_t.transforms[0].size[0],
+        random_views=crops.num_global,
+        focal_views=crops.num_local,
+        random_crop_scale=crops.global_t.transforms[0].scale,
+        focal_crop_scale=crops.local_t.transforms[0].scale,
+    )
 
 
 def main(args: PeersArgs) -> dict:
@@ -154,8 +183,11 @@ def main(args: PeersArgs) -> dict:
         raise PeersError("--batch-size must be >= 2, --repeats >= 1 and --image-size >= 8")
     lightly_loss, heads, transforms = import_lightly()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch_size}, {args.image_size} px, "
-          f"amp {args.amp}", flush=True)
+    print(
+        f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch_size}, {args.image_size} px, "
+        f"amp {args.amp}",
+        flush=True,
+    )
     results = {}
     for method in args.methods:
         module, run, batch, ours = our_step(method, args, device)
@@ -175,25 +207,38 @@ def main(args: PeersArgs) -> dict:
                 if method == "pmsn":  # the same views as msn
                     results[method]["pipeline_ms"] = results["msn"]["pipeline_ms"]
                     continue
-                data, ours = pipeline.build_transform("simsiam" if method == "simsiam" else "msn", tmp,
-                                                      args.pipeline_size)
+                data, ours = pipeline.build_transform(
+                    "simsiam" if method == "simsiam" else "msn", tmp, args.pipeline_size
+                )
                 indices = list(range(len(data.train_full)))
                 theirs = lightly_transform(method, ours, transforms)
                 results[method]["pipeline_ms"] = {
                     "ours": 1e3 * pipeline.per_core(data, ours, indices, 3),
-                    "lightly": 1e3 * pipeline.per_core(data, theirs, indices, 3)}
-                print(f"{method}: pipeline {results[method]['pipeline_ms']['ours']:.1f} ms/img ours, "
-                      f"{results[method]['pipeline_ms']['lightly']:.1f} lightly", flush=True)
-    lines = ["| method | step ours (ms) | step lightly (ms) | ours / lightly | pipeline ours (ms/img/core) | "
-             "pipeline lightly | ours / lightly |", "|---|---|---|---|---|---|---|"]
+                    "lightly": 1e3 * pipeline.per_core(data, theirs, indices, 3),
+                }
+                print(
+                    f"{method}: pipeline {results[method]['pipeline_ms']['ours']:.1f} ms/img ours, "
+                    f"{results[method]['pipeline_ms']['lightly']:.1f} lightly",
+                    flush=True,
+                )
+    lines = [
+        "| method | step ours (ms) | step lightly (ms) | ours / lightly | pipeline ours (ms/img/core) | "
+        "pipeline lightly | ours / lightly |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for method, row in results.items():
         step, pipe = row["step_ms"], row.get("pipeline_ms")
         cells = [f"{step['ours']:.1f}", f"{step['lightly']:.1f}", f"{step['ours'] / step['lightly']:.2f}"]
-        cells += [f"{pipe['ours']:.1f}", f"{pipe['lightly']:.1f}", f"{pipe['ours'] / pipe['lightly']:.2f}"] if pipe \
+        cells += (
+            [f"{pipe['ours']:.1f}", f"{pipe['lightly']:.1f}", f"{pipe['ours'] / pipe['lightly']:.2f}"]
+            if pipe
             else ["", "", ""]
+        )
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    print(f"\nOurs against lightly ({device}; step: batch {args.batch_size}, {args.image_size} px, amp {args.amp}; "
-          f"pipeline: {args.pipeline_size} px, one thread)\n\n" + "\n".join(lines))
+    print(
+        f"\nOurs against lightly ({device}; step: batch {args.batch_size}, {args.image_size} px, amp {args.amp}; "
+        f"pipeline: {args.pipeline_size} px, one thread)\n\n" + "\n".join(lines)
+    )
     summary = {"args": dict(vars(args)), "device": str(device), "results": results}
     with open(args.output, "w") as f:
         json.dump(summary, f, indent=1)

@@ -40,8 +40,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import lt_data  # noqa: E402
 
-SCRIPTS = {"supervised": "supervised_baseline.py", "simsiam": "simsiam_rwsam.py", "msn": "msn_prior.py",
-           "excb": "excb.py"}
+SCRIPTS = {
+    "supervised": "supervised_baseline.py",
+    "simsiam": "simsiam_rwsam.py",
+    "msn": "msn_prior.py",
+    "excb": "excb.py",
+}
 # Method flags that only keep the transform buildable on a few images (the transform does not depend on them).
 METHOD_FLAGS = {"excb": ["--no-kmeans-init", "--num-clusters", "16"]}
 
@@ -101,8 +105,20 @@ def write_jpegs(root: str, n: int, seed: int = 0) -> None:
 def build_transform(method: str, image_dir: str, image_size: int):
     """The script's own data set and train_transform, as its command line builds them."""
     module = load_script(SCRIPTS[method])
-    args = tyro.cli(module.Args, args=["--dataset", "imagefolder", "--data-dir", image_dir, "--image-size",
-                                       str(image_size), "--imbalance-ratio", "1", *METHOD_FLAGS.get(method, [])])
+    args = tyro.cli(
+        module.Args,
+        args=[
+            "--dataset",
+            "imagefolder",
+            "--data-dir",
+            image_dir,
+            "--image-size",
+            str(image_size),
+            "--imbalance-ratio",
+            "1",
+            *METHOD_FLAGS.get(method, []),
+        ],
+    )
     data = lt_data.build_data(args)
     return data, module.train_transform(args, data)
 
@@ -115,8 +131,15 @@ def with_torchvision_ops(transform):
     import torchvision.transforms as T
 
     transform = copy.deepcopy(transform)
-    composes = [t for t in (getattr(transform, "transform", None), getattr(transform, "global_t", None),
-                            getattr(transform, "local_t", None)) if t is not None]
+    composes = [
+        t
+        for t in (
+            getattr(transform, "transform", None),
+            getattr(transform, "global_t", None),
+            getattr(transform, "local_t", None),
+        )
+        if t is not None
+    ]
     if hasattr(transform, "crops"):  # ExcbCrops
         composes += [transform.crops.global_t, transform.crops.local_t]
     for compose in composes:
@@ -195,22 +218,39 @@ def main(args: PipelineArgs) -> dict:
             indices = list(range(len(data.train_full)))
             views = views_of(transform(data.train_full.image(0)))
             seconds = per_core(data, transform, indices, args.repeats)
-            row = {"views": [list(v.shape[-2:]) for v in views], "ms_per_image_per_core": 1000 * seconds,
-                   "images_per_s_per_core": 1 / seconds, "cores_needed": args.model_rate * seconds,
-                   "workers": {w: with_workers(data, transform, indices, w, args.batch_size, args.repeats)
-                               for w in args.workers}}
+            row = {
+                "views": [list(v.shape[-2:]) for v in views],
+                "ms_per_image_per_core": 1000 * seconds,
+                "images_per_s_per_core": 1 / seconds,
+                "cores_needed": args.model_rate * seconds,
+                "workers": {
+                    w: with_workers(data, transform, indices, w, args.batch_size, args.repeats) for w in args.workers
+                },
+            }
             if args.breakdown:
                 row["breakdown_ms_per_view"] = breakdown(data, transform, indices)
             if args.compare_torchvision:
                 before = 1000 * per_core(data, with_torchvision_ops(transform), indices, args.repeats)
                 row["torchvision_ops_ms_per_image_per_core"] = before
-                print(f"{method}: with torchvision's blur and ToTensor + Normalize {before:.1f} ms/img/core, "
-                      f"{before / row['ms_per_image_per_core']:.1f}x", flush=True)
+                print(
+                    f"{method}: with torchvision's blur and ToTensor + Normalize {before:.1f} ms/img/core, "
+                    f"{before / row['ms_per_image_per_core']:.1f}x",
+                    flush=True,
+                )
             results[method] = row
-            print(f"{method}: {len(views)} views {' + '.join(f'{h}x{w}' for h, w in row['views'])}: "
-                  f"{row['ms_per_image_per_core']:.1f} ms/img/core", flush=True)
-    header = ["method", "views", "ms/img/core", "img/s/core", *(f"img/s ({w} workers)" for w in args.workers),
-              f"cores for {args.model_rate:g} img/s"]
+            print(
+                f"{method}: {len(views)} views {' + '.join(f'{h}x{w}' for h, w in row['views'])}: "
+                f"{row['ms_per_image_per_core']:.1f} ms/img/core",
+                flush=True,
+            )
+    header = [
+        "method",
+        "views",
+        "ms/img/core",
+        "img/s/core",
+        *(f"img/s ({w} workers)" for w in args.workers),
+        f"cores for {args.model_rate:g} img/s",
+    ]
     if args.compare_torchvision:
         header += ["ms/img/core, torchvision blur + ToTensor", "speed-up"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -218,15 +258,22 @@ def main(args: PipelineArgs) -> dict:
         sizes = {}
         for h, _ in row["views"]:
             sizes[h] = sizes.get(h, 0) + 1
-        cells = [method, " + ".join(f"{n} x {s}" for s, n in sizes.items()), f"{row['ms_per_image_per_core']:.1f}",
-                 f"{row['images_per_s_per_core']:.0f}", *(f"{row['workers'][w]:.0f}" for w in args.workers),
-                 f"{row['cores_needed']:.1f}"]
+        cells = [
+            method,
+            " + ".join(f"{n} x {s}" for s, n in sizes.items()),
+            f"{row['ms_per_image_per_core']:.1f}",
+            f"{row['images_per_s_per_core']:.0f}",
+            *(f"{row['workers'][w]:.0f}" for w in args.workers),
+            f"{row['cores_needed']:.1f}",
+        ]
         if args.compare_torchvision:
             before = row["torchvision_ops_ms_per_image_per_core"]
             cells += [f"{before:.1f}", f"{before / row['ms_per_image_per_core']:.1f}x"]
         lines.append("| " + " | ".join(cells) + " |")
-    print(f"\nPipeline at {args.image_size} px, JPEG decode to normalised views "
-          f"({'generated' if args.image_dir is None else args.image_dir}; {os.cpu_count()} CPUs here)\n")
+    print(
+        f"\nPipeline at {args.image_size} px, JPEG decode to normalised views "
+        f"({'generated' if args.image_dir is None else args.image_dir}; {os.cpu_count()} CPUs here)\n"
+    )
     print("\n".join(lines))
     for method, row in results.items():
         if "breakdown_ms_per_view" in row:

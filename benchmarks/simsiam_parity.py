@@ -57,8 +57,10 @@ from linear_probe import KNNMonitor, backbone_spec, build_backbone, feature_dim 
 IMPLEMENTATIONS = ("ours", "lightly")
 # flags that cannot change a curve: a finished run's JSON written with other values of these is still reused
 NOT_COMPARED = ("seeds", "which", "output_dir", "data_dir", "download", "num_workers")
-PROJECTOR_DIFFERENCE = ("projector: lightly's SimSiamProjectionHead has 3 linear layers (Linear-BN-ReLU, "
-                        "Linear-BN-ReLU, Linear-BN(affine=False)) and no depth argument; ours has --proj-layers {}")
+PROJECTOR_DIFFERENCE = (
+    "projector: lightly's SimSiamProjectionHead has 3 linear layers (Linear-BN-ReLU, "
+    "Linear-BN-ReLU, Linear-BN(affine=False)) and no depth argument; ours has --proj-layers {}"
+)
 DIFFERENCES = [
     "loss: ours computes the negative cosine in fp32; lightly's NegativeCosineSimilarity in the autocast dtype "
     "(bf16 under CPU autocast with --amp bf16; CUDA autocast computes cosine_similarity in fp32)",
@@ -163,27 +165,68 @@ def data_flags(args: ParityArgs) -> list[str]:
 
 
 def vit_flags(args: ParityArgs) -> list[str]:
-    return [item for name in ("vit_layers", "vit_dim", "vit_heads") if getattr(args, name) is not None
-            for item in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
+    return [
+        item
+        for name in ("vit_layers", "vit_dim", "vit_heads")
+        if getattr(args, name) is not None
+        for item in ("--" + name.replace("_", "-"), str(getattr(args, name)))
+    ]
 
 
 def train_ours(args: ParityArgs, seed: int) -> list[tuple[int, float]]:
     """simsiam_rwsam.py --sam none in a subprocess; the curve from its TensorBoard scalars eval/knn_top1."""
     run_name = f"ours_s{seed}"
-    cmd = [sys.executable, os.path.join(ROOT, "simsiam_rwsam.py"), "--sam", "none", *data_flags(args),
-           "--arch", args.arch, *vit_flags(args), "--seed", str(seed), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-           "--lr", str(args.lr), "--weight-decay", str(args.weight_decay), "--proj-layers", str(args.proj_layers),
-           "--proj-dim", str(args.proj_dim),
-           "--pred-dim", str(args.pred_dim), "--warmup-epochs", str(args.warmup_epochs), "--crop-min-scale", str(args.crop_min_scale), "--amp", args.amp,
-           "--eval-every", str(args.eval_every), "--eval-bank", str(args.eval_bank),
-           "--eval-queries", str(args.eval_queries), "--num-workers", str(args.num_workers),
-           "--output-dir", args.output_dir, "--run-name", run_name,
-           *(["--max-steps", str(args.max_steps)] if args.max_steps else [])]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "simsiam_rwsam.py"),
+        "--sam",
+        "none",
+        *data_flags(args),
+        "--arch",
+        args.arch,
+        *vit_flags(args),
+        "--seed",
+        str(seed),
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--lr",
+        str(args.lr),
+        "--weight-decay",
+        str(args.weight_decay),
+        "--proj-layers",
+        str(args.proj_layers),
+        "--proj-dim",
+        str(args.proj_dim),
+        "--pred-dim",
+        str(args.pred_dim),
+        "--warmup-epochs",
+        str(args.warmup_epochs),
+        "--crop-min-scale",
+        str(args.crop_min_scale),
+        "--amp",
+        args.amp,
+        "--eval-every",
+        str(args.eval_every),
+        "--eval-bank",
+        str(args.eval_bank),
+        "--eval-queries",
+        str(args.eval_queries),
+        "--num-workers",
+        str(args.num_workers),
+        "--output-dir",
+        args.output_dir,
+        "--run-name",
+        run_name,
+        *(["--max-steps", str(args.max_steps)] if args.max_steps else []),
+    ]
     print("$", " ".join(cmd), flush=True)
     returncode = subprocess.run(cmd).returncode
     if returncode != 0:
         raise ParityError(f"ours (seed {seed}) failed with exit code {returncode}; its output is above")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(os.path.join(args.output_dir, run_name))
     events.Reload()
     return [(e.step, e.value) for e in events.Scalars("eval/knn_top1")]
@@ -206,8 +249,9 @@ class LightlySimSiam(nn.Module):
         super().__init__()
         spec = backbone_spec(args.arch, image_size, args.vit_layers, args.vit_heads, args.vit_dim)
         self.backbone = build_backbone(spec["arch"], **spec["arch_kwargs"])
-        self.projection_head = projection_head_cls(feature_dim(spec["arch"], **spec["arch_kwargs"]), args.proj_dim,
-                                                   args.proj_dim)
+        self.projection_head = projection_head_cls(
+            feature_dim(spec["arch"], **spec["arch_kwargs"]), args.proj_dim, args.proj_dim
+        )
         self.prediction_head = prediction_head_cls(args.proj_dim, args.pred_dim, args.proj_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,21 +264,28 @@ def train_lightly(args: ParityArgs, seed: int, data: lt_data.LTData, lightly_mod
     projection_head_cls, prediction_head_cls, loss_cls = lightly_modules
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
-    train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(args.balanced_twin), lt_data.TwoViews(
-        lt_data.ssl_augment(data.image_size, data.mean, data.std, (args.crop_min_scale, 1.0))))
+    train_set = lt_data.IndexedDataset(
+        data.train_full,
+        data.pretrain_indices(args.balanced_twin),
+        lt_data.TwoViews(lt_data.ssl_augment(data.image_size, data.mean, data.std, (args.crop_min_scale, 1.0))),
+    )
     torch.manual_seed(seed)
     model = LightlySimSiam(args, data.image_size, projection_head_cls, prediction_head_cls).to(
-        device, memory_format=torch.channels_last)
+        device, memory_format=torch.channels_last
+    )
     criterion = loss_cls()
     lr = args.lr * args.batch_size / 256
     if args.arch.startswith("vit"):  # as simsiam_rwsam.make_optimizer: AdamW, no decay on biases and norms
-        optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.ndim > 1],
-                                        "weight_decay": args.weight_decay},
-                                       {"params": [p for p in model.parameters() if p.ndim <= 1],
-                                        "weight_decay": 0.0}], lr=lr, fused=True)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": args.weight_decay},
+                {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+            ],
+            lr=lr,
+            fused=True,
+        )
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay,
-                                    fused=True)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay, fused=True)
     sampler = lt_data.ResumableSampler(len(train_set), 1, 0, seed)
     steps_per_epoch = len(sampler) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
@@ -257,8 +308,10 @@ def train_lightly(args: ParityArgs, seed: int, data: lt_data.LTData, lightly_mod
         return x.to(device, non_blocking=True, memory_format=torch.channels_last)
 
     curve = [(0, monitor(model.backbone, to_device, autocast))]
-    print(f"lightly seed {seed}: {len(train_set)} training images, {stop_step} steps; step 0 knn_top1 "
-          f"{curve[-1][1]:.2f}", flush=True)
+    print(
+        f"lightly seed {seed}: {len(train_set)} training images, {stop_step} steps; step 0 knn_top1 {curve[-1][1]:.2f}",
+        flush=True,
+    )
     step = 0
     model.train()
     while step < stop_step:
@@ -278,8 +331,10 @@ def train_lightly(args: ParityArgs, seed: int, data: lt_data.LTData, lightly_mod
                 if not torch.isfinite(loss):
                     raise ParityError(f"lightly (seed {seed}): non-finite loss at step {step}; try a lower --lr")
                 curve.append((step, monitor(model.backbone, to_device, autocast)))
-                print(f"lightly seed {seed}: step {step}/{stop_step} loss {loss.item():.4f} knn_top1 "
-                      f"{curve[-1][1]:.2f}", flush=True)
+                print(
+                    f"lightly seed {seed}: step {step}/{stop_step} loss {loss.item():.4f} knn_top1 {curve[-1][1]:.2f}",
+                    flush=True,
+                )
             if step == stop_step:
                 break
     return curve
@@ -295,8 +350,10 @@ def load_finished(path: str, args: ParityArgs) -> Optional[list[tuple[int, float
     changed = [k for k in now if saved["flags"].get(k) != now[k]]
     if changed:
         k = changed[0]
-        raise ParityError(f"{path} was written with --{k.replace('_', '-')} {saved['flags'].get(k)} (now {now[k]}); "
-                          f"use another --output-dir or delete it")
+        raise ParityError(
+            f"{path} was written with --{k.replace('_', '-')} {saved['flags'].get(k)} (now {now[k]}); "
+            f"use another --output-dir or delete it"
+        )
     print(f"reusing {path}", flush=True)
     return [tuple(point) for point in saved["curve"]]
 
@@ -311,8 +368,10 @@ def report(args: ParityArgs, curves: dict[str, dict[int, list]]) -> dict:
     columns = [(impl, seed) for impl in curves for seed in curves[impl]]
     steps = sorted({step for impl, seed in columns for step, _ in curves[impl][seed]})
     lookup = {(impl, seed): dict(curves[impl][seed]) for impl, seed in columns}
-    lines = ["| step | " + " | ".join(f"{impl} seed {seed}" for impl, seed in columns) + " |",
-             "|---|" + "---|" * len(columns)]
+    lines = [
+        "| step | " + " | ".join(f"{impl} seed {seed}" for impl, seed in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
     for step in steps:
         cells = [f"{lookup[c][step]:.2f}" if step in lookup[c] else "" for c in columns]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
@@ -321,18 +380,27 @@ def report(args: ParityArgs, curves: dict[str, dict[int, list]]) -> dict:
     for impl in curves:
         values = [curves[impl][seed][-1][1] for seed in curves[impl]]
         mean, half_range = spread(values)
-        final[impl] = {"mean": mean, "half_range": half_range, "min": min(values), "max": max(values),
-                       "step": curves[impl][args.seeds[0]][-1][0]}
-        print(f"{impl}: final kNN top-1 {mean:.2f} +- {half_range:.2f} (mean +- half-range over seeds "
-              f"{', '.join(map(str, args.seeds))}; step {final[impl]['step']})")
+        final[impl] = {
+            "mean": mean,
+            "half_range": half_range,
+            "min": min(values),
+            "max": max(values),
+            "step": curves[impl][args.seeds[0]][-1][0],
+        }
+        print(
+            f"{impl}: final kNN top-1 {mean:.2f} +- {half_range:.2f} (mean +- half-range over seeds "
+            f"{', '.join(map(str, args.seeds))}; step {final[impl]['step']})"
+        )
     summary = {"final": final}
     if len(final) == 2:
         ours, lightly = final["ours"], final["lightly"]
         difference = ours["mean"] - lightly["mean"]
         overlap = ours["min"] <= lightly["max"] and lightly["min"] <= ours["max"]
-        print(f"difference of means (ours - lightly): {difference:+.2f}; seed spread (half-range): ours "
-              f"{ours['half_range']:.2f}, lightly {lightly['half_range']:.2f}; the seed ranges "
-              f"{'overlap' if overlap else 'do not overlap'}")
+        print(
+            f"difference of means (ours - lightly): {difference:+.2f}; seed spread (half-range): ours "
+            f"{ours['half_range']:.2f}, lightly {lightly['half_range']:.2f}; the seed ranges "
+            f"{'overlap' if overlap else 'do not overlap'}"
+        )
         summary.update(difference=difference, ranges_overlap=overlap)
     if "lightly" in curves:
         print("\nknown differences between the two:\n" + "\n".join(f"  - {d}" for d in differences(args)))
@@ -343,12 +411,17 @@ def main(args: ParityArgs) -> dict:
     validate(args)
     data = lt_data.build_data(args)
     if args.batch_size > len(data.pretrain_indices(args.balanced_twin)):
-        raise ParityError(f"--batch-size {args.batch_size} exceeds the "
-                          f"{len(data.pretrain_indices(args.balanced_twin))} training images")
+        raise ParityError(
+            f"--batch-size {args.batch_size} exceeds the "
+            f"{len(data.pretrain_indices(args.balanced_twin))} training images"
+        )
     os.makedirs(args.output_dir, exist_ok=True)
     implementations = IMPLEMENTATIONS if args.which == "both" else (args.which,)
-    paths = {(impl, seed): os.path.join(args.output_dir, f"{impl}_s{seed}.json")
-             for impl in implementations for seed in args.seeds}
+    paths = {
+        (impl, seed): os.path.join(args.output_dir, f"{impl}_s{seed}.json")
+        for impl in implementations
+        for seed in args.seeds
+    }
     curves = {impl: {} for impl in implementations}
     finished = {key: load_finished(path, args) for key, path in paths.items()}
     to_train = [key for key, curve in finished.items() if curve is None]
@@ -360,12 +433,25 @@ def main(args: ParityArgs) -> dict:
                 t0 = time.perf_counter()
                 curve = train_ours(args, seed) if impl == "ours" else train_lightly(args, seed, data, lightly_modules)
                 with open(paths[(impl, seed)], "w") as f:
-                    json.dump({"implementation": impl, "seed": seed, "flags": compared_flags(args), "curve": curve,
-                               "seconds": time.perf_counter() - t0}, f, indent=1)
+                    json.dump(
+                        {
+                            "implementation": impl,
+                            "seed": seed,
+                            "flags": compared_flags(args),
+                            "curve": curve,
+                            "seconds": time.perf_counter() - t0,
+                        },
+                        f,
+                        indent=1,
+                    )
             curves[impl][seed] = curve
     summary = report(args, curves)
-    result = {"args": dataclasses.asdict(args), "curves": curves, **summary,
-              "differences": differences(args) if "lightly" in curves else []}
+    result = {
+        "args": dataclasses.asdict(args),
+        "curves": curves,
+        **summary,
+        "differences": differences(args) if "lightly" in curves else [],
+    }
     with open(os.path.join(args.output_dir, "parity.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result

@@ -60,20 +60,39 @@ def reset_peak() -> None:
 def bench_step(a: CostArgs) -> None:
     times = {}
     g = torch.Generator().manual_seed(0)
-    views = [torch.randn(a.batch_size, 3, a.image_size, a.image_size, generator=g).contiguous(
-        memory_format=torch.channels_last) for _ in range(2)]
+    views = [
+        torch.randn(a.batch_size, 3, a.image_size, a.image_size, generator=g).contiguous(
+            memory_format=torch.channels_last
+        )
+        for _ in range(2)
+    ]
     batch = [views, torch.zeros(a.batch_size, dtype=torch.long), torch.arange(a.batch_size)]
     for sam in ("none", "sam", "asam"):
-        args = ss.Args(dataset="synthetic", synthetic_classes=4, synthetic_per_class=a.batch_size,
-                       image_size=a.image_size, imbalance_ratio=1.0, batch_size=a.batch_size, amp=a.amp, sam=sam,
-                       reweight="kde" if sam != "none" else "none")
+        args = ss.Args(
+            dataset="synthetic",
+            synthetic_classes=4,
+            synthetic_per_class=a.batch_size,
+            image_size=a.image_size,
+            imbalance_ratio=1.0,
+            batch_size=a.batch_size,
+            amp=a.amp,
+            sam=sam,
+            reweight="kde" if sam != "none" else "none",
+        )
         data = lt_data.build_data(args)
         torch.manual_seed(0)
         model = ss.Model(args, data).to(memory_format=torch.channels_last)
         model.sample_weights.uniform_(0.5, 2.0)
         opt = ss.make_optimizer(args, model, 0.01)
-        run = ss.Run(args=args, data=data, model=model, ddp_model=model, optimizer=opt,
-                     scaler=torch.amp.GradScaler("cpu", enabled=False), amp_dtype={"bf16": torch.bfloat16, "none": None}[a.amp])
+        run = ss.Run(
+            args=args,
+            data=data,
+            model=model,
+            ddp_model=model,
+            optimizer=opt,
+            scaler=torch.amp.GradScaler("cpu", enabled=False),
+            amp_dtype={"bf16": torch.bfloat16, "none": None}[a.amp],
+        )
         model.train()
         ss.train_step(run, batch)  # warm-up
         ts = []
@@ -83,15 +102,18 @@ def bench_step(a: CostArgs) -> None:
             out["loss"].item()
             ts.append(time.perf_counter() - t0)
         times[sam] = statistics.median(ts)
-        print(f"--sam {sam}: {times[sam]:.3f} s/step (median of {a.repeats}), ratio to --sam none "
-              f"{times[sam] / times['none']:.2f}  [batch {a.batch_size}, {a.image_size} px, amp {a.amp}, "
-              f"{torch.get_num_threads()} threads]", flush=True)
+        print(
+            f"--sam {sam}: {times[sam]:.3f} s/step (median of {a.repeats}), ratio to --sam none "
+            f"{times[sam] / times['none']:.2f}  [batch {a.batch_size}, {a.image_size} px, amp {a.amp}, "
+            f"{torch.get_num_threads()} threads]",
+            flush=True,
+        )
 
 
 def bench_kde(a: CostArgs) -> None:
     torch.manual_seed(0)
     feats = torch.nn.functional.normalize(torch.randn(a.n, a.dim), dim=1)
-    reference = torch.randperm(a.n)[:a.reference].sort().values if a.reference else None
+    reference = torch.randperm(a.n)[: a.reference].sort().values if a.reference else None
     base = peak_rss_mb()
     reset_peak()
     base = peak_rss_mb()
@@ -100,9 +122,12 @@ def bench_kde(a: CostArgs) -> None:
     t = time.perf_counter() - t0
     peak = peak_rss_mb()
     m = a.reference or a.n - 1
-    print(f"kde_weights N={a.n} D={a.dim} M={m} chunk {a.chunk_size}: {t:.1f} s, peak RSS +{peak - base:.0f} MB "
-          f"above the {feats.numel() * 4 / 2**20:.0f} MB features (min {w.min():.3f}, max {w.max():.3f}); "
-          f"full O(N^2) estimate {t * (a.n - 1) / m:.0f} s  [{torch.get_num_threads()} threads]", flush=True)
+    print(
+        f"kde_weights N={a.n} D={a.dim} M={m} chunk {a.chunk_size}: {t:.1f} s, peak RSS +{peak - base:.0f} MB "
+        f"above the {feats.numel() * 4 / 2**20:.0f} MB features (min {w.min():.3f}, max {w.max():.3f}); "
+        f"full O(N^2) estimate {t * (a.n - 1) / m:.0f} s  [{torch.get_num_threads()} threads]",
+        flush=True,
+    )
     model = build_backbone("resnet18", cifar_stem=a.forward_size < 64).eval().to(memory_format=torch.channels_last)
     x = torch.randn(a.forward_batch, 3, a.forward_size, a.forward_size).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
@@ -111,8 +136,11 @@ def bench_kde(a: CostArgs) -> None:
         model(x)
         tf = time.perf_counter() - t0
     total = tf / a.forward_batch * a.n
-    print(f"yardstick: ResNet-18 fp32 eval forward at {a.forward_size} px: {tf / a.forward_batch * 1e3:.1f} ms/image "
-          f"-> {total:.0f} s for {a.n} images (extrapolated); KDE / forward = {t / total:.3f}", flush=True)
+    print(
+        f"yardstick: ResNet-18 fp32 eval forward at {a.forward_size} px: {tf / a.forward_batch * 1e3:.1f} ms/image "
+        f"-> {total:.0f} s for {a.n} images (extrapolated); KDE / forward = {t / total:.3f}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ def load_script(name: str):
 # Each takes (model, views, labels, indices, autocast) and runs the forward and backward passes the method
 # cannot do without, with a trivial loss: what any implementation of the method must pay.
 
+
 def limit_supervised(model, views, labels, idx, autocast):
     """One forward and backward of backbone + classifier on one view."""
     with autocast():
@@ -100,7 +101,9 @@ METHODS: dict[str, tuple[str, list[str], Callable]] = {
 class BenchArgs:
     """Step cost of every method against its intrinsic forward/backward passes."""
 
-    methods: tuple[str, ...] = tuple(m for m, (script, _, _) in METHODS.items() if os.path.exists(os.path.join(ROOT, script)))
+    methods: tuple[str, ...] = tuple(
+        m for m, (script, _, _) in METHODS.items() if os.path.exists(os.path.join(ROOT, script))
+    )
     """methods to measure (default: every method whose script is present)"""
     amp: tuple[Literal["bf16", "none"], ...] = ("bf16", "none")
     """autocast settings to measure"""
@@ -132,16 +135,28 @@ def median_time(fn: Callable, repeats: int) -> float:
 def make_run(module, args, device):
     """The script's own Run, built the way its train() builds it (one process)."""
     data = lt_data.build_data(args)
-    train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(False), module.train_transform(args, data))
+    train_set = lt_data.IndexedDataset(
+        data.train_full, data.pretrain_indices(False), module.train_transform(args, data)
+    )
     torch.manual_seed(args.seed)
     model = module.Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
     optimizer = module.make_optimizer(args, model, args.lr * args.batch_size / 256)
     amp_dtype = {"bf16": torch.bfloat16, "none": None}[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    run = module.Run(args=args, device=device, data=data, train_set=train_set, model=model, ddp_model=model,
-                     optimizer=optimizer, scaler=scaler, amp_dtype=amp_dtype,
-                     steps_per_epoch=len(train_set) // args.batch_size, run_dir=tempfile.mkdtemp())
-    module.set_schedules(run)   # the step's scheduled values (lr, weight decay, EMA momentum), as the loop sets them
+    run = module.Run(
+        args=args,
+        device=device,
+        data=data,
+        train_set=train_set,
+        model=model,
+        ddp_model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        amp_dtype=amp_dtype,
+        steps_per_epoch=len(train_set) // args.batch_size,
+        run_dir=tempfile.mkdtemp(),
+    )
+    module.set_schedules(run)  # the step's scheduled values (lr, weight decay, EMA momentum), as the loop sets them
     return run
 
 
@@ -173,10 +188,30 @@ def pipeline_rate(run, batch_size, workers, batches=10) -> float:
 def loop_rate(script, data_flags, args: BenchArgs, amp) -> float:
     """images/s of the script's own full loop (DataLoader included), from its last progress line."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = subprocess.run([sys.executable, os.path.join(ROOT, script), *data_flags, "--amp", amp, "--batch-size",
-                              str(args.batch_size), "--max-steps", str(args.loop_steps), "--log-every",
-                              str(args.loop_steps // 2), "--num-workers", str(args.num_workers), "--output-dir", tmp,
-                              "--eval-every", "0"], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, script),
+                *data_flags,
+                "--amp",
+                amp,
+                "--batch-size",
+                str(args.batch_size),
+                "--max-steps",
+                str(args.loop_steps),
+                "--log-every",
+                str(args.loop_steps // 2),
+                "--num-workers",
+                str(args.num_workers),
+                "--output-dir",
+                tmp,
+                "--eval-every",
+                "0",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     return float(re.findall(r"\| ([0-9.]+) img/s", out)[-1])
 
 
@@ -189,7 +224,9 @@ def main(args: BenchArgs) -> None:
         script, flags, limit = METHODS[method]
         module = load_script(script)
         for amp in args.amp:
-            margs = tyro.cli(module.Args, args=[*data_flags, *flags, "--amp", amp, "--batch-size", str(args.batch_size)])
+            margs = tyro.cli(
+                module.Args, args=[*data_flags, *flags, "--amp", amp, "--batch-size", str(args.batch_size)]
+            )
             run = make_run(module, margs, device)
             views, labels, idx = real_batch(module, run, args.batch_size)
             run.model.train()
@@ -204,15 +241,22 @@ def main(args: BenchArgs) -> None:
             loop = loop_rate(script, [*data_flags, *flags], args, amp)
             pipe = pipeline_rate(run, args.batch_size, args.num_workers)
             rows.append((method, amp, t_limit, t_opt, t_step, loop, pipe))
-            print(f"{method} {amp}: limit {t_limit * 1e3:.0f} ms, optimizer {t_opt * 1e3:.1f} ms, step "
-                  f"{t_step * 1e3:.0f} ms, ratio {t_step / t_limit:.3f}; loop {loop:.0f} img/s; pipeline "
-                  f"{pipe:.0f} img/s", flush=True)
-    print("\n| method | amp | step / limit | step / (limit + optimizer) | model img/s (step) | full loop img/s | "
-          f"pipeline img/s (workers={args.num_workers}) | pipeline / model |\n|---|---|---|---|---|---|---|---|")
+            print(
+                f"{method} {amp}: limit {t_limit * 1e3:.0f} ms, optimizer {t_opt * 1e3:.1f} ms, step "
+                f"{t_step * 1e3:.0f} ms, ratio {t_step / t_limit:.3f}; loop {loop:.0f} img/s; pipeline "
+                f"{pipe:.0f} img/s",
+                flush=True,
+            )
+    print(
+        "\n| method | amp | step / limit | step / (limit + optimizer) | model img/s (step) | full loop img/s | "
+        f"pipeline img/s (workers={args.num_workers}) | pipeline / model |\n|---|---|---|---|---|---|---|---|"
+    )
     for method, amp, t_limit, t_opt, t_step, loop, pipe in rows:
         model_rate = args.batch_size / t_step
-        print(f"| {method} | {amp} | {t_step / t_limit:.3f} | {t_step / (t_limit + t_opt):.3f} | {model_rate:.0f} | "
-              f"{loop:.0f} | {pipe:.0f} | {pipe / model_rate:.2f} |")
+        print(
+            f"| {method} | {amp} | {t_step / t_limit:.3f} | {t_step / (t_limit + t_opt):.3f} | {model_rate:.0f} | "
+            f"{loop:.0f} | {pipe:.0f} | {pipe / model_rate:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -17,26 +17,69 @@ from conftest import ROOT, script_env
 
 
 def run_benchmark(name: str, *args: str, cwd) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=cwd, env=script_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
+        cwd=cwd,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 
 def test_step_cost_prints_a_row_per_method_and_precision(tmp_path):
-    out = run_benchmark("step_cost.py", "--methods", "supervised", "excb", "--amp", "bf16", "none", "--repeats",
-                        "1", "--loop-steps", "2", "--batch-size", "8", "--image-size", "16", cwd=tmp_path)
+    out = run_benchmark(
+        "step_cost.py",
+        "--methods",
+        "supervised",
+        "excb",
+        "--amp",
+        "bf16",
+        "none",
+        "--repeats",
+        "1",
+        "--loop-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--image-size",
+        "16",
+        cwd=tmp_path,
+    )
     rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| (supervised|excb) \|", line)]
-    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("supervised", "bf16"), ("supervised", "none"),
-                                                            ("excb", "bf16"), ("excb", "none")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+        ("supervised", "bf16"),
+        ("supervised", "none"),
+        ("excb", "bf16"),
+        ("excb", "none"),
+    ]
     for r in rows:
         ratio, ratio_opt, *rates = (float(v) for v in r[2:])
         assert ratio > ratio_opt > 0 and all(math.isfinite(v) and v > 0 for v in rates)
 
 
-GAP_TINY = ["--methods", "supervised", "--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-per-class",
-            "24", "--imbalance-ratio", "4", "--image-size", "16", "--extra=--max-steps 2 --batch-size 8",
-            "--num-workers", "0", "--seeds", "1", "2"]
+GAP_TINY = [
+    "--methods",
+    "supervised",
+    "--dataset",
+    "synthetic",
+    "--synthetic-classes",
+    "4",
+    "--synthetic-per-class",
+    "24",
+    "--imbalance-ratio",
+    "4",
+    "--image-size",
+    "16",
+    "--extra=--max-steps 2 --batch-size 8",
+    "--num-workers",
+    "0",
+    "--seeds",
+    "1",
+    "2",
+]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -51,27 +94,40 @@ def test_gap_table_reports_the_relative_gap_of_the_probes(tmp_path):
     table = result["table"]
     assert list(table) == ["supervised", "random (resnet18)"]
     # the per-seed numbers are the probes' JSONs; each probe ran with --seed = training seed - 1
-    files = {("supervised", pretrain, s): gap_dir / f"supervised_{suffix}_s{s}" / "probe.json"
-             for pretrain, suffix in (("long-tailed", "lt"), ("balanced", "twin")) for s in (1, 2)}
+    files = {
+        ("supervised", pretrain, s): gap_dir / f"supervised_{suffix}_s{s}" / "probe.json"
+        for pretrain, suffix in (("long-tailed", "lt"), ("balanced", "twin"))
+        for s in (1, 2)
+    }
     files.update({("random (resnet18)", "random init", s): gap_dir / f"random_resnet18_s{s}.json" for s in (1, 2)})
     for (row, pretrain, s), path in files.items():
         probe = json.loads(path.read_text())
         assert table[row]["runs"][pretrain][str(s)] == {"linear": probe["linear"], "knn": probe["knn"]}
         assert probe["random_init"] == (row != "supervised")
     for s in (1, 2):
-        assert f"runs/gap/supervised_lt_s{s}/backbone.pt --seed {s - 1} --num-workers 0 --output " \
-               f"runs/gap/random_resnet18_s{s}.json.part --random-init" in out
+        assert (
+            f"runs/gap/supervised_lt_s{s}/backbone.pt --seed {s - 1} --num-workers 0 --output "
+            f"runs/gap/random_resnet18_s{s}.json.part --random-init" in out
+        )
         assert f"runs/gap/supervised_twin_s{s}/backbone.pt --seed {s - 1} " in out
     # mean and sample std over the seeds, and the relative gap of each seed
     sup = table["supervised"]
     for pretrain, runs in sup["runs"].items():
-        for name, probe, key in (("linear top-1", "linear", "top1"), ("kNN top-1", "knn", "top1"),
-                                 ("many", "linear", "many"), ("medium", "linear", "medium"), ("few", "linear", "few")):
+        for name, probe, key in (
+            ("linear top-1", "linear", "top1"),
+            ("kNN top-1", "knn", "top1"),
+            ("many", "linear", "many"),
+            ("medium", "linear", "medium"),
+            ("few", "linear", "few"),
+        ):
             m, sd = _mean_std([runs[s][probe][key] for s in ("1", "2")])
             assert sup["summary"][pretrain][name] == {"mean": pytest.approx(m), "std": pytest.approx(sd)}
     for probe in ("linear", "knn"):
-        gaps = {s: (sup["runs"]["balanced"][s][probe]["top1"] - sup["runs"]["long-tailed"][s][probe]["top1"])
-                / sup["runs"]["balanced"][s][probe]["top1"] for s in ("1", "2")}
+        gaps = {
+            s: (sup["runs"]["balanced"][s][probe]["top1"] - sup["runs"]["long-tailed"][s][probe]["top1"])
+            / sup["runs"]["balanced"][s][probe]["top1"]
+            for s in ("1", "2")
+        }
         g = sup["relative_gap"][probe]
         assert g["per_seed"] == pytest.approx(gaps)
         assert (g["mean"], g["std"]) == pytest.approx(_mean_std(list(gaps.values())))
@@ -79,10 +135,13 @@ def test_gap_table_reports_the_relative_gap_of_the_probes(tmp_path):
     assert f"| supervised | long-tailed | {lt['mean']:.2f} ± {lt['std']:.2f} | " in out
     assert f" | {100 * g['mean']:.1f} ± {100 * g['std']:.1f}% | " in out
     assert "| random (resnet18) | random init | " in out and "relative_gap" not in table["random (resnet18)"]
-    assert result["long_tailed_class_counts"] == [24, 15, 9, 6]   # int(24 * 4^(-i/3))
+    assert result["long_tailed_class_counts"] == [24, 15, 9, 6]  # int(24 * 4^(-i/3))
     # a rerun trains and probes nothing and gives the same JSON
-    outputs = sorted(gap_dir.glob("supervised_*/*.pt")) + sorted(gap_dir.glob("**/*probe.json")) \
+    outputs = (
+        sorted(gap_dir.glob("supervised_*/*.pt"))
+        + sorted(gap_dir.glob("**/*probe.json"))
         + sorted(gap_dir.glob("random_*.json"))
+    )
     assert len(outputs) == 4 * 2 + 4 + 2 and not list(gap_dir.glob("**/*.part"))
     mtimes = [p.stat().st_mtime_ns for p in outputs]
     again = run_benchmark("gap_table.py", *GAP_TINY, cwd=tmp_path)
@@ -96,37 +155,83 @@ def test_gap_table_reports_the_relative_gap_of_the_probes(tmp_path):
         assert not (gap_dir / "gap_figure.png").exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--methods", "supervised", "byol"], "unknown method 'byol'; choose from supervised, simsiam, rwsam, msn, pmsn"),
-    (["--seeds", "1", "1"], "--seeds must be one or more distinct seeds >= 1, got [1, 1]"),
-    (["--seeds", "0"], "--seeds must be one or more distinct seeds >= 1, got [0]"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--methods", "supervised", "byol"],
+            "unknown method 'byol'; choose from supervised, simsiam, rwsam, msn, pmsn",
+        ),
+        (["--seeds", "1", "1"], "--seeds must be one or more distinct seeds >= 1, got [1, 1]"),
+        (["--seeds", "0"], "--seeds must be one or more distinct seeds >= 1, got [0]"),
+    ],
+)
 def test_gap_table_bad_input_one_clear_line(tmp_path, extra, message):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gap_table.py"), *GAP_TINY, *extra],
-                          cwd=tmp_path, env=script_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gap_table.py"), *GAP_TINY, *extra],
+        cwd=tmp_path,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and message in proc.stderr, proc.stdout + proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
 def test_excb_usage_reports_the_teacher_assignments(tmp_path):
     from conftest import TINY_ARGS, run_script
-    run_script("excb.py", *TINY_ARGS["excb.py"], "--batch-size", "8", "--max-steps", "2", "--num-workers", "0",
-               "--run-name", "u", cwd=tmp_path)
+
+    run_script(
+        "excb.py",
+        *TINY_ARGS["excb.py"],
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "2",
+        "--num-workers",
+        "0",
+        "--run-name",
+        "u",
+        cwd=tmp_path,
+    )
     out = json.loads(run_benchmark("excb_usage.py", str(tmp_path / "runs" / "u" / "checkpoint.pt"), cwd=tmp_path))
     assert out["K"] == 16 and out["step"] == 2
     for kind in ("raw", "balanced"):
         r = out[kind]
         k_used, h = r["clusters_in_use"], r["entropy_over_logK"]
-        assert 1 <= k_used <= 16 and 0 <= h <= math.log(k_used) / math.log(16) + 1e-9   # entropy <= log(used)
+        assert 1 <= k_used <= 16 and 0 <= h <= math.log(k_used) / math.log(16) + 1e-9  # entropy <= log(used)
         assert 1 / k_used - 1e-9 <= r["max_share"] <= 1 and len(r["clusters_per_class"]) == 4
         assert max(r["clusters_per_class"]) <= k_used
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "excb_usage.py")], capture_output=True, text=True)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("usage:")
 
 
-PARITY_TINY = ["--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-per-class", "32",
-               "--synthetic-test-per-class", "8", "--image-size", "8", "--imbalance-ratio", "4", "--batch-size", "8",
-               "--epochs", "1", "--proj-dim", "32", "--pred-dim", "8", "--seeds", "0", "--num-workers", "0"]
+PARITY_TINY = [
+    "--dataset",
+    "synthetic",
+    "--synthetic-classes",
+    "4",
+    "--synthetic-per-class",
+    "32",
+    "--synthetic-test-per-class",
+    "8",
+    "--image-size",
+    "8",
+    "--imbalance-ratio",
+    "4",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "1",
+    "--proj-dim",
+    "32",
+    "--pred-dim",
+    "8",
+    "--seeds",
+    "0",
+    "--num-workers",
+    "0",
+]
 
 
 def _check_parity_curves(out: str, result: dict, implementations: tuple[str, ...]) -> None:
@@ -135,7 +240,7 @@ def _check_parity_curves(out: str, result: dict, implementations: tuple[str, ...
     assert header in out
     for impl in implementations:
         curve = result["curves"][impl]["0"]
-        assert [step for step, _ in curve] == [0, 9]   # 72 images / batch 8: 9 steps, kNN before and at the end
+        assert [step for step, _ in curve] == [0, 9]  # 72 images / batch 8: 9 steps, kNN before and at the end
         assert all(0 <= top1 <= 100 for _, top1 in curve)
         assert result["final"][impl]["mean"] == curve[-1][1] and result["final"][impl]["half_range"] == 0
         assert "| 9 | " in out and f"{impl}: final kNN top-1 {curve[-1][1]:.2f} +- 0.00" in out
@@ -149,24 +254,45 @@ def test_simsiam_parity_ours_writes_curves_and_resumes_by_skipping(tmp_path):
     again = run_benchmark("simsiam_parity.py", *PARITY_TINY, "--which", "ours", cwd=tmp_path)
     assert "reusing runs/parity/ours_s0.json" in again and "simsiam_rwsam.py" not in again
     assert json.loads((tmp_path / "runs" / "parity" / "parity.json").read_text())["curves"] == result["curves"]
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "simsiam_parity.py"), *PARITY_TINY, "--which",
-                           "ours", "--lr", "0.06"], cwd=tmp_path, env=script_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "simsiam_parity.py"),
+            *PARITY_TINY,
+            "--which",
+            "ours",
+            "--lr",
+            "0.06",
+        ],
+        cwd=tmp_path,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "was written with --lr 0.03 (now 0.06)" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--seeds", "0", "0"], "--seeds must be one or more distinct seeds"),
-    (["--crop-min-scale", "0"], "--crop-min-scale must be in (0, 1]"),
-    (["--vit-dim", "16"], "--vit-layers/--vit-dim/--vit-heads apply to ViTs, not --arch resnet18"),
-    (["--which", "lightly"], "lightly is not installed: pip install -r benchmarks/requirements.txt"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seeds", "0", "0"], "--seeds must be one or more distinct seeds"),
+        (["--crop-min-scale", "0"], "--crop-min-scale must be in (0, 1]"),
+        (["--vit-dim", "16"], "--vit-layers/--vit-dim/--vit-heads apply to ViTs, not --arch resnet18"),
+        (["--which", "lightly"], "lightly is not installed: pip install -r benchmarks/requirements.txt"),
+    ],
+)
 def test_simsiam_parity_bad_input_one_clear_line(tmp_path, extra, message):
-    (tmp_path / "lightly").mkdir()   # a lightly that fails to import, whether or not the real one is installed
+    (tmp_path / "lightly").mkdir()  # a lightly that fails to import, whether or not the real one is installed
     (tmp_path / "lightly" / "__init__.py").write_text("raise ImportError('not here')\n")
     env = {**script_env(), "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "simsiam_parity.py"), *PARITY_TINY, *extra],
-                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "simsiam_parity.py"), *PARITY_TINY, *extra],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and message in proc.stderr, proc.stdout + proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs" / "parity" / "ours_s0").exists()
 
@@ -177,17 +303,35 @@ def test_simsiam_parity_both_implementations(tmp_path):
     result = json.loads((tmp_path / "runs" / "parity" / "parity.json").read_text())
     _check_parity_curves(out, result, ("ours", "lightly"))
     ours, lightly = result["curves"]["ours"]["0"], result["curves"]["lightly"]["0"]
-    assert ours[0][1] == pytest.approx(lightly[0][1], abs=1e-4)   # the same seed builds the same backbone
+    assert ours[0][1] == pytest.approx(lightly[0][1], abs=1e-4)  # the same seed builds the same backbone
     assert result["difference"] == pytest.approx(ours[-1][1] - lightly[-1][1])
     assert "difference of means (ours - lightly)" in out and "negative cosine in fp32" in out
-    assert "3 linear layers" not in out   # --proj-layers 3 (the default here): the heads agree
+    assert "3 linear layers" not in out  # --proj-layers 3 (the default here): the heads agree
 
 
-@pytest.mark.parametrize("backbone", [
-    [],
-    ["--arch", "vit_tiny", "--vit-layers", "1", "--vit-dim", "16", "--vit-heads", "2", "--warmup-epochs", "1",
-     "--lr", "2e-3", "--weight-decay", "0.05"],   # the ViT recipe's optimiser: AdamW, warm-up, decay on matrices
-], ids=["resnet18", "vit"])
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        [],
+        [
+            "--arch",
+            "vit_tiny",
+            "--vit-layers",
+            "1",
+            "--vit-dim",
+            "16",
+            "--vit-heads",
+            "2",
+            "--warmup-epochs",
+            "1",
+            "--lr",
+            "2e-3",
+            "--weight-decay",
+            "0.05",
+        ],  # the ViT recipe's optimiser: AdamW, warm-up, decay on matrices
+    ],
+    ids=["resnet18", "vit"],
+)
 def test_simsiam_parity_lightly_heads_shaped_like_ours_train_identically(tmp_path, monkeypatch, backbone):
     """The harness check: lightly's ProjectionHead built with our 2-layer projector, in fp32, gives our curve."""
     pytest.importorskip("lightly")
@@ -196,21 +340,26 @@ def test_simsiam_parity_lightly_heads_shaped_like_ours_train_identically(tmp_pat
     from lightly.models.modules.heads import ProjectionHead
 
     import lt_data
+
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import simsiam_parity
 
     def two_layer_projector(d, h, out):
-        return ProjectionHead([(d, h, torch.nn.BatchNorm1d(h), torch.nn.ReLU()),
-                               (h, out, torch.nn.BatchNorm1d(out, affine=False), None)])
+        return ProjectionHead(
+            [(d, h, torch.nn.BatchNorm1d(h), torch.nn.ReLU()), (h, out, torch.nn.BatchNorm1d(out, affine=False), None)]
+        )
 
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)   # one thread here and in the subprocess: the same kernels, and no oversubscription
+    torch.set_num_threads(1)  # one thread here and in the subprocess: the same kernels, and no oversubscription
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    args = tyro.cli(simsiam_parity.ParityArgs, args=[*PARITY_TINY, "--epochs", "2", "--eval-every", "1",
-                                                     "--amp", "none", "--proj-layers", "2", *backbone])
+    args = tyro.cli(
+        simsiam_parity.ParityArgs,
+        args=[*PARITY_TINY, "--epochs", "2", "--eval-every", "1", "--amp", "none", "--proj-layers", "2", *backbone],
+    )
     _, prediction_head, loss = simsiam_parity.import_lightly()
-    lightly = simsiam_parity.train_lightly(args, 0, lt_data.build_data(args), (two_layer_projector, prediction_head,
-                                                                               loss))
+    lightly = simsiam_parity.train_lightly(
+        args, 0, lt_data.build_data(args), (two_layer_projector, prediction_head, loss)
+    )
     ours = simsiam_parity.train_ours(args, 0)
     assert [step for step, _ in ours] == [0, 9, 18]
     assert [top1 for _, top1 in lightly] == pytest.approx([top1 for _, top1 in ours], abs=1e-4)
@@ -219,13 +368,20 @@ def test_simsiam_parity_lightly_heads_shaped_like_ours_train_identically(tmp_pat
 def test_gpu_check_smoke_mode_runs_every_script_end_to_end(tmp_path):
     """benchmarks/gpu_check.sh --device cpu: every script in bf16 and fp16 through its own command line, then
     step_cost's step / limit; one row each, and the closing line only when all of them finished."""
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu"], cwd=tmp_path,
-                          env=script_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu"],
+        cwd=tmp_path,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = re.findall(r"^\| (supervised|simsiam|msn|excb) \| (bf16|fp16) \| (\d+) \|", proc.stdout, re.M)
-    assert [(m, a) for m, a, _ in rows] == [(m, a) for m in ("supervised", "simsiam", "msn", "excb")
-                                            for a in ("bf16", "fp16")]
-    assert "compile" not in {a for _, a, _ in rows}   # no --compile in the CPU smoke mode
+    assert [(m, a) for m, a, _ in rows] == [
+        (m, a) for m in ("supervised", "simsiam", "msn", "excb") for a in ("bf16", "fp16")
+    ]
+    assert "compile" not in {a for _, a, _ in rows}  # no --compile in the CPU smoke mode
     step_rows = re.findall(r"^\| (supervised|simsiam|msn|excb) \| bf16 \| ([0-9.]+) \|", proc.stdout, re.M)
     assert [m for m, _ in step_rows] == ["supervised", "simsiam", "msn", "excb"]
     assert all(float(ratio) > 0 for _, ratio in step_rows)
@@ -233,48 +389,103 @@ def test_gpu_check_smoke_mode_runs_every_script_end_to_end(tmp_path):
 
 
 def test_gpu_check_fails_on_a_failing_run_naming_the_command(tmp_path):
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--image-size", "4",
-                           "--methods", "supervised"], cwd=tmp_path, env=script_env(), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "benchmarks" / "gpu_check.sh"),
+            "--device",
+            "cpu",
+            "--image-size",
+            "4",
+            "--methods",
+            "supervised",
+        ],
+        cwd=tmp_path,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "gpu_check: FAILED" in proc.stderr and "supervised_baseline.py" in proc.stderr
-    assert "--image-size must be >= 8, got 4" in proc.stderr   # the script's own one-line error is shown
+    assert "--image-size must be >= 8, got 4" in proc.stderr  # the script's own one-line error is shown
     assert "all runs finished" not in proc.stdout
 
 
 def test_pipeline_benchmark_times_each_scripts_own_transform(tmp_path):
-    out = run_benchmark("pipeline.py", "--image-size", "32", "--num-images", "4", "--repeats", "1", "--workers", "0",
-                        "1", "--batch-size", "2", "--methods", "simsiam", "excb", "--breakdown", "--model-rate",
-                        "100", "--compare-torchvision", cwd=tmp_path)
+    out = run_benchmark(
+        "pipeline.py",
+        "--image-size",
+        "32",
+        "--num-images",
+        "4",
+        "--repeats",
+        "1",
+        "--workers",
+        "0",
+        "1",
+        "--batch-size",
+        "2",
+        "--methods",
+        "simsiam",
+        "excb",
+        "--breakdown",
+        "--model-rate",
+        "100",
+        "--compare-torchvision",
+        cwd=tmp_path,
+    )
     result = json.loads((tmp_path / "pipeline.json").read_text())["results"]
     assert list(result) == ["simsiam", "excb"]
     assert result["simsiam"]["views"] == [[32, 32]] * 2
-    assert result["excb"]["views"] == [[32, 32]] * 2 + [[16, 16]] * 6   # 2 global + 6 local crops (ExCB default)
+    assert result["excb"]["views"] == [[32, 32]] * 2 + [[16, 16]] * 6  # 2 global + 6 local crops (ExCB default)
     for row in result.values():
         ms = row["ms_per_image_per_core"]
         assert ms > 0 and row["cores_needed"] == pytest.approx(100 * ms / 1000)
         assert set(row["workers"]) == {"0", "1"} and all(v > 0 for v in row["workers"].values())
         assert sum(c for _, c in row["breakdown_ms_per_view"]) > 0
         assert row["torchvision_ops_ms_per_image_per_core"] > 0
-    assert re.search(r"^\| simsiam \| 2 x 32 \| [0-9.]+ \| \d+ \| \d+ \| \d+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|$",
-                     out, re.M)
-    assert "GaussianBlur" not in out   # no blur at 32 px (CIFAR recipes)
+    assert re.search(
+        r"^\| simsiam \| 2 x 32 \| [0-9.]+ \| \d+ \| \d+ \| \d+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|$", out, re.M
+    )
+    assert "GaussianBlur" not in out  # no blur at 32 px (CIFAR recipes)
 
 
 def test_peers_benchmark_without_lightly_fails_in_one_line(tmp_path):
-    (tmp_path / "lightly").mkdir()   # a lightly that fails to import, whether or not the real one is installed
+    (tmp_path / "lightly").mkdir()  # a lightly that fails to import, whether or not the real one is installed
     (tmp_path / "lightly" / "__init__.py").write_text("raise ImportError('not here')\n")
     env = {**script_env(), "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers.py")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.strip() == \
-        "peers.py: error: lightly is not installed: pip install -r benchmarks/requirements.txt"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "peers.py")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip()
+        == "peers.py: error: lightly is not installed: pip install -r benchmarks/requirements.txt"
+    )
 
 
 def test_peers_benchmark_compares_ours_and_lightly(tmp_path):
     pytest.importorskip("lightly")
-    out = run_benchmark("peers.py", "--batch-size", "4", "--image-size", "16", "--repeats", "1", "--pipeline-size",
-                        "32", "--pipeline-images", "2", cwd=tmp_path)
+    out = run_benchmark(
+        "peers.py",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "16",
+        "--repeats",
+        "1",
+        "--pipeline-size",
+        "32",
+        "--pipeline-images",
+        "2",
+        cwd=tmp_path,
+    )
     result = json.loads((tmp_path / "peers.json").read_text())["results"]
     assert list(result) == ["simsiam", "msn", "pmsn"]
     for method, row in result.items():

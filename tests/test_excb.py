@@ -421,6 +421,7 @@ def test_local_crops_are_96_px_at_imagenet_sizes_and_half_the_image_at_cifar_siz
     import types
 
     import tyro
+
     for size, expected in ((224, 96), (112, 96), (96, 48), (32, 16), (8, 8)):
         args = tyro.cli(excb.Args, args=["--image-size", str(size)])
         assert excb.local_size(args, types.SimpleNamespace(image_size=size)) == expected

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import pytest
@@ -13,18 +12,26 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 import lt_data
-from conftest import ROOT, run_script, write_cifar, write_fashion_mnist, write_idx
-
+from conftest import run_script, write_cifar, write_fashion_mnist, write_idx
 
 # ------------------------------------------------------------------ counts against the field's table
+
 
 def test_cifar10_lt_r100_counts_are_the_standard():
     assert lt_data.long_tail_counts(5000, 10, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
 
-@pytest.mark.parametrize("classes,n_max,ratio,total", [
-    (10, 5000, 10, 20431), (10, 5000, 50, 13996), (10, 5000, 100, 12406),
-    (100, 500, 10, 19573), (100, 500, 50, 12608), (100, 500, 100, 10847)])
+@pytest.mark.parametrize(
+    "classes,n_max,ratio,total",
+    [
+        (10, 5000, 10, 20431),
+        (10, 5000, 50, 13996),
+        (10, 5000, 100, 12406),
+        (100, 500, 10, 19573),
+        (100, 500, 50, 12608),
+        (100, 500, 100, 10847),
+    ],
+)
 def test_totals_match_the_spec_table(classes, n_max, ratio, total):
     counts = lt_data.long_tail_counts(n_max, classes, ratio)
     assert sum(counts) == total
@@ -53,8 +60,9 @@ def test_shot_groups_thresholds_and_thirds():
 
 # ------------------------------------------------------------------ Fashion-MNIST IDX files
 
+
 def test_fashion_mnist_lt_r100_counts_are_the_cifar_rule():
-    expected = [int(6000 * 100 ** (-i / 9)) for i in range(10)]   # class i keeps int(6000 r^(-i/9))
+    expected = [int(6000 * 100 ** (-i / 9)) for i in range(10)]  # class i keeps int(6000 r^(-i/9))
     assert lt_data.long_tail_counts(6000, 10, 100) == expected == [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]
 
 
@@ -65,12 +73,12 @@ def test_fashion_mnist_loads_from_idx_files_in_both_layouts(tmp_path, layout, gz
     args = lt_data.DataArgs(dataset="fashion-mnist", data_dir=str(tmp_path), imbalance_ratio=10, download=False)
     data = lt_data.build_data(args)
     assert data.num_classes == 10 and data.image_size == 28 and data.train_full.targets == labels.tolist()
-    assert len(data.test) == 30 and lt_data.class_histogram(data.test.targets, 10) == [3] * 10   # balanced test
+    assert len(data.test) == 30 and lt_data.class_histogram(data.test.targets, 10) == [3] * 10  # balanced test
     assert data.class_counts == [int(20 * 10 ** (-i / 9)) for i in range(10)]
     img = data.train_full.image(7)
     assert img.mode == "RGB" and img.size == (28, 28)
     rgb = pil_to_tensor(img)
-    assert all(torch.equal(rgb[c], torch.from_numpy(images[7])) for c in range(3))   # grey copied to 3 channels
+    assert all(torch.equal(rgb[c], torch.from_numpy(images[7])) for c in range(3))  # grey copied to 3 channels
 
 
 def test_fashion_mnist_missing_or_corrupt_files_fail_in_one_line(tmp_path):
@@ -81,12 +89,13 @@ def test_fashion_mnist_missing_or_corrupt_files_fail_in_one_line(tmp_path):
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05ab")  # 5 said, 2 held
     with pytest.raises(lt_data.DataError, match="train-labels-idx1-ubyte: header says"):
         lt_data.build_data(args)
-    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(7, dtype=np.uint8))   # 20 images, 7 labels
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(7, dtype=np.uint8))  # 20 images, 7 labels
     with pytest.raises(lt_data.DataError, match="do not hold N images"):
         lt_data.build_data(args)
 
 
 # ------------------------------------------------------------------ CIFAR in torchvision's format
+
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_files_load_through_the_user_path(tmp_path, name):
@@ -97,8 +106,11 @@ def test_cifar_files_load_through_the_user_path(tmp_path, name):
     assert len(data.train_full) == len(labels) and data.train_full.targets == labels
     assert len(data.test) == 3 * data.num_classes and data.num_classes == (10 if name == "cifar10" else 100)
     # n_i = int(n_max * 10^(-i/(C-1))): hand values for n_max = 50, C = 10
-    expected = [50, 38, 29, 23, 17, 13, 10, 8, 6, 5] if name == "cifar10" else \
-        [max(1, int(6 * 0.1 ** (i / 99))) for i in range(100)]  # a class keeps >= 1
+    expected = (
+        [50, 38, 29, 23, 17, 13, 10, 8, 6, 5]
+        if name == "cifar10"
+        else [max(1, int(6 * 0.1 ** (i / 99))) for i in range(100)]
+    )  # a class keeps >= 1
     assert data.class_counts == expected
     assert len(data.twin_indices) == len(data.lt_indices)
     twin = lt_data.class_histogram([labels[i] for i in data.twin_indices], data.num_classes)
@@ -125,8 +137,9 @@ def test_missing_cifar_offline_says_where_to_put_it(tmp_path):
 def test_index_file_replaces_the_construction(tmp_path):
     write_cifar(tmp_path, "cifar10", 20, 2)
     (tmp_path / "split.txt").write_text("0\n5\n7\n100\n")
-    args = lt_data.DataArgs(dataset="cifar10", data_dir=str(tmp_path), index_file=str(tmp_path / "split.txt"),
-                            download=False)
+    args = lt_data.DataArgs(
+        dataset="cifar10", data_dir=str(tmp_path), index_file=str(tmp_path / "split.txt"), download=False
+    )
     assert lt_data.build_data(args).lt_indices == [0, 5, 7, 100]
     (tmp_path / "bad.txt").write_text("0 99999\n")
     with pytest.raises(lt_data.DataError, match="outside"):
@@ -134,6 +147,7 @@ def test_index_file_replaces_the_construction(tmp_path):
 
 
 # ------------------------------------------------------------------ ImageNet-LT split files and ImageFolder
+
 
 def _write_tree(root, split, counts, size=20):
     lines = []
@@ -151,10 +165,11 @@ def test_imagenet_lt_split_files(tmp_path):
     test = _write_tree(tmp_path, "val", [2, 2, 2])
     (tmp_path / "LT_train.txt").write_text("\n".join(train) + "\n")
     (tmp_path / "LT_test.txt").write_text("\n".join(test) + "\n")
-    args = lt_data.DataArgs(dataset="imagenet-lt", data_dir=str(tmp_path), split_file=str(tmp_path / "LT_train.txt"),
-                            image_size=16)
+    args = lt_data.DataArgs(
+        dataset="imagenet-lt", data_dir=str(tmp_path), split_file=str(tmp_path / "LT_train.txt"), image_size=16
+    )
     data = lt_data.build_data(args)
-    assert data.class_counts == [6, 3, 1] and len(data.test) == 6   # used as is
+    assert data.class_counts == [6, 3, 1] and len(data.test) == 6  # used as is
     assert data.groups == {"many": [], "medium": [], "few": [0, 1, 2]}  # ImageNet-LT thresholds
     ds = lt_data.IndexedDataset(data.train_full, data.lt_indices, lt_data.eval_transform(16, data.mean, data.std))
     x, y, k = ds[9]
@@ -206,22 +221,37 @@ def test_training_on_an_imagefolder_with_macos_metadata_finishes(tmp_path):
     _write_tree(tmp_path, "train", [8, 8])
     _write_tree(tmp_path, "val", [1, 1])
     _add_hidden_entries(tmp_path)
-    proc = run_script("supervised_baseline.py", "--dataset", "imagefolder", "--data-dir", str(tmp_path),
-                      "--image-size", "16", "--batch-size", "8", "--max-steps", "2", "--num-workers", "0",
-                      cwd=tmp_path)
+    proc = run_script(
+        "supervised_baseline.py",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        str(tmp_path),
+        "--image-size",
+        "16",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "2",
+        "--num-workers",
+        "0",
+        cwd=tmp_path,
+    )
     assert "done: step 2" in proc.stdout
 
 
 def truncated_jpeg(path, size=20):
     """A JPEG cut in half: its header is fine, decoding fails with 'image file is truncated'."""
     import io
+
     buf = io.BytesIO()
     Image.frombytes("RGB", (size, size), bytes(torch.randint(0, 256, (size * size * 3,)).tolist())).save(buf, "JPEG")
-    path.write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
 
 
 def test_every_unreadable_image_is_a_data_error_naming_the_file(tmp_path):
     import os
+
     truncated, text, empty, locked = (tmp_path / n for n in ("t.jpg", "t.png", "e.png", "l.png"))
     truncated_jpeg(truncated)
     text.write_text("not an image")
@@ -238,7 +268,7 @@ def test_every_unreadable_image_is_a_data_error_naming_the_file(tmp_path):
     (tmp_path / "d" / "train" / "n0001" / "img1.png").write_bytes(b"")
     with pytest.raises(lt_data.DataError, match="1 image files are empty .first: .*n0001/img1.png"):
         lt_data.build_data(args)
-    if os.geteuid() != 0:   # root reads anything
+    if os.geteuid() != 0:  # root reads anything
         Image.new("RGB", (4, 4)).save(tmp_path / "d" / "train" / "n0001" / "img1.png")
         os.chmod(tmp_path / "d" / "train" / "n0001" / "img1.png", 0)
         with pytest.raises(lt_data.DataError, match="not readable: permission denied .first: .*n0001/img1.png"):
@@ -247,6 +277,7 @@ def test_every_unreadable_image_is_a_data_error_naming_the_file(tmp_path):
 
 def test_error_line_unwraps_a_dataloader_worker_error():
     from torch._utils import ExceptionWrapper
+
     try:
         raise lt_data.DataError("cannot read image a/b.jpg: image file is truncated")
     except lt_data.DataError:
@@ -257,6 +288,7 @@ def test_error_line_unwraps_a_dataloader_worker_error():
 
 
 # ------------------------------------------------------------------ synthetic data
+
 
 def _pixels(img):
     return pil_to_tensor(img)
@@ -282,21 +314,24 @@ def test_synthetic_classes_are_not_separable_by_mean_colour_but_by_structure():
         colour = xs.mean((2, 3))
         spectrum = torch.fft.fft2(xs.mean(1)).abs()[:, :8, :8].flatten(1).log1p()  # orientation/frequency energy
         return colour, spectrum, torch.tensor(ds.targets)
+
     c_tr, s_tr, y_tr = feats(lt_data.SyntheticImages(10, 60, 32, 0, True))
     c_te, s_te, y_te = feats(lt_data.SyntheticImages(10, 30, 32, 0, False))
     by_colour = _nearest_mean_accuracy(c_tr, y_tr, c_te, y_te)
     by_structure = _nearest_mean_accuracy(s_tr, y_tr, s_te, y_te)
-    assert by_colour < 0.2            # chance is 0.1
-    assert by_structure > 0.4         # the class is in the pattern
-    assert by_structure < 0.95        # ...but not trivially
+    assert by_colour < 0.2  # chance is 0.1
+    assert by_structure > 0.4  # the class is in the pattern
+    assert by_structure < 0.95  # ...but not trivially
 
 
 # ------------------------------------------------------------------ views and samplers
 
+
 def test_views_shapes_and_index():
     data = lt_data.build_data(lt_data.DataArgs(dataset="synthetic", synthetic_per_class=8, imbalance_ratio=2))
-    two = lt_data.IndexedDataset(data.train_full, data.lt_indices,
-                                 lt_data.TwoViews(lt_data.ssl_augment(32, data.mean, data.std)))
+    two = lt_data.IndexedDataset(
+        data.train_full, data.lt_indices, lt_data.TwoViews(lt_data.ssl_augment(32, data.mean, data.std))
+    )
     views, y, k = two[(3, 123)]
     assert len(views) == 2 and views[0].shape == (3, 32, 32) and k == 3
     assert y == data.train_full.targets[data.lt_indices[3]]
@@ -330,14 +365,15 @@ def test_blur_blurs_with_the_papers_sigma_range():
         torch.manual_seed(seed)
         measured.append(_edge_sigma(blur(edge)))
     draws, measured = np.array(draws), np.array(measured)
-    assert draws.min() < 0.2 and draws.max() > 1.9          # the whole range is drawn
-    visible = draws > 0.4                                    # below ~0.4 px a blur barely moves a pixel value
+    assert draws.min() < 0.2 and draws.max() > 1.9  # the whole range is drawn
+    visible = draws > 0.4  # below ~0.4 px a blur barely moves a pixel value
     assert np.abs(measured[visible] - draws[visible]).max() < 0.05
     assert measured.max() < 2.05
     # in the augmentation: p .5 at ImageNet sizes (>= 96 px), never at CIFAR sizes
     ops = {size: lt_data.ssl_augment(size, (0.5,) * 3, (0.25,) * 3).transforms for size in (224, 32)}
-    applied = [op for op in ops[224] if isinstance(op, T.RandomApply) and
-               isinstance(op.transforms[0], lt_data.GaussianBlur)]
+    applied = [
+        op for op in ops[224] if isinstance(op, T.RandomApply) and isinstance(op.transforms[0], lt_data.GaussianBlur)
+    ]
     assert len(applied) == 1 and applied[0].p == 0.5 and applied[0].transforms[0].sigma == (0.1, 2.0)
     assert not any("GaussianBlur" in repr(op) for op in ops[32])
 
@@ -347,7 +383,7 @@ def test_sampler_ranks_partition_the_single_process_batches():
     r0, r1 = list(lt_data.ResumableSampler(23, 2, 0, seed=5)), list(lt_data.ResumableSampler(23, 2, 1, seed=5))
     B = 4  # 2 processes x B == 1 process x 2B, batch by batch
     for b in range(len(r0) // B):
-        assert sorted(r0[b * B:(b + 1) * B] + r1[b * B:(b + 1) * B]) == sorted(one[2 * b * B:2 * (b + 1) * B])
+        assert sorted(r0[b * B : (b + 1) * B] + r1[b * B : (b + 1) * B]) == sorted(one[2 * b * B : 2 * (b + 1) * B])
     assert sorted(i for i, _, _ in one) == list(range(23))
     assert len(r0) == len(r1) == 11 and len(r0) // B == len(one) // (2 * B)  # same number of steps
 
@@ -384,19 +420,32 @@ def test_works_with_distributed_sampler():
 
 # ------------------------------------------------------------------ command line
 
+
 def test_cli_prints_the_split(tmp_path):
     write_cifar(tmp_path, "cifar10", 50, 1)
-    out = run_script("lt_data.py", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--imbalance-ratio", "10",
-                     "--no-download", cwd=tmp_path).stdout
+    out = run_script(
+        "lt_data.py",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(tmp_path),
+        "--imbalance-ratio",
+        "10",
+        "--no-download",
+        cwd=tmp_path,
+    ).stdout
     assert "50, 38, 29, 23, 17, 13, 10, 8, 6, 5" in out and "199 images" in out
     assert "many" in out and "balanced twin: 199 images" in out
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--dataset", "synthetic", "--imbalance-ratio", "0.5"], "imbalance-ratio must be >= 1"),
-    (["--dataset", "imagenet-lt", "--split-file", "missing_train.txt"], "split file not found"),
-    (["--dataset", "cifar10", "--data-dir", "nowhere", "--no-download"], "not found"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dataset", "synthetic", "--imbalance-ratio", "0.5"], "imbalance-ratio must be >= 1"),
+        (["--dataset", "imagenet-lt", "--split-file", "missing_train.txt"], "split file not found"),
+        (["--dataset", "cifar10", "--data-dir", "nowhere", "--no-download"], "not found"),
+    ],
+)
 def test_cli_bad_arguments_one_line(tmp_path, args, message):
     proc = run_script("lt_data.py", *args, cwd=tmp_path, check=False)
     assert proc.returncode == 2

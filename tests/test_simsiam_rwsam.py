@@ -431,7 +431,7 @@ def test_projector_depth_follows_simsiam_imagenet_3_cifar_2_and_the_flag():
         data = lt_data.build_data(args)
         projector = ss.Model(args, data).projector
         layers = [m for m in projector if isinstance(m, torch.nn.Linear)]
-        assert isinstance(projector[-1], torch.nn.BatchNorm1d) and not projector[-1].affine   # BN, no affine, last
+        assert isinstance(projector[-1], torch.nn.BatchNorm1d) and not projector[-1].affine  # BN, no affine, last
         assert [type(m).__name__ for m in projector[:3]] == ["Linear", "BatchNorm1d", "ReLU"]
         return len(layers)
 
