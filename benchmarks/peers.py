@@ -6,8 +6,8 @@ warm-ups), on one batch drawn through our pipeline:
            predictor, our loss, fused SGD). lightly: the same backbone and SGD under lightly 1.6.0's
            SimSiamProjectionHead (3 layers), SimSiamPredictionHead and NegativeCosineSimilarity, as its example.
   msn/pmsn ours: msn_prior.py's train_step (uniform prior with Sinkhorn, or --prior power-law). lightly: the same
-           model forward, AdamW and EMA, with lightly's MSNLoss / PMSNLoss in place of our loss. Ours also clips and
-           records the gradient norm (MSN's recipe), which lightly's example does not.
+           model forward, the script's own optimizer step (gradient clipping included) and EMA, with lightly's
+           MSNLoss / PMSNLoss in place of our loss: the difference is the loss.
 Pipeline at --pipeline-size px (ms per image per core, one thread, decode of a JPEG to every normalised view, on the
 same generated 500 x 375 JPEGs): our train_transform (benchmarks/pipeline.py) against lightly's SimSiamTransform
 and MSNTransform built with the same view counts, sizes and crop scales.
@@ -20,6 +20,7 @@ benchmark-only dependency: pip install -r benchmarks/requirements.txt.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -154,10 +155,10 @@ def lightly_msn_step(module, run, batch, lightly_loss, power_law: bool):
         loss = criterion(
             anchor.float(), target.float(), prototypes.float(), target_sharpen_temperature=args.target_temp
         )
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
-        model.ema_update(0.996)
+        online = [*model.encoder.parameters(), *model.head.parameters()]
+        module.optimizer_step(run, loss, clip=online, max_norm=args.clip_grad or math.inf)  # as ours: same step
+        target_params = [*model.target_encoder.parameters(), *model.target_head.parameters()]
+        module.ema_update(target_params, online, run.schedule["ema_momentum"])
 
     return step
 

@@ -164,7 +164,10 @@ def real_batch(module, run, batch_size):
     """A batch from the script's own pipeline, moved to the device by its own code (as in training)."""
     loader = lt_data.make_loader(run.train_set, batch_size, 0, sampler=None, drop_last=True)
     views, labels, idx = next(iter(loader))
-    move = lambda x: [module.to_device(v, run) for v in x] if isinstance(x, list) else module.to_device(x, run)  # noqa: E731
+
+    def move(x):
+        return [module.to_device(v, run) for v in x] if isinstance(x, list) else module.to_device(x, run)
+
     return move(views), move(labels), move(idx)
 
 
