@@ -974,9 +974,10 @@ class Logger:
                 self.writer.add_scalar(k if "/" in k else f"losses/{k}", v, run.step)
             for k, v in self.vectors.items():
                 self.writer.add_histogram(k, v.detach().float().cpu(), run.step)
+            memory = f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if run.device.type == "cuda" else ""
             print(
                 f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss "
-                f"{means.get('loss', math.nan):.4f}{shown} | {images_per_s:.0f} img/s | eta {format_eta(eta)}"
+                f"{means.get('loss', math.nan):.4f}{shown} | {images_per_s:.0f} img/s{memory} | eta {format_eta(eta)}"
                 if steps
                 else f"step {run.step}, before training{shown}",
                 flush=True,

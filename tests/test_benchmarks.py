@@ -382,7 +382,7 @@ def test_gpu_check_smoke_mode_runs_every_script_end_to_end(tmp_path):
         (m, a) for m in ("supervised", "simsiam", "msn", "excb") for a in ("bf16", "fp16")
     ]
     assert "compile" not in {a for _, a, _ in rows}  # no --compile in the CPU smoke mode
-    step_rows = re.findall(r"^\| (supervised|simsiam|msn|excb) \| bf16 \| ([0-9.]+) \|", proc.stdout, re.M)
+    step_rows = re.findall(r"^\| (supervised|simsiam|msn|excb) \| bf16 \| (\d+\.\d{3}) \|", proc.stdout, re.M)
     assert [m for m, _ in step_rows] == ["supervised", "simsiam", "msn", "excb"]
     assert all(float(ratio) > 0 for _, ratio in step_rows)
     assert proc.stdout.rstrip().endswith("gpu_check: all runs finished")
