@@ -21,7 +21,6 @@ fields plus texture and noise, so the decoder does real work).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import statistics
@@ -38,6 +37,8 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from step_cost import load_script  # noqa: E402
+
 import lt_data  # noqa: E402
 
 SCRIPTS = {
@@ -77,14 +78,6 @@ class PipelineArgs:
     the pipeline before lt_data.GaussianBlur and ToNormalizedTensor: the speed-up measured in the same run"""
     output: str = "pipeline.json"
     """where the figures are written (JSON)"""
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(ROOT, name))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_jpegs(root: str, n: int, seed: int = 0) -> None:
