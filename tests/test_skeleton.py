@@ -52,10 +52,29 @@ def test_marker_parser_sees_a_difference(tmp_path):
     assert sections(a)[0] != sections(b)[0] and sections(a)[1] == sections(b)[1]
 
 
+def _fake_run(args, tmp_path, steps: int):
+    """The fields of a Run that the Logger reads: one process on the CPU, one epoch of `steps` steps, lr 0.1."""
+    from types import SimpleNamespace
+
+    import torch
+
+    return SimpleNamespace(
+        args=args,
+        rank=0,
+        world_size=1,
+        step=0,
+        epoch=0,
+        total_steps=steps,
+        steps_per_epoch=steps,
+        run_dir=str(tmp_path),
+        device=torch.device("cpu"),
+        optimizer=SimpleNamespace(param_groups=[{"lr": 0.1}]),
+    )
+
+
 def test_logger_averages_device_tensors_and_host_floats_over_the_interval(tmp_path, capsys):
     """Methods return tensors (kept on the device, no sync) and Python floats (host-side schedules); a CPU
     scalar tensor is moved to the run's device, so a GPU run never stacks tensors of two devices."""
-    from types import SimpleNamespace
 
     import torch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -63,18 +82,7 @@ def test_logger_averages_device_tensors_and_host_floats_over_the_interval(tmp_pa
     import supervised_baseline as S
 
     args = S.Args(dataset="synthetic", batch_size=4, epochs=1)
-    run = SimpleNamespace(
-        args=args,
-        rank=0,
-        world_size=1,
-        step=0,
-        epoch=0,
-        total_steps=10,
-        steps_per_epoch=10,
-        run_dir=str(tmp_path),
-        device=torch.device("cpu"),
-        optimizer=SimpleNamespace(param_groups=[{"lr": 0.1}]),
-    )
+    run = _fake_run(args, tmp_path, steps=10)
     logger = S.Logger(run, resumed=False)
     for step, (loss, momentum) in enumerate([(1.0, 0.9), (3.0, 0.95)], start=1):
         run.step = step
@@ -99,7 +107,6 @@ def test_eta_floors_hours_and_minutes():
 
 def test_eta_counts_to_the_step_the_run_stops_at(tmp_path, capsys, monkeypatch):
     """With --max-steps 4 of a 1000-step schedule, the ETA counts the 2 steps left, not 998."""
-    from types import SimpleNamespace
 
     import torch
 
@@ -108,18 +115,7 @@ def test_eta_counts_to_the_step_the_run_stops_at(tmp_path, capsys, monkeypatch):
     clock = [0.0]  # Logger starts at 0 s, writes at 100 s (2 steps: 50 s a step)
     monkeypatch.setattr(S.time, "perf_counter", lambda: clock.pop(0) if clock else 100.0)
     args = S.Args(dataset="synthetic", batch_size=4, epochs=1, max_steps=4)
-    run = SimpleNamespace(
-        args=args,
-        rank=0,
-        world_size=1,
-        step=0,
-        epoch=0,
-        total_steps=1000,
-        steps_per_epoch=1000,
-        run_dir=str(tmp_path),
-        device=torch.device("cpu"),
-        optimizer=SimpleNamespace(param_groups=[{"lr": 0.1}]),
-    )
+    run = _fake_run(args, tmp_path, steps=1000)
     logger = S.Logger(run, resumed=False)
     for step in (1, 2):
         run.step = step
