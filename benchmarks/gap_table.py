@@ -10,10 +10,13 @@ seed with its mean ± std, whether supervised's mean gap exceeds each SSL method
 <output-dir>/gap_table.json (every per-seed number) and <output-dir>/gap_figure.png (per-class linear accuracy
 against the long-tailed class count; needs matplotlib: pip install -r benchmarks/requirements.txt).
 
-The whole table (6 methods x 2 pre-training sets x 3 seeds, CPU recipes below: 36 runs, 42 probes) is estimated
-from the recipes' measured times (docs/cpu_recipes.md) at 5 to 6 hours of a 2-core CPU, so it resumes:
+The whole table (6 methods x 2 pre-training sets x 3 seeds: 36 runs, 42 probes) uses the CPU recipes of
+docs/cpu_recipes.md shortened to --train-steps 464 (2 epochs); about 2 hours of a 2-core CPU as two
+one-thread workers (the seeds split between them; a last call with every seed gathers the table):
 
-    OMP_NUM_THREADS=2 python benchmarks/gap_table.py --output-dir runs/gap
+    OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/gap_table.py --seeds 1 --num-workers 0 &
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/gap_table.py --seeds 2 --num-workers 0 &
+    wait; python benchmarks/gap_table.py --seeds 3 --num-workers 0; python benchmarks/gap_table.py
 
 It resumes: rerun the same command after an interruption. A run whose backbone.pt exists is not retrained, a
 probe whose JSON exists is not re-run (an interrupted run resumes from its checkpoint); delete a run's folder to
@@ -54,8 +57,6 @@ SIMSIAM = [
     "512",
     "--pred-dim",
     "128",
-    "--train-steps",
-    "1800",
     "--warmup-epochs",
     "1",
     "--batch-size",
@@ -76,8 +77,6 @@ MSN = [
     "64",
     "--num-prototypes",
     "64",
-    "--train-steps",
-    "1200",
     "--warmup-epochs",
     "1",
     "--batch-size",
@@ -88,7 +87,7 @@ MSN = [
     "0.99",
 ]  # uniform prior
 METHODS = {
-    "supervised": ("supervised_baseline.py", ["--train-steps", "1200", "--batch-size", "64"], ["--epochs", "200"]),
+    "supervised": ("supervised_baseline.py", ["--batch-size", "64"], ["--epochs", "200"]),
     "simsiam": ("simsiam_rwsam.py", SIMSIAM, ["--sam", "none", "--epochs", "800", "--batch-size", "512"]),
     "rwsam": (
         "simsiam_rwsam.py",
@@ -113,8 +112,6 @@ METHODS = {
             "64",
             "--num-local-crops",
             "2",
-            "--train-steps",
-            "1200",
             "--warmup-epochs",
             "1",
             "--batch-size",
@@ -158,6 +155,9 @@ class GapArgs:
     """synthetic: classes"""
     synthetic_per_class: int = 500
     """synthetic: images per class before subsampling"""
+    train_steps: int = 464
+    """--train-steps of every CPU run (all methods alike; 464 = 2 epochs of Fashion-MNIST-LT at batch 64, a third
+    to a quarter of the docs/cpu_recipes.md runs, so that 36 runs and 42 probes fit in about 2 hours)"""
     paper_scale: bool = False
     """use each method's paper-scale flags (hundreds of epochs: a GPU job) instead of the CPU recipes"""
     extra: str = ""
@@ -208,7 +208,7 @@ def probe(args: GapArgs, backbone: str, out: str, seed: int, random_init: bool =
 
 def recipe(args: GapArgs, method: str) -> tuple[str, list[str]]:
     script, cpu_flags, paper_flags = METHODS[method]
-    return script, paper_flags if args.paper_scale else cpu_flags
+    return script, paper_flags if args.paper_scale else [*cpu_flags, "--train-steps", str(args.train_steps)]
 
 
 def train_and_probe(args: GapArgs, method: str, pretrain: str, seed: int) -> tuple[str, dict]:
@@ -288,6 +288,8 @@ def main(args: GapArgs) -> dict:
         fail(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}" if unknown else "give --methods")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 1:
         fail(f"--seeds must be one or more distinct seeds >= 1, got {list(args.seeds)}")
+    if args.train_steps < 1:
+        fail(f"--train-steps must be >= 1, got {args.train_steps}")
     if args.num_workers < 0:
         fail(f"--num-workers must be >= 0, got {args.num_workers}")
     try:  # the long-tailed class counts (the figure's x axis); also checks the data before hours of training

@@ -14,6 +14,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# pytest-xdist (-n N, the README's command) runs N tests at once: each gets its share of the cores, in-process
+# and in the scripts it starts, so that N workers never ask for N x cores threads (torch threads that share a
+# core spin against each other)
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 # A tiny synthetic long-tailed set: 4 classes, 32 images of the head class, 16 px. Steps take milliseconds.
 TINY_DATA = [
@@ -98,10 +102,11 @@ ARCH_CHANGE = {
 
 
 def script_env(threads: int | None = None) -> dict:
+    """The environment of a script run: no torchrun variables, the repository importable, ``threads`` (default:
+    this worker's share of the cores) torch threads."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
     env["PYTHONPATH"] = str(ROOT)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    env["OMP_NUM_THREADS"] = str(threads or THREADS)
     return env
 
 
@@ -248,4 +253,4 @@ def tiny_supervised_run(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(min(2, THREADS))

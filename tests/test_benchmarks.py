@@ -164,6 +164,7 @@ def test_gap_table_reports_the_relative_gap_of_the_probes(tmp_path):
         ),
         (["--seeds", "1", "1"], "--seeds must be one or more distinct seeds >= 1, got [1, 1]"),
         (["--seeds", "0"], "--seeds must be one or more distinct seeds >= 1, got [0]"),
+        (["--train-steps", "0"], "--train-steps must be >= 1, got 0"),
     ],
 )
 def test_gap_table_bad_input_one_clear_line(tmp_path, extra, message):
