@@ -11,12 +11,13 @@ seed with its mean ± std, whether supervised's mean gap exceeds each SSL method
 against the long-tailed class count; needs matplotlib: pip install -r benchmarks/requirements.txt).
 
 The whole table (6 methods x 2 pre-training sets x 3 seeds: 36 runs, 42 probes) uses the CPU recipes of
-docs/cpu_recipes.md shortened to --train-steps 464 (2 epochs); about 2 hours of a 2-core CPU as two
-one-thread workers (the seeds split between them; a last call with every seed gathers the table):
+docs/cpu_recipes.md shortened to 3 epochs of Fashion-MNIST-LT (696 steps) for SimSiam and rwSAM and 2 epochs
+(464) for the others, the 3:2 ratio of the recipes (1,800 and 1,200 steps). It is about 3 hours of one core, so
+run one worker per core, each on its own seeds (workers must not share a seed), then gather:
 
-    OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/gap_table.py --seeds 1 --num-workers 0 &
+    OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/gap_table.py --seeds 1 3 --num-workers 0 &
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/gap_table.py --seeds 2 --num-workers 0 &
-    wait; python benchmarks/gap_table.py --seeds 3 --num-workers 0; python benchmarks/gap_table.py
+    wait; python benchmarks/gap_table.py
 
 It resumes: rerun the same command after an interruption. A run whose backbone.pt exists is not retrained, a
 probe whose JSON exists is not re-run (an interrupted run resumes from its checkpoint); delete a run's folder to
@@ -38,7 +39,7 @@ import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from typing import NoReturn
+from typing import NoReturn, Optional
 
 import torch
 import tyro
@@ -57,6 +58,8 @@ SIMSIAM = [
     "512",
     "--pred-dim",
     "128",
+    "--train-steps",
+    "696",
     "--warmup-epochs",
     "1",
     "--batch-size",
@@ -77,6 +80,8 @@ MSN = [
     "64",
     "--num-prototypes",
     "64",
+    "--train-steps",
+    "464",
     "--warmup-epochs",
     "1",
     "--batch-size",
@@ -87,7 +92,7 @@ MSN = [
     "0.99",
 ]  # uniform prior
 METHODS = {
-    "supervised": ("supervised_baseline.py", ["--batch-size", "64"], ["--epochs", "200"]),
+    "supervised": ("supervised_baseline.py", ["--train-steps", "464", "--batch-size", "64"], ["--epochs", "200"]),
     "simsiam": ("simsiam_rwsam.py", SIMSIAM, ["--sam", "none", "--epochs", "800", "--batch-size", "512"]),
     "rwsam": (
         "simsiam_rwsam.py",
@@ -112,6 +117,8 @@ METHODS = {
             "64",
             "--num-local-crops",
             "2",
+            "--train-steps",
+            "464",
             "--warmup-epochs",
             "1",
             "--batch-size",
@@ -155,9 +162,8 @@ class GapArgs:
     """synthetic: classes"""
     synthetic_per_class: int = 500
     """synthetic: images per class before subsampling"""
-    train_steps: int = 464
-    """--train-steps of every CPU run (all methods alike; 464 = 2 epochs of Fashion-MNIST-LT at batch 64, a third
-    to a quarter of the docs/cpu_recipes.md runs, so that 36 runs and 42 probes fit in about 2 hours)"""
+    train_steps: Optional[int] = None
+    """replaces every CPU run's --train-steps (the recipes': 696 for SimSiam and rwSAM, 464 for the others)"""
     paper_scale: bool = False
     """use each method's paper-scale flags (hundreds of epochs: a GPU job) instead of the CPU recipes"""
     extra: str = ""
@@ -208,7 +214,9 @@ def probe(args: GapArgs, backbone: str, out: str, seed: int, random_init: bool =
 
 def recipe(args: GapArgs, method: str) -> tuple[str, list[str]]:
     script, cpu_flags, paper_flags = METHODS[method]
-    return script, paper_flags if args.paper_scale else [*cpu_flags, "--train-steps", str(args.train_steps)]
+    if args.paper_scale:
+        return script, paper_flags
+    return script, [*cpu_flags, *(["--train-steps", str(args.train_steps)] if args.train_steps else [])]
 
 
 def train_and_probe(args: GapArgs, method: str, pretrain: str, seed: int) -> tuple[str, dict]:
@@ -288,7 +296,7 @@ def main(args: GapArgs) -> dict:
         fail(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}" if unknown else "give --methods")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 1:
         fail(f"--seeds must be one or more distinct seeds >= 1, got {list(args.seeds)}")
-    if args.train_steps < 1:
+    if args.train_steps is not None and args.train_steps < 1:
         fail(f"--train-steps must be >= 1, got {args.train_steps}")
     if args.num_workers < 0:
         fail(f"--num-workers must be >= 0, got {args.num_workers}")
