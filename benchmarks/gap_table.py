@@ -12,8 +12,9 @@ against the long-tailed class count; needs matplotlib: pip install -r benchmarks
 
 The whole table (6 methods x 2 pre-training sets x 3 seeds: 36 runs, 42 probes) uses the CPU recipes of
 docs/cpu_recipes.md shortened to 3 epochs of Fashion-MNIST-LT (696 steps) for SimSiam and rwSAM and 2 epochs
-(464) for the others, the 3:2 ratio of the recipes (1,800 and 1,200 steps). It is about 3 hours of one core, so
-run one worker per core, each on its own seeds (workers must not share a seed), then gather:
+(464) for the others, the 3:2 ratio of the recipes (1,800 and 1,200 steps). It took 4.0 core-hours on our 2-core
+AMD EPYC (partly beside other jobs; docs/benchmarks.md), so run one worker per core, each on its own seeds
+(workers must not share a seed), then gather:
 
     OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/gap_table.py --seeds 1 3 --num-workers 0 &
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/gap_table.py --seeds 2 --num-workers 0 &
