@@ -22,7 +22,7 @@ AMD EPYC (partly beside other jobs; docs/benchmarks.md), so run one worker per c
 
 It resumes: rerun the same command after an interruption. A run whose backbone.pt exists is not retrained, a
 probe whose JSON exists is not re-run (an interrupted run resumes from its checkpoint); delete a run's folder to
-redo it, e.g. after changing its recipe in METHODS.
+redo it, e.g. after changing its recipe in RECIPES.
 
 Paper scale (a GPU user's command; CIFAR-10-LT r=100, each method's paper epochs and batch):
 
@@ -37,100 +37,30 @@ import os
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from typing import NoReturn, Optional
 
-import torch
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from recipes import RECIPES, arch_label, mean_std, probe  # noqa: E402  (the CPU recipes and their helpers)
+from recipes import pretrain as pretrain_run  # noqa: E402
+
 import lt_data  # noqa: E402  (the data sets the scripts accept)
 
-# Per method: its script, the flags of the CPU run, and those of the paper-scale run (a GPU job).
-VIT = ["--arch", "vit_tiny", "--vit-layers", "4", "--vit-dim", "96", "--vit-heads", "3"]
-SIMSIAM = [
-    "--sam",
-    "none",
-    *VIT,
-    "--proj-dim",
-    "512",
-    "--pred-dim",
-    "128",
-    "--train-steps",
-    "696",
-    "--warmup-epochs",
-    "1",
-    "--batch-size",
-    "64",
-    "--lr",
-    "2e-3",
-    "--crop-min-scale",
-    "0.5",
-]
-RWSAM = ["--sam", "asam", "--reweight", "kde", "--reweight-warmup", "2", "--reweight-every", "2"]  # after SIMSIAM
-MSN = [
-    *VIT,
-    "--num-focal",
-    "4",
-    "--head-hidden",
-    "256",
-    "--head-out",
-    "64",
-    "--num-prototypes",
-    "64",
-    "--train-steps",
-    "464",
-    "--warmup-epochs",
-    "1",
-    "--batch-size",
-    "64",
-    "--lr",
-    "2e-3",
-    "--ema-momentum",
-    "0.99",
-]  # uniform prior
-METHODS = {
-    "supervised": ("supervised_baseline.py", ["--train-steps", "464", "--batch-size", "64"], ["--epochs", "200"]),
-    "simsiam": ("simsiam_rwsam.py", SIMSIAM, ["--sam", "none", "--epochs", "800", "--batch-size", "512"]),
-    "rwsam": (
-        "simsiam_rwsam.py",
-        [*SIMSIAM, *RWSAM],
-        ["--sam", "asam", "--reweight", "kde", "--epochs", "800", "--batch-size", "512"],
-    ),
-    "msn": ("msn_prior.py", MSN, ["--epochs", "800", "--batch-size", "256"]),
-    "pmsn": (
-        "msn_prior.py",
-        [*MSN, "--prior", "power-law"],
-        ["--prior", "power-law", "--epochs", "800", "--batch-size", "256"],
-    ),
-    "excb": (
-        "excb.py",
-        [
-            *VIT,
-            "--num-clusters",
-            "256",
-            "--hidden-dim",
-            "512",
-            "--out-dim",
-            "64",
-            "--num-local-crops",
-            "2",
-            "--train-steps",
-            "464",
-            "--warmup-epochs",
-            "1",
-            "--batch-size",
-            "64",
-            "--lr",
-            "2e-3",
-            "--teacher-momentum",
-            "0.99",
-        ],
-        ["--epochs", "800", "--batch-size", "256"],
-    ),
+# The CPU runs are the recipes of benchmarks/recipes.py on shorter budgets (steps: 3 epochs of Fashion-MNIST-LT at
+# batch 64 for SimSiam and rwSAM, 2 for the others, the 3:2 ratio of the recipes); the paper-scale flags are a GPU
+# user's (each method's paper epochs and batch).
+GAP_STEPS = {"supervised": 464, "simsiam": 696, "rwsam": 696, "msn": 464, "pmsn": 464, "excb": 464}
+PAPER = {
+    "supervised": ["--epochs", "200"],
+    "simsiam": ["--sam", "none", "--epochs", "800", "--batch-size", "512"],
+    "rwsam": ["--sam", "asam", "--reweight", "kde", "--epochs", "800", "--batch-size", "512"],
+    "msn": ["--epochs", "800", "--batch-size", "256"],
+    "pmsn": ["--prior", "power-law", "--epochs", "800", "--batch-size", "256"],
+    "excb": ["--epochs", "800", "--batch-size", "256"],
 }
 SETS = {"long-tailed": "lt", "balanced": "twin"}  # pre-training set -> run-name suffix
 # (name in the table and JSON, probe, key): linear and kNN top-1, linear many / medium / few
@@ -147,7 +77,7 @@ METRICS = [
 class GapArgs:
     """Balanced-twin vs long-tailed pre-training gap of every method, over seeds."""
 
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = tuple(RECIPES)
     """methods to run (a random-init row per architecture is added)"""
     seeds: tuple[int, ...] = (1, 2, 3)
     """training seeds (>= 1; each run's probe uses --seed = training seed - 1)"""
@@ -180,103 +110,23 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def run(cmd: list[str], log: str) -> None:
-    """Run a script, its output appended to ``log`` (tail -f it); on failure print the end of the log and stop."""
-    print("$", shlex.join(cmd), flush=True)
-    with open(log, "a") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        with open(log) as f:
-            sys.exit(f"failed ({code}), see {log}: {shlex.join(cmd)}\n{f.read()[-3000:]}")
-
-
-def probe(args: GapArgs, backbone: str, out: str, seed: int, random_init: bool = False) -> dict:
-    """linear_probe.py's JSON for ``backbone`` (run unless ``out`` exists; written whole or not at all)."""
-    if not os.path.exists(out):
-        run(
-            [
-                sys.executable,
-                os.path.join(ROOT, "linear_probe.py"),
-                backbone,
-                "--seed",
-                str(seed),
-                "--num-workers",
-                str(args.num_workers),
-                "--output",
-                out + ".part",
-                *(["--random-init"] if random_init else []),
-            ],
-            os.path.splitext(out)[0] + ".log",
-        )
-        os.replace(out + ".part", out)
-    with open(out) as f:
-        return json.load(f)
-
-
 def recipe(args: GapArgs, method: str) -> tuple[str, list[str]]:
-    script, cpu_flags, paper_flags = METHODS[method]
+    script, flags = RECIPES[method]
     if args.paper_scale:
-        return script, paper_flags
-    return script, [*cpu_flags, *(["--train-steps", str(args.train_steps)] if args.train_steps else [])]
+        return script, PAPER[method]
+    return script, [*flags, "--train-steps", str(args.train_steps or GAP_STEPS[method])]
 
 
 def train_and_probe(args: GapArgs, method: str, pretrain: str, seed: int) -> tuple[str, dict]:
     """Pre-train ``method`` on ``pretrain`` (unless its backbone.pt exists) and probe it: (backbone.pt, probe JSON)."""
     script, flags = recipe(args, method)
+    flags = [*flags, *shlex.split(args.extra), *(["--balanced-twin"] if pretrain == "balanced" else [])]
+    data = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--imbalance-ratio", str(args.imbalance_ratio)]
+    data += ["--image-size", str(args.image_size), "--synthetic-classes", str(args.synthetic_classes)]
+    data += ["--synthetic-per-class", str(args.synthetic_per_class)]
     name = f"{method}_{SETS[pretrain]}_s{seed}"
-    run_dir = os.path.join(args.output_dir, name)
-    backbone = os.path.join(run_dir, "backbone.pt")
-    if not os.path.exists(backbone):
-        data = [
-            "--dataset",
-            args.dataset,
-            "--data-dir",
-            args.data_dir,
-            "--imbalance-ratio",
-            str(args.imbalance_ratio),
-            "--image-size",
-            str(args.image_size),
-            "--synthetic-classes",
-            str(args.synthetic_classes),
-            "--synthetic-per-class",
-            str(args.synthetic_per_class),
-        ]
-        os.makedirs(run_dir, exist_ok=True)
-        run(
-            [
-                sys.executable,
-                os.path.join(ROOT, script),
-                *data,
-                *flags,
-                *shlex.split(args.extra),
-                *(["--balanced-twin"] if pretrain == "balanced" else []),
-                "--seed",
-                str(seed),
-                "--num-workers",
-                str(args.num_workers),
-                "--output-dir",
-                args.output_dir,
-                "--run-name",
-                name,
-            ],
-            os.path.join(run_dir, "train.log"),
-        )
-    return backbone, probe(args, backbone, os.path.join(run_dir, "probe.json"), seed - 1)
-
-
-def arch_label(backbone: str, flags: list[str]) -> str:
-    """The backbone's architecture as a row name: resnet18, or vit_tiny 4x96 (the --arch flag, layers x width)."""
-    meta = torch.load(backbone, map_location="cpu", weights_only=True)["backbone"]
-    if meta["arch"] != "vit":
-        return meta["arch"]
-    kw = meta["arch_kwargs"]
-    name = flags[flags.index("--arch") + 1] if "--arch" in flags else "vit"
-    return f"{name} {kw['num_layers']}x{kw['hidden_dim']}"
-
-
-def mean_std(values: list[float]) -> dict:
-    """Mean and sample standard deviation (None with one seed)."""
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
+    backbone = pretrain_run(script, flags, data, args.output_dir, name, seed, args.num_workers)
+    return backbone, probe(backbone, os.path.join(args.output_dir, name, "probe.json"), seed - 1, args.num_workers)
 
 
 def summarise(per_seed: dict[str, dict]) -> dict:
@@ -292,9 +142,9 @@ def relative_gaps(runs: dict, which: str) -> dict:
 
 
 def main(args: GapArgs) -> dict:
-    unknown = [m for m in args.methods if m not in METHODS]
+    unknown = [m for m in args.methods if m not in RECIPES]
     if unknown or not args.methods:
-        fail(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}" if unknown else "give --methods")
+        fail(f"unknown method {unknown[0]!r}; choose from {', '.join(RECIPES)}" if unknown else "give --methods")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 1:
         fail(f"--seeds must be one or more distinct seeds >= 1, got {list(args.seeds)}")
     if args.train_steps is not None and args.train_steps < 1:
@@ -329,7 +179,7 @@ def main(args: GapArgs) -> dict:
     for arch, backbones in random_runs.items():
         slug = re.sub(r"[^A-Za-z0-9]+", "_", arch)
         runs = {
-            str(s): probe(args, b, os.path.join(args.output_dir, f"random_{slug}_s{s}.json"), s - 1, True)
+            str(s): probe(b, os.path.join(args.output_dir, f"random_{slug}_s{s}.json"), s - 1, args.num_workers, True)
             for s, b in backbones.items()
         }
         table[f"random ({arch})"] = {

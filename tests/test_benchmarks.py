@@ -179,6 +179,111 @@ def test_gap_table_bad_input_one_clear_line(tmp_path, extra, message):
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
+RECIPES_TINY = [
+    "--methods",
+    "simsiam",
+    "msn",
+    "--dataset",
+    "synthetic",
+    "--synthetic-classes",
+    "4",
+    "--synthetic-per-class",
+    "24",
+    "--imbalance-ratio",
+    "4",
+    "--train-steps",
+    "2",
+    "--extra=--batch-size 8",
+    "--knn-k",
+    "5",
+    "--num-workers",
+    "0",
+    "--seeds",
+    "1",
+]
+
+
+def test_recipes_compares_each_method_with_its_random_backbone(tmp_path):
+    out = run_benchmark("recipes.py", *RECIPES_TINY, cwd=tmp_path)
+    rec_dir = tmp_path / "runs" / "recipes"
+    result = json.loads((rec_dir / "recipes.json").read_text())
+    rows = result["rows"]
+    assert list(rows) == ["simsiam", "msn"] and {r["arch"] for r in rows.values()} == {"vit_tiny 4x96"}
+    # both ViT recipes share one random-init probe of the seed, with the trained probes' seed (training seed - 1)
+    random_probe = json.loads((rec_dir / "random_vit_tiny_4x96_s1.json").read_text())
+    assert random_probe["random_init"] and len(list(rec_dir.glob("random_*.json"))) == 1
+    assert out.count("--random-init") == 1 and "--seed 0 --num-workers 0 --output" in out and "--knn-k 5" in out
+    for method, row in rows.items():
+        trained = json.loads((rec_dir / f"{method}_s1" / "probe.json").read_text())
+        # --train-steps 2 replaced the recipe's budget: one whole epoch of the 54 long-tailed images at batch 8
+        assert not trained["random_init"] and trained["step"] == 6
+        assert row["trained"]["1"] == {p: trained[p]["top1"] for p in ("linear", "knn")}
+        assert row["random init"]["1"] == {p: random_probe[p]["top1"] for p in ("linear", "knn")}
+        for p in ("linear", "knn"):
+            assert row["above_random"][p] == pytest.approx(trained[p]["top1"] - random_probe[p]["top1"])
+        assert row["meets_bar"] == (row["above_random"]["linear"] >= 3 and row["above_random"]["knn"] >= 5)
+        lin = row["above_random"]["linear"]
+        assert f"| {method} | vit_tiny 4x96 | {trained['linear']['top1']:.2f} | " in out and f"| {lin:+.2f} |" in out
+    # a rerun trains and probes nothing and gives the same JSON
+    again = run_benchmark("recipes.py", *RECIPES_TINY, cwd=tmp_path)
+    assert "$ " not in again and json.loads((rec_dir / "recipes.json").read_text()) == result
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--methods", "byol"], "unknown method 'byol'; choose from supervised, simsiam, rwsam, msn, pmsn, excb"),
+        (["--train-steps", "0"], "--train-steps must be >= 1, got 0"),
+        (["--knn-k", "0"], "--knn-k must be >= 1, got 0"),
+        (["--dataset", "imagefolder", "--data-dir", "missing"], "image folder not found: missing/train"),
+    ],
+)
+def test_recipes_bad_input_one_clear_line(tmp_path, extra, message):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "recipes.py"), *RECIPES_TINY, *extra],
+        cwd=tmp_path,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and message in proc.stderr, proc.stdout + proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_make_imagefolder_writes_a_seeded_class_subset(tmp_path):
+    import gzip
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)  # a tiny digits.csv.gz: 10 classes x 6 rows of 64 pixels (0..16) and a label
+    rows = [[*rng.integers(0, 17, 64), c] for c in range(10) for _ in range(6)]
+    csv = tmp_path / "digits.csv.gz"
+    with gzip.open(csv, "wt") as f:
+        f.write("\n".join(",".join(f"{v}.0" for v in r) for r in rows) + "\n")
+    args = ["digits", "--digits-csv", str(csv), "--val-per-class", "2"]
+    out = run_benchmark("make_imagefolder.py", *args, "--out", "a", cwd=tmp_path)
+    assert "a: 40 training images (4, 4, 4, 4, 4, 4, 4, 4, 4, 4), 20 in val/" in out
+    train, val = sorted((tmp_path / "a" / "train").glob("*/*.png")), sorted((tmp_path / "a" / "val").glob("*/*.png"))
+    assert len(train) == 40 and len(val) == 20 and not {p.name for p in train} & {p.name for p in val}
+    first = train[0]  # pixel values 0..16 scaled to 0..255, one grey 8x8 image per row, filed under its label
+    i = int(first.stem)
+    assert first.parent.name == f"{rows[i][64]:02d}"
+    assert np.array_equal(np.asarray(Image.open(first)), np.round(np.array(rows[i][:64]) * 255 / 16).reshape(8, 8))
+    run_benchmark("make_imagefolder.py", *args, "--out", "b", cwd=tmp_path)  # same seed, same files
+    assert [p.relative_to(tmp_path / "b") for p in sorted((tmp_path / "b").glob("*/*/*.png"))] == [
+        p.relative_to(tmp_path / "a") for p in sorted((tmp_path / "a").glob("*/*/*.png"))
+    ]
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "make_imagefolder.py"), *args, "--out", "a"],
+        cwd=tmp_path,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and bad.stderr.strip() == "make_imagefolder.py: error: a exists; give a new --out"
+
+
 def test_excb_usage_reports_the_teacher_assignments(tmp_path):
     from conftest import TINY_ARGS, run_script
 
