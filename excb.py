@@ -248,7 +248,8 @@ def train_step(run: Run, batch) -> dict[str, torch.Tensor]:
     local_views = torch.cat(views[2:]) if len(views) > 2 else None
     with torch.no_grad():  # 1, 2
         with run.autocast():
-            teacher_scores = model.teacher.scores(model.teacher.project(global_views)).float()
+            teacher_features = model.teacher.project(global_views)
+            teacher_scores = model.teacher.scores(teacher_features).float()
         sizes = model.sizes if args.balancing else torch.ones_like(model.sizes)
         targets = excb_targets(teacher_scores, sizes, args.teacher_temp)
     with run.autocast():  # 3
@@ -268,6 +269,7 @@ def train_step(run: Run, batch) -> dict[str, torch.Tensor]:
     student_scores = torch.cat([projected] + ([predicted] if predicted is not None else [])).detach()
     return {
         "loss": loss.detach(),
+        "teacher_features": teacher_features,
         "teacher_scores": teacher_scores,
         "targets": targets,
         "assignments": assignments,
@@ -278,11 +280,16 @@ def train_step(run: Run, batch) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def diagnostics(run: Run, out: dict) -> dict[str, torch.Tensor]:
     """The charts of a log step, from ``train_step``'s output: cluster usage (in use, entropy, sorted relative
-    sizes), the confidences of teacher and student, agreement of the two views, what balancing changed."""
+    sizes), the confidences of teacher and student, agreement of the two views, what balancing changed, and the
+    teacher cone: the norm of the global batch's mean unit teacher projection (0 for spread features, 1 when every
+    image projects to one direction: the cosines then differ by less than the balancing moves them, and the targets
+    stop depending on the image; docs/excb.md)."""
     args, sizes, assignments = run.args, run.model.sizes, out["assignments"]
     counts = torch.bincount(assignments, minlength=args.num_clusters).float()
+    unit_sum = F.normalize(out["teacher_features"].float(), dim=1).sum(0)
     if run.world_size > 1:
         dist.all_reduce(counts)
+        dist.all_reduce(unit_sum)
     share = sizes / sizes.sum()
     entropy = -(share * share.clamp_min(1e-12).log()).sum()
     relative = sizes * (args.num_clusters / sizes.sum())
@@ -298,6 +305,7 @@ def diagnostics(run: Run, out: dict) -> dict[str, torch.Tensor]:
         "charts/student_confidence": torch.softmax(out["student_scores"] / args.student_temp, 1).amax(1).mean(),
         "charts/view_agreement": (assignments[:b] == assignments[b:]).float().mean(),
         "charts/changed_by_balancing": (out["teacher_scores"].argmax(1) != assignments).float().mean(),
+        "charts/teacher_cone": (unit_sum / counts.sum()).norm(),
     }
 
 

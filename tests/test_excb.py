@@ -155,6 +155,51 @@ def test_size_update_two_gloo_processes_equal_one_process_at_twice_the_batch(tmp
     torch.testing.assert_close(one.double(), hand, rtol=0, atol=1e-6)
 
 
+def _diagnostics(features, world=1):
+    """excb.diagnostics on a fake run and step output whose teacher projections are ``features`` [N, D]."""
+    from types import SimpleNamespace
+
+    n, k = features.shape[0], 4
+    args = SimpleNamespace(num_clusters=k, student_temp=0.1)
+    run = SimpleNamespace(args=args, model=SimpleNamespace(sizes=torch.full((k,), 1 / k)), world_size=world)
+    scores = torch.zeros(n, k)
+    out = {
+        "teacher_features": features,
+        "teacher_scores": scores,
+        "targets": torch.softmax(scores, 1),
+        "assignments": torch.arange(n) % k,
+        "student_scores": scores,
+    }
+    return excb.diagnostics(run, out)
+
+
+def _cone_worker(rank, world, init_file, features, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(_diagnostics(features.chunk(world)[rank], world)["charts/teacher_cone"], f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_teacher_cone_chart_is_the_norm_of_the_global_mean_unit_projection(tmp_path):
+    e = torch.eye(3)
+    one_direction = torch.stack([2 * e[0], 0.5 * e[0], 7 * e[0], e[0]])  # every image projects to one direction
+    assert _diagnostics(one_direction)["charts/teacher_cone"].item() == pytest.approx(1.0)
+    opposite = torch.stack([e[0], -3 * e[0], e[1], -e[1]])  # spread features: the unit vectors cancel
+    assert _diagnostics(opposite)["charts/teacher_cone"].item() == pytest.approx(0.0, abs=1e-7)
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(8, 5, generator=g) + torch.tensor([3.0, 0, 0, 0, 0])
+    hand = torch.stack([f / f.norm() for f in features.double()]).mean(0).norm().item()
+    assert _diagnostics(features)["charts/teacher_cone"].item() == pytest.approx(hand, rel=1e-6)
+    # under DDP it is the global batch's: two gloo ranks with half the rows each give the one-process value
+    features[:4] += torch.tensor([0, 4.0, 0, 0, 0])  # rank 0's half leans elsewhere: per-rank values differ
+    mp.spawn(_cone_worker, args=(2, str(tmp_path / "init"), features, str(tmp_path / "c")), nprocs=2)
+    cones = [torch.load(tmp_path / f"c.{r}", weights_only=True).item() for r in (0, 1)]
+    one = _diagnostics(features)["charts/teacher_cone"].item()
+    assert cones[0] == cones[1] == pytest.approx(one, rel=1e-6)
+    assert abs(_diagnostics(features[:4])["charts/teacher_cone"].item() - one) > 0.01
+
+
 # ------------------------------------------------------------------ behaviour on an imbalanced stream
 
 
