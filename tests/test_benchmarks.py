@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, script_env
 
@@ -282,6 +283,38 @@ def test_make_imagefolder_writes_a_seeded_class_subset(tmp_path):
         text=True,
     )
     assert bad.returncode != 0 and bad.stderr.strip() == "make_imagefolder.py: error: a exists; give a new --out"
+
+
+def test_feature_cone_is_the_mean_pairwise_cosine_of_the_random_backbone(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import feature_cone
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(6, 4, generator=g) + 2
+    hand = (
+        sum(
+            torch.nn.functional.cosine_similarity(feats[i], feats[j], dim=0).item()
+            for i in range(6)
+            for j in range(6)
+            if i != j
+        )
+        / 30
+    )
+    assert feature_cone.mean_pairwise_cosine(feats) == pytest.approx(hand, rel=1e-9)
+    assert feature_cone.mean_pairwise_cosine(torch.stack([torch.ones(3), 5 * torch.ones(3)])) == pytest.approx(1.0)
+    tiny = ["--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-per-class", "24", "--image-size", "16"]
+    out = run_benchmark("feature_cone.py", *tiny, "--images", "8", cwd=tmp_path)
+    value = float(re.search(r"mean pairwise cosine (-?[0-9.]+) of the features of ([0-9]+) ", out).group(1))
+    assert re.search(r"of the features of 8 long-tailed", out) and -1 <= value <= 1
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "feature_cone.py"), *tiny, "--arch", "resnet18", "--vit-dim", "8"],
+        cwd=tmp_path,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "apply to ViTs, not --arch resnet18" in bad.stderr
 
 
 def test_excb_usage_reports_the_teacher_assignments(tmp_path):
