@@ -22,7 +22,7 @@ AMD EPYC (partly beside other jobs; docs/benchmarks.md), so run one worker per c
 
 It resumes: rerun the same command after an interruption. A run whose backbone.pt exists is not retrained, a
 probe whose JSON exists is not re-run (an interrupted run resumes from its checkpoint); delete a run's folder to
-redo it, e.g. after changing its recipe in RECIPES.
+redo it, e.g. after changing its recipe in benchmarks/recipes.py.
 
 Paper scale (a GPU user's command; CIFAR-10-LT r=100, each method's paper epochs and batch):
 

@@ -91,8 +91,7 @@ class RecipeArgs:
     knn_k: Optional[int] = None
     """the probe's kNN neighbours; default: the probe's (200), which needs more than 200 images per class"""
     train_steps: Optional[int] = None
-    """replaces every recipe's --train-steps (a shorter check; the recipes': 1,800 for SimSiam and rwSAM, 1,200 for
-    the others)"""
+    """replaces every recipe's --train-steps for a shorter check (the recipes': 1800 SimSiam/rwSAM, 1200 others)"""
     extra: str = ""
     """extra flags passed to every training script (after the recipe's), e.g. --extra="--amp none" """
     num_workers: int = 2
