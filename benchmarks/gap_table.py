@@ -45,7 +45,7 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from recipes import RECIPES, arch_label, mean_std, probe  # noqa: E402  (the CPU recipes and their helpers)
+from recipes import RECIPES, arch_label, data_args, mean_std, probe  # noqa: E402  (the CPU recipes and their helpers)
 from recipes import pretrain as pretrain_run  # noqa: E402
 
 import lt_data  # noqa: E402  (the data sets the scripts accept)
@@ -152,16 +152,7 @@ def main(args: GapArgs) -> dict:
     if args.num_workers < 0:
         fail(f"--num-workers must be >= 0, got {args.num_workers}")
     try:  # the long-tailed class counts (the figure's x axis); also checks the data before hours of training
-        counts = lt_data.build_data(
-            lt_data.DataArgs(
-                dataset=args.dataset,
-                data_dir=args.data_dir,
-                imbalance_ratio=args.imbalance_ratio,
-                image_size=args.image_size,
-                synthetic_classes=args.synthetic_classes,
-                synthetic_per_class=args.synthetic_per_class,
-            )
-        ).class_counts
+        counts = lt_data.build_data(data_args(args)).class_counts
     except lt_data.DataError as e:
         fail(lt_data.error_line(e))
     os.makedirs(args.output_dir, exist_ok=True)

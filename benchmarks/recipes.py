@@ -148,6 +148,12 @@ def arch_label(backbone: str, flags: list[str]) -> str:
     return f"{name} {kw['num_layers']}x{kw['hidden_dim']}"
 
 
+def data_args(args) -> lt_data.DataArgs:
+    """The data flags of a benchmark's arguments (RecipeArgs, GapArgs) as lt_data.DataArgs."""
+    names = ("dataset", "data_dir", "imbalance_ratio", "image_size", "synthetic_classes", "synthetic_per_class")
+    return lt_data.DataArgs(**{name: getattr(args, name) for name in names})
+
+
 def mean_std(values: list[float]) -> dict:
     """Mean and sample standard deviation (None with one seed)."""
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
@@ -164,16 +170,8 @@ def main(args: RecipeArgs) -> dict:
         fail(prog, f"--train-steps must be >= 1, got {args.train_steps}")
     if args.knn_k is not None and args.knn_k < 1:
         fail(prog, f"--knn-k must be >= 1, got {args.knn_k}")
-    data_args = lt_data.DataArgs(
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        imbalance_ratio=args.imbalance_ratio,
-        image_size=args.image_size,
-        synthetic_classes=args.synthetic_classes,
-        synthetic_per_class=args.synthetic_per_class,
-    )
     try:  # checks the data before hours of training
-        lt_data.build_data(data_args)
+        lt_data.build_data(data_args(args))
     except lt_data.DataError as e:
         fail(prog, lt_data.error_line(e))
     data = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--image-size", str(args.image_size)]

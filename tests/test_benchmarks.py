@@ -169,15 +169,20 @@ def test_gap_table_reports_the_relative_gap_of_the_probes(tmp_path):
     ],
 )
 def test_gap_table_bad_input_one_clear_line(tmp_path, extra, message):
+    _fails_in_one_line("gap_table.py", [*GAP_TINY, *extra], message, tmp_path)
+
+
+def _fails_in_one_line(name: str, args: list[str], message: str, cwd) -> None:
+    """The benchmark exits 2 with one stderr line holding ``message`` and creates no run folder."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gap_table.py"), *GAP_TINY, *extra],
-        cwd=tmp_path,
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
+        cwd=cwd,
         env=script_env(),
         capture_output=True,
         text=True,
     )
     assert proc.returncode == 2 and message in proc.stderr, proc.stdout + proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (cwd / "runs").exists()
 
 
 RECIPES_TINY = [
@@ -240,15 +245,7 @@ def test_recipes_compares_each_method_with_its_random_backbone(tmp_path):
     ],
 )
 def test_recipes_bad_input_one_clear_line(tmp_path, extra, message):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "recipes.py"), *RECIPES_TINY, *extra],
-        cwd=tmp_path,
-        env=script_env(),
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2 and message in proc.stderr, proc.stdout + proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+    _fails_in_one_line("recipes.py", [*RECIPES_TINY, *extra], message, tmp_path)
 
 
 def test_make_imagefolder_writes_a_seeded_class_subset(tmp_path):
