@@ -59,6 +59,8 @@ def mean_pairwise_cosine(features: torch.Tensor) -> float:
 def main(args: ConeArgs) -> float:
     vit = args.arch.startswith("vit")
     try:
+        if args.images < 2:
+            raise lt_data.DataError(f"--images must be >= 2 (a pair), got {args.images}")
         data = lt_data.build_data(args)
         spec = linear_probe.backbone_spec(
             args.arch,

@@ -53,6 +53,11 @@ class FolderArgs:
     """seed of the per-class choice"""
 
 
+def fail(message: str) -> None:
+    print(f"make_imagefolder.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def digits(path: str) -> tuple[np.ndarray, np.ndarray]:
     """The UCI digits as uint8 images [1797, 8, 8] (0..16 scaled to 0..255) and labels [1797]."""
     with gzip.open(path, "rt") as f:
@@ -85,7 +90,7 @@ def write(folder: str, images: np.ndarray, picked: list[np.ndarray]) -> int:
 
 def main(args: FolderArgs) -> None:
     if os.path.exists(args.out):
-        sys.exit(f"make_imagefolder.py: error: {args.out} exists; give a new --out")
+        fail(f"{args.out} exists; give a new --out")
     rng = np.random.default_rng(args.seed)
     try:
         if args.source == "digits":
@@ -99,7 +104,7 @@ def main(args: FolderArgs) -> None:
             train = choose(np.asarray(data.train_full.targets), args.train_per_class, rng)
             val = choose(np.asarray(data.test.targets), args.val_per_class, rng)
     except (OSError, lt_data.DataError) as e:
-        sys.exit(f"make_imagefolder.py: error: {lt_data.error_line(e)}")
+        fail(lt_data.error_line(e))
     n_train = write(os.path.join(args.out, "train"), train_images, train)
     n_val = write(os.path.join(args.out, "val"), val_images, val)
     print(f"{args.out}: {n_train} training images ({', '.join(str(len(i)) for i in train)}), {n_val} in val/")

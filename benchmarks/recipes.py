@@ -54,7 +54,7 @@ MSN += ["--train-steps", "1200", *OPTIM, "--ema-momentum", "0.99"]
 EXCB = [*VIT, "--num-clusters", "256", "--hidden-dim", "512", "--out-dim", "64", "--num-local-crops", "2"]
 EXCB += ["--train-steps", "1200", *OPTIM, "--teacher-momentum", "0.99"]
 RECIPES = {
-    "supervised": ("supervised_baseline.py", ["--train-steps", "1200", "--batch-size", "64"]),
+    "supervised": ("supervised_baseline.py", ["--train-steps", "1200", "--batch-size", "64"]),  # the same budget
     "simsiam": ("simsiam_rwsam.py", SIMSIAM),
     "rwsam": (
         "simsiam_rwsam.py",
@@ -100,8 +100,8 @@ class RecipeArgs:
     """where the runs, the probes' JSONs and recipes.json go"""
 
 
-def fail(prog: str, message: str) -> NoReturn:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+def fail(message: str) -> NoReturn:
+    print(f"recipes.py: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -160,20 +160,19 @@ def mean_std(values: list[float]) -> dict:
 
 
 def main(args: RecipeArgs) -> dict:
-    prog = "recipes.py"
     unknown = [m for m in args.methods if m not in RECIPES]
     if unknown or not args.methods:
-        fail(prog, f"unknown method {unknown[0]!r}; choose from {', '.join(RECIPES)}" if unknown else "give --methods")
+        fail(f"unknown method {unknown[0]!r}; choose from {', '.join(RECIPES)}" if unknown else "give --methods")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 1:
-        fail(prog, f"--seeds must be one or more distinct seeds >= 1, got {list(args.seeds)}")
+        fail(f"--seeds must be one or more distinct seeds >= 1, got {list(args.seeds)}")
     if args.train_steps is not None and args.train_steps < 1:
-        fail(prog, f"--train-steps must be >= 1, got {args.train_steps}")
+        fail(f"--train-steps must be >= 1, got {args.train_steps}")
     if args.knn_k is not None and args.knn_k < 1:
-        fail(prog, f"--knn-k must be >= 1, got {args.knn_k}")
+        fail(f"--knn-k must be >= 1, got {args.knn_k}")
     try:  # checks the data before hours of training
         lt_data.build_data(data_args(args))
     except lt_data.DataError as e:
-        fail(prog, lt_data.error_line(e))
+        fail(lt_data.error_line(e))
     data = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--image-size", str(args.image_size)]
     data += ["--synthetic-classes", str(args.synthetic_classes), "--synthetic-per-class", str(args.synthetic_per_class)]
     data += ["--imbalance-ratio", str(args.imbalance_ratio)] if args.imbalance_ratio is not None else []

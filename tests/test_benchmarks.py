@@ -61,15 +61,11 @@ def test_step_cost_prints_a_row_per_method_and_precision(tmp_path):
         assert ratio > ratio_opt > 0 and all(math.isfinite(v) and v > 0 for v in rates)
 
 
+TINY_DATA = ["--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-per-class", "24"]
 GAP_TINY = [
     "--methods",
     "supervised",
-    "--dataset",
-    "synthetic",
-    "--synthetic-classes",
-    "4",
-    "--synthetic-per-class",
-    "24",
+    *TINY_DATA,
     "--imbalance-ratio",
     "4",
     "--image-size",
@@ -189,12 +185,7 @@ RECIPES_TINY = [
     "--methods",
     "simsiam",
     "msn",
-    "--dataset",
-    "synthetic",
-    "--synthetic-classes",
-    "4",
-    "--synthetic-per-class",
-    "24",
+    *TINY_DATA,
     "--imbalance-ratio",
     "4",
     "--train-steps",
@@ -279,7 +270,7 @@ def test_make_imagefolder_writes_a_seeded_class_subset(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert bad.returncode != 0 and bad.stderr.strip() == "make_imagefolder.py: error: a exists; give a new --out"
+    assert bad.returncode == 2 and bad.stderr.strip() == "make_imagefolder.py: error: a exists; give a new --out"
 
 
 def test_feature_cone_is_the_mean_pairwise_cosine_of_the_random_backbone(tmp_path):
@@ -299,7 +290,7 @@ def test_feature_cone_is_the_mean_pairwise_cosine_of_the_random_backbone(tmp_pat
     )
     assert feature_cone.mean_pairwise_cosine(feats) == pytest.approx(hand, rel=1e-9)
     assert feature_cone.mean_pairwise_cosine(torch.stack([torch.ones(3), 5 * torch.ones(3)])) == pytest.approx(1.0)
-    tiny = ["--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-per-class", "24", "--image-size", "16"]
+    tiny = [*TINY_DATA, "--image-size", "16"]
     out = run_benchmark("feature_cone.py", *tiny, "--images", "8", cwd=tmp_path)
     value = float(re.search(r"mean pairwise cosine (-?[0-9.]+) of the features of ([0-9]+) ", out).group(1))
     assert re.search(r"of the features of 8 long-tailed", out) and -1 <= value <= 1
@@ -312,6 +303,14 @@ def test_feature_cone_is_the_mean_pairwise_cosine_of_the_random_backbone(tmp_pat
     )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "apply to ViTs, not --arch resnet18" in bad.stderr
+    one = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "feature_cone.py"), *tiny, "--images", "1"],
+        cwd=tmp_path,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 2 and one.stderr.strip() == "feature_cone.py: error: --images must be >= 2 (a pair), got 1"
 
 
 def test_excb_usage_reports_the_teacher_assignments(tmp_path):
