@@ -273,6 +273,36 @@ def test_make_imagefolder_writes_a_seeded_class_subset(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip() == "make_imagefolder.py: error: a exists; give a new --out"
 
 
+def test_make_imagefolder_reads_mnist_5k_rows_of_784_pixels(tmp_path):
+    import gzip
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)  # a tiny mnist_5k.csv.gz: 10 classes x 3 rows of 784 pixels (0..255), label last
+    rows = [[*rng.integers(0, 256, 784), c] for c in range(10) for _ in range(3)]
+    csv = tmp_path / "mnist_5k.csv.gz"
+    with gzip.open(csv, "wt") as f:
+        f.write("\n".join(",".join(str(v) for v in r) for r in rows) + "\n")
+    out = run_benchmark(
+        "make_imagefolder.py", "mnist-5k", "--mnist-csv", str(csv), "--val-per-class", "1", "--out", "m", cwd=tmp_path
+    )
+    assert "m: 20 training images (2, 2, 2, 2, 2, 2, 2, 2, 2, 2), 10 in val/" in out
+    for png in sorted((tmp_path / "m").glob("*/*/*.png")):  # every image is its row, 28x28, under its label
+        i = int(png.stem)
+        assert png.parent.name == f"{rows[i][784]:02d}"
+        assert np.array_equal(np.asarray(Image.open(png)), np.array(rows[i][:784]).reshape(28, 28))
+    digits_csv = tmp_path / "digits.csv.gz"  # a digits file given as MNIST: one line naming the file and the shape
+    with gzip.open(digits_csv, "wt") as f:
+        f.write("0.0," * 64 + "1.0\n")
+    _fails_in_one_line(
+        "make_imagefolder.py",
+        ["mnist-5k", "--mnist-csv", str(digits_csv), "--out", "x"],
+        f"{digits_csv}: expected rows of 784 pixels and a label, got shape (1, 65)",
+        tmp_path,
+    )
+
+
 def test_feature_cone_is_the_mean_pairwise_cosine_of_the_random_backbone(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import feature_cone
