@@ -291,6 +291,13 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
+def default_knn_k(train_y: torch.Tensor, num_classes: int) -> int:
+    """The probe's default kNN k: 200 (Wu et al. 2018; the CIFAR protocol, 5,000 images a class), at most a
+    twentieth of the smallest class in train_y [N] (at least 1)."""
+    smallest = int(torch.bincount(train_y, minlength=num_classes).min())
+    return max(1, min(200, smallest // 20))
+
+
 def knn_predict(
     train_f: torch.Tensor,
     train_y: torch.Tensor,
@@ -535,8 +542,9 @@ class ProbeArgs:
     """linear-probe batch size"""
     weight_decay: float = 0.0
     """linear-probe weight decay"""
-    knn_k: int = 200
-    """kNN neighbours"""
+    knn_k: Optional[int] = None
+    """kNN neighbours; default: 200 (Wu et al. 2018), capped at a twentieth of the smallest class of the probe's
+    training set (20 for 400 images a class: a neighbourhood of half a class blurs every vote)"""
     knn_temperature: float = 0.1
     """kNN vote temperature"""
     shots: tuple[int, ...] = ()
@@ -606,7 +614,9 @@ def run_probe(args: ProbeArgs) -> dict:
     )
     with torch.no_grad():
         linear = accuracy_report(clf(test_f).argmax(1), test_y, C, groups)
-    knn = accuracy_report(knn_predict(train_f, train_y, test_f, C, args.knn_k, args.knn_temperature), test_y, C, groups)
+    knn_k = args.knn_k or default_knn_k(train_y, C)
+    knn = accuracy_report(knn_predict(train_f, train_y, test_f, C, knn_k, args.knn_temperature), test_y, C, groups)
+    knn["k"] = knn_k
     few = {}
     for shots in args.shots:
         runs = []
@@ -648,8 +658,9 @@ def markdown(res: dict) -> str:
     ]
     for name in ("linear", "knn"):
         r = res[name]
+        label = f"knn (k {r['k']})" if "k" in r else name
         lines.append(
-            f"| {name} | {fmt(r['top1'])} | {fmt(r.get('many'))} | {fmt(r.get('medium'))} | "
+            f"| {label} | {fmt(r['top1'])} | {fmt(r.get('many'))} | {fmt(r.get('medium'))} | "
             f"{fmt(r.get('few'))} | {fmt(r.get('group_std'))} |"
         )
     for shots, r in res["few_shot"].items():
@@ -663,7 +674,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     try:
         if not args.checkpoint:
             raise ProbeError("give the checkpoint to probe: python linear_probe.py runs/RUN/backbone.pt")
-        if args.epochs < 1 or args.batch_size < 1 or args.knn_k < 1 or any(s < 1 for s in args.shots):
+        if (
+            args.epochs < 1
+            or args.batch_size < 1
+            or (args.knn_k is not None and args.knn_k < 1)
+            or any(s < 1 for s in args.shots)
+        ):
             raise ProbeError("--epochs, --batch-size, --knn-k and --shots must be >= 1")
         for name, low in (("lr", 0.0), ("knn_temperature", 0.0), ("weight_decay", None)):
             v = getattr(args, name)

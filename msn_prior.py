@@ -135,11 +135,12 @@ class Args(lt_data.DataArgs):
     prior_tau: float = 0.25
     """power-law exponent tau: pi_k ~ k^(-tau) over prototype index k = 1..K (only with --prior power-law)"""
     sinkhorn: Annotated[
-        Optional[Literal["uniform", "off"]],
-        lt_data.resolved_later("uniform for --prior uniform, off for --prior power-law", "{uniform,off}"),
+        Optional[Literal["uniform", "prior", "off"]],
+        lt_data.resolved_later("uniform for --prior uniform, off for --prior power-law", "{uniform,prior,off}"),
     ] = None
-    """Sinkhorn-balance the targets to uniform prototype marginals (3 iterations, global batch); default: uniform for
-    --prior uniform, off for --prior power-law (uniform balancing fights a non-uniform prior)"""
+    """Sinkhorn-balance the targets (3 iterations, global batch) to uniform prototype marginals or to the prior's
+    (pi_k: PMSN's targets then use the prototypes as the regulariser asks); default: uniform for --prior uniform,
+    off for --prior power-law (uniform balancing fights a non-uniform prior)"""
     reg_weight: float = 1.0
     """weight lambda of the regulariser KL(p_mean || prior)"""
     epochs: int = 800
@@ -187,6 +188,7 @@ def msn_loss(
     target_temp: float = 0.025,
     sinkhorn_iters: int = 3,
     reg_weight: float = 1.0,
+    sinkhorn_marginals: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MSN / PMSN objective; returns (total, cross_entropy, regulariser).
 
@@ -194,19 +196,38 @@ def msn_loss(
     [K, D], prior [K]. Embeddings and prototypes are L2-normalised here.
       p_i = softmax(z_i . P / anchor_temp)                 anchor predictions (MSN Eq. 1)
       q_b = softmax(z+_b . P / target_temp), no gradient   targets: MSN's softmax at 0.1 sharpened with T=0.25
-            then Sinkhorn over the global batch when sinkhorn_iters > 0 (MSN Eq. 3)
+            then Sinkhorn over the global batch when sinkhorn_iters > 0 (MSN Eq. 3), to prototype marginals
+            sinkhorn_marginals [K] (default uniform 1/K; the prior for --sinkhorn prior)
       CE  = mean_i H(q_{b(i)}, p_i)                        over all V*B anchor rows (MSN Eq. 2, first term)
       p_mean = mean_i p_i over every anchor row of the global batch (all-reduced across processes)
       R   = KL(p_mean || prior) = sum_k p_mean_k log(p_mean_k / prior_k)   (PMSN, Assran et al. 2023)
     With a uniform prior R = -H(p_mean) + log K: MSN's mean-entropy maximisation up to a constant.
     total = CE + reg_weight * R.
     """
-    terms = msn_terms(anchor_emb, target_emb, prototypes, prior, anchor_temp, target_temp, sinkhorn_iters, reg_weight)
+    terms = msn_terms(
+        anchor_emb,
+        target_emb,
+        prototypes,
+        prior,
+        anchor_temp,
+        target_temp,
+        sinkhorn_iters,
+        reg_weight,
+        sinkhorn_marginals,
+    )
     return terms["total"], terms["cross_entropy"], terms["regulariser"]
 
 
 def msn_terms(
-    anchor_emb, target_emb, prototypes, prior, anchor_temp=0.1, target_temp=0.025, sinkhorn_iters=3, reg_weight=1.0
+    anchor_emb,
+    target_emb,
+    prototypes,
+    prior,
+    anchor_temp=0.1,
+    target_temp=0.025,
+    sinkhorn_iters=3,
+    reg_weight=1.0,
+    sinkhorn_marginals=None,
 ) -> dict:
     """``msn_loss`` with its intermediate quantities (p_mean [K], targets q [B, K], log p [V*B, K]) for the logs."""
     num_views = anchor_emb.shape[0] // target_emb.shape[0]
@@ -219,7 +240,7 @@ def msn_terms(
         target = F.normalize(target_emb.float(), dim=1)
         q = F.softmax(target @ protos.t() / target_temp, dim=1)  # [B, K]
         if sinkhorn_iters > 0:
-            q = sinkhorn(q, sinkhorn_iters)
+            q = sinkhorn(q, sinkhorn_iters, sinkhorn_marginals)
         q_rep = q.repeat(num_views, 1)  # view-major, matches anchor rows
     cross_entropy = -(q_rep * log_p).sum(dim=1).mean()
     p_mean = global_mean(log_p.exp().mean(dim=0))  # mean over the global batch
@@ -236,10 +257,11 @@ def msn_terms(
 
 
 @torch.no_grad()
-def sinkhorn(q: torch.Tensor, iters: int = 3) -> torch.Tensor:
+def sinkhorn(q: torch.Tensor, iters: int = 3, marginals: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sinkhorn-Knopp on target probabilities q [B, K] over the global batch (MSN, Eq. 3 of the ECCV paper and
-    its code): alternately give every prototype the mass 1/K and every sample the mass 1/B_global; rows of the
-    result sum to 1. Prototype sums are all-reduced across processes; sample sums are local."""
+    its code): alternately give every prototype k the mass marginals[k] (default 1/K; a prior [K] summing to 1)
+    and every sample the mass 1/B_global; rows of the result sum to 1. Prototype sums are all-reduced across
+    processes; sample sums are local."""
     world = dist.get_world_size() if distributed() else 1
     Q = q.float().t().clone()  # K x B
     K, B = Q.shape[0], Q.shape[1] * world
@@ -252,7 +274,10 @@ def sinkhorn(q: torch.Tensor, iters: int = 3) -> torch.Tensor:
         if world > 1:
             dist.all_reduce(rows)
         Q /= rows
-        Q /= K
+        if marginals is None:
+            Q /= K
+        else:
+            Q *= marginals.to(Q)[:, None]
         Q /= Q.sum(dim=0, keepdim=True)
         Q /= B
     Q *= B
@@ -284,6 +309,7 @@ def train_step(run: Run, batch) -> dict[str, torch.Tensor]:
         args.target_temp,
         model.sinkhorn_iters,
         args.reg_weight,
+        model.prior if model.sinkhorn_to_prior else None,
     )  # 2
     online = [*model.encoder.parameters(), *model.head.parameters()]
     grad_norm = optimizer_step(run, terms["total"], clip=online, max_norm=args.clip_grad or math.inf)  # 3
@@ -512,7 +538,8 @@ class Model(nn.Module):
         self.backbone_spec = {"arch": "vit", "arch_kwargs": vit}
         self.seed, self.mask_ratio, self.mask_shared = args.seed, args.mask_ratio, args.mask_shared
         sinkhorn = args.sinkhorn or ("uniform" if args.prior == "uniform" else "off")  # None: by the prior
-        self.sinkhorn_iters = 3 if sinkhorn == "uniform" else 0
+        self.sinkhorn_iters = 0 if sinkhorn == "off" else 3
+        self.sinkhorn_to_prior = sinkhorn == "prior"
         self.encoder = build_backbone("vit", **vit)
         self.head = projection_head(vit["hidden_dim"], args.head_hidden, args.head_out)
         bound = args.head_out**-0.5

@@ -45,7 +45,7 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from recipes import RECIPES, arch_label, data_args, mean_std, probe  # noqa: E402  (the CPU recipes and their helpers)
+from recipes import RECIPES, arch_label, data_args, data_flags, mean_std, probe  # noqa: E402  (the recipes, helpers)
 from recipes import pretrain as pretrain_run  # noqa: E402
 
 import lt_data  # noqa: E402  (the data sets the scripts accept)
@@ -121,9 +121,7 @@ def train_and_probe(args: GapArgs, method: str, pretrain: str, seed: int) -> tup
     """Pre-train ``method`` on ``pretrain`` (unless its backbone.pt exists) and probe it: (backbone.pt, probe JSON)."""
     script, flags = recipe(args, method)
     flags = [*flags, *shlex.split(args.extra), *(["--balanced-twin"] if pretrain == "balanced" else [])]
-    data = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--imbalance-ratio", str(args.imbalance_ratio)]
-    data += ["--image-size", str(args.image_size), "--synthetic-classes", str(args.synthetic_classes)]
-    data += ["--synthetic-per-class", str(args.synthetic_per_class)]
+    data = data_flags(args)
     name = f"{method}_{SETS[pretrain]}_s{seed}"
     backbone = pretrain_run(script, flags, data, args.output_dir, name, seed, args.num_workers)
     return backbone, probe(backbone, os.path.join(args.output_dir, name, "probe.json"), seed - 1, args.num_workers)

@@ -10,7 +10,7 @@ their means, the difference to the random backbone's mean, and whether it reache
 
     python benchmarks/recipes.py                                  # Fashion-MNIST-LT (r = 100, 16 px), seeds 1 2
     python benchmarks/recipes.py --dataset imagefolder --data-dir data/digits --imbalance-ratio 10 \\
-        --output-dir runs/recipes_digits --knn-k 20               # any ImageFolder; k below a class's bank size
+        --output-dir runs/recipes_digits                          # any ImageFolder
 
 Each run is 6 to 10 minutes on one core of our 2-core CPU (docs/cpu_recipes.md); run one worker per core on
 disjoint seeds or methods, then gather with the plain command (it resumes: a run whose backbone.pt exists is not
@@ -89,7 +89,7 @@ class RecipeArgs:
     synthetic_per_class: int = 500
     """synthetic: images per class before subsampling"""
     knn_k: Optional[int] = None
-    """the probe's kNN neighbours; default: the probe's (200), which needs more than 200 images per class"""
+    """the probe's kNN neighbours; default: the probe's (200, at most a twentieth of the smallest class)"""
     train_steps: Optional[int] = None
     """replaces every recipe's --train-steps for a shorter check (the recipes': 1800 SimSiam/rwSAM, 1200 others)"""
     extra: str = ""
@@ -154,6 +154,15 @@ def data_args(args) -> lt_data.DataArgs:
     return lt_data.DataArgs(**{name: getattr(args, name) for name in names})
 
 
+def data_flags(args) -> list[str]:
+    """The same data flags for the training scripts (the synthetic set's sizes only for --dataset synthetic)."""
+    data = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--image-size", str(args.image_size)]
+    if args.dataset == "synthetic":
+        data += ["--synthetic-classes", str(args.synthetic_classes)]
+        data += ["--synthetic-per-class", str(args.synthetic_per_class)]
+    return data + (["--imbalance-ratio", str(args.imbalance_ratio)] if args.imbalance_ratio is not None else [])
+
+
 def mean_std(values: list[float]) -> dict:
     """Mean and sample standard deviation (None with one seed)."""
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
@@ -173,9 +182,7 @@ def main(args: RecipeArgs) -> dict:
         lt_data.build_data(data_args(args))
     except lt_data.DataError as e:
         fail(lt_data.error_line(e))
-    data = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--image-size", str(args.image_size)]
-    data += ["--synthetic-classes", str(args.synthetic_classes), "--synthetic-per-class", str(args.synthetic_per_class)]
-    data += ["--imbalance-ratio", str(args.imbalance_ratio)] if args.imbalance_ratio is not None else []
+    data = data_flags(args)
     probe_flags = ["--knn-k", str(args.knn_k)] if args.knn_k is not None else []
     os.makedirs(args.output_dir, exist_ok=True)
 

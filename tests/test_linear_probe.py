@@ -32,6 +32,14 @@ def test_knn_recovers_separated_clusters_and_weights_votes():
     assert pred.item() == 1  # at a high temperature the two votes outweigh the one
 
 
+def test_default_knn_k_is_200_capped_at_a_twentieth_of_the_smallest_class():
+    per_class = lambda *n: torch.cat([torch.full((m,), c) for c, m in enumerate(n)])  # noqa: E731
+    assert lp.default_knn_k(per_class(6000, 6000), 2) == 200  # Fashion-MNIST's balanced bank: the protocol's 200
+    assert lp.default_knn_k(per_class(400, 900, 401), 3) == 20  # 400 a class: 400 // 20
+    assert lp.default_knn_k(per_class(5000, 19), 2) == 1  # never below one neighbour
+    assert lp.default_knn_k(per_class(5000, 5000), 3) == 1  # an empty class counts as the smallest
+
+
 def test_linear_probe_separates_linearly_separable_features():
     f, y = _clusters(50, spread=0.5)
     ft, yt = _clusters(20, spread=0.5, seed=2)
@@ -89,13 +97,14 @@ def test_probe_cli_end_to_end(tiny_supervised_run, tmp_path):
         "--tensorboard",
         cwd=tmp_path,
     )
-    assert "| linear |" in proc.stdout and "| knn |" in proc.stdout and "2-shot" in proc.stdout
+    assert "| linear |" in proc.stdout and "| knn (k 1) |" in proc.stdout and "2-shot" in proc.stdout
     assert "extracting features of the training images: 128/128" in proc.stdout  # says what it is doing
     assert "training the linear head: epoch 3/3" in proc.stdout
     res = json.loads(out.read_text())
     assert res["dataset"] == "synthetic" and res["num_test"] == 32 and res["num_train"] == 128  # every image
     assert res["groups"] == {"many": [0, 1], "medium": [2], "few": [3]}  # thirds of 4 long-tailed classes
     assert len(res["linear"]["per_class"]) == 4 and len(res["few_shot"]["2"]["runs"]) == 2
+    assert res["knn"]["k"] == 1  # 32 images a class in the balanced bank: 32 // 20
     # the long-tailed training set instead of the balanced one
     run_script(
         "linear_probe.py",

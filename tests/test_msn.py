@@ -28,19 +28,22 @@ def np_normalise(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def np_sinkhorn(q, iters):
-    """Sinkhorn-Knopp written out: prototype (column) marginals 1/K, sample (row) marginals 1/B, rows sum to 1."""
+def np_sinkhorn(q, iters, marginals=None):
+    """Sinkhorn-Knopp written out: prototype (column) marginals 1/K or marginals[k], sample (row) marginals 1/B,
+    rows sum to 1."""
     B, K = q.shape
     Q = q / q.sum()
     for _ in range(iters):
         for k in range(K):
-            Q[:, k] = Q[:, k] / Q[:, k].sum() / K
+            Q[:, k] = Q[:, k] / Q[:, k].sum() * (1 / K if marginals is None else marginals[k])
         for b in range(B):
             Q[b, :] = Q[b, :] / Q[b, :].sum() / B
     return Q * B
 
 
-def reference_loss(anchor, target, protos, prior, t_a=0.1, sharpen_T=0.25, sinkhorn_iters=3, lam=1.0):
+def reference_loss(
+    anchor, target, protos, prior, t_a=0.1, sharpen_T=0.25, sinkhorn_iters=3, lam=1.0, sinkhorn_marginals=None
+):
     """MSN/PMSN from the papers' description: targets are softmax(./0.1) sharpened with T = 0.25."""
     a, t, P = (
         np_normalise(anchor.astype(np.float64)),
@@ -53,7 +56,7 @@ def reference_loss(anchor, target, protos, prior, t_a=0.1, sharpen_T=0.25, sinkh
     q = np_softmax(t @ P.T / 0.1) ** (1 / sharpen_T)
     q = q / q.sum(1, keepdims=True)
     if sinkhorn_iters:
-        q = np_sinkhorn(q, sinkhorn_iters)
+        q = np_sinkhorn(q, sinkhorn_iters, sinkhorn_marginals)
     ce = 0.0
     for v in range(V):
         for b in range(B):
@@ -96,6 +99,23 @@ def test_msn_loss_matches_the_equations(prior_kind, iters):
         anchor.numpy(), target.numpy(), protos.numpy(), prior.double().numpy(), sinkhorn_iters=iters, lam=0.7
     )
     assert abs(ce.item() - r_ce) < 1e-5 and abs(reg.item() - r_reg) < 1e-5 and abs(total.item() - r_total) < 1e-5
+
+
+def test_msn_loss_with_sinkhorn_to_the_prior_matches_the_equations():
+    anchor, target, protos = small_case(seed=4)
+    prior = M.power_law_prior(protos.shape[0], 0.5)
+    total, ce, reg = M.msn_loss(anchor, target, protos, prior, reg_weight=0.7, sinkhorn_marginals=prior)
+    r_total, r_ce, r_reg = reference_loss(
+        anchor.numpy(),
+        target.numpy(),
+        protos.numpy(),
+        prior.double().numpy(),
+        lam=0.7,
+        sinkhorn_marginals=prior.double().numpy(),
+    )
+    assert abs(ce.item() - r_ce) < 1e-5 and abs(reg.item() - r_reg) < 1e-5 and abs(total.item() - r_total) < 1e-5
+    uniform_ce = M.msn_loss(anchor, target, protos, prior, reg_weight=0.7)[1]  # the marginals change the targets
+    assert abs(uniform_ce.item() - ce.item()) > 1e-3
 
 
 def _embeddings_with_prediction(pbar, temp=0.1, D=4):
@@ -177,6 +197,11 @@ def test_sinkhorn_marginals_and_sharpening():
     np.testing.assert_allclose(out.numpy(), np_sinkhorn(q.double().numpy(), 3), atol=1e-6)
     many = M.sinkhorn(q, 200)
     torch.testing.assert_close(many.sum(0), torch.full((4,), 8 / 4), atol=1e-4, rtol=0)
+    prior = M.power_law_prior(4, 1.0)  # --sinkhorn prior: the prototype sums go to B * pi_k, not B / K
+    to_prior = M.sinkhorn(q, 3, prior)
+    torch.testing.assert_close(to_prior.sum(1), torch.ones(8))
+    np.testing.assert_allclose(to_prior.numpy(), np_sinkhorn(q.double().numpy(), 3, prior.double().numpy()), atol=1e-6)
+    torch.testing.assert_close(M.sinkhorn(q, 200, prior).sum(0), 8 * prior, atol=1e-4, rtol=0)
     s = torch.randn(5, 7, generator=g)
     sharp = F.softmax(s / 0.1, 1) ** 4
     torch.testing.assert_close(sharp / sharp.sum(1, keepdim=True), F.softmax(s / 0.025, 1))
