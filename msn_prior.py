@@ -136,11 +136,12 @@ class Args(lt_data.DataArgs):
     """power-law exponent tau: pi_k ~ k^(-tau) over prototype index k = 1..K (only with --prior power-law)"""
     sinkhorn: Annotated[
         Optional[Literal["uniform", "prior", "off"]],
-        lt_data.resolved_later("uniform for --prior uniform, off for --prior power-law", "{uniform,prior,off}"),
+        lt_data.resolved_later("uniform for --prior uniform, prior for --prior power-law", "{uniform,prior,off}"),
     ] = None
     """Sinkhorn-balance the targets (3 iterations, global batch) to uniform prototype marginals or to the prior's
-    (pi_k: PMSN's targets then use the prototypes as the regulariser asks); default: uniform for --prior uniform,
-    off for --prior power-law (uniform balancing fights a non-uniform prior)"""
+    (pi_k: PMSN's targets then use the prototypes as the regulariser asks) or not at all; default: uniform for
+    --prior uniform, prior for --prior power-law (uniform balancing fights a non-uniform prior; without balancing
+    the targets collapsed onto one prototype on MNIST, docs/msn_prior.md)"""
     reg_weight: float = 1.0
     """weight lambda of the regulariser KL(p_mean || prior)"""
     epochs: int = 800
@@ -537,7 +538,7 @@ class Model(nn.Module):
         vit = vit_spec(args, data)
         self.backbone_spec = {"arch": "vit", "arch_kwargs": vit}
         self.seed, self.mask_ratio, self.mask_shared = args.seed, args.mask_ratio, args.mask_shared
-        sinkhorn = args.sinkhorn or ("uniform" if args.prior == "uniform" else "off")  # None: by the prior
+        sinkhorn = args.sinkhorn or ("uniform" if args.prior == "uniform" else "prior")  # None: by the prior
         self.sinkhorn_iters = 0 if sinkhorn == "off" else 3
         self.sinkhorn_to_prior = sinkhorn == "prior"
         self.encoder = build_backbone("vit", **vit)

@@ -323,9 +323,13 @@ def _ddp_case(iters, tau):
 
 
 def _ddp_loss(x, t, W, P, prior, iters):
-    """anchor_emb = x W (a 'network' with a parameter), view-major rows."""
+    """anchor_emb = x W (a 'network' with a parameter), view-major rows; iters "prior": 3 Sinkhorn iterations
+    toward the prior's marginals (--sinkhorn prior)."""
     anchor = (x @ W).reshape(-1, x.shape[-1])
-    return M.msn_loss(anchor, t @ W.detach(), P, prior, sinkhorn_iters=iters)
+    marginals = prior if iters == "prior" else None
+    return M.msn_loss(
+        anchor, t @ W.detach(), P, prior, sinkhorn_iters=3 if iters == "prior" else iters, sinkhorn_marginals=marginals
+    )
 
 
 def _ddp_worker(rank, path, iters, tau, out):
@@ -345,7 +349,7 @@ def _ddp_worker(rank, path, iters, tau, out):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("iters,tau", [(3, 0.0), (0, 0.5)])
+@pytest.mark.parametrize("iters,tau", [(3, 0.0), (0, 0.5), ("prior", 0.5)])
 def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path, iters, tau):
     x, t, W, P, prior, B = _ddp_case(iters, tau)
     W, P = W.requires_grad_(), P.requires_grad_()
@@ -410,6 +414,34 @@ def test_power_law_smoke_run_logs_the_method_metrics(tmp_path):
     ckpt = torch.load(tmp_path / "runs" / "pl" / "checkpoint.pt", weights_only=True)
     torch.testing.assert_close(ckpt["model"]["prior"], M.power_law_prior(16, 0.25))
     assert ckpt["args"]["sinkhorn"] is None and ckpt["backbone"]["prefix"] == "target_encoder."
+
+
+@pytest.mark.parametrize(
+    "prior,sinkhorn,iters,to_prior",
+    [
+        ("uniform", None, 3, False),
+        ("power-law", None, 3, True),
+        ("power-law", "off", 0, False),
+        ("power-law", "uniform", 3, False),
+        ("uniform", "prior", 3, True),
+    ],
+)
+def test_sinkhorn_default_follows_the_prior(prior, sinkhorn, iters, to_prior):
+    from types import SimpleNamespace
+
+    args = M.Args(
+        arch="vit_tiny",
+        vit_layers=1,
+        vit_dim=12,
+        vit_heads=2,
+        head_hidden=8,
+        head_out=4,
+        num_prototypes=5,
+        prior=prior,
+        sinkhorn=sinkhorn,
+    )
+    model = M.Model(args, SimpleNamespace(image_size=16))  # the model reads only the image size of the data
+    assert (model.sinkhorn_iters, model.sinkhorn_to_prior) == (iters, to_prior)
 
 
 def test_impossible_view_sizes_fail_with_one_line(tmp_path):
