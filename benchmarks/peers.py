@@ -5,9 +5,9 @@ warm-ups), on one batch drawn through our pipeline:
   simsiam  ours: simsiam_rwsam.py's train_step with --sam none (ResNet-18, CIFAR stem, our 2-layer projector and
            predictor, our loss, fused SGD). lightly: the same backbone and SGD under lightly 1.6.0's
            SimSiamProjectionHead (3 layers), SimSiamPredictionHead and NegativeCosineSimilarity, as its example.
-  msn/pmsn ours: msn_prior.py's train_step (uniform prior with Sinkhorn, or --prior power-law). lightly: the same
-           model forward, the script's own optimizer step (gradient clipping included) and EMA, with lightly's
-           MSNLoss / PMSNLoss in place of our loss: the difference is the loss.
+  msn/pmsn ours: msn_prior.py's train_step (uniform prior with Sinkhorn, or --prior power-law --sinkhorn off, as
+           lightly's PMSNLoss). lightly: the same model forward, the script's own optimizer step (gradient clipping
+           included) and EMA, with lightly's MSNLoss / PMSNLoss in place of our loss: the difference is the loss.
 Pipeline at --pipeline-size px (ms per image per core, one thread, decode of a JPEG to every normalised view, on the
 same generated 500 x 375 JPEGs): our train_transform (benchmarks/pipeline.py) against lightly's SimSiamTransform
 and MSNTransform built with the same view counts, sizes and crop scales.
@@ -42,7 +42,7 @@ import lt_data  # noqa: E402
 SCRIPTS = {
     "simsiam": ("simsiam_rwsam.py", ["--sam", "none"]),
     "msn": ("msn_prior.py", []),
-    "pmsn": ("msn_prior.py", ["--prior", "power-law"]),
+    "pmsn": ("msn_prior.py", ["--prior", "power-law", "--sinkhorn", "off"]),  # lightly's PMSNLoss: no Sinkhorn
 }
 
 
