@@ -542,9 +542,7 @@ class ProbeArgs:
     """linear-probe batch size"""
     weight_decay: float = 0.0
     """linear-probe weight decay"""
-    knn_k: Annotated[Optional[int], lt_data.resolved_later("200, at most a twentieth of the smallest class", "INT")] = (
-        None
-    )
+    knn_k: Annotated[Optional[int], lt_data.resolved_later("200, at most 1/20 of the smallest class", "INT")] = None
     """kNN neighbours (Wu et al. 2018); the default's cap on small sets (20 for 400 images a class) keeps a
     neighbourhood well inside a class: at half a class it blurs every vote"""
     knn_temperature: float = 0.1

@@ -270,15 +270,13 @@ def sinkhorn(q: torch.Tensor, iters: int = 3, marginals: Optional[torch.Tensor] 
     if world > 1:
         dist.all_reduce(total)
     Q /= total
+    mass = Q.new_full((K, 1), 1 / K) if marginals is None else marginals.to(Q)[:, None]  # prototype k's mass
     for _ in range(iters):
         rows = Q.sum(dim=1, keepdim=True)
         if world > 1:
             dist.all_reduce(rows)
         Q /= rows
-        if marginals is None:
-            Q /= K
-        else:
-            Q *= marginals.to(Q)[:, None]
+        Q *= mass
         Q /= Q.sum(dim=0, keepdim=True)
         Q /= B
     Q *= B

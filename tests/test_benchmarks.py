@@ -263,14 +263,7 @@ def test_make_imagefolder_writes_a_seeded_class_subset(tmp_path):
     assert [p.relative_to(tmp_path / "b") for p in sorted((tmp_path / "b").glob("*/*/*.png"))] == [
         p.relative_to(tmp_path / "a") for p in sorted((tmp_path / "a").glob("*/*/*.png"))
     ]
-    bad = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "make_imagefolder.py"), *args, "--out", "a"],
-        cwd=tmp_path,
-        env=script_env(),
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 2 and bad.stderr.strip() == "make_imagefolder.py: error: a exists; give a new --out"
+    _fails_in_one_line("make_imagefolder.py", [*args, "--out", "a"], "error: a exists; give a new --out", tmp_path)
 
 
 def test_make_imagefolder_reads_mnist_5k_rows_of_784_pixels(tmp_path):
@@ -324,23 +317,15 @@ def test_feature_cone_is_the_mean_pairwise_cosine_of_the_random_backbone(tmp_pat
     out = run_benchmark("feature_cone.py", *tiny, "--images", "8", cwd=tmp_path)
     value = float(re.search(r"mean pairwise cosine (-?[0-9.]+) of the features of ([0-9]+) ", out).group(1))
     assert re.search(r"of the features of 8 long-tailed", out) and -1 <= value <= 1
-    bad = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "feature_cone.py"), *tiny, "--arch", "resnet18", "--vit-dim", "8"],
-        cwd=tmp_path,
-        env=script_env(),
-        capture_output=True,
-        text=True,
+    _fails_in_one_line(
+        "feature_cone.py",
+        [*tiny, "--arch", "resnet18", "--vit-dim", "8"],
+        "apply to ViTs, not --arch resnet18",
+        tmp_path,
     )
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
-    assert "apply to ViTs, not --arch resnet18" in bad.stderr
-    one = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "feature_cone.py"), *tiny, "--images", "1"],
-        cwd=tmp_path,
-        env=script_env(),
-        capture_output=True,
-        text=True,
+    _fails_in_one_line(
+        "feature_cone.py", [*tiny, "--images", "1"], "error: --images must be >= 2 (a pair), got 1", tmp_path
     )
-    assert one.returncode == 2 and one.stderr.strip() == "feature_cone.py: error: --images must be >= 2 (a pair), got 1"
 
 
 def test_excb_usage_reports_the_teacher_assignments(tmp_path):
