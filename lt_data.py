@@ -24,9 +24,12 @@ sample's position in the pre-training set (0..N-1), so per-example weights can b
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import pickle
+import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Annotated, Callable, Literal, Optional, Sequence, get_args
@@ -335,8 +338,6 @@ def _missing_ancestor(path: str) -> Optional[str]:
 
 def _remove_new(root: str, created: Optional[str], before: set) -> None:
     """Undo a failed download: the folders it created, or the entries it added to an existing ``root``."""
-    import shutil
-
     if created is not None:
         shutil.rmtree(created, ignore_errors=True)
         return
@@ -354,8 +355,6 @@ FASHION_MNIST_FILES = {
 def read_idx(path: str):
     """One IDX file (LeCun's MNIST format, optionally gzipped) as a numpy array: magic 0x0000 <dtype 0x08 = uint8>
     <ndim>, then ndim big-endian uint32 sizes, then the data. Raises DataError naming the file."""
-    import gzip
-
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
@@ -804,8 +803,6 @@ class ResumableSampler(torch.utils.data.Sampler):
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: a Ctrl-C or SIGTERM sent to the whole process group is the main process's to
     handle (it saves a checkpoint, then stops its workers); a worker killed by it would fail the next batch."""
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -876,8 +873,6 @@ def describe(data: LTData, args: DataArgs) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    import tyro
-
     args = tyro.cli(
         DataArgs,
         args=argv,

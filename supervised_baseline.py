@@ -620,10 +620,8 @@ class Logger:
         if run.rank == 0:  # a resumed run logs again from step + 1: later events are from the lost run
             self.writer = SummaryWriter(run.run_dir, purge_step=run.step + 1 if resumed else None)
         if self.writer is not None and not resumed:  # the flags with the values resolved at start
-            table = {**dataclasses.asdict(run.args)}
-            if isinstance(run, Run):
-                table.update(backbone_meta(run)["data"])
-                table.update({f"backbone.{k}": v for k, v in run.model.backbone_spec["arch_kwargs"].items()})
+            table = {**dataclasses.asdict(run.args), **backbone_meta(run)["data"]}
+            table.update({f"backbone.{k}": v for k, v in run.model.backbone_spec["arch_kwargs"].items()})
             rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(table.items()))
             self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
 

@@ -53,7 +53,8 @@ def test_marker_parser_sees_a_difference(tmp_path):
 
 
 def _fake_run(args, tmp_path, steps: int):
-    """The fields of a Run that the Logger reads: one process on the CPU, one epoch of `steps` steps, lr 0.1."""
+    """The fields of a Run that the Logger reads: one process on the CPU, one epoch of `steps` steps, lr 0.1, a
+    16 px data set and a ResNet-18 backbone (the hyperparameter table's values resolved at start)."""
     from types import SimpleNamespace
 
     import torch
@@ -69,6 +70,8 @@ def _fake_run(args, tmp_path, steps: int):
         run_dir=str(tmp_path),
         device=torch.device("cpu"),
         optimizer=SimpleNamespace(param_groups=[{"lr": 0.1}]),
+        data=SimpleNamespace(image_size=16),
+        model=SimpleNamespace(export_prefix="backbone.", backbone_spec={"arch": "resnet18", "arch_kwargs": {}}),
     )
 
 
