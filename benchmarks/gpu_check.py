@@ -9,7 +9,7 @@ GPU memory (from the script's progress line), seconds to the first progress line
 compile minus bf16 is the first-step compile time), and then benchmarks/step_cost.py's step / limit at the same
 size in bf16 (the step against the forward and backward passes the method needs). Exits non-zero on the first
 failure, with the failing command and its output. benchmarks/gpu_check.sh runs it; --device cpu is the smoke mode
-the tests run (16 px, 3 steps, no compile, fp32 instead of fp16's GPU-only speed: a check that it runs).
+the tests run (16 px, batch 8, 3 steps, no --compile: a check that it runs, not a measurement).
 
     bash benchmarks/gpu_check.sh                   # on a CUDA machine: 224 px, batch 64, 30 steps per run
     bash benchmarks/gpu_check.sh --device cpu      # smoke mode

@@ -515,47 +515,44 @@ def test_simsiam_parity_lightly_heads_shaped_like_ours_train_identically(tmp_pat
     assert [top1 for _, top1 in lightly] == pytest.approx([top1 for _, top1 in ours], abs=1e-4)
 
 
-def test_gpu_check_smoke_mode_runs_every_script_end_to_end(tmp_path):
-    """benchmarks/gpu_check.sh --device cpu: every script in bf16 and fp16 through its own command line, then
-    step_cost's step / limit; one row each, and the closing line only when all of them finished."""
-    proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu"],
+def _gpu_check(tmp_path, *flags: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", *flags],
         cwd=tmp_path,
         env=script_env(),
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
     )
+
+
+def test_gpu_check_smoke_mode_runs_every_script_end_to_end(tmp_path):
+    """benchmarks/gpu_check.sh --device cpu --modes bf16: every script through its own command line, then
+    step_cost's step / limit; one row each, and the closing line only when all of them finished. (Each script's
+    fp16 path is trained by test_scripts.py's amp test; the check's fp16 mode by the next test.)"""
+    proc = _gpu_check(tmp_path, "--modes", "bf16", "compile")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = re.findall(r"^\| (supervised|simsiam|msn|excb) \| (bf16|fp16) \| (\d+) \|", proc.stdout, re.M)
-    assert [(m, a) for m, a, _ in rows] == [
-        (m, a) for m in ("supervised", "simsiam", "msn", "excb") for a in ("bf16", "fp16")
-    ]
-    assert "compile" not in {a for _, a, _ in rows}  # no --compile in the CPU smoke mode
+    rows = re.findall(r"^\| (supervised|simsiam|msn|excb) \| (bf16|fp16|compile) \| (\d+) \|", proc.stdout, re.M)
+    # no --compile in the CPU smoke mode, though asked for
+    assert [(m, a) for m, a, _ in rows] == [(m, "bf16") for m in ("supervised", "simsiam", "msn", "excb")]
+    assert all(int(images_per_s) > 0 for _, _, images_per_s in rows)
     step_rows = re.findall(r"^\| (supervised|simsiam|msn|excb) \| bf16 \| (\d+\.\d{3}) \|", proc.stdout, re.M)
     assert [m for m, _ in step_rows] == ["supervised", "simsiam", "msn", "excb"]
     assert all(float(ratio) > 0 for _, ratio in step_rows)
     assert proc.stdout.rstrip().endswith("gpu_check: all runs finished")
 
 
+def test_gpu_check_runs_each_mode_it_is_given(tmp_path):
+    """--modes bf16 fp16: one row per mode, in order, the fp16 run with its GradScaler (the script's own --amp)."""
+    proc = _gpu_check(tmp_path, "--methods", "supervised", "--modes", "bf16", "fp16", "--no-step-cost")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = re.findall(r"^\| supervised \| (bf16|fp16|compile) \| (\d+) \|", proc.stdout, re.M)
+    assert [mode for mode, _ in rows] == ["bf16", "fp16"]
+    assert "step / limit" not in proc.stdout and proc.stdout.rstrip().endswith("gpu_check: all runs finished")
+
+
 def test_gpu_check_fails_on_a_failing_run_naming_the_command(tmp_path):
-    proc = subprocess.run(
-        [
-            "bash",
-            str(ROOT / "benchmarks" / "gpu_check.sh"),
-            "--device",
-            "cpu",
-            "--image-size",
-            "4",
-            "--methods",
-            "supervised",
-        ],
-        cwd=tmp_path,
-        env=script_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _gpu_check(tmp_path, "--image-size", "4", "--methods", "supervised", timeout=300)
     assert proc.returncode != 0
     assert "gpu_check: FAILED" in proc.stderr and "supervised_baseline.py" in proc.stderr
     assert "--image-size must be >= 8, got 4" in proc.stderr  # the script's own one-line error is shown
