@@ -100,20 +100,35 @@ class Args(lt_data.DataArgs):
     """kNN monitor's queries: a class-balanced random subsample of this many test images; 0: the whole test set"""
 
     # ======================================================== method: arguments
-    arch: Literal["resnet18", "resnet50"] = "resnet18"
-    """backbone; the CIFAR stem (3x3 conv, no max-pool) is used below 64 px"""
+    arch: Literal["resnet18", "resnet50", "vit_tiny", "vit_small"] = "resnet18"
+    """backbone: ResNets (Liu et al.'s; CIFAR stem below 64 px; SGD) or the SSL scripts' ViTs (tiny 192-d/3 heads,
+    small 384-d/6 heads, 12 layers; AdamW as DeiT), so that supervised and SSL rows can share one network"""
+    vit_layers: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
+    """ViT only: override the preset's number of transformer layers"""
+    vit_dim: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
+    """ViT only: override the preset's width; the MLP is 4x the width"""
+    vit_heads: Annotated[Optional[int], lt_data.resolved_later("the preset's", "INT")] = None
+    """ViT only: override the preset's number of attention heads"""
+    patch_size: Annotated[Optional[int], lt_data.resolved_later("4 below 64 px, else 16", "INT")] = None
+    """ViT only: patch size"""
     epochs: int = 200
     """training epochs (the LDAM CIFAR-LT recipe uses 200)"""
     batch_size: int = 128
     """batch size per process (the global batch is this times the number of processes)"""
-    lr: float = 0.2
-    """SGD learning rate for a global batch of 256, scaled linearly with the global batch"""
-    weight_decay: float = 2e-4
-    """SGD weight decay"""
+    lr: Annotated[Optional[float], lt_data.resolved_later("0.2 for ResNets, 2.5e-4 for ViTs", "FLOAT")] = None
+    """learning rate for a global batch of 256, scaled linearly: SGD for ResNets (LDAM's CIFAR-LT recipe), AdamW for
+    ViTs (DeiT's 5e-4 per 512)"""
+    weight_decay: Annotated[Optional[float], lt_data.resolved_later("2e-4 for ResNets, 0.05 for ViTs", "FLOAT")] = None
+    """weight decay, on weight matrices only"""
     warmup_epochs: int = 5
     """linear learning-rate warm-up epochs before the cosine decay"""
     label_smoothing: float = 0.0
     """cross-entropy label smoothing"""
+
+    def __post_init__(self):  # the backbone picks the optimiser's defaults
+        vit = self.arch.startswith("vit")
+        self.lr = self.lr if self.lr is not None else (2.5e-4 if vit else 0.2)
+        self.weight_decay = self.weight_decay if self.weight_decay is not None else (0.05 if vit else 2e-4)
 
 
 # ============================================================ method: algorithm
@@ -272,6 +287,7 @@ def train(args: Args) -> str:
 # ============================================================ method: parts
 def check_args(args: Args, data: lt_data.LTData) -> None:
     """The method's flags, checked once the data is known (the shared ``validate`` checks the others)."""
+    backbone_spec(args.arch, data.image_size, args.vit_layers, args.vit_heads, args.vit_dim, args.patch_size)
     check_floats(args, "[0, inf)", "weight_decay")
     check_floats(args, "[0, 1)", "label_smoothing")
     check_ints(args, 0, "warmup_epochs")
@@ -283,25 +299,30 @@ def train_transform(args: Args, data: lt_data.LTData):
 
 
 class Model(nn.Module):
-    """A torchvision ResNet backbone and a linear classifier."""
+    """A backbone (a torchvision ResNet or the SSL scripts' ViT) and a linear classifier."""
 
     export_prefix = "backbone."  # what backbone.pt exports
 
     def __init__(self, args: Args, data: lt_data.LTData):
         super().__init__()
-        self.backbone_spec = {"arch": args.arch, "arch_kwargs": {"cifar_stem": data.image_size < 64}}
-        self.backbone = build_backbone(args.arch, **self.backbone_spec["arch_kwargs"])
-        self.classifier = nn.Linear(feature_dim(args.arch), data.num_classes)
+        self.backbone_spec = backbone_spec(
+            args.arch, data.image_size, args.vit_layers, args.vit_heads, args.vit_dim, args.patch_size
+        )
+        arch, arch_kwargs = self.backbone_spec["arch"], self.backbone_spec["arch_kwargs"]
+        self.backbone = build_backbone(arch, **arch_kwargs)
+        self.classifier = nn.Linear(feature_dim(arch, **arch_kwargs), data.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.backbone(x))
 
 
 def make_optimizer(args: Args, model: Model, lr: float) -> torch.optim.Optimizer:
-    """SGD with momentum; no weight decay on biases and BatchNorm parameters."""
+    """SGD with momentum (ResNets) or AdamW (ViTs, DeiT's recipe); no weight decay on biases and norm parameters."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.arch.startswith("vit"):
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, fused=args.amp != "fp16")  # see resolve_amp
 
 

@@ -54,7 +54,10 @@ MSN += ["--train-steps", "1200", *OPTIM, "--ema-momentum", "0.99"]
 EXCB = [*VIT, "--num-clusters", "256", "--hidden-dim", "512", "--out-dim", "64", "--num-local-crops", "2"]
 EXCB += ["--train-steps", "1200", *OPTIM, "--teacher-momentum", "0.99"]
 RECIPES = {
-    "supervised": ("supervised_baseline.py", ["--train-steps", "1200", "--batch-size", "64"]),  # the same budget
+    "supervised": (
+        "supervised_baseline.py",
+        ["--train-steps", "1800", *VIT, *OPTIM],
+    ),  # the SSL rows' ViT and optimiser
     "simsiam": ("simsiam_rwsam.py", SIMSIAM),
     "rwsam": (
         "simsiam_rwsam.py",

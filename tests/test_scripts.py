@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -680,3 +681,53 @@ def test_fp16_overflowing_first_step_leaves_the_optimizer_untouched(script):
     assert all(torch.isfinite(p).all() for p in after_skip)
     for a, b in zip(after_skip, reference):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_supervised_vit_trains_resumes_exports_and_probes(tmp_path):
+    """--arch vit_tiny gives the supervised baseline the SSL scripts' ViT (AdamW, DeiT's defaults), so a gap table
+    compares like with like: it resumes bit-identically, exports the ViT and the probe loads it."""
+    script = "supervised_baseline.py"
+    vit = ["--arch", "vit_tiny", "--vit-layers", "2", "--vit-dim", "32", "--vit-heads", "2", "--patch-size", "4"]
+    args = [*base(script), *vit, "--num-workers", "0", "--deterministic"]
+    run_script(script, *args, "--max-steps", "6", "--run-name", "straight", cwd=tmp_path)
+    run_script(script, *args, "--max-steps", "3", "--run-name", "resumed", cwd=tmp_path)
+    assert (
+        "resuming at step 3"
+        in run_script(script, *args, "--max-steps", "6", "--run-name", "resumed", cwd=tmp_path).stdout
+    )
+    a, b = (
+        _load(tmp_path / "runs" / "straight" / "checkpoint.pt"),
+        _load(tmp_path / "runs" / "resumed" / "checkpoint.pt"),
+    )
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert set(a["optimizer"]["state"][0]) >= {"exp_avg", "exp_avg_sq"}  # AdamW
+    assert (a["args"]["lr"], a["args"]["weight_decay"]) == (2.5e-4, 0.05)
+    export = tmp_path / "runs" / "straight" / "backbone.pt"
+    meta = _load(export)["backbone"]
+    assert meta["arch"] == "vit" and (meta["arch_kwargs"]["num_layers"], meta["arch_kwargs"]["hidden_dim"]) == (2, 32)
+    model, _ = linear_probe.load_backbone(str(export))
+    plain = linear_probe.build_backbone("vit", **meta["arch_kwargs"])
+    plain.load_state_dict(_load(export)["state_dict"], strict=True)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), plain.eval()(x), rtol=0, atol=0)
+    for extra in ([], ["--random-init"]):
+        out = tmp_path / f"probe{len(extra)}.json"
+        run_script(
+            "linear_probe.py",
+            str(export),
+            "--epochs",
+            "2",
+            "--num-workers",
+            "0",
+            "--output",
+            str(out),
+            *extra,
+            cwd=tmp_path,
+        )
+        res = json.loads(out.read_text())
+        assert res["method"] == "supervised" and res["random_init"] == bool(extra) and 0 <= res["linear"]["top1"] <= 100
+    resnet = _import_script(script).Args()
+    assert (resnet.lr, resnet.weight_decay) == (0.2, 2e-4)  # the ResNet recipe is unchanged
