@@ -553,6 +553,9 @@ class ProbeArgs:
     """random subsets averaged per few-shot probe"""
     random_init: bool = False
     """probe a randomly initialised backbone of the same architecture instead (a floor for the numbers)"""
+    raw_pixels: bool = False
+    """probe the flattened, standardised input image instead of a backbone (the floor a representation must beat
+    to be better than its input); the checkpoint still gives the data flags"""
     seed: int = 0
     """seed of the probe's training and of --random-init"""
     extract_batch_size: int = 256
@@ -590,6 +593,8 @@ def run_probe(args: ProbeArgs) -> dict:
     if args.random_init:
         torch.manual_seed(args.seed)
         model = build_backbone(meta["arch"], **meta["arch_kwargs"])
+    if args.raw_pixels:  # the linear probe standardises every pixel; kNN compares the normalised images
+        model = nn.Flatten()
     data_args = resolve_data_args(args, meta)
     data = lt_data.build_data(data_args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -634,6 +639,7 @@ def run_probe(args: ProbeArgs) -> dict:
         "method": meta.get("method"),
         "step": meta.get("step"),
         "random_init": args.random_init,
+        "raw_pixels": args.raw_pixels,
         "dataset": data_args.dataset,
         "pretrain_dataset": meta.get("data", {}).get("dataset"),
         "train_on": args.train_on,
@@ -649,7 +655,8 @@ def run_probe(args: ProbeArgs) -> dict:
 def markdown(res: dict) -> str:
     fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
     lines = [
-        f"probe of {res['checkpoint']} ({res['method']}{', random init' if res['random_init'] else ''}) "
+        f"probe of {'the raw pixels of ' if res['raw_pixels'] else ''}{res['checkpoint']} ({res['method']}"
+        f"{', random init' if res['random_init'] else ''}) "
         f"on {res['dataset']}: {res['num_train']} training / {res['num_test']} test images, "
         f"probe trained on the {res['train_on']} set",
         "",
@@ -681,6 +688,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             or any(s < 1 for s in args.shots)
         ):
             raise ProbeError("--epochs, --batch-size, --knn-k and --shots must be >= 1")
+        if args.random_init and args.raw_pixels:
+            raise ProbeError("--random-init and --raw-pixels exclude each other: the raw pixels have no weights")
         for name, low in (("lr", 0.0), ("knn_temperature", 0.0), ("weight_decay", None)):
             v = getattr(args, name)
             if not math.isfinite(v) or (v <= low if low is not None else v < 0):
@@ -693,9 +702,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(f"linear_probe.py: error: {lt_data.error_line(e)}", file=sys.stderr)
         sys.exit(2)
     print(markdown(res))
+    floor = "_random" if args.random_init else "_pixels" if args.raw_pixels else ""
     out = args.output or os.path.join(
-        os.path.dirname(os.path.abspath(args.checkpoint)),
-        f"probe_{res['dataset']}{'_random' if args.random_init else ''}.json",
+        os.path.dirname(os.path.abspath(args.checkpoint)), f"probe_{res['dataset']}{floor}.json"
     )
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
@@ -704,7 +713,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         from torch.utils.tensorboard import SummaryWriter
 
         with SummaryWriter(os.path.dirname(os.path.abspath(args.checkpoint))) as w:
-            tag = f"probe/{res['dataset']}{'_random' if args.random_init else ''}"
+            tag = f"probe/{res['dataset']}{floor}"
             for name in ("linear", "knn"):
                 for key in ("top1", "many", "medium", "few", "group_std"):
                     if key in res[name]:

@@ -309,3 +309,37 @@ def test_probe_help_states_the_defaults_it_uses(tmp_path):
     assert "--balanced-twin" not in out  # means nothing to a probe
     assert "(default: cifar10)" not in out and "(default: data)" not in out and "{None," not in out
     assert out.count("(default: the pre-training run's)") >= 10  # the data flags: the run's unless passed
+
+
+def test_raw_pixels_probe_uses_the_standardised_image_itself(tiny_supervised_run, tmp_path):
+    """--raw-pixels: the floor a representation must beat to be better than its input. Its kNN equals a kNN
+    computed here on the flattened eval-transformed images; it refuses --random-init in one line."""
+    import lt_data
+
+    out = tmp_path / "pixels.json"
+    ckpt = str(tiny_supervised_run / "backbone.pt")
+    run_script(
+        "linear_probe.py",
+        ckpt,
+        "--raw-pixels",
+        "--epochs",
+        "2",
+        "--num-workers",
+        "0",
+        "--output",
+        str(out),
+        cwd=tmp_path,
+    )
+    res = json.loads(out.read_text())
+    assert res["raw_pixels"] and not res["random_init"]
+    _, meta = lp.load_backbone(ckpt)
+    data = lt_data.build_data(lt_data.DataArgs(**meta["data"]))
+    tf = lt_data.eval_transform(data.image_size, data.mean, data.std)
+    flat = lambda ds: torch.stack([tf(ds.image(i)).flatten() for i in range(len(ds.targets))])  # noqa: E731
+    train_x, test_x = flat(data.train_full), flat(data.test)
+    train_y, test_y = torch.tensor(data.train_full.targets), torch.tensor(data.test.targets)
+    assert train_x.shape[1] == 3 * 16 * 16
+    pred = lp.knn_predict(train_x, train_y, test_x, data.num_classes, res["knn"]["k"], 0.1)
+    assert res["knn"]["top1"] == pytest.approx(100 * (pred == test_y).float().mean().item())
+    proc = run_script("linear_probe.py", ckpt, "--raw-pixels", "--random-init", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "--random-init and --raw-pixels exclude each other" in proc.stderr
