@@ -62,21 +62,44 @@ def test_step_cost_prints_a_row_per_method_and_precision(tmp_path):
 
 
 TINY_DATA = ["--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-per-class", "24"]
-GAP_TINY = [
-    "--methods",
-    "supervised",
-    *TINY_DATA,
-    "--imbalance-ratio",
-    "4",
-    "--image-size",
-    "16",
-    "--extra=--max-steps 2 --batch-size 8",
-    "--num-workers",
-    "0",
-    "--seeds",
-    "1",
-    "2",
-]
+
+
+def _tiny_imagefolder(root, classes=4, train=12, val=4, size=16):
+    """A tiny out-of-domain ImageFolder of PNGs: a class is a horizontal bar at its own height."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", train), ("val", val)):
+        for c in range(classes):
+            (root / split / str(c)).mkdir(parents=True)
+            for i in range(n):
+                img = (torch.rand(size, size, generator=g) * 60).to(torch.uint8)
+                img[c * size // classes : c * size // classes + 2] = 255
+                Image.fromarray(img.numpy(), "L").save(root / split / str(c) / f"{i}.png")
+    return root
+
+
+def _gap_tiny(tmp_path) -> list[str]:
+    ood = tmp_path / "ood" if (tmp_path / "ood").exists() else _tiny_imagefolder(tmp_path / "ood")
+    return [
+        "--claims",
+        "supervised-vs-ssl",
+        *TINY_DATA,
+        "--imbalance-ratio",
+        "4",
+        "--image-size",
+        "16",
+        "--ood-dir",
+        str(ood),
+        "--extra=--max-steps 2 --batch-size 8",
+        "--num-workers",
+        "0",
+        "--jobs",
+        "2",
+        "--seeds",
+        "1",
+        "2",
+    ]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -84,88 +107,107 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
-def test_gap_table_reports_the_relative_gap_of_the_probes(tmp_path):
-    out = run_benchmark("gap_table.py", *GAP_TINY, cwd=tmp_path)
-    gap_dir = tmp_path / "runs" / "gap"
+def _import_benchmark(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # its own imports (recipes) as when it runs as a script
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gap_table_states_each_claim_with_its_interval_and_verdict(tmp_path):
+    out = run_benchmark("gap_table.py", *_gap_tiny(tmp_path), cwd=tmp_path)
+    gap_dir = tmp_path / "runs" / "claims"
     result = json.loads((gap_dir / "gap_table.json").read_text())
     table = result["table"]
-    assert list(table) == ["supervised", "random (resnet18)"]
-    # the per-seed numbers are the probes' JSONs; each probe ran with --seed = training seed - 1
-    files = {
-        ("supervised", pretrain, s): gap_dir / f"supervised_{suffix}_s{s}" / "probe.json"
-        for pretrain, suffix in (("long-tailed", "lt"), ("balanced", "twin"))
-        for s in (1, 2)
-    }
-    files.update({("random (resnet18)", "random init", s): gap_dir / f"random_resnet18_s{s}.json" for s in (1, 2)})
-    for (row, pretrain, s), path in files.items():
-        probe = json.loads(path.read_text())
-        assert table[row]["runs"][pretrain][str(s)] == {"linear": probe["linear"], "knn": probe["knn"]}
-        assert probe["random_init"] == (row != "supervised")
-    for s in (1, 2):
-        assert (
-            f"runs/gap/supervised_lt_s{s}/backbone.pt --seed {s - 1} --num-workers 0 --output "
-            f"runs/gap/random_resnet18_s{s}.json.part --random-init" in out
+    assert set(table) == {"supervised", "simsiam", "random init", "raw pixels"}
+    # every number is a probe's JSON: each run probed in domain and on the ImageFolder, with --seed = seed - 1
+    for row in ("supervised", "simsiam"):
+        for pretrain, suffix in (("long-tailed", "lt"), ("balanced", "twin")):
+            for s in (1, 2):
+                for domain in ("in", "ood"):
+                    probe = json.loads((gap_dir / f"{row}_{suffix}_s{s}" / f"probe_{domain}.json").read_text())
+                    assert table[row][pretrain][str(s)][domain] == probe
+                    assert probe["dataset"] == ("synthetic" if domain == "in" else "imagefolder")
+                    assert set(probe["few_shot"]) == {"10", "100"} and not probe["random_init"]
+                assert f"{row}_{suffix}_s{s}/backbone.pt --seed {s - 1} " in out
+    for floor, slug, flag in (("random init", "random", "random_init"), ("raw pixels", "pixels", "raw_pixels")):
+        for s in (1, 2):
+            probe = json.loads((gap_dir / f"{slug}_ood_s{s}.json").read_text())
+            assert table[floor]["floor"][str(s)]["ood"] == probe and probe[flag]
+
+    # the claim: supervised's relative gap minus SimSiam's, per seed, with a 95% t-interval (df 1: t = 12.706)
+    def gap(row, s, domain):
+        bal, lt = (table[row][p][str(s)][domain]["linear"]["top1"] for p in ("balanced", "long-tailed"))
+        return 100 * (bal - lt) / bal
+
+    claim = result["claims"][0]
+    for domain in ("in", "ood"):
+        diffs = [gap("supervised", s, domain) - gap("simsiam", s, domain) for s in (1, 2)]
+        m, sd = _mean_std(diffs)
+        stat = claim["results"][f"{domain} linear"]["stat"]
+        assert stat["per_seed"] == pytest.approx({"1": diffs[0], "2": diffs[1]})
+        assert (stat["mean"], stat["low"], stat["high"]) == pytest.approx(
+            (m, m - 12.706 * sd / math.sqrt(2), m + 12.706 * sd / math.sqrt(2))
         )
-        assert f"runs/gap/supervised_twin_s{s}/backbone.pt --seed {s - 1} " in out
-    # mean and sample std over the seeds, and the relative gap of each seed
-    sup = table["supervised"]
-    for pretrain, runs in sup["runs"].items():
-        for name, probe, key in (
-            ("linear top-1", "linear", "top1"),
-            ("kNN top-1", "knn", "top1"),
-            ("many", "linear", "many"),
-            ("medium", "linear", "medium"),
-            ("few", "linear", "few"),
-        ):
-            m, sd = _mean_std([runs[s][probe][key] for s in ("1", "2")])
-            assert sup["summary"][pretrain][name] == {"mean": pytest.approx(m), "std": pytest.approx(sd)}
-    for probe in ("linear", "knn"):
-        gaps = {
-            s: (sup["runs"]["balanced"][s][probe]["top1"] - sup["runs"]["long-tailed"][s][probe]["top1"])
-            / sup["runs"]["balanced"][s][probe]["top1"]
-            for s in ("1", "2")
-        }
-        g = sup["relative_gap"][probe]
-        assert g["per_seed"] == pytest.approx(gaps)
-        assert (g["mean"], g["std"]) == pytest.approx(_mean_std(list(gaps.values())))
-    lt, g = sup["summary"]["long-tailed"]["linear top-1"], sup["relative_gap"]["linear"]
-    assert f"| supervised | long-tailed | {lt['mean']:.2f} ± {lt['std']:.2f} | " in out
-    assert f" | {100 * g['mean']:.1f} ± {100 * g['std']:.1f}% | " in out
-    assert "| random (resnet18) | random init | " in out and "relative_gap" not in table["random (resnet18)"]
-    assert result["long_tailed_class_counts"] == [24, 15, 9, 6]  # int(24 * 4^(-i/3))
+        expected = "confirmed" if stat["low"] > 0 else "refuted" if stat["high"] < 0 else "not resolved at this budget"
+        assert claim["results"][f"{domain} linear"]["verdict"] == expected
+    assert claim["verdict"] == claim["results"]["in linear"]["verdict"]
+    assert "ood minus in, linear" in claim["results"]
+    # the monitor of every run, read back from its events: before training, then at the end
+    assert set(result["levelled"]) == {
+        f"{r} {p}" for r in ("supervised", "simsiam") for p in ("long-tailed", "balanced")
+    }
+    for per_seed in result["levelled"].values():
+        for v in per_seed.values():
+            assert v["from_step"] == 0 and v["levelled"] == (v["gain"] < 0.5)
+    report = (gap_dir / "claims.md").read_text()
+    assert "| supervised | long-tailed | " in report and "- **supervised-vs-ssl**: " in report and report in out + "\n"
     # a rerun trains and probes nothing and gives the same JSON
-    outputs = (
-        sorted(gap_dir.glob("supervised_*/*.pt"))
-        + sorted(gap_dir.glob("**/*probe.json"))
-        + sorted(gap_dir.glob("random_*.json"))
-    )
-    assert len(outputs) == 4 * 2 + 4 + 2 and not list(gap_dir.glob("**/*.part"))
+    outputs = sorted(gap_dir.glob("**/*.pt")) + sorted(gap_dir.glob("**/*probe_*.json"))
+    assert len(outputs) == 8 * 2 + 8 * 2 and not list(gap_dir.glob("**/*.part"))
     mtimes = [p.stat().st_mtime_ns for p in outputs]
-    again = run_benchmark("gap_table.py", *GAP_TINY, cwd=tmp_path)
+    again = run_benchmark("gap_table.py", *_gap_tiny(tmp_path), cwd=tmp_path)
     assert "$ " not in again and [p.stat().st_mtime_ns for p in outputs] == mtimes
     assert json.loads((gap_dir / "gap_table.json").read_text()) == result
-    # the figure where matplotlib is installed (benchmarks/requirements.txt), else one line saying it was skipped
     if importlib.util.find_spec("matplotlib"):
-        assert (gap_dir / "gap_figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    else:
-        assert "figure skipped: matplotlib is not installed (pip install -r benchmarks/requirements.txt)" in out
-        assert not (gap_dir / "gap_figure.png").exists()
+        for fig in ("monitor_curves.png", "gap_figure.png"):
+            assert (gap_dir / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gap_table_verdicts_follow_the_interval():
+    """Independent numbers: 1, 2, 3 have mean 2, sd 1, and a 95% t-interval of 2 -+ 4.303 / sqrt(3)."""
+    gap = _import_benchmark("gap_table")
+    ci = gap.mean_ci([1.0, 2.0, 3.0])
+    assert (ci["low"], ci["high"]) == pytest.approx((2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)))
+    superiority = gap.Claim("c", "s", "x", "a", "b", "acc")
+    non_inferiority = gap.Claim("n", "s", "x", "a", "b", "acc", threshold=-1.0)
+    stat = lambda low, high: {"low": low, "high": high}  # noqa: E731
+    assert gap.verdict(superiority, stat(0.1, 2.0)) == "confirmed"
+    assert gap.verdict(superiority, stat(-3.0, -0.1)) == "refuted"
+    assert gap.verdict(superiority, stat(-0.5, 0.5)) == "not resolved at this budget"
+    assert gap.verdict(non_inferiority, stat(-0.5, 0.5)) == "confirmed"
+    assert gap.verdict(non_inferiority, stat(-1.5, 0.5)) == "not resolved at this budget"
+    assert gap.verdict(non_inferiority, stat(-1.5, -0.2)) == "refuted"
+    assert gap.verdict(superiority, {"low": None}) == "not resolved (fewer than 2 seeds)"
+    curve = [(0, 60.0), (100, 70.0), (200, 72.0), (300, 72.3)]  # 80% of 300 is 240: from step 200
+    assert gap.levelled(curve) == {"gain": pytest.approx(0.3), "from_step": 200, "final": 72.3, "levelled": True}
+    assert not gap.levelled([(0, 60.0), (100, 70.0)])["levelled"]  # +10 from step 0
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (
-            ["--methods", "supervised", "byol"],
-            "unknown method 'byol'; choose from supervised, simsiam, rwsam, msn, pmsn",
-        ),
+        (["--claims", "supervised-vs-ssl", "byol"], "unknown claim 'byol'; choose from supervised-vs-ssl, rwsam, pmsn"),
         (["--seeds", "1", "1"], "--seeds must be one or more distinct seeds >= 1, got [1, 1]"),
         (["--seeds", "0"], "--seeds must be one or more distinct seeds >= 1, got [0]"),
         (["--train-steps", "0"], "--train-steps must be >= 1, got 0"),
+        (["--ood-dir", "missing"], "benchmarks/make_imagefolder.py mnist-5k"),
     ],
 )
 def test_gap_table_bad_input_one_clear_line(tmp_path, extra, message):
-    _fails_in_one_line("gap_table.py", [*GAP_TINY, *extra], message, tmp_path)
+    _fails_in_one_line("gap_table.py", [*_gap_tiny(tmp_path), *extra], message, tmp_path)
 
 
 def _fails_in_one_line(name: str, args: list[str], message: str, cwd) -> None:
