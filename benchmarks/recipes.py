@@ -20,7 +20,7 @@ retrained, a probe whose JSON exists is not re-run, an interrupted run resumes f
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/recipes.py --seeds 2 --num-workers 0 &
     wait; python benchmarks/recipes.py
 
-benchmarks/gap_table.py runs the same recipes on shorter budgets.
+benchmarks/gap_table.py runs the same recipes for the papers' claims (docs/claims.md).
 """
 
 from __future__ import annotations
