@@ -364,18 +364,17 @@ class _Standardise(nn.Module):
 
 
 def accuracy_report(pred: torch.Tensor, target: torch.Tensor, num_classes: int, groups: dict[str, list[int]]) -> dict:
-    """Top-1, per-class accuracy, the mean per-class accuracy of each shot group and the std of the groups."""
+    """Top-1, per-class accuracy, the mean per-class accuracy of each shot group and the std of the groups. A class
+    without test images, or a group without classes, is None (JSON null: strict readers refuse NaN)."""
     correct = (pred == target).double()
-    per_class = [
-        correct[target == c].mean().item() * 100 if (target == c).any() else float("nan") for c in range(num_classes)
-    ]
+    per_class = [correct[target == c].mean().item() * 100 if (target == c).any() else None for c in range(num_classes)]
     out = {"top1": correct.mean().item() * 100, "per_class": per_class}
     accs = []
     for name, cls in groups.items():
-        vals = [per_class[c] for c in cls if not math.isnan(per_class[c])]
-        out[name] = sum(vals) / len(vals) if vals else float("nan")
+        vals = [per_class[c] for c in cls if per_class[c] is not None]
+        out[name] = sum(vals) / len(vals) if vals else None
         accs.append(out[name])
-    if accs and not any(math.isnan(a) for a in accs):
+    if accs and None not in accs:
         m = sum(accs) / len(accs)
         out["group_std"] = math.sqrt(sum((a - m) ** 2 for a in accs) / len(accs))
     return out
@@ -653,7 +652,7 @@ def run_probe(args: ProbeArgs) -> dict:
 
 
 def markdown(res: dict) -> str:
-    fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     lines = [
         f"probe of {'the raw pixels of ' if res['raw_pixels'] else ''}{res['checkpoint']} ({res['method']}"
         f"{', random init' if res['random_init'] else ''}) "
@@ -707,7 +706,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         os.path.dirname(os.path.abspath(args.checkpoint)), f"probe_{res['dataset']}{floor}.json"
     )
     with open(out, "w") as f:
-        json.dump(res, f, indent=1)
+        json.dump(res, f, indent=1, allow_nan=False)
     print(f"wrote {out}")
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter

@@ -343,3 +343,30 @@ def test_raw_pixels_probe_uses_the_standardised_image_itself(tiny_supervised_run
     assert res["knn"]["top1"] == pytest.approx(100 * (pred == test_y).float().mean().item())
     proc = run_script("linear_probe.py", ckpt, "--raw-pixels", "--random-init", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--random-init and --raw-pixels exclude each other" in proc.stderr
+
+
+def test_probe_json_is_strict_with_an_empty_shot_group(tiny_supervised_run, tmp_path):
+    """An ImageFolder whose classes all have < 20 images has no many- or medium-shot class: those groups were NaN,
+    which strict JSON readers refuse; they are null."""
+    from PIL import Image
+
+    for split, n in (("train", 6), ("val", 2)):
+        for c in range(3):
+            (tmp_path / "folder" / split / str(c)).mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (16, 16), 40 * c + i).save(tmp_path / "folder" / split / str(c) / f"{i}.png")
+    out = tmp_path / "probe.json"
+    run_script(
+        "linear_probe.py",
+        str(tiny_supervised_run / "backbone.pt"),
+        *("--dataset", "imagefolder", "--data-dir", str(tmp_path / "folder"), "--epochs", "2", "--num-workers", "0"),
+        *("--output", str(out)),
+        cwd=tmp_path,
+    )
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    res = json.loads(out.read_text(), parse_constant=refuse)
+    for probe in ("linear", "knn"):
+        assert res[probe]["many"] is None and res[probe]["medium"] is None and res[probe]["few"] is not None
