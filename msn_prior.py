@@ -655,7 +655,8 @@ def mask_keep_indices(
     A function of the image index rather than of a process's RNG stream, so a run on 2 processes masks each
     image exactly as one process on the global batch does. shared: one subset for the whole batch (MSN code)."""
     idx = torch.zeros_like(indices) if shared else indices
-    base = (idx.long() + (int(seed) * 1_000_003 + int(step)) * 1_000_000_007) * 65_537
+    salt = (int(seed) * 1_000_003 + int(step)) * 1_000_000_007 % (2**63 - 1)  # any seed: a Python int fits int64 here
+    base = (idx.long() + salt) * 65_537  # int64 arithmetic wraps, which the hash mixes anyway
     keys = base[:, None] + torch.arange(num_patches, device=indices.device)[None, :]
     return _mix64(_mix64(keys)).argsort(dim=1)[:, :keep]
 
@@ -1086,6 +1087,8 @@ def validate(args: Args) -> None:
     check_ints(args, 1, "batch_size", "epochs", "log_every", "checkpoint_every", "max_steps", "train_steps")
     check_ints(args, 0, "num_workers", "eval_every", "eval_bank", "eval_queries")
     check_floats(args, "(0, inf)", "lr")
+    if not 0 <= args.seed < 2**32:  # seeds every generator (numpy's limit), and seed * 1000 + rank must fit int64
+        raise RunError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.sync_bn and not torch.cuda.is_available():
         raise RunError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
 

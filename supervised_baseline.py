@@ -761,6 +761,8 @@ def validate(args: Args) -> None:
     check_ints(args, 1, "batch_size", "epochs", "log_every", "checkpoint_every", "max_steps", "train_steps")
     check_ints(args, 0, "num_workers", "eval_every", "eval_bank", "eval_queries")
     check_floats(args, "(0, inf)", "lr")
+    if not 0 <= args.seed < 2**32:  # seeds every generator (numpy's limit), and seed * 1000 + rank must fit int64
+        raise RunError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.sync_bn and not torch.cuda.is_available():
         raise RunError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
 

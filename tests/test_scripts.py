@@ -262,6 +262,8 @@ def test_torchrun_two_processes_gloo(tmp_path, script):
         (["--dataset", "cifar10", "--data-dir", "nowhere", "--no-download"], "use --dataset synthetic"),
         (["--output-dir", "afile"], "cannot write to the run folder"),
         (["--sync-bn"], "--sync-bn needs CUDA"),
+        (["--seed=-1"], "--seed must be in [0, 2**32), got -1"),
+        (["--seed", str(2**63)], "--seed must be in [0, 2**32), got 9223372036854775808"),
         (["--dataset", "imagenet-lt", "--data-dir", ".", "--split-file", "lt_train.txt"], "listed images not found"),
     ],
 )
@@ -731,3 +733,11 @@ def test_supervised_vit_trains_resumes_exports_and_probes(tmp_path):
         assert res["method"] == "supervised" and res["random_init"] == bool(extra) and 0 <= res["linear"]["top1"] <= 100
     resnet = _import_script(script).Args()
     assert (resnet.lr, resnet.weight_decay) == (0.2, 2e-4)  # the ResNet recipe is unchanged
+
+
+@pytest.mark.parametrize("seed", ["20240101", str(2**32 - 1)])
+@per_script
+def test_any_seed_the_flag_accepts_trains(tmp_path, script, seed):
+    """A date as the seed overflowed MSN's mask hash (OverflowError at step 1): every accepted seed trains."""
+    out = run_script(script, *base(script), "--max-steps", "2", "--num-workers", "0", "--seed", seed, cwd=tmp_path)
+    assert "done: step 2" in out.stdout
