@@ -5,4 +5,4 @@
 # benchmarks/gpu_check.py's (--help lists them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python benchmarks/gpu_check.py "$@"
+exec "${PYTHON:-python3}" benchmarks/gpu_check.py "$@"  # the GPU machine has python3, not python

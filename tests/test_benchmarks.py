@@ -682,3 +682,21 @@ def test_peers_benchmark_compares_ours_and_lightly(tmp_path):
         assert row["pipeline_ms"]["ours"] > 0 and row["pipeline_ms"]["lightly"] > 0
         ratio = row["step_ms"]["ours"] / row["step_ms"]["lightly"]
         assert f"| {method} | {row['step_ms']['ours']:.1f} | {row['step_ms']['lightly']:.1f} | {ratio:.2f} |" in out
+
+
+def test_gpu_check_runs_where_there_is_python3_and_no_python(tmp_path):
+    """The lent GPU machine has python3 and no python (shared/specs/gpu_device.md): the check must start there."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # this environment's Python
+    (bin_dir / "python3").chmod(0o755)
+    env = {**script_env(), "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    env.pop("PYTHON", None)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and "--device" in proc.stdout, proc.stderr
