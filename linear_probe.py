@@ -595,6 +595,9 @@ def run_probe(args: ProbeArgs) -> dict:
     if args.raw_pixels:  # the linear probe standardises every pixel; kNN compares the normalised images
         model = nn.Flatten()
     data_args = resolve_data_args(args, meta)
+    patch = meta["arch_kwargs"]["patch_size"] if meta["arch"] == "vit" else 1
+    if data_args.image_size % patch:  # a smaller image fails in the patch conv, a larger one loses its border
+        raise ProbeError(f"--image-size {data_args.image_size} is not a multiple of the ViT's patch size {patch}")
     data = lt_data.build_data(data_args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tf = lt_data.eval_transform(data.image_size, data.mean, data.std)

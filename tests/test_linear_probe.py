@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 import linear_probe as lp
-from conftest import run_script
+from conftest import TINY_DATA, run_script
 
 
 def _clusters(n_per_class, classes=4, dim=16, spread=0.1, seed=0):
@@ -370,3 +370,32 @@ def test_probe_json_is_strict_with_an_empty_shot_group(tiny_supervised_run, tmp_
     res = json.loads(out.read_text(), parse_constant=refuse)
     for probe in ("linear", "knn"):
         assert res[probe]["many"] is None and res[probe]["medium"] is None and res[probe]["few"] is not None
+
+
+@pytest.mark.parametrize("size", ["2", "18"])
+def test_probe_refuses_an_image_size_the_vit_patches_do_not_tile(tmp_path, size):
+    """A patch-4 ViT: 2 px failed in the patch convolution with a traceback, 18 px silently dropped a 2 px border."""
+    vit = ["--arch", "vit_tiny", "--vit-layers", "1", "--vit-dim", "16", "--vit-heads", "2", "--patch-size", "4"]
+    run_script(
+        "supervised_baseline.py",
+        *TINY_DATA,
+        *vit,
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "1",
+        "--num-workers",
+        "0",
+        "--eval-every",
+        "0",
+        cwd=tmp_path,
+    )
+    backbone = next((tmp_path / "runs").glob("*/backbone.pt"))
+    proc = run_script(
+        "linear_probe.py", str(backbone), "--image-size", size, "--num-workers", "0", cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert (
+        proc.stderr.strip()
+        == f"linear_probe.py: error: --image-size {size} is not a multiple of the ViT's patch size 4"
+    )
