@@ -687,7 +687,7 @@ class RunError(Exception):
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM: the run saved a checkpoint and exits with 128 + the signal number."""
+    """SIGINT/SIGTERM/SIGHUP: the run saved a checkpoint and exits with 128 + the signal number."""
 
 
 @dataclass(kw_only=True)
@@ -807,10 +807,10 @@ def setup_distributed() -> tuple[torch.device, int, int]:
 
 
 def num_workers(args: Args) -> int:
-    """--num-workers, by default min(8, CPU cores per process)."""
+    """--num-workers, by default min(8, usable CPU cores per process)."""
     if args.num_workers is not None:
         return args.num_workers
-    return min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return min(8, max(1, lt_data.usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -1049,12 +1049,13 @@ class Logger:
 
 
 class StopSignal:
-    """SIGINT and SIGTERM only set a flag; the loop reads it after each step (under DDP at log, checkpoint and
-    epoch-end steps, where an all-reduce makes every rank agree), saves a checkpoint and stops."""
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal; torchrun forwards it) only set a flag; the loop reads it after
+    each step (under DDP at log, checkpoint and epoch-end steps, where an all-reduce makes every rank agree), saves
+    a checkpoint and stops."""
 
     def __init__(self):
         self.signum = 0
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
     def handle(self, signum, frame) -> None:
         self.signum = self.signum or signum

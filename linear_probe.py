@@ -677,6 +677,39 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def check_writable(folder: str) -> None:
+    """Raise ProbeError unless a file can be created in ``folder`` (tried, since root passes every access check)."""
+    try:
+        with open(os.path.join(folder, f".write-test{os.getpid()}"), "w") as f:
+            os.remove(f.name)
+    except OSError as e:
+        raise ProbeError(f"cannot write the results to {folder}: {e.strerror}") from None
+
+
+class QuietWhenClosed:
+    """A text stream that goes quiet (to os.devnull) once its reader has closed the pipe, instead of raising
+    BrokenPipeError in the middle of the work."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())  # also what is still buffered
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = tyro.cli(ProbeArgs, args=argv)
@@ -699,17 +732,25 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     f"--{name.replace('_', '-')} must be a finite number "
                     f"{'> 0' if low is not None else '>= 0'}, got {v}"
                 )
+        folder = os.path.dirname(os.path.abspath(args.output or args.checkpoint))
+        check_writable(folder)  # before the work, not after it
+        if not isinstance(
+            sys.stdout, QuietWhenClosed
+        ):  # linear_probe.py ... | head: the probe still ends with its JSON
+            sys.stdout = QuietWhenClosed(sys.stdout)
         res = run_probe(args)
+        floor = "_random" if args.random_init else "_pixels" if args.raw_pixels else ""
+        out = args.output or os.path.join(folder, f"probe_{res['dataset']}{floor}.json")
+        try:
+            with open(f"{out}.part", "w") as f:
+                json.dump(res, f, indent=1, allow_nan=False)
+            os.replace(f"{out}.part", out)
+        except OSError as e:
+            raise ProbeError(f"cannot write {out}: {e.strerror}") from None
     except (ProbeError, BackboneError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
         print(f"linear_probe.py: error: {lt_data.error_line(e)}", file=sys.stderr)
         sys.exit(2)
     print(markdown(res))
-    floor = "_random" if args.random_init else "_pixels" if args.raw_pixels else ""
-    out = args.output or os.path.join(
-        os.path.dirname(os.path.abspath(args.checkpoint)), f"probe_{res['dataset']}{floor}.json"
-    )
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1, allow_nan=False)
     print(f"wrote {out}")
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter

@@ -29,7 +29,6 @@ import math
 import os
 import pickle
 import shutil
-import signal
 import sys
 from dataclasses import dataclass
 from typing import Annotated, Callable, Literal, Optional, Sequence, get_args
@@ -800,11 +799,18 @@ class ResumableSampler(torch.utils.data.Sampler):
         return iter((k, seed, self.epoch) for k, seed in zip(order[mine].tolist(), seeds[mine].tolist()))
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: a Ctrl-C or SIGTERM sent to the whole process group is the main process's to
-    handle (it saves a checkpoint, then stops its workers); a worker killed by it would fail the next batch."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def leave_process_group(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: the worker moves to a process group of its own, so a Ctrl-C, SIGTERM or SIGHUP
+    sent to the run's group is the main process's alone to handle (it saves a checkpoint, then stops its workers;
+    a worker killed by it would fail the next batch). Workers keep the default handlers: ignoring SIGTERM instead
+    made every exit hang, since the DataLoader's and multiprocessing's clean-up end workers with SIGTERM. A worker
+    whose main process died exits on its own (the DataLoader's watchdog)."""
+    os.setpgid(0, 0)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (taskset, cgroup cpusets, SLURM), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def make_loader(
@@ -829,7 +835,7 @@ def make_loader(
         pin_memory=pin,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=leave_process_group,
         generator=generator,
     )
 

@@ -571,14 +571,14 @@ def backbone_features(run: Run, start: int, stop: int) -> torch.Tensor:
     data, indices = run.data, run.train_set.indices[start:stop]
     transform = lt_data.eval_transform(data.image_size, data.mean, data.std)
     dataset = lt_data.IndexedDataset(data.train_full, indices, transform)
-    workers = run.args.num_workers if run.args.num_workers is not None else min(4, os.cpu_count() or 1)
+    workers = run.args.num_workers if run.args.num_workers is not None else min(4, lt_data.usable_cpus())
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=max(run.args.batch_size, 256),
         shuffle=False,
         num_workers=workers,
         generator=torch.Generator(),
-        worker_init_fn=lt_data.ignore_stop_signals,
+        worker_init_fn=lt_data.leave_process_group,
     )
     backbone, feats = run.model.backbone, []
     backbone.eval()
@@ -690,7 +690,7 @@ class RunError(Exception):
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM: the run saved a checkpoint and exits with 128 + the signal number."""
+    """SIGINT/SIGTERM/SIGHUP: the run saved a checkpoint and exits with 128 + the signal number."""
 
 
 @dataclass(kw_only=True)
@@ -810,10 +810,10 @@ def setup_distributed() -> tuple[torch.device, int, int]:
 
 
 def num_workers(args: Args) -> int:
-    """--num-workers, by default min(8, CPU cores per process)."""
+    """--num-workers, by default min(8, usable CPU cores per process)."""
     if args.num_workers is not None:
         return args.num_workers
-    return min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return min(8, max(1, lt_data.usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -1052,12 +1052,13 @@ class Logger:
 
 
 class StopSignal:
-    """SIGINT and SIGTERM only set a flag; the loop reads it after each step (under DDP at log, checkpoint and
-    epoch-end steps, where an all-reduce makes every rank agree), saves a checkpoint and stops."""
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal; torchrun forwards it) only set a flag; the loop reads it after
+    each step (under DDP at log, checkpoint and epoch-end steps, where an all-reduce makes every rank agree), saves
+    a checkpoint and stops."""
 
     def __init__(self):
         self.signum = 0
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
     def handle(self, signum, frame) -> None:
         self.signum = self.signum or signum

@@ -308,7 +308,7 @@ def main(args: GapArgs) -> dict:
         fail(f"{lt_data.error_line(e)} (the out-of-domain set: benchmarks/make_imagefolder.py mnist-5k)")
     os.makedirs(args.output_dir, exist_ok=True)
     if args.jobs > 1:  # every run and probe a share of the cores
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        os.environ["OMP_NUM_THREADS"] = str(max(1, lt_data.usable_cpus() // args.jobs))
 
     claims = [c for c in CLAIMS if c.name in args.claims]
     table, done, result, tasks, floor_tasks = {}, [], {}, {}, {}

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 import torchvision
 
 import linear_probe as lp
-from conftest import TINY_DATA, run_script
+from conftest import ROOT, TINY_DATA, run_script, script_env
 
 
 def _clusters(n_per_class, classes=4, dim=16, spread=0.1, seed=0):
@@ -399,3 +403,43 @@ def test_probe_refuses_an_image_size_the_vit_patches_do_not_tile(tmp_path, size)
         proc.stderr.strip()
         == f"linear_probe.py: error: --image-size {size} is not a multiple of the ViT's patch size 4"
     )
+
+
+def test_probe_output_that_cannot_be_written_is_refused_before_any_work(tiny_supervised_run, tmp_path):
+    """The whole probe used to run, then die with a traceback on a missing --output folder, losing the results."""
+    out = tmp_path / "missing" / "probe.json"
+    proc = run_script(
+        "linear_probe.py", str(tiny_supervised_run / "backbone.pt"), "--output", str(out), cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 2 and "extracting" not in proc.stdout, proc.stdout + proc.stderr
+    assert (
+        proc.stderr.strip()
+        == f"linear_probe.py: error: cannot write the results to {out.parent}: No such file or directory"
+    )
+
+
+def test_probe_piped_into_head_ends_quietly_with_its_json_on_disk(tiny_supervised_run, tmp_path):
+    """linear_probe.py ... | head -n 1: a BrokenPipeError traceback, then a hang while the DataLoader workers (which
+    ignored SIGTERM) lived. Now the reader's closing the pipe silences the output; the probe finishes, writes its
+    JSON and exits 0."""
+    out = tmp_path / "probe.json"
+    cmd = [sys.executable, str(ROOT / "linear_probe.py"), str(tiny_supervised_run / "backbone.pt"), "--epochs", "2"]
+    proc = subprocess.Popen(
+        [*cmd, "--num-workers", "2", "--output", str(out)],
+        cwd=tmp_path,
+        env=script_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    proc.stdout.readline()
+    proc.stdout.close()  # head -n 1 exits
+    try:
+        err = proc.stderr.read()
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the probe did not end after its reader closed the pipe")
+    assert proc.returncode == 0 and err == "", err
+    assert json.loads(out.read_text())["linear"]["top1"] >= 0

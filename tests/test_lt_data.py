@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +17,7 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 import lt_data
-from conftest import run_script, write_cifar, write_fashion_mnist, write_idx
+from conftest import ROOT, run_script, script_env, write_cifar, write_fashion_mnist, write_idx
 
 # ------------------------------------------------------------------ counts against the field's table
 
@@ -465,3 +470,67 @@ def test_to_normalized_tensor_equals_to_tensor_then_normalize():
     reference = T.Normalize(mean, std)(T.ToTensor()(img))
     assert ours.dtype == torch.float32 and ours.shape == (3, 7, 9)
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_an_error_in_a_loop_over_the_loader_ends_the_process_and_its_workers(tmp_path):
+    """Workers that ignored SIGTERM made every exit with live workers hang: the DataLoader's and multiprocessing's
+    clean-up end them with SIGTERM. An uncaught error in a loop over make_loader(num_workers=2) must end the main
+    process and every worker within seconds."""
+    code = f"""
+import os, sys, time, torch
+import lt_data
+class Pids(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10_000
+    def __getitem__(self, i):
+        open(os.path.join({str(tmp_path)!r}, str(os.getpid())), "w").close()
+        time.sleep(0.5)  # a worker busy decoding when the error comes
+        return torch.zeros(3, 8, 8)
+for batch in lt_data.make_loader(Pids(), 4, 2):
+    raise ValueError("an error in the user's loop")
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=script_env(),
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        for p in tmp_path.iterdir():
+            os.kill(int(p.name), signal.SIGKILL) if not _gone(int(p.name)) else None
+        pytest.fail("the process did not exit within 60 s of the error")
+    assert proc.returncode == 1 and "an error in the user's loop" in err
+    workers = [int(p.name) for p in tmp_path.iterdir()]
+    assert workers
+    deadline = time.monotonic() + 15
+    while not all(_gone(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(_gone(pid) for pid in workers), "a DataLoader worker outlived its main process"
+
+
+def test_the_default_worker_count_follows_the_cpus_this_process_may_use():
+    """min(8, os.cpu_count()) started 2 workers on 1 usable core (taskset, cgroups, SLURM)."""
+    code = "import supervised_baseline as s; print(s.num_workers(s.Args()), s.lt_data.usable_cpus())"
+    out = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c", code],
+        env=script_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.split() == ["1", "1"]

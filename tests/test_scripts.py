@@ -93,7 +93,7 @@ def test_resume_keeps_every_tensorboard_point(tmp_path):
     assert _scalar_steps(tmp_path / "runs" / "tb") == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.parametrize("signum,to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+@pytest.mark.parametrize("signum,to_group", [(signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGHUP, True)])
 def test_interrupted_run_saves_a_checkpoint_and_says_how_to_resume(tmp_path, signum, to_group):
     """SIGTERM (to the process) or Ctrl-C (SIGINT to the whole process group, DataLoader workers included) used to
     end in a 20-line traceback: now a checkpoint at the current step, one line, exit 128 + signal, and the same
