@@ -225,10 +225,48 @@ class FileImages(ImageSet):
         """The decoded image; DataError naming the file if it cannot be read or decoded (truncated, not an image)."""
         try:
             with open(self.paths[i], "rb") as f:
-                return Image.open(f).convert("RGB")
+                img = Image.open(f)
+                img.load()  # decoded while the file is open
+                return to_rgb(img, self.paths[i])
+        except DataError:
+            raise
         except Exception as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(f"cannot read image {self.paths[i]}: {reason[:200]}") from None
+
+
+def to_rgb(img: Image.Image, path: str) -> Image.Image:
+    """8-bit RGB from any mode Pillow opens. 16-bit grey (I;16, I;16B, ...) is scaled by 255/65535: convert("RGB")
+    clips it, so that 100/255 (25,700) read as white. 32-bit integer (I) and float (F) pixels have no agreed range:
+    refused with DataError naming the mode."""
+    if img.mode.startswith("I;16"):
+        img = Image.fromarray((np.asarray(img).astype(np.float32) * (255 / 65535)).round().astype(np.uint8))
+    elif img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "floating-point"
+        raise DataError(
+            f"cannot read image {path}: mode {img.mode} ({kind} pixels) has no 0..255 range; save 8 or 16 bit"
+        )
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def read_text(path: str) -> str:
+    """A list file (split, index) in the encodings editors save: UTF-8 with or without a BOM, UTF-16 and UTF-32 with
+    their BOM (Windows Notepad's "Unicode"), else Latin-1 (any byte decodes; a wrong guess shows as a named file
+    that is not found)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    for bom, encoding in (
+        (b"\xff\xfe\x00\x00", "utf-32"),
+        (b"\x00\x00\xfe\xff", "utf-32"),
+        (b"\xff\xfe", "utf-16"),
+        (b"\xfe\xff", "utf-16"),
+    ):
+        if raw.startswith(bom):
+            return raw.decode(encoding)
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def _check_image_files(paths: Sequence[str]) -> None:
@@ -421,17 +459,16 @@ def _read_split_file(root: str, split_file: str) -> FileImages:
     if not os.path.isfile(split_file):
         raise DataError(f"split file not found: {split_file}")
     samples, missing = [], []
-    with open(split_file) as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise DataError(f"{split_file}:{lineno}: expected 'relative/path label', got {line.strip()!r}")
-            path = os.path.join(root, parts[0])
-            if not os.path.isfile(path):
-                missing.append(parts[0])
-            samples.append((path, int(parts[1])))
+    for lineno, line in enumerate(read_text(split_file).splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise DataError(f"{split_file}:{lineno}: expected 'relative/path label', got {line.strip()!r}")
+        path = os.path.join(root, parts[0])
+        if not os.path.isfile(path):
+            missing.append(parts[0])
+        samples.append((path, int(parts[1])))
     if missing:
         raise DataError(
             f"{split_file}: {len(missing)} listed images not found under {root} (first: {missing[0]}); check --data-dir"
@@ -452,11 +489,25 @@ def _visible_image(path: str, folder: str) -> bool:
     ) and has_file_allowed_extension(path, IMG_EXTENSIONS)
 
 
+def _refuse_dangling_links(folder: str) -> None:
+    """DataError naming the first visible symbolic link under ``folder`` whose target is missing (a storage mount
+    that is not there): a dangling class folder was silently dropped, a dangling image failed mid-run. Walks with
+    scandir, whose entries know they are links without a system call; only links are stat-ed."""
+    for entry in os.scandir(folder):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            raise DataError(f"{entry.path} is a symbolic link to {os.readlink(entry.path)}, which is not there")
+        if entry.is_dir():
+            _refuse_dangling_links(entry.path)
+
+
 def _read_image_folder(folder: str) -> tuple[FileImages, list[str]]:
     from torchvision.datasets.folder import make_dataset
 
     if not os.path.isdir(folder):
         raise DataError(f"image folder not found: {folder} (expected class folders of images)")
+    _refuse_dangling_links(folder)
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{folder} holds no class folders")
@@ -590,8 +641,7 @@ def build_data(args: DataArgs) -> LTData:
 def _read_index_file(path: str, n: int) -> list[int]:
     if not os.path.isfile(path):
         raise DataError(f"index file not found: {path}")
-    with open(path) as f:
-        words = f.read().split()
+    words = read_text(path).split()
     try:
         idx = [int(w) for w in words]
     except ValueError:

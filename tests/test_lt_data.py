@@ -534,3 +534,59 @@ def test_the_default_worker_count_follows_the_cpus_this_process_may_use():
         check=True,
     ).stdout
     assert out.split() == ["1", "1"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32", "latin-1"])
+def test_list_files_parse_in_the_encodings_editors_save(tmp_path, encoding):
+    """A UTF-8 BOM made the split file name a file that exists as missing, and the index file 'not integers';
+    Windows Notepad's 'Unicode' is UTF-16 with a BOM. Through the lt_data command line, as a user inspects a split."""
+    train = _write_tree(tmp_path, "train", [6, 3, 1])
+    test = _write_tree(tmp_path, "val", [2, 2, 2])
+    (tmp_path / "LT_train.txt").write_bytes(("\r\n".join(train) + "\r\n").encode(encoding))
+    (tmp_path / "LT_test.txt").write_bytes("\n".join(test).encode(encoding))
+    split = ["--dataset", "imagenet-lt", "--data-dir", str(tmp_path), "--split-file", str(tmp_path / "LT_train.txt")]
+    out = run_script("lt_data.py", *split, "--image-size", "16", cwd=tmp_path).stdout
+    assert "6, 3, 1" in out
+    (tmp_path / "idx.txt").write_bytes("0\n6\n9\n".encode(encoding))  # one image of each class
+    out = run_script("lt_data.py", *split, "--index-file", str(tmp_path / "idx.txt"), cwd=tmp_path).stdout
+    assert "per-class counts: 1, 1, 1" in out
+
+
+def test_sixteen_bit_grey_images_read_with_their_values(tmp_path):
+    """convert("RGB") clipped 16-bit values: a PNG of 25,700 (100/255 of 65,535) read as white (255)."""
+    for split in ("train", "val"):
+        for c in range(2):
+            (tmp_path / split / str(c)).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((8, 8), 25700 * (c + 1), dtype=np.uint16)).save(
+                    tmp_path / split / str(c) / f"{i}.png"
+                )
+    data = lt_data.build_data(lt_data.DataArgs(dataset="imagefolder", data_dir=str(tmp_path), image_size=8))
+    assert Image.open(data.train_full.paths[0]).mode == "I;16"
+    assert np.asarray(data.train_full.image(0)).tolist() == np.full((8, 8, 3), 100).tolist()
+    assert np.asarray(data.train_full.image(2)).max() == 200
+    for mode, array in (("I", np.full((8, 8), 7, dtype=np.int32)), ("F", np.full((8, 8), 0.5, dtype=np.float32))):
+        Image.fromarray(array).save(tmp_path / "train" / "0" / "0.tif")
+        img = lt_data.FileImages([(str(tmp_path / "train" / "0" / "0.tif"), 0)])
+        with pytest.raises(lt_data.DataError, match=f"0.tif: mode {mode} .* has no 0..255 range"):
+            img.image(0)
+
+
+@pytest.mark.parametrize("where", ["image", "class folder", "nested folder"])
+def test_a_dangling_symlink_in_an_image_folder_is_named_in_one_line(tmp_path, where):
+    """A link to a storage mount that is not there: an image gave a FileNotFoundError traceback, a class folder was
+    silently dropped (2 classes instead of 3)."""
+    _write_tree(tmp_path, "train", [3, 3])
+    _write_tree(tmp_path, "val", [1, 1, 1])
+    link = {
+        "image": tmp_path / "train" / "n0000" / "gone.png",
+        "class folder": tmp_path / "train" / "n0002",
+        "nested folder": tmp_path / "train" / "n0001" / "more",
+    }[where]
+    link.symlink_to(tmp_path / "mnt" / "gone")
+    proc = run_script("lt_data.py", "--dataset", "imagefolder", "--data-dir", str(tmp_path), cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert (
+        proc.stderr.strip()
+        == f"lt_data.py: error: {link} is a symbolic link to {tmp_path / 'mnt' / 'gone'}, which is not there"
+    )
