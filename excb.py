@@ -25,10 +25,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fcntl
+import hashlib
+import io
 import math
 import os
 import platform
 import random
+import shlex
 import signal
 import sys
 import time
@@ -331,8 +335,8 @@ def train(args: Args) -> str:
         args.epochs = -(-args.train_steps // (len(train_set) // world_size // args.batch_size))
     run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(args))
     ckpt_path, export_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "backbone.pt")
-    if rank == 0:  # only now, so that a refused start leaves nothing behind
-        make_run_dir(run_dir)
+    if rank == 0:  # only now, so that a refused start leaves nothing behind; held until the process ends
+        lock = make_run_dir(run_dir)  # noqa: F841
 
     seed_everything(args.seed, args.deterministic)  # same initial weights on every rank
     model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
@@ -389,7 +393,7 @@ def train(args: Args) -> str:
         sampler.set_epoch(run.epoch, skip=done_in_epoch * args.batch_size)
         if done_in_epoch == 0:
             on_epoch_start(run, run.epoch)
-        for batch in loader:
+        for batch in fetch(loader, run, ckpt_path):
             batch = [[to_device(v, run) for v in x] if isinstance(x, list) else to_device(x, run) for x in batch]
             if run.step == 0:
                 logger.write_views(batch[0], data.mean, data.std)
@@ -429,7 +433,7 @@ def train(args: Args) -> str:
         export_backbone(run, export_path)
         print(
             f"done: step {run.step}; checkpoint {ckpt_path}; backbone {export_path}; probe with: "
-            f"python linear_probe.py {export_path}",
+            f"python linear_probe.py {shlex.quote(export_path)}",
             flush=True,
         )
     logger.close()
@@ -827,25 +831,38 @@ def default_run_name(args: Args) -> str:
     return f"{METHOD}_{args.dataset}_r{lt_data.resolved_ratio(args):g}{twin}_s{args.seed}"
 
 
-def make_run_dir(run_dir: str) -> None:
+def make_run_dir(run_dir: str):
+    """Create the run folder and lock it (an flock, which a crashed run's kernel releases): a second start of the
+    same run (a requeue, another terminal) is refused instead of training beside the first. Keep the file open."""
     try:
         os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, f".write-test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
+        lock = open(os.path.join(run_dir, ".lock"), "a")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunError(
+            f"{run_dir} is being trained by another process; wait for it or choose another --run-name"
+        ) from None
     except OSError as e:
         raise RunError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
+    return lock
 
 
 def atomic_save(obj, path: str) -> None:
-    """Write to a temporary file, fsync, rename: a crash never leaves a half-written file at ``path``."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """Serialise in memory, write a temporary file, fsync, rename: a crash never leaves a half-written file at
+    ``path``, and a full disk, quota or file-size limit stops the run in one line (RunError) with the old file
+    intact (torch.save straight to the file hid the OS error behind "unexpected pos")."""
+    buffer, tmp = io.BytesIO(), f"{path}.tmp{os.getpid()}"
+    torch.save(obj, buffer)
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise RunError(
+            f"cannot write {path}: {e.strerror}; the {os.path.basename(path)} on disk is untouched"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -869,6 +886,15 @@ def backbone_meta(run: Run) -> dict:
     data_args.update(image_size=run.data.image_size, imbalance_ratio=lt_data.resolved_ratio(run.args))
     prefix = run.model.export_prefix
     return {**run.model.backbone_spec, "prefix": prefix, "method": METHOD, "data": data_args, "step": run.step}
+
+
+def training_set(run: Run) -> dict:
+    """What defines the training set, saved in the checkpoint: its size, classes, and a fingerprint of its (image,
+    label) list (file paths relative to --data-dir, else indices), so a resume refuses a changed set."""
+    t, root = run.train_set, run.args.data_dir or ""
+    paths = getattr(t.images, "paths", None)
+    items = [(os.path.relpath(paths[i], root) if paths else i, t.images.targets[i]) for i in t.indices]
+    return {"images": len(t), "classes": run.data.num_classes, "sha1": hashlib.sha1(repr(items).encode()).hexdigest()}
 
 
 def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -917,6 +943,7 @@ def save_checkpoint(run: Run, path: str) -> None:
                 "rng": states,
                 "args": dataclasses.asdict(run.args),
                 "backbone": backbone_meta(run),
+                "training_set": training_set(run),
             },
             path,
         )
@@ -934,12 +961,22 @@ def load_checkpoint(run: Run, path: str) -> None:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a checkpoint of these scripts; move it away to start afresh")
     old, new = ckpt["args"], dataclasses.asdict(run.args)
-    changed = [k for k in new if k not in RESUMABLE_FLAGS and old.get(k) != new[k]]
+    flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
+    if any(k not in old for k in new):  # flags added by a later version of the script
+        raise RunError(
+            f"{path} was written before {', '.join(flag(k) for k in new if k not in old)} existed; resume it "
+            f"with the version of the script that wrote it, or choose another --run-name"
+        )
+    changed = [k for k in new if k not in RESUMABLE_FLAGS and old[k] != new[k]]
     if changed or ckpt["backbone"]["method"] != METHOD:
-        what = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} -> {new[k]}" for k in changed) or "another method"
+        what = ", ".join(f"{flag(k)} {old[k]} -> {new[k]}" for k in changed) or "another method"
         raise RunError(
             f"{path} was written with other flags ({what}); resume with the same command or choose another --run-name"
         )
+    was, now = ckpt.get("training_set"), training_set(run)
+    if was is not None and was != now:
+        what = [f"{k} {was[k]} -> {now[k]}" for k in ("images", "classes") if was[k] != now[k]] or ["other images"]
+        raise RunError(f"{path} was trained on another training set ({', '.join(what)}); choose another --run-name")
     if ckpt["world_size"] != run.world_size:
         raise RunError(
             f"{path} was written by {ckpt['world_size']} processes, this run has {run.world_size}; "
@@ -1048,6 +1085,34 @@ class Logger:
             self.writer.close()
 
 
+def worker_died(e: BaseException) -> bool:
+    """Whether ``e`` is how a DataLoader reports a worker that died (the OOM killer, SIGBUS on a full /dev/shm)."""
+    return isinstance(e, ConnectionResetError) or isinstance(e, RuntimeError) and "DataLoader worker" in str(e)
+
+
+def fetch(loader, run: Run, ckpt_path: str):
+    """The loader's batches. A worker that dies while a batch is fetched (between steps, so the model is consistent)
+    stops the run in one line (RunError) after a checkpoint; one that dies mid-step is reported by ``main``."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (RuntimeError, ConnectionResetError) as e:
+            if not worker_died(e):
+                raise
+            if run.world_size == 1 and run.checkpoint_step != run.step:
+                save_checkpoint(run, ckpt_path)
+            raise RunError(f"{WORKER_DIED}: {str(e).strip().splitlines()[0]} Run the same command to resume") from None
+        yield batch
+
+
+WORKER_DIED = (
+    "a data-loading worker died (the out-of-memory killer, or SIGBUS on a full /dev/shm? try fewer --num-workers)"
+)
+
+
 class StopSignal:
     """SIGINT, SIGTERM and SIGHUP (a closed terminal; torchrun forwards it) only set a flag; the loop reads it after
     each step (under DDP at log, checkpoint and epoch-end steps, where an all-reduce makes every rank agree), saves
@@ -1128,6 +1193,11 @@ def main() -> None:
         train(args)
     except (RunError, BackboneError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
         print(f"{os.path.basename(sys.argv[0])}: error: {lt_data.error_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except (RuntimeError, ConnectionResetError) as e:  # a worker that died in the middle of a step
+        if not worker_died(e):
+            raise
+        print(f"{os.path.basename(sys.argv[0])}: error: {WORKER_DIED}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Interrupted as e:
         if int(os.environ.get("RANK", "0")) == 0:

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -741,3 +742,160 @@ def test_any_seed_the_flag_accepts_trains(tmp_path, script, seed):
     """A date as the seed overflowed MSN's mask hash (OverflowError at step 1): every accepted seed trains."""
     out = run_script(script, *base(script), "--max-steps", "2", "--num-workers", "0", "--seed", seed, cwd=tmp_path)
     assert "done: step 2" in out.stdout
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_a_killed_data_loading_worker_stops_the_run_in_one_line_and_it_resumes(tmp_path):
+    """The OOM killer taking a DataLoader worker: a RuntimeError or ConnectionResetError traceback, exit 1. Now one
+    line naming the data-loading worker and the likely cause, exit 2, and the same command resumes."""
+    script = "supervised_baseline.py"  # the shared runtime's loop
+    args = [*base(script), "--epochs", "40", "--num-workers", "2", "--run-name", "w"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=tmp_path,
+        env=script_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        for line in proc.stdout:
+            if " step 3/" in line:
+                os.kill(_children(proc.pid)[0], signal.SIGKILL)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode == 2, out + err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "a data-loading worker died (the out-of-memory killer" in err
+    step = _load(tmp_path / "runs" / "w" / "checkpoint.pt")["step"]
+    assert step >= 2
+    assert f"resuming at step {step}" in run_script(script, *args, "--max-steps", str(step + 1), cwd=tmp_path).stdout
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    """ENOSPC / quota / file-size limit while writing a checkpoint: two tracebacks ending in 'unexpected pos'. Now
+    one line naming the file and the OS error, exit 2, the previous checkpoint intact, no temporary file left."""
+    import resource
+
+    script = "supervised_baseline.py"  # the shared runtime's save path
+    args = [*base(script), "--num-workers", "0", "--run-name", "d"]
+    run_script(script, *args, "--max-steps", "2", cwd=tmp_path)
+    ckpt = tmp_path / "runs" / "d" / "checkpoint.pt"
+    limit = ckpt.stat().st_size - 1  # the next checkpoint does not fit
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *args, "--max-steps", "4"],
+        cwd=tmp_path,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == (
+        "supervised_baseline.py: error: cannot write runs/d/checkpoint.pt: File too large; "
+        "the checkpoint.pt on disk is untouched"
+    )
+    assert _load(ckpt)["step"] == 2 and not [p for p in ckpt.parent.iterdir() if ".tmp" in p.name]
+
+
+def test_the_same_run_started_twice_is_refused_while_the_first_lives(tmp_path):
+    """A scheduler requeue or a second terminal: the second copy resumed beside the first and both wrote the same
+    checkpoint. Now it is refused in one line; a killed first run leaves no stale lock."""
+    script = "supervised_baseline.py"  # the shared runtime's start
+    args = [*base(script), "--epochs", "40", "--num-workers", "0", "--run-name", "twice"]
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=tmp_path,
+        env=script_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        for line in first.stdout:
+            if " step 2/" in line:
+                break
+        second = run_script(script, *args, cwd=tmp_path, check=False)
+        assert second.returncode == 2 and second.stderr.strip() == (
+            "supervised_baseline.py: error: runs/twice is being trained by another process; wait for it or choose "
+            "another --run-name"
+        )
+    finally:
+        first.kill()
+        first.wait()
+    assert "resuming at step" in run_script(script, *args, "--max-steps", "3", cwd=tmp_path).stdout
+
+
+@pytest.mark.parametrize("script", ["supervised_baseline.py", "simsiam_rwsam.py"])
+@pytest.mark.parametrize("change", ["image", "class"])
+def test_resume_refuses_a_changed_training_set_in_one_line(tmp_path, script, change):
+    """A class folder or images added before a resume: supervised died on a classifier size mismatch, SimSiam on
+    sample_weights, the others resumed silently on another set."""
+    from PIL import Image
+
+    def write(split, cls, n):
+        (tmp_path / "data" / split / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (16, 16), (60 * ord(cls[-1]) % 256, 9 * i, 0)).save(
+                tmp_path / "data" / split / cls / f"{i}.png"
+            )
+
+    for cls in ("c0", "c1", "c2"):
+        write("train", cls, 12)
+        write("val", cls, 2)
+    data = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--image-size", "16"]
+    model = TINY_ARGS[script][TINY_ARGS[script].index("--proj-dim") :] if script == "simsiam_rwsam.py" else []
+    args = [*data, *model, "--batch-size", "8", "--num-workers", "0", "--run-name", "c", "--eval-every", "0"]
+    run_script(script, *args, "--max-steps", "2", cwd=tmp_path)
+    if change == "image":
+        write("train", "c1", 13)
+        what = "images 36 -> 37"
+    else:
+        write("train", "c3", 12)
+        write("val", "c3", 2)
+        what = "images 36 -> 48, classes 3 -> 4"
+    proc = run_script(script, *args, "--max-steps", "4", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"was trained on another training set ({what}); choose another --run-name" in proc.stderr
+
+
+def test_resume_names_flags_the_old_checkpoint_never_had(tmp_path):
+    """After an upgrade a resume was refused as '--warmup-epochs None -> 0 ... resume with the same command' to a
+    user who did: name the flags as ones that did not exist then."""
+    script = "supervised_baseline.py"
+    args = [*base(script), "--num-workers", "0", "--run-name", "old"]
+    run_script(script, *args, "--max-steps", "2", cwd=tmp_path)
+    path = tmp_path / "runs" / "old" / "checkpoint.pt"
+    ckpt = _load(path)
+    del ckpt["args"]["label_smoothing"]
+    torch.save(ckpt, path)
+    proc = run_script(script, *args, "--max-steps", "3", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "was written before --label-smoothing existed" in proc.stderr
+    assert "resume with the same command" not in proc.stderr
+
+
+def test_the_probe_hint_pastes_as_a_command_with_a_space_in_the_path(tmp_path):
+    script = "supervised_baseline.py"
+    out = run_script(
+        script,
+        *base(script),
+        "--max-steps",
+        "1",
+        "--num-workers",
+        "0",
+        "--output-dir",
+        "my runs",
+        "--run-name",
+        "r",
+        cwd=tmp_path,
+    ).stdout
+    hint = out.strip().splitlines()[-1].split("probe with: ")[1]
+    assert shlex.split(hint)[2] == "my runs/r/backbone.pt"
