@@ -275,13 +275,14 @@ def sinkhorn(q: torch.Tensor, iters: int = 3, marginals: Optional[torch.Tensor] 
         dist.all_reduce(total)
     Q /= total
     mass = Q.new_full((K, 1), 1 / K) if marginals is None else marginals.to(Q)[:, None]  # prototype k's mass
-    for _ in range(iters):
+    tiny = torch.finfo(Q.dtype).tiny  # a prototype whose targets underflowed to 0 (sharp --target-temp, a steep
+    for _ in range(iters):  # prior) keeps 0 rather than making 0/0 NaN of its row
         rows = Q.sum(dim=1, keepdim=True)
         if world > 1:
             dist.all_reduce(rows)
-        Q /= rows
+        Q /= rows.clamp_min(tiny)
         Q *= mass
-        Q /= Q.sum(dim=0, keepdim=True)
+        Q /= Q.sum(dim=0, keepdim=True).clamp_min(tiny)
         Q /= B
     Q *= B
     return Q.t()
@@ -495,6 +496,12 @@ def check_args(args: Args, data: lt_data.LTData) -> None:
         )
     check_ints(args, 0, "num_focal", "warmup_epochs")
     check_ints(args, 2, "num_prototypes")
+    if args.prior == "power-law" and power_law_prior(args.num_prototypes, args.prior_tau).min() == 0:
+        safe = 103.0 / math.log(args.num_prototypes)  # float32 holds no positive number below e^-103.3
+        raise RunError(
+            f"--prior-tau {args.prior_tau:g} gives the last of --num-prototypes {args.num_prototypes} a prior mass "
+            f"below float32's range (k^-tau): its log is -inf and the loss non-finite; use --prior-tau below {safe:.1f}"
+        )
 
 
 def focal_size(args: Args, data: lt_data.LTData) -> int:

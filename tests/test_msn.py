@@ -459,3 +459,27 @@ def test_impossible_view_sizes_fail_with_one_line(tmp_path):
     )
     assert proc.returncode == 2 and "--focal-size 6 is not a multiple of --patch-size 4" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra", [["--target-temp", "0.002"], ["--target-temp", "0.005"]])
+def test_sharp_targets_train_instead_of_blaming_the_lr(tmp_path, extra):
+    """A prototype whose target mass underflowed to 0 made Sinkhorn divide 0 by 0, and the run stopped with
+    'non-finite loss ... Try a lower --lr or --amp none', flags that already held."""
+    args = [*TINY_ARGS["msn_prior.py"], "--batch-size", "8", "--max-steps", "2", "--num-workers", "0", *extra]
+    assert "done: step 2" in run_script("msn_prior.py", *args, "--eval-every", "0", cwd=tmp_path).stdout
+
+
+def test_sinkhorn_keeps_a_prototype_without_mass_at_zero():
+    q = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])  # prototype 2 has no mass at all
+    out = M.sinkhorn(q, iters=3)
+    assert torch.isfinite(out).all() and torch.allclose(out.sum(dim=1), torch.ones(2)) and (out[:, 2] == 0).all()
+
+
+def test_a_prior_that_underflows_float32_is_refused_with_its_safe_range(tmp_path):
+    """--prior-tau 15 with K 1024: the last prototype's prior mass is below float32's range, log(prior) is -inf."""
+    args = [*TINY_ARGS["msn_prior.py"], "--batch-size", "8", "--max-steps", "1", "--num-workers", "0"]
+    args += ["--prior", "power-law", "--prior-tau", "15", "--num-prototypes", "1024"]
+    proc = run_script("msn_prior.py", *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--prior-tau 15 gives the last of --num-prototypes 1024 a prior mass below float32's range" in proc.stderr
+    assert "use --prior-tau below 14.9" in proc.stderr and M.power_law_prior(1024, 14.8).min() > 0
