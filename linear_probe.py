@@ -531,8 +531,9 @@ class ProbeArgs:
     download: bool = True
     """download CIFAR or Fashion-MNIST when it is missing and the network allows it"""
     train_on: Literal["balanced", "long-tailed"] = "balanced"
-    """training set of the linear probe and kNN bank: the full balanced training set (the papers' protocol) or the
-    long-tailed pre-training subset"""
+    """training set of the linear probe and kNN bank: the full training set (balanced for CIFAR, Fashion-MNIST and
+    synthetic data: the papers' protocol; an ImageFolder or ImageNet-LT keeps its counts, and the JSON then says
+    "full (imbalanced)") or the long-tailed pre-training subset"""
     epochs: int = 100
     """linear-probe epochs over the pre-extracted features"""
     lr: float = 0.5
@@ -602,6 +603,8 @@ def run_probe(args: ProbeArgs) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tf = lt_data.eval_transform(data.image_size, data.mean, data.std)
     train_idx = list(range(len(data.train_full))) if args.train_on == "balanced" else data.lt_indices
+    counts = lt_data.class_histogram([data.train_full.targets[i] for i in train_idx], data.num_classes)
+    trained_on = args.train_on if args.train_on == "long-tailed" or min(counts) == max(counts) else "full (imbalanced)"
     extract = lambda images, idx, label: extract_features(  # noqa: E731
         model,
         lt_data.IndexedDataset(images, idx, tf),
@@ -644,7 +647,7 @@ def run_probe(args: ProbeArgs) -> dict:
         "raw_pixels": args.raw_pixels,
         "dataset": data_args.dataset,
         "pretrain_dataset": meta.get("data", {}).get("dataset"),
-        "train_on": args.train_on,
+        "train_on": trained_on,  # what the probe trained on: an ImageFolder used as is is not balanced
         "num_train": len(train_f),
         "num_test": len(test_f),
         "groups": groups,

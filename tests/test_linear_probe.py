@@ -443,3 +443,23 @@ def test_probe_piped_into_head_ends_quietly_with_its_json_on_disk(tiny_supervise
         pytest.fail("the probe did not end after its reader closed the pipe")
     assert proc.returncode == 0 and err == "", err
     assert json.loads(out.read_text())["linear"]["top1"] >= 0
+
+
+def test_probe_of_an_imbalanced_folder_does_not_call_its_training_set_balanced(tiny_supervised_run, tmp_path):
+    from PIL import Image
+
+    for split, counts in (("train", (6, 4, 2)), ("val", (2, 2, 2))):
+        for c, n in enumerate(counts):
+            (tmp_path / "folder" / split / str(c)).mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (16, 16), 40 * c + i).save(tmp_path / "folder" / split / str(c) / f"{i}.png")
+    out = tmp_path / "probe.json"
+    proc = run_script(
+        "linear_probe.py",
+        str(tiny_supervised_run / "backbone.pt"),
+        *("--dataset", "imagefolder", "--data-dir", str(tmp_path / "folder"), "--epochs", "2", "--num-workers", "0"),
+        *("--output", str(out)),
+        cwd=tmp_path,
+    )
+    assert json.loads(out.read_text())["train_on"] == "full (imbalanced)"
+    assert "probe trained on the full (imbalanced) set" in proc.stdout and "balanced set" not in proc.stdout
