@@ -421,6 +421,13 @@ def _find_fashion_mnist(root: str, train: bool) -> Optional[list[str]]:
     return None
 
 
+def fashion_mnist_root(data_dir: str) -> str:
+    """--data-dir, or Debian's folder (apt-get install dataset-fashion-mnist) when --data-dir is the default and
+    does not hold the files: the main job needs no --data-dir where the package is installed."""
+    default = data_dir == DataArgs.data_dir and not _find_fashion_mnist(data_dir, True)
+    return FASHION_MNIST_DEBIAN if default and _find_fashion_mnist(FASHION_MNIST_DEBIAN, True) else data_dir
+
+
 def _read_fashion_mnist(root: str, train: bool, download: bool) -> ArrayImages:
     """Fashion-MNIST (Xiao et al. 2017): 60,000 training / 10,000 test 28x28 grey images of 10 classes."""
     paths = _find_fashion_mnist(root, train)
@@ -436,7 +443,7 @@ def _read_fashion_mnist(root: str, train: bool, download: bool) -> ArrayImages:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(
                 f"fashion-mnist not found in {root} and the download failed ({reason}); "
-                f"apt-get install dataset-fashion-mnist and pass --data-dir {FASHION_MNIST_DEBIAN}, "
+                f"apt-get install dataset-fashion-mnist (read from {FASHION_MNIST_DEBIAN} without --data-dir), "
                 f"or put the four IDX files in {root}"
             ) from None
         paths = _find_fashion_mnist(root, train)
@@ -444,7 +451,7 @@ def _read_fashion_mnist(root: str, train: bool, download: bool) -> ArrayImages:
         raise DataError(
             f"fashion-mnist not found in {root} (expected {FASHION_MNIST_FILES[train][0]}[.gz] there "
             f"or in {os.path.join(root, 'FashionMNIST', 'raw')}); apt-get install dataset-fashion-mnist "
-            f"and pass --data-dir {FASHION_MNIST_DEBIAN}, or pass --download"
+            f"(read from {FASHION_MNIST_DEBIAN} without --data-dir), or pass --download"
         )
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -538,6 +545,7 @@ class LTData:
     mean: tuple
     std: tuple
     shot_rule: str
+    source: str = ""  # the folder the images were read from ("generated" for synthetic data)
 
     @property
     def class_counts(self) -> list[int]:
@@ -583,8 +591,11 @@ def build_data(args: DataArgs) -> LTData:
         train = _read_cifar(args.data_dir, args.dataset, True, args.download)
         test = _read_cifar(args.data_dir, args.dataset, False, args.download)
     elif args.dataset == "fashion-mnist":
-        train = _read_fashion_mnist(args.data_dir, True, args.download)
-        test = _read_fashion_mnist(args.data_dir, False, args.download)
+        source = fashion_mnist_root(args.data_dir)
+        train, test = (
+            _read_fashion_mnist(source, True, args.download),
+            _read_fashion_mnist(source, False, args.download),
+        )
     elif args.dataset == "synthetic":
         train = SyntheticImages(args.synthetic_classes, args.synthetic_per_class, size, args.split_seed, True)
         test = SyntheticImages(args.synthetic_classes, args.synthetic_test_per_class, size, args.split_seed, False)
@@ -635,7 +646,10 @@ def build_data(args: DataArgs) -> LTData:
         )
     twin_indices = [] if short else select_per_class(train.targets, twin_counts, args.split_seed + 1)
     rule = "thresholds" if natural else "thirds"
-    return LTData(args.dataset, train, test, lt_indices, twin_indices, num_classes, size, mean, std, rule)
+    source = (
+        "generated" if args.dataset == "synthetic" else source if args.dataset == "fashion-mnist" else args.data_dir
+    )
+    return LTData(args.dataset, train, test, lt_indices, twin_indices, num_classes, size, mean, std, rule, source)
 
 
 def _read_index_file(path: str, n: int) -> list[int]:

@@ -413,8 +413,8 @@ def train(args: Args) -> str:
     if rank == 0:
         start = f"resuming at step {run.step} of {stop_step}" if resumed else f"{stop_step} steps"
         print(
-            f"{METHOD}: {len(train_set)} training images, {data.num_classes} classes, global batch {global_batch} "
-            f"on {world_size} x {device.type}, {run.steps_per_epoch} steps/epoch, {start}, "
+            f"{METHOD}: {len(train_set)} training images from {data.source}, {data.num_classes} classes, "
+            f"global batch {global_batch} on {world_size} x {device.type}, {run.steps_per_epoch} steps/epoch, {start}, "
             f"amp {args.amp}{amp_choice} -> {run_dir}",
             flush=True,
         )

@@ -590,3 +590,40 @@ def test_a_dangling_symlink_in_an_image_folder_is_named_in_one_line(tmp_path, wh
         proc.stderr.strip()
         == f"lt_data.py: error: {link} is a symbolic link to {tmp_path / 'mnt' / 'gone'}, which is not there"
     )
+
+
+def test_fashion_mnist_is_found_where_debian_installs_it(tmp_path, monkeypatch):
+    """--dataset fashion-mnist without --data-dir: data/ first, then Debian's folder; the run says which it read. An
+    explicit --data-dir without the files is never swapped for another folder."""
+    debian = tmp_path / "usr-share"
+    write_fashion_mnist(debian, per_class_train=12, per_class_test=2)
+    monkeypatch.setattr(lt_data, "FASHION_MNIST_DEBIAN", str(debian))
+    monkeypatch.chdir(tmp_path)
+    args = lt_data.DataArgs(dataset="fashion-mnist", download=False, imbalance_ratio=2)
+    assert lt_data.build_data(args).source == str(debian)
+    write_fashion_mnist(tmp_path / "data", per_class_train=12, per_class_test=2, seed=1)
+    assert lt_data.build_data(args).source == "data"  # data/ holds the files: it wins
+    with pytest.raises(lt_data.DataError, match="fashion-mnist not found in elsewhere .* apt-get install"):
+        lt_data.build_data(dataclasses.replace(args, data_dir="elsewhere"))
+    fm = tmp_path / "data"
+    out = run_script(
+        "supervised_baseline.py",
+        "--dataset",
+        "fashion-mnist",
+        "--data-dir",
+        str(fm),
+        "--imbalance-ratio",
+        "2",
+        "--image-size",
+        "8",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "1",
+        "--num-workers",
+        "0",
+        "--eval-every",
+        "0",
+        cwd=tmp_path,
+    ).stdout
+    assert out.startswith(f"supervised: 83 training images from {fm}, 10 classes")  # 12 ... 6 a class at r = 2
