@@ -462,8 +462,11 @@ def check_args(args: Args, data: lt_data.LTData) -> None:
 
 
 def local_size(args: Args, data: lt_data.LTData) -> int:
-    """Local crop size: 96 px at ImageNet sizes (official ExCB/DINO: 224/96), half the image at CIFAR sizes (32/16)."""
-    return args.local_size or (max(8, data.image_size // 2) if data.image_size < 112 else 96)
+    """Local crop size: 96 px at ImageNet sizes (official ExCB/DINO: 224/96), half the image at CIFAR sizes (32/16);
+    for a ViT rounded down to a multiple of the patch (Fashion-MNIST's 28 px with patch 4: 12, not 14)."""
+    size = args.local_size or (max(8, data.image_size // 2) if data.image_size < 112 else 96)
+    patch = (args.patch_size or (4 if data.image_size < 64 else 16)) if args.arch.startswith("vit") else 1
+    return size if args.local_size else max(patch, size // patch * patch)
 
 
 def excb_backbone_spec(args: Args, data: lt_data.LTData) -> dict:

@@ -502,7 +502,8 @@ class ProbeArgs:
     taken from the pre-training run (unless --dataset names another data set: out-of-domain probing)."""
 
     checkpoint: tyro.conf.Positional[str] = ""
-    """backbone.pt or checkpoint.pt written by one of the training scripts"""
+    """backbone.pt or checkpoint.pt written by one of the training scripts, or a run folder (its backbone.pt, else
+    its checkpoint.pt)"""
     dataset: Annotated[Optional[lt_data.DatasetName], _from_run("{" + ",".join(lt_data.DATASETS) + "}")] = None
     """data set to probe on (another one: out-of-domain probing, whose other data flags default as in the training
     scripts)"""
@@ -719,6 +720,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     try:
         if not args.checkpoint:
             raise ProbeError("give the checkpoint to probe: python linear_probe.py runs/RUN/backbone.pt")
+        if os.path.isdir(args.checkpoint):  # a run folder: its export, else its checkpoint
+            found = [f for f in ("backbone.pt", "checkpoint.pt") if os.path.isfile(os.path.join(args.checkpoint, f))]
+            if not found:
+                raise ProbeError(f"{args.checkpoint} is a folder without backbone.pt or checkpoint.pt")
+            args.checkpoint = os.path.join(args.checkpoint, found[0])
         if (
             args.epochs < 1
             or args.batch_size < 1

@@ -505,8 +505,10 @@ def check_args(args: Args, data: lt_data.LTData) -> None:
 
 
 def focal_size(args: Args, data: lt_data.LTData) -> int:
-    """--focal-size, by default half the image below 112 px (CIFAR: 16), else 96 (MSN at 224)."""
-    return args.focal_size or (data.image_size // 2 if data.image_size < 112 else 96)
+    """--focal-size, by default half the image below 112 px (CIFAR: 16), else 96 (MSN at 224), rounded down to a
+    multiple of the patch (Fashion-MNIST's 28 px with patch 4: 12, not 14, which the ViT cannot tile)."""
+    patch = args.patch_size or (4 if data.image_size < 64 else 16)
+    return args.focal_size or max(patch, (data.image_size // 2 if data.image_size < 112 else 96) // patch * patch)
 
 
 def vit_spec(args: Args, data: lt_data.LTData) -> dict:

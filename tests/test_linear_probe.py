@@ -463,3 +463,23 @@ def test_probe_of_an_imbalanced_folder_does_not_call_its_training_set_balanced(t
     )
     assert json.loads(out.read_text())["train_on"] == "full (imbalanced)"
     assert "probe trained on the full (imbalanced) set" in proc.stdout and "balanced set" not in proc.stdout
+
+
+def test_probe_takes_a_run_folder(tiny_supervised_run, tmp_path):
+    """linear_probe.py runs/<run> said 'checkpoint not found' although the folder exists."""
+    out = tmp_path / "probe.json"
+    run_script(
+        "linear_probe.py",
+        str(tiny_supervised_run),
+        "--epochs",
+        "2",
+        "--num-workers",
+        "0",
+        "--output",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert json.loads(out.read_text())["checkpoint"] == str(tiny_supervised_run / "backbone.pt")
+    (tmp_path / "empty").mkdir()
+    proc = run_script("linear_probe.py", str(tmp_path / "empty"), cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "is a folder without backbone.pt or checkpoint.pt" in proc.stderr

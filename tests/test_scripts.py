@@ -899,3 +899,35 @@ def test_the_probe_hint_pastes_as_a_command_with_a_space_in_the_path(tmp_path):
     ).stdout
     hint = out.strip().splitlines()[-1].split("probe with: ")[1]
     assert shlex.split(hint)[2] == "my runs/r/backbone.pt"
+
+
+@pytest.mark.parametrize("script", ["msn_prior.py", "excb.py"])
+def test_derived_crop_sizes_tile_at_fashion_mnist_s_own_28_px(tmp_path, script):
+    """At 28 px the half-image focal / local crop (14 px) is no multiple of patch 4: the run stopped on a flag the
+    user never passed. The derived size rounds down to the patch (12)."""
+    from conftest import write_fashion_mnist
+
+    write_fashion_mnist(tmp_path / "fm", per_class_train=12, per_class_test=2)
+    vit = ["--arch", "vit_tiny", "--vit-layers", "1", "--vit-dim", "16", "--vit-heads", "2"]
+    small = {
+        "msn_prior.py": ["--num-prototypes", "8", "--head-hidden", "16", "--head-out", "8", "--num-focal", "1"],
+        "excb.py": [
+            "--num-clusters",
+            "8",
+            "--hidden-dim",
+            "16",
+            "--out-dim",
+            "8",
+            "--num-local-crops",
+            "1",
+            "--kmeans-iters",
+            "2",
+        ],
+    }[script]
+    args = ["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "fm"), "--imbalance-ratio", "2", *vit, *small]
+    out = run_script(
+        script, *args, "--batch-size", "8", "--max-steps", "1", "--num-workers", "0", "--eval-every", "0", cwd=tmp_path
+    ).stdout
+    assert "done: step 1" in out
+    ckpt = _load(next((tmp_path / "runs").glob("*/checkpoint.pt")))
+    assert ckpt["backbone"]["arch_kwargs"]["image_size"] == 28
