@@ -662,8 +662,8 @@ def export_backbone(run: Run, path: str) -> None:
 
 
 def format_eta(seconds: float) -> str:
-    """Hours and minutes, both floored: 3,000 s is 0h50m."""
-    minutes = int(max(seconds, 0) // 60)
+    """Hours and minutes, rounded up (3,001 s is 0h51m): 0h00m only when nothing is left."""
+    minutes = math.ceil(max(seconds, 0) / 60)
     return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
@@ -675,6 +675,7 @@ class Logger:
     def __init__(self, run: Run, resumed: bool):
         self.run, self.sums, self.counts, self.vectors = run, {}, {}, {}
         self.clock, self.step0, self.writer = time.perf_counter(), run.step, None
+        self.start, self.timed, self.evals = run.step, [0.0, 0], [0.0, 0]  # ETA: step time after the first step, evals
         if run.rank == 0:  # a resumed run logs again from step + 1: later events are from the lost run
             self.writer = SummaryWriter(run.run_dir, purge_step=run.step + 1 if resumed else None)
         if self.writer is not None and not resumed:  # the flags with the values resolved at start
@@ -699,7 +700,16 @@ class Logger:
         means = {k: host.get(k, v) / self.counts[k] for k, v in self.sums.items()}
         elapsed = time.perf_counter() - self.clock - eval_seconds
         images_per_s = steps * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
-        eta = (min(run.total_steps, run.args.max_steps or run.total_steps) - run.step) * elapsed / max(steps, 1)
+        if self.step0 > self.start or steps > 1:  # the first step alone (warm-up, compilation) is not the pace
+            self.timed = [self.timed[0] + elapsed, self.timed[1] + steps]
+        self.evals = [self.evals[0] + eval_seconds, self.evals[1] + 1] if evals else self.evals
+        stop, every = min(run.total_steps, run.args.max_steps or run.total_steps), max(run.args.eval_every, 1)
+        epoch, end = run.step // run.steps_per_epoch, stop // run.steps_per_epoch  # the kNN monitor's remaining runs:
+        evals_left = (
+            end // every - epoch // every + (run.step < stop and bool(stop % run.steps_per_epoch or end % every))
+        )
+        per_eval, per_step = self.evals[0] / max(self.evals[1], 1), self.timed[0] / max(self.timed[1], 1)
+        eta = (stop - run.step) * per_step + (evals_left * per_eval if run.args.eval_every else 0)
         shown = "".join(f" | {k.split('/')[-1]} {v:.2f}" for k, v in evals.items())
         shown += f" ({eval_seconds:.0f}s)" if evals else ""
         if self.writer is not None:
@@ -713,7 +723,8 @@ class Logger:
             memory = f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if run.device.type == "cuda" else ""
             print(
                 f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss "
-                f"{means.get('loss', math.nan):.4f}{shown} | {images_per_s:.0f} img/s{memory} | eta {format_eta(eta)}"
+                f"{means.get('loss', math.nan):.4f}{shown} | {images_per_s:.0f} img/s{memory} | "
+                f"eta {format_eta(eta) if self.timed[1] else '--'}"
                 if steps
                 else f"step {run.step}, before training{shown}",
                 flush=True,

@@ -931,3 +931,11 @@ def test_derived_crop_sizes_tile_at_fashion_mnist_s_own_28_px(tmp_path, script):
     assert "done: step 1" in out
     ckpt = _load(next((tmp_path / "runs").glob("*/checkpoint.pt")))
     assert ckpt["backbone"]["arch_kwargs"]["image_size"] == 28
+
+
+def test_eta_is_not_guessed_from_the_first_step(tmp_path):
+    """The ETA at step 1 (warm-up, compilation) was 5.5x too high: no figure from the first step alone."""
+    script = "supervised_baseline.py"
+    out = run_script(script, *base(script), "--max-steps", "4", "--num-workers", "0", cwd=tmp_path).stdout
+    etas = re.findall(r"step (\d+)/\d+ .*\| eta (\S+)", out)
+    assert etas[0] == ("1", "--") and all(re.fullmatch(r"\dh\d\dm", e) for _, e in etas[1:]) and len(etas) == 4

@@ -100,12 +100,14 @@ def test_logger_averages_device_tensors_and_host_floats_over_the_interval(tmp_pa
     assert "loss 2.0000" in capsys.readouterr().out
 
 
-def test_eta_floors_hours_and_minutes():
+def test_eta_rounds_minutes_up_and_carries_into_hours():
+    """Minutes round up (0h00m only when nothing is left: it showed 0h00m while the last evaluations ran)."""
     import supervised_baseline as S
 
     assert S.format_eta(3000) == "0h50m"  # was 1h50m: hours were rounded
-    assert S.format_eta(3599.9) == "0h59m"  # not 0h60m
-    assert S.format_eta(5400) == "1h30m" and S.format_eta(7199) == "1h59m" and S.format_eta(0) == "0h00m"
+    assert S.format_eta(3599.9) == "1h00m"  # not 0h60m
+    assert S.format_eta(3001) == "0h51m" and S.format_eta(1) == "0h01m" and S.format_eta(0) == "0h00m"
+    assert S.format_eta(5400) == "1h30m" and S.format_eta(7199) == "2h00m"
 
 
 def test_eta_counts_to_the_step_the_run_stops_at(tmp_path, capsys, monkeypatch):
@@ -125,4 +127,30 @@ def test_eta_counts_to_the_step_the_run_stops_at(tmp_path, capsys, monkeypatch):
         logger.accumulate({"loss": torch.tensor(1.0)})
     logger.write()
     logger.close()
-    assert "eta 0h01m" in capsys.readouterr().out  # 2 steps x 50 s; was 14h52m (998 steps)
+    assert "eta 0h02m" in capsys.readouterr().out  # 2 steps x 50 s, rounded up; was 14h52m (998 steps)
+
+
+def test_eta_counts_the_kNN_evaluations_still_to_run(tmp_path, capsys, monkeypatch):
+    """4 epochs of 10 steps, the monitor every epoch taking 60 s: at step 35 (after steps of 1 s) 5 steps and one
+    evaluation are left, 65 s, 0h02m; the ETA used to leave the evaluations out (0h01m) and showed 0h00m while the
+    last ones ran."""
+    import torch
+
+    import supervised_baseline as S
+
+    now = [0.0]
+    monkeypatch.setattr(S.time, "perf_counter", lambda: now[0])
+    args = S.Args(dataset="synthetic", batch_size=4, epochs=4, eval_every=1)
+    run = _fake_run(args, tmp_path, steps=40)
+    run.steps_per_epoch = 10
+    logger = S.Logger(run, resumed=False)
+    now[0] = 60.0
+    logger.write({"eval/knn_top1": 50.0}, eval_seconds=60.0)  # before training: 60 s
+    for step in (1, 35):  # step 1, then 34 steps of 1 s each
+        now[0] += step - run.step
+        run.step = step
+        logger.accumulate({"loss": torch.tensor(1.0)})
+        logger.write()
+    logger.close()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].endswith("eta --") and lines[-1].endswith("eta 0h02m"), lines
