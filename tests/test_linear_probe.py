@@ -349,16 +349,21 @@ def test_raw_pixels_probe_uses_the_standardised_image_itself(tiny_supervised_run
     assert proc.returncode == 2 and "--random-init and --raw-pixels exclude each other" in proc.stderr
 
 
+def _grey_folder(root, train: tuple, val: tuple) -> None:
+    """An ImageFolder of 16 px grey PNGs with these images per class in train/ and val/."""
+    from PIL import Image
+
+    for split, counts in (("train", train), ("val", val)):
+        for c, n in enumerate(counts):
+            (root / split / str(c)).mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (16, 16), 40 * c + i).save(root / split / str(c) / f"{i}.png")
+
+
 def test_probe_json_is_strict_with_an_empty_shot_group(tiny_supervised_run, tmp_path):
     """An ImageFolder whose classes all have < 20 images has no many- or medium-shot class: those groups were NaN,
     which strict JSON readers refuse; they are null."""
-    from PIL import Image
-
-    for split, n in (("train", 6), ("val", 2)):
-        for c in range(3):
-            (tmp_path / "folder" / split / str(c)).mkdir(parents=True)
-            for i in range(n):
-                Image.new("L", (16, 16), 40 * c + i).save(tmp_path / "folder" / split / str(c) / f"{i}.png")
+    _grey_folder(tmp_path / "folder", train=(6, 6, 6), val=(2, 2, 2))
     out = tmp_path / "probe.json"
     run_script(
         "linear_probe.py",
@@ -446,13 +451,7 @@ def test_probe_piped_into_head_ends_quietly_with_its_json_on_disk(tiny_supervise
 
 
 def test_probe_of_an_imbalanced_folder_does_not_call_its_training_set_balanced(tiny_supervised_run, tmp_path):
-    from PIL import Image
-
-    for split, counts in (("train", (6, 4, 2)), ("val", (2, 2, 2))):
-        for c, n in enumerate(counts):
-            (tmp_path / "folder" / split / str(c)).mkdir(parents=True)
-            for i in range(n):
-                Image.new("L", (16, 16), 40 * c + i).save(tmp_path / "folder" / split / str(c) / f"{i}.png")
+    _grey_folder(tmp_path / "folder", train=(6, 4, 2), val=(2, 2, 2))
     out = tmp_path / "probe.json"
     proc = run_script(
         "linear_probe.py",
