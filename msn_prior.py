@@ -821,18 +821,23 @@ def default_run_name(args: Args) -> str:
 
 
 def make_run_dir(run_dir: str):
-    """Create the run folder and lock it (an flock, which a crashed run's kernel releases): a second start of the
-    same run (a requeue, another terminal) is refused instead of training beside the first. Keep the file open."""
+    """Create the run folder and lock it: a second start of the same run (a requeue, another terminal) is refused
+    instead of training beside the first. A POSIX lock (lockf), not an flock: it belongs to this process alone, so
+    the kernel frees it the moment the process dies, even while forked DataLoader workers that share the file
+    linger for seconds (an flock lived on in them and refused the resume of a SIGKILLed run). Keep the file open."""
     try:
         os.makedirs(run_dir, exist_ok=True)
         lock = open(os.path.join(run_dir, ".lock"), "a")
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError as e:
+        raise RunError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
         raise RunError(
             f"{run_dir} is being trained by another process; wait for it or choose another --run-name"
         ) from None
     except OSError as e:
-        raise RunError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
+        raise RunError(f"cannot lock the run folder {run_dir}: {e.strerror}") from None
     return lock
 
 

@@ -808,9 +808,10 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_previous_checkpoint
 
 def test_the_same_run_started_twice_is_refused_while_the_first_lives(tmp_path):
     """A scheduler requeue or a second terminal: the second copy resumed beside the first and both wrote the same
-    checkpoint. Now it is refused in one line; a killed first run leaves no stale lock."""
+    checkpoint. Now it is refused in one line; a SIGKILLed first run leaves no stale lock, not even while its
+    orphaned DataLoader workers (which share the lock file) linger for their watchdog's seconds."""
     script = "supervised_baseline.py"  # the shared runtime's start
-    args = [*base(script), "--epochs", "40", "--num-workers", "0", "--run-name", "twice"]
+    args = [*base(script), "--epochs", "40", "--num-workers", "2", "--run-name", "twice"]
     first = subprocess.Popen(
         [sys.executable, str(ROOT / script), *args],
         cwd=tmp_path,
