@@ -63,6 +63,9 @@ from linear_probe import (
 # ============================================================ shared: arguments
 @dataclass
 class Args(lt_data.DataArgs):
+    recipe: Optional[str] = None
+    """a named set of flag values (the recipes listed above; RECIPES in the script), applied before the command
+    line's flags, so a flag given beside it wins"""
     run_name: Optional[str] = None
     """run folder name under --output-dir; default: <method>_<dataset>_r<ratio>[_twin]_s<seed>.
     An existing run of that name resumes"""
@@ -179,6 +182,33 @@ class Args(lt_data.DataArgs):
         self.weight_decay = self.weight_decay if self.weight_decay is not None else (0.04 if vit else 1e-4)
         if self.final_weight_decay is None:
             self.final_weight_decay = self.weight_decay * (10 if vit else 1)
+
+
+# --recipe NAME: named flag values, applied before the command line's flags (which win). ExCB reports no CIFAR
+# setting: cifar10-lt is the official ResNet config (ManiadisG/ExCB) with CIFAR's stem and crop sizes, our adaptation.
+RECIPES = {
+    "cpu": (
+        "ExCB, 4-layer ViT, 16 px, 6 epochs of Fashion-MNIST-LT (docs/cpu_recipes.md)",
+        dict(arch="vit_tiny", vit_layers=4, vit_dim=96, vit_heads=3, image_size=16, train_steps=1200)
+        | dict(warmup_epochs=1, batch_size=64, lr=2e-3, teacher_momentum=0.99)
+        | dict(num_clusters=256, hidden_dim=512, out_dim=64, num_local_crops=2),
+    ),
+    "cifar10-lt": (
+        "the official ResNet config on CIFAR-10-LT: ResNet-18, 32/16 px crops, K 1024, 800 epochs, SGD (ours)",
+        dict(dataset="cifar10", imbalance_ratio=100, image_size=32)  # the LDAM-DRW CIFAR-10-LT (Cao et al. 2019)
+        | dict(arch="resnet18", local_size=16, num_clusters=1024)  # CIFAR stem, half-size locals, K ~ N/12 (ours)
+        | dict(epochs=800, batch_size=128, warmup_epochs=10)  # official: 10 warm-up epochs; 800 epochs ours
+        | dict(lr=0.15, weight_decay=1e-4)  # official: SGD 0.6 at 1024 (per 256 here), weight decay 1e-4
+        | dict(hidden_dim=2048, out_dim=256, num_local_crops=6, teacher_momentum=0.996),  # official heads, crops
+    ),
+    "imagenet-lt": (
+        "the official ResNet-50 config on ImageNet-LT: 224/96 px crops, 400 epochs, SGD, batch 8 x 128 = 1024",
+        dict(dataset="imagenet-lt", image_size=224, local_size=96)  # the OLTR split files; official crop sizes
+        | dict(arch="resnet50", epochs=400, batch_size=128, warmup_epochs=10)  # official: 400 epochs, 1024 global
+        | dict(lr=0.15, weight_decay=1e-4, num_clusters=8192)  # official SGD 0.6 at 1024; K ~ N/14 (ours)
+        | dict(hidden_dim=2048, out_dim=256, num_local_crops=6, teacher_momentum=0.996),  # official
+    ),
+}
 
 
 # ============================================================ method: algorithm
@@ -1206,10 +1236,26 @@ def evaluate(run: Run, monitor: KNNMonitor) -> tuple[dict[str, float], float]:
     return {"eval/knn_top1": top1}, time.perf_counter() - start
 
 
+def parse_args(argv: list[str]) -> Args:
+    """Two passes: the first finds --recipe NAME, the second puts RECIPES[NAME]'s values before the command line's
+    flags (the last of a repeated flag wins), so the run resolves and records them like any other flag."""
+    recipes = "".join(f"\n  {name}: {about}" for name, (about, _) in RECIPES.items())
+    description = f"{__doc__.split(chr(10) * 2)[0]}\n\nrecipes (--recipe NAME; a flag given beside it wins):{recipes}"
+    args = tyro.cli(Args, args=argv, description=description)
+    if args.recipe is None:
+        return args
+    if args.recipe not in RECIPES:
+        raise RunError(f"--recipe {args.recipe} is not one of {', '.join(RECIPES)}")
+    flags = []
+    for name, value in RECIPES[args.recipe][1].items():
+        flag = "--" + name.replace("_", "-")
+        flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return tyro.cli(Args, args=[*flags, *argv], description=description)
+
+
 def main() -> None:
-    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
     try:
-        train(args)
+        train(parse_args(sys.argv[1:]))
     except (RunError, BackboneError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
         print(f"{os.path.basename(sys.argv[0])}: error: {lt_data.error_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -62,6 +62,9 @@ from linear_probe import (
 # ============================================================ shared: arguments
 @dataclass
 class Args(lt_data.DataArgs):
+    recipe: Optional[str] = None
+    """a named set of flag values (the recipes listed above; RECIPES in the script), applied before the command
+    line's flags, so a flag given beside it wins"""
     run_name: Optional[str] = None
     """run folder name under --output-dir; default: <method>_<dataset>_r<ratio>[_twin]_s<seed>.
     An existing run of that name resumes"""
@@ -171,6 +174,34 @@ class Args(lt_data.DataArgs):
     their end values)"""
     clip_grad: float = 3.0
     """gradient-norm clipping of the encoder and head (not the prototypes); 0 disables"""
+
+
+# --recipe NAME: named flag values, applied before the command line's flags (which win). Assran et al. give no
+# CIFAR-LT setting: cifar10-lt is MSN's ViT-S/16 config (msn_vits16.yaml) at CIFAR's 32 px, our adaptation.
+RECIPES = {
+    "cpu": (
+        "MSN, 4-layer ViT, 16 px, 6 epochs of Fashion-MNIST-LT (docs/cpu_recipes.md; --prior power-law: PMSN)",
+        dict(arch="vit_tiny", vit_layers=4, vit_dim=96, vit_heads=3, image_size=16, train_steps=1200)
+        | dict(warmup_epochs=1, batch_size=64, lr=2e-3, ema_momentum=0.99)
+        | dict(num_focal=4, head_hidden=256, head_out=64, num_prototypes=64),
+    ),
+    "cifar10-lt": (
+        "MSN's ViT-S config at 32 px on CIFAR-10-LT: ViT-S/4, 10 focal views of 16 px, 800 epochs, AdamW (ours)",
+        dict(dataset="cifar10", imbalance_ratio=100, image_size=32)  # the LDAM-DRW CIFAR-10-LT (Cao et al. 2019)
+        | dict(arch="vit_small", patch_size=4, focal_size=16)  # msn_vits16.yaml's ViT-S; 32/16 px crops (ours)
+        | dict(num_focal=10, mask_ratio=0.15, num_prototypes=1024, head_hidden=2048, head_out=256)  # msn_vits16.yaml
+        | dict(epochs=800, batch_size=256, lr=2.5e-4, warmup_epochs=10)  # yaml: 800 epochs, 1e-3 at 1024; warm-up ours
+        | dict(weight_decay=0.04, final_weight_decay=0.4, ema_momentum=0.996, horizon=1.25, clip_grad=3.0),  # yaml
+    ),
+    "imagenet-lt": (
+        "MSN's ViT-S/16 config (msn_vits16.yaml) on ImageNet-LT: 224 px, 10 focal views of 96 px, 800 epochs",
+        dict(dataset="imagenet-lt", image_size=224)  # the OLTR split files (Liu et al., CVPR 2019)
+        | dict(arch="vit_small", patch_size=16, focal_size=96, num_focal=10, mask_ratio=0.15)  # msn_vits16.yaml
+        | dict(num_prototypes=1024, head_hidden=2048, head_out=256, epochs=800, batch_size=64)  # yaml: 64 x 16 GPUs
+        | dict(lr=2.5e-4, warmup_epochs=15, weight_decay=0.04, final_weight_decay=0.4)  # yaml: 1e-3 at 1024
+        | dict(ema_momentum=0.996, horizon=1.25, clip_grad=3.0),  # yaml
+    ),
+}
 
 
 # ============================================================ method: algorithm
@@ -1192,10 +1223,26 @@ def evaluate(run: Run, monitor: KNNMonitor) -> tuple[dict[str, float], float]:
     return {"eval/knn_top1": top1}, time.perf_counter() - start
 
 
+def parse_args(argv: list[str]) -> Args:
+    """Two passes: the first finds --recipe NAME, the second puts RECIPES[NAME]'s values before the command line's
+    flags (the last of a repeated flag wins), so the run resolves and records them like any other flag."""
+    recipes = "".join(f"\n  {name}: {about}" for name, (about, _) in RECIPES.items())
+    description = f"{__doc__.split(chr(10) * 2)[0]}\n\nrecipes (--recipe NAME; a flag given beside it wins):{recipes}"
+    args = tyro.cli(Args, args=argv, description=description)
+    if args.recipe is None:
+        return args
+    if args.recipe not in RECIPES:
+        raise RunError(f"--recipe {args.recipe} is not one of {', '.join(RECIPES)}")
+    flags = []
+    for name, value in RECIPES[args.recipe][1].items():
+        flag = "--" + name.replace("_", "-")
+        flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return tyro.cli(Args, args=[*flags, *argv], description=description)
+
+
 def main() -> None:
-    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
     try:
-        train(args)
+        train(parse_args(sys.argv[1:]))
     except (RunError, BackboneError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
         print(f"{os.path.basename(sys.argv[0])}: error: {lt_data.error_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)

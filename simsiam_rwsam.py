@@ -67,6 +67,9 @@ from linear_probe import (
 # ============================================================ shared: arguments
 @dataclass
 class Args(lt_data.DataArgs):
+    recipe: Optional[str] = None
+    """a named set of flag values (the recipes listed above; RECIPES in the script), applied before the command
+    line's flags, so a flag given beside it wins"""
     run_name: Optional[str] = None
     """run folder name under --output-dir; default: <method>_<dataset>_r<ratio>[_twin]_s<seed>.
     An existing run of that name resumes"""
@@ -172,6 +175,25 @@ class Args(lt_data.DataArgs):
         vit = self.arch.startswith("vit")
         self.lr = self.lr if self.lr is not None else (5e-4 if vit else 0.03)
         self.weight_decay = self.weight_decay if self.weight_decay is not None else (0.05 if vit else 5e-4)
+
+
+# --recipe NAME: named flag values, applied before the command line's flags (which win).
+RECIPES = {
+    "cpu": (
+        "SimSiam + rwSAM, 4-layer ViT, 16 px, 8 epochs of Fashion-MNIST-LT (docs/cpu_recipes.md; --sam none: SimSiam)",
+        dict(arch="vit_tiny", vit_layers=4, vit_dim=96, vit_heads=3, image_size=16, train_steps=1800)
+        | dict(warmup_epochs=1, batch_size=64, lr=2e-3, proj_dim=512, pred_dim=128, crop_min_scale=0.5)
+        | dict(sam="asam", reweight="kde", reweight_warmup=2, reweight_every=2),
+    ),
+    "cifar10-lt": (
+        "Liu et al.'s CIFAR-10-LT setting: ResNet-18, 32 px, 800 epochs, batch 512, SGD, ASAM rho 0.5, KDE weights",
+        dict(dataset="cifar10", imbalance_ratio=100, image_size=32)  # Liu et al. Sec. 4.1: CIFAR-10-LT, r 100
+        | dict(arch="resnet18", proj_layers=2, proj_dim=2048)  # official code cifar/main_sam_weight.py defaults
+        | dict(epochs=800, batch_size=512, warmup_epochs=0, weight_decay=5e-4)  # the same file; cosine, no warm-up
+        | dict(lr=0.025)  # the same file: 0.05 at batch 512 (SimSiam's paper: 0.06); per 256 here
+        | dict(crop_min_scale=0.2, sam="asam", rho=0.5, reweight="kde"),  # the same file: scale 0.2, adaptive, 0.5
+    ),
+}
 
 
 # ============================================================ method: algorithm
@@ -1206,10 +1228,26 @@ def evaluate(run: Run, monitor: KNNMonitor) -> tuple[dict[str, float], float]:
     return {"eval/knn_top1": top1}, time.perf_counter() - start
 
 
+def parse_args(argv: list[str]) -> Args:
+    """Two passes: the first finds --recipe NAME, the second puts RECIPES[NAME]'s values before the command line's
+    flags (the last of a repeated flag wins), so the run resolves and records them like any other flag."""
+    recipes = "".join(f"\n  {name}: {about}" for name, (about, _) in RECIPES.items())
+    description = f"{__doc__.split(chr(10) * 2)[0]}\n\nrecipes (--recipe NAME; a flag given beside it wins):{recipes}"
+    args = tyro.cli(Args, args=argv, description=description)
+    if args.recipe is None:
+        return args
+    if args.recipe not in RECIPES:
+        raise RunError(f"--recipe {args.recipe} is not one of {', '.join(RECIPES)}")
+    flags = []
+    for name, value in RECIPES[args.recipe][1].items():
+        flag = "--" + name.replace("_", "-")
+        flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return tyro.cli(Args, args=[*flags, *argv], description=description)
+
+
 def main() -> None:
-    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
     try:
-        train(args)
+        train(parse_args(sys.argv[1:]))
     except (RunError, BackboneError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
         print(f"{os.path.basename(sys.argv[0])}: error: {lt_data.error_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -60,6 +60,9 @@ from linear_probe import (
 # ============================================================ shared: arguments
 @dataclass
 class Args(lt_data.DataArgs):
+    recipe: Optional[str] = None
+    """a named set of flag values (the recipes listed above; RECIPES in the script), applied before the command
+    line's flags, so a flag given beside it wins"""
     run_name: Optional[str] = None
     """run folder name under --output-dir; default: <method>_<dataset>_r<ratio>[_twin]_s<seed>.
     An existing run of that name resumes"""
@@ -133,6 +136,28 @@ class Args(lt_data.DataArgs):
         vit = self.arch.startswith("vit")
         self.lr = self.lr if self.lr is not None else (2.5e-4 if vit else 0.2)
         self.weight_decay = self.weight_decay if self.weight_decay is not None else (0.05 if vit else 2e-4)
+
+
+# --recipe NAME: named flag values, applied before the command line's flags (which win).
+RECIPES = {
+    "cpu": (
+        "the SSL scripts' cpu recipe: 4-layer ViT, 16 px, AdamW, 8 epochs of Fashion-MNIST-LT (docs/claims.md)",
+        dict(arch="vit_tiny", vit_layers=4, vit_dim=96, vit_heads=3, image_size=16, train_steps=1800)
+        | dict(warmup_epochs=1, batch_size=64, lr=2e-3),  # docs/cpu_recipes.md: the same optimiser as the SSL rows
+    ),
+    "cifar10-lt": (
+        "LDAM-DRW's CIFAR-10-LT setting (Cao et al., NeurIPS 2019): ResNet-18, 32 px, 200 epochs, batch 128, SGD",
+        dict(dataset="cifar10", imbalance_ratio=100, image_size=32)  # Cao et al. Sec. 4.1: r 100, exp profile
+        | dict(arch="resnet18")  # Liu et al. Sec. 4: ResNet-18 for every CIFAR row, supervised included
+        | dict(epochs=200, batch_size=128, warmup_epochs=5)  # Cao et al.'s training details: 200 epochs, 5 warm-up
+        | dict(lr=0.2, weight_decay=2e-4),  # Cao et al.: SGD, 0.1 at batch 128, wd 2e-4 (their steps, our cosine)
+    ),
+    "cifar100-lt": (
+        "the cifar10-lt recipe on CIFAR-100-LT (r 100), as in Cao et al. Sec. 4.1",
+        dict(dataset="cifar100", imbalance_ratio=100, image_size=32, arch="resnet18", epochs=200, batch_size=128)
+        | dict(warmup_epochs=5, lr=0.2, weight_decay=2e-4),
+    ),
+}
 
 
 # ============================================================ method: algorithm
@@ -857,10 +882,26 @@ def evaluate(run: Run, monitor: KNNMonitor) -> tuple[dict[str, float], float]:
     return {"eval/knn_top1": top1}, time.perf_counter() - start
 
 
+def parse_args(argv: list[str]) -> Args:
+    """Two passes: the first finds --recipe NAME, the second puts RECIPES[NAME]'s values before the command line's
+    flags (the last of a repeated flag wins), so the run resolves and records them like any other flag."""
+    recipes = "".join(f"\n  {name}: {about}" for name, (about, _) in RECIPES.items())
+    description = f"{__doc__.split(chr(10) * 2)[0]}\n\nrecipes (--recipe NAME; a flag given beside it wins):{recipes}"
+    args = tyro.cli(Args, args=argv, description=description)
+    if args.recipe is None:
+        return args
+    if args.recipe not in RECIPES:
+        raise RunError(f"--recipe {args.recipe} is not one of {', '.join(RECIPES)}")
+    flags = []
+    for name, value in RECIPES[args.recipe][1].items():
+        flag = "--" + name.replace("_", "-")
+        flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return tyro.cli(Args, args=[*flags, *argv], description=description)
+
+
 def main() -> None:
-    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
     try:
-        train(args)
+        train(parse_args(sys.argv[1:]))
     except (RunError, BackboneError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
         print(f"{os.path.basename(sys.argv[0])}: error: {lt_data.error_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -1,10 +1,10 @@
 """The CPU recipes (docs/cpu_recipes.md) and the check that they learn: every SSL method's exported backbone
 against the same backbone at random init, on any data set, over seeds.
 
-For every method in --methods and every seed in --seeds: pre-train with the method's CPU recipe (RECIPES: flags
-only, the papers' defaults stay the scripts' defaults) on the long-tailed set, probe the exported backbone with
-linear_probe.py (probe --seed = training seed - 1), and probe the same architecture at random init with the same
-probe seed (linear_probe.py --random-init on the run's own backbone.pt). Reported: linear and kNN top-1 per seed,
+For every method in --methods and every seed in --seeds: pre-train with the method's CPU recipe (the script's
+`--recipe cpu`) on the long-tailed set, probe the exported backbone with linear_probe.py (probe --seed = training
+seed - 1), and probe the same architecture at random init with the same probe seed (linear_probe.py --random-init
+on the run's own backbone.pt). Reported: linear and kNN top-1 per seed,
 their means, the difference to the random backbone's mean, and whether it reaches the bar of issue 14 (+3 linear,
 +5 kNN); a markdown table and <output-dir>/recipes.json (every per-seed number).
 
@@ -42,30 +42,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import lt_data  # noqa: E402  (the data sets the scripts accept)
 
-# The CPU recipes, one per method: the script and its flags (docs/cpu_recipes.md explains each choice). The
-# 4-layer ViT, AdamW at 2e-3 per 256 with one warm-up epoch; the budgets are in steps, so a data set of any size
-# gets the same number of updates.
-VIT = ["--arch", "vit_tiny", "--vit-layers", "4", "--vit-dim", "96", "--vit-heads", "3"]
-OPTIM = ["--warmup-epochs", "1", "--batch-size", "64", "--lr", "2e-3"]
-SIMSIAM = ["--sam", "none", *VIT, "--proj-dim", "512", "--pred-dim", "128", "--crop-min-scale", "0.5"]
-SIMSIAM += ["--train-steps", "1800", *OPTIM]
-MSN = [*VIT, "--num-focal", "4", "--head-hidden", "256", "--head-out", "64", "--num-prototypes", "64"]
-MSN += ["--train-steps", "1200", *OPTIM, "--ema-momentum", "0.99"]
-EXCB = [*VIT, "--num-clusters", "256", "--hidden-dim", "512", "--out-dim", "64", "--num-local-crops", "2"]
-EXCB += ["--train-steps", "1200", *OPTIM, "--teacher-momentum", "0.99"]
+# The CPU recipes, one per method: each script's own `--recipe cpu` (its RECIPES table, docs/cpu_recipes.md),
+# plus the flag that turns the script's method into its variant (SimSiam is rwSAM's script without SAM, PMSN is
+# MSN's with the power-law prior).
 RECIPES = {
-    "supervised": (
-        "supervised_baseline.py",
-        ["--train-steps", "1800", *VIT, *OPTIM],
-    ),  # the SSL rows' ViT and optimiser
-    "simsiam": ("simsiam_rwsam.py", SIMSIAM),
-    "rwsam": (
-        "simsiam_rwsam.py",
-        [*SIMSIAM, "--sam", "asam", "--reweight", "kde", "--reweight-warmup", "2", "--reweight-every", "2"],
-    ),
-    "msn": ("msn_prior.py", MSN),
-    "pmsn": ("msn_prior.py", [*MSN, "--prior", "power-law"]),
-    "excb": ("excb.py", EXCB),
+    "supervised": ("supervised_baseline.py", ["--recipe", "cpu"]),  # the SSL rows' ViT and optimiser
+    "simsiam": ("simsiam_rwsam.py", ["--recipe", "cpu", "--sam", "none"]),
+    "rwsam": ("simsiam_rwsam.py", ["--recipe", "cpu"]),
+    "msn": ("msn_prior.py", ["--recipe", "cpu"]),
+    "pmsn": ("msn_prior.py", ["--recipe", "cpu", "--prior", "power-law"]),
+    "excb": ("excb.py", ["--recipe", "cpu"]),
 }
 SSL = [m for m in RECIPES if m != "supervised"]
 BAR = {"linear": 3.0, "knn": 5.0}  # issue 14: points above the random backbone, mean of the seeds
@@ -141,13 +127,13 @@ def pretrain(script: str, flags: list[str], data: list[str], output_dir: str, na
     return backbone
 
 
-def arch_label(backbone: str, flags: list[str]) -> str:
-    """The backbone's architecture as a row name: resnet18, or vit_tiny 4x96 (the --arch flag, layers x width)."""
+def arch_label(backbone: str) -> str:
+    """The backbone's architecture as a row name: resnet18, or vit_tiny 4x96 (the run's --arch, layers x width)."""
     meta = torch.load(backbone, map_location="cpu", weights_only=True)["backbone"]
     if meta["arch"] != "vit":
         return meta["arch"]
-    kw = meta["arch_kwargs"]
-    name = flags[flags.index("--arch") + 1] if "--arch" in flags else "vit"
+    kw, ckpt = meta["arch_kwargs"], os.path.join(os.path.dirname(backbone), "checkpoint.pt")
+    name = torch.load(ckpt, map_location="cpu", weights_only=True)["args"]["arch"]
     return f"{name} {kw['num_layers']}x{kw['hidden_dim']}"
 
 
@@ -196,7 +182,7 @@ def main(args: RecipeArgs) -> dict:
             flags = [*flags, *(["--train-steps", str(args.train_steps)] if args.train_steps else [])]
             flags += shlex.split(args.extra)
             backbone = pretrain(script, flags, data, args.output_dir, f"{method}_s{seed}", seed, args.num_workers)
-            arch = arch_label(backbone, flags)
+            arch = arch_label(backbone)
             row = rows.setdefault(method, {"arch": arch, "trained": {}, "random init": {}})
             slug = re.sub(r"[^A-Za-z0-9]+", "_", arch)
             outs = {  # one random-init probe per architecture and seed, shared by the methods that use it

@@ -940,3 +940,14 @@ def test_eta_is_not_guessed_from_the_first_step(tmp_path):
     out = run_script(script, *base(script), "--max-steps", "4", "--num-workers", "0", cwd=tmp_path).stdout
     etas = re.findall(r"step (\d+)/\d+ .*\| eta (\S+)", out)
     assert etas[0] == ("1", "--") and all(re.fullmatch(r"\dh\d\dm", e) for _, e in etas[1:]) and len(etas) == 4
+
+
+def test_resume_refuses_a_changed_recipe_like_any_changed_flag(tmp_path):
+    script = "supervised_baseline.py"
+    args = [*base(script), "--max-steps", "2", "--num-workers", "0", "--run-name", "r"]
+    run_script(script, *args, "--recipe", "cpu", cwd=tmp_path)
+    assert _load(tmp_path / "runs" / "r" / "checkpoint.pt")["args"]["recipe"] == "cpu"
+    again = run_script(script, *args, "--recipe", "cifar10-lt", cwd=tmp_path, check=False)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert again.stderr.startswith(f"{script}: error: runs/r/checkpoint.pt was written with other flags (")
+    assert "--recipe cpu -> cifar10-lt" in again.stderr and "--arch vit_tiny -> resnet18" in again.stderr

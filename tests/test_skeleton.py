@@ -154,3 +154,42 @@ def test_eta_counts_the_kNN_evaluations_still_to_run(tmp_path, capsys, monkeypat
     logger.close()
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2].endswith("eta --") and lines[-1].endswith("eta 0h02m"), lines
+
+
+@pytest.mark.parametrize("script", present())
+def test_every_recipe_resolves_its_values_and_a_flag_beside_it_wins(script):
+    """--recipe NAME applies RECIPES[NAME] before the command line: every value lands in Args, a flag given beside
+    the recipe (before or after it) wins, and without --recipe the plain defaults stand."""
+    import importlib
+
+    mod = importlib.import_module(script[:-3])
+    assert {"cpu", "cifar10-lt"} <= set(mod.RECIPES)
+    assert mod.parse_args([]) == mod.Args()
+    for name, (_, values) in mod.RECIPES.items():
+        args = mod.parse_args(["--recipe", name])
+        assert args.recipe == name and {k: getattr(args, k) for k in values} == values, name
+        for flags in (
+            ["--recipe", name, "--batch-size", "7", "--lr", "0.5"],
+            ["--lr=0.5", "--batch-size", "7", "--recipe", name],
+        ):
+            beside = mod.parse_args(flags)
+            assert (beside.batch_size, beside.lr) == (7, 0.5)
+            assert {k: getattr(beside, k) for k in values if k not in ("batch_size", "lr")} == {
+                k: v for k, v in values.items() if k not in ("batch_size", "lr")
+            }
+
+
+@pytest.mark.parametrize("script", present())
+def test_help_lists_each_recipe_in_one_line_and_an_unknown_one_is_refused(tmp_path, script):
+    import importlib
+
+    from conftest import run_script
+
+    mod = importlib.import_module(script[:-3])
+    help_text = run_script(script, "--help", cwd=tmp_path).stdout
+    for name, (about, _) in mod.RECIPES.items():
+        assert f"  {name}: {about}\n" in help_text
+    bad = run_script(script, "--recipe", "cifar-lt", cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        f"{script}: error: --recipe cifar-lt is not one of {', '.join(mod.RECIPES)}"
+    )
