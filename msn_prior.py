@@ -406,10 +406,11 @@ def train(args: Args) -> str:
         )
     if args.train_steps:  # before anything reads --epochs (the checkpoint stores the resolved value)
         args.epochs = -(-args.train_steps // (len(train_set) // world_size // args.batch_size))
-    run_dir = os.path.join(args.output_dir, args.run_name or default_run_name(args))
+    twin = "_twin" if args.balanced_twin else ""
+    name = args.run_name or f"{METHOD}_{args.dataset}_r{lt_data.resolved_ratio(args):g}{twin}_s{args.seed}"
+    run_dir = os.path.join(args.output_dir, name)
     ckpt_path, export_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "backbone.pt")
-    if rank == 0:  # only now, so that a refused start leaves nothing behind; held until the process ends
-        lock = make_run_dir(run_dir)  # noqa: F841
+    lock = make_run_dir(run_dir) if rank == 0 else None  # noqa: F841  (only now: a refused start leaves nothing)
 
     seed_everything(args.seed, args.deterministic)  # same initial weights on every rank
     model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
@@ -476,27 +477,22 @@ def train(args: Args) -> str:
             set_schedules(run)  # the next step's: the optimizer (and a checkpoint) always holds them
             first_bad = torch.where(torch.isfinite(out["loss"]), first_bad, run.step)
             logger.accumulate({k: v for k, v in out.items() if k.startswith("loss")})
-            end_of_epoch = run.step % run.steps_per_epoch == 0
-            log_now = run.step % args.log_every == 0 or run.step in (stop_step, start_step + 1) or end_of_epoch
-            save_now = run.step % args.checkpoint_every == 0 or run.step == stop_step or end_of_epoch
+            # this step's decisions; every rank takes the same ones (sync: one all-reduce at log and save steps)
+            last, end_of_epoch = run.step == stop_step, run.step % run.steps_per_epoch == 0
+            log_now = run.step % args.log_every == 0 or run.step == start_step + 1 or last or end_of_epoch
+            save_now = run.step % args.checkpoint_every == 0 or last or end_of_epoch
+            eval_now = monitor is not None and (last or end_of_epoch and (run.epoch + 1) % args.eval_every == 0)
+            alone_with_signal = world_size == 1 and stop.signum
+            signum = sync(run, first_bad, stop.signum, ckpt_path) if log_now or save_now or alone_with_signal else 0
             if log_now:
-                check_finite(run, first_bad, ckpt_path)
                 logger.accumulate({**diagnostics(run, out), **{f"charts/{k}": v for k, v in schedule.items()}})
-                due = monitor is not None and (
-                    run.step == stop_step or end_of_epoch and (run.epoch + 1) % args.eval_every == 0
-                )
-                logger.write(*(evaluate(run, monitor) if due else (None, 0.0)))
-            if save_now:
-                check_finite(run, first_bad, ckpt_path)
+                logger.write(*(evaluate(run, monitor) if eval_now else (None, 0.0)))
+            if save_now or signum and run.checkpoint_step != run.step:
                 save_checkpoint(run, ckpt_path)
                 logger.flush()  # the events up to the checkpoint survive a kill
-            if run.step >= stop_step:
+            if last:
                 break
-            signum = stop.agreed(run, log_now or save_now)
             if signum:
-                if run.checkpoint_step != run.step:
-                    check_finite(run, first_bad, ckpt_path)
-                    save_checkpoint(run, ckpt_path)
                 logger.close()
                 raise Interrupted(
                     signum, f"interrupted at step {run.step}; checkpoint saved; run the same command to resume"
@@ -517,16 +513,16 @@ def train(args: Args) -> str:
 def check_args(args: Args, data: lt_data.LTData) -> None:
     """The method's flags, checked once the data is known (the shared ``validate`` checks the others)."""
     vit_spec(args, data)
-    check_floats(args, "[0, 1)", "mask_ratio")
-    check_floats(args, "(0, inf)", "anchor_temp", "target_temp", "horizon")
-    check_floats(args, "[0, inf)", "prior_tau", "reg_weight", "weight_decay", "final_weight_decay", "clip_grad")
-    check_floats(args, "[0, 1]", "start_lr_ratio", "final_lr_ratio", "ema_momentum")
+    check_range(args, "[0, 1)", "mask_ratio")
+    check_range(args, "(0, inf)", "anchor_temp", "target_temp", "horizon")
+    check_range(args, "[0, inf)", "prior_tau", "reg_weight", "weight_decay", "final_weight_decay", "clip_grad")
+    check_range(args, "[0, 1]", "start_lr_ratio", "final_lr_ratio", "ema_momentum")
     if args.batch_size < 2:  # the target view goes through the head alone
         raise RunError(
             f"--batch-size must be >= 2: the target head's BatchNorm needs 2 images per process, got {args.batch_size}"
         )
-    check_ints(args, 0, "num_focal", "warmup_epochs")
-    check_ints(args, 2, "num_prototypes")
+    check_range(args, "[0, inf)", "num_focal", "warmup_epochs")
+    check_range(args, "[2, inf)", "num_prototypes")
     if args.prior == "power-law" and power_law_prior(args.num_prototypes, args.prior_tau).min() == 0:
         safe = 103.0 / math.log(args.num_prototypes)  # float32 holds no positive number below e^-103.3
         raise RunError(
@@ -744,16 +740,14 @@ class Run:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
 
-def set_schedules(run: Run) -> dict[str, float]:
-    """Apply the method's ``schedules`` for step ``run.step``: every group's lr is its peak lr x lr_scale; a group
-    marked ``{"weight_decay_schedule": name}`` takes the weight decay ``schedules(...)[name]``; ``train_step``
-    reads the others (EMA momentum, ...) from ``run.schedule``."""
+def set_schedules(run: Run) -> None:
+    """The method's ``schedules`` at ``run.step``: each group's lr is its peak lr x lr_scale, a group marked
+    ``{"weight_decay_schedule": name}`` takes that value; ``train_step`` reads the others from ``run.schedule``."""
     run.schedule = schedules(run.args, run.step, run.total_steps, run.steps_per_epoch)
     for group, peak in zip(run.optimizer.param_groups, run.peak_lr):
         group["lr"] = peak * run.schedule["lr_scale"]
         if "weight_decay_schedule" in group:
             group["weight_decay"] = run.schedule[group["weight_decay_schedule"]]
-    return run.schedule
 
 
 def cosine(start: float, end: float, t: float) -> float:
@@ -789,22 +783,19 @@ def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], momentum:
 
 
 def distributed() -> bool:
-    """Whether a process group of more than one process is running (torchrun)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def to_device(x: torch.Tensor, run: Run) -> torch.Tensor:
-    """Move a batch tensor to the device (asynchronously from pinned memory); images in channels-last."""
-    if x.ndim == 4 and run.args.channels_last:
-        return x.to(run.device, non_blocking=True, memory_format=torch.channels_last)
-    return x.to(run.device, non_blocking=True)
+    """A batch tensor on the device (asynchronously from pinned memory); images channels-last."""
+    layout = torch.channels_last if x.ndim == 4 and run.args.channels_last else torch.preserve_format
+    return x.to(run.device, non_blocking=True, memory_format=layout)
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """--amp auto -> the fastest autocast dtype the device computes natively: "bf16", "fp16" or "none" (fp32).
-    fp16 runs SGD unfused: fused SGD (torch 2.14) allocates its momentum with empty_like and, when the GradScaler
-    skips an overflowing first step, keeps that uninitialised memory as the momentum of every later step (also
-    seen in LibreYOLO PR #771); fused AdamW honours the skip."""
+    """--amp auto -> the fastest autocast dtype the device computes natively: "bf16", "fp16" or "none" (fp32). fp16
+    runs SGD unfused: fused SGD (torch 2.14) keeps the uninitialised momentum of a first step that the GradScaler
+    skips (also seen in LibreYOLO PR #771); fused AdamW honours the skip."""
     if amp != "auto":
         return amp
     if device.type == "cuda":
@@ -819,14 +810,12 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 def setup_distributed() -> tuple[torch.device, int, int]:
     """DDP from torchrun's environment: NCCL on CUDA, gloo on CPU; returns (device, rank, world size)."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
     if world_size > 1:
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
-        )
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return device, rank, world_size
 
 
@@ -846,16 +835,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def default_run_name(args: Args) -> str:
-    twin = "_twin" if args.balanced_twin else ""
-    return f"{METHOD}_{args.dataset}_r{lt_data.resolved_ratio(args):g}{twin}_s{args.seed}"
-
-
 def make_run_dir(run_dir: str):
-    """Create the run folder and lock it: a second start of the same run (a requeue, another terminal) is refused
-    instead of training beside the first. A POSIX lock (lockf), not an flock: it belongs to this process alone, so
-    the kernel frees it the moment the process dies, even while forked DataLoader workers that share the file
-    linger for seconds (an flock lived on in them and refused the resume of a SIGKILLed run). Keep the file open."""
+    """Create and lock the run folder, so a second start of a live run (a requeue, another terminal) is refused.
+    A POSIX lock (lockf), not an flock: the kernel frees it when this process dies, even while its forked
+    DataLoader workers linger (an flock lived on in them and refused a SIGKILLed run's resume). Keep it open."""
     try:
         os.makedirs(run_dir, exist_ok=True)
         lock = open(os.path.join(run_dir, ".lock"), "a")
@@ -873,15 +856,14 @@ def make_run_dir(run_dir: str):
 
 
 def atomic_save(obj, path: str) -> None:
-    """Serialise in memory, write a temporary file, fsync, rename: a crash never leaves a half-written file at
-    ``path``, and a full disk, quota or file-size limit stops the run in one line (RunError) with the old file
-    intact (torch.save straight to the file hid the OS error behind "unexpected pos")."""
+    """Serialise in memory, write a temporary file, fsync, rename: a crash never leaves a half-written ``path``, and
+    a full disk or quota stops the run in one line with the old file intact (torch.save to the file hid the OS
+    error behind "unexpected pos")."""
     buffer, tmp = io.BytesIO(), f"{path}.tmp{os.getpid()}"
     torch.save(obj, buffer)
     try:
         with open(tmp, "wb") as f:
             f.write(buffer.getbuffer())
-            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
@@ -891,11 +873,9 @@ def atomic_save(obj, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)  # the rename itself survives a power loss
+    os.fsync(folder)
+    os.close(folder)
 
 
 # flags that may differ when a run resumes; any other change is refused
@@ -924,10 +904,8 @@ def training_set(run: Run) -> dict:
 
 def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Whether every float tensor is finite, as a bool tensor on ``device``: one fused max-|x| pass, no host sync."""
-    tensors = [t for t in tensors if t.is_floating_point() and t.numel()]
-    if not tensors:
-        return torch.ones((), dtype=torch.bool, device=device)
-    return torch.stack([torch.isfinite(n).to(device) for n in torch._foreach_norm(tensors, ord=math.inf)]).all()
+    norms = torch._foreach_norm([t for t in tensors if t.is_floating_point() and t.numel()], ord=math.inf)
+    return torch.stack([torch.isfinite(n).to(device) for n in norms] or [torch.tensor(True, device=device)]).all()
 
 
 def kept_checkpoint(run: Run, path: str) -> str:
@@ -948,41 +926,26 @@ def save_checkpoint(run: Run, path: str) -> None:
             f"non-finite weights after step {run.step}; stopping, {kept_checkpoint(run, path)}. "
             f"Try a lower --lr or --amp none"
         )
-    rng = {
-        "python": random.getstate(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    states = [rng] * run.world_size
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    rng = [{"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}] * run.world_size
     if run.world_size > 1:
-        dist.all_gather_object(states, rng)
+        dist.all_gather_object(rng, rng[0])
     if run.rank == 0:
-        atomic_save(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "model": run.model.state_dict(),
-                "optimizer": run.optimizer.state_dict(),
-                "scaler": run.scaler.state_dict(),
-                "step": run.step,
-                "world_size": run.world_size,
-                "rng": states,
-                "args": dataclasses.asdict(run.args),
-                "backbone": backbone_meta(run),
-                "training_set": training_set(run),
-            },
-            path,
-        )
+        ckpt = dict(format=CHECKPOINT_FORMAT, model=run.model.state_dict(), optimizer=run.optimizer.state_dict())
+        ckpt.update(scaler=run.scaler.state_dict(), step=run.step, world_size=run.world_size, rng=rng)
+        ckpt.update(args=dataclasses.asdict(run.args), backbone=backbone_meta(run), training_set=training_set(run))
+        atomic_save(ckpt, path)
     run.checkpoint_step = run.step
 
 
 def load_checkpoint(run: Run, path: str) -> None:
-    """Resume: refuse a checkpoint of other flags; restore everything save_checkpoint wrote."""
+    """Resume: refuse a checkpoint of other flags, training set or process count; restore what save_checkpoint
+    wrote."""
     try:
         ckpt = torch.load(path, map_location=run.device, weights_only=True)
     except Exception as e:
-        raise RunError(
-            f"cannot resume from {path} ({str(e).strip().splitlines()[0][:200]}); move it away to start afresh"
-        ) from None
+        why = str(e).strip().splitlines()[0][:200]
+        raise RunError(f"cannot resume from {path} ({why}); move it away to start afresh") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a checkpoint of these scripts; move it away to start afresh")
     old, new = ckpt["args"], dataclasses.asdict(run.args)
@@ -992,9 +955,9 @@ def load_checkpoint(run: Run, path: str) -> None:
             f"{path} was written before {', '.join(flag(k) for k in new if k not in old)} existed; resume it "
             f"with the version of the script that wrote it, or choose another --run-name"
         )
-    changed = [k for k in new if k not in RESUMABLE_FLAGS and old[k] != new[k]]
+    changed = [f"{flag(k)} {old[k]} -> {new[k]}" for k in new if k not in RESUMABLE_FLAGS and old[k] != new[k]]
     if changed or ckpt["backbone"]["method"] != METHOD:
-        what = ", ".join(f"{flag(k)} {old[k]} -> {new[k]}" for k in changed) or "another method"
+        what = ", ".join(changed) or "another method"
         raise RunError(
             f"{path} was written with other flags ({what}); resume with the same command or choose another --run-name"
         )
@@ -1045,9 +1008,10 @@ class Logger:
 
     def __init__(self, run: Run, resumed: bool):
         self.run, self.sums, self.counts, self.vectors = run, {}, {}, {}
-        self.clock, self.step0, self.writer = time.perf_counter(), run.step, None
-        self.start, self.timed, self.evals = run.step, [0.0, 0], [0.0, 0]  # ETA: step time after the first step, evals
-        if run.rank == 0:  # a resumed run logs again from step + 1: later events are from the lost run
+        self.clock, self.step0, self.start = time.perf_counter(), run.step, run.step
+        self.step_time, self.eval_time = [0.0, 0], [0.0, 0]  # seconds and count, for the ETA
+        self.writer = None  # a resumed run logs again from step + 1: later events are from the lost run
+        if run.rank == 0:
             self.writer = SummaryWriter(run.run_dir, purge_step=run.step + 1 if resumed else None)
         if self.writer is not None and not resumed:  # the flags with the values resolved at start
             table = {**dataclasses.asdict(run.args), **backbone_meta(run)["data"]}
@@ -1063,6 +1027,22 @@ class Logger:
             v = v.detach().float().to(self.run.device, non_blocking=True) if torch.is_tensor(v) else float(v)
             self.sums[k], self.counts[k] = self.sums.get(k, 0) + v, self.counts.get(k, 0) + 1
 
+    def eta(self) -> str:
+        """Seconds per step since the first step (warm-up, compilation) times the steps left, plus the kNN
+        monitor's runs left times their mean duration, rounded up."""
+        run, (step_s, steps), (eval_s, evals) = self.run, self.step_time, self.eval_time
+        stop, every = min(run.total_steps, run.args.max_steps or run.total_steps), max(run.args.eval_every, 1)
+        epoch, end = run.step // run.steps_per_epoch, stop // run.steps_per_epoch
+        evals_left = (
+            end // every - epoch // every + (run.step < stop and bool(stop % run.steps_per_epoch or end % every))
+        )
+        evals_left *= bool(run.args.eval_every)
+        return (
+            format_eta((stop - run.step) * step_s / max(steps, 1) + evals_left * eval_s / max(evals, 1))
+            if steps
+            else "--"
+        )
+
     def write(self, evals: Optional[dict[str, float]] = None, eval_seconds: float = 0.0) -> None:
         """Log and print; ``evals`` took ``eval_seconds``, left out of images/s and the ETA."""
         run, evals, steps = self.run, evals or {}, self.run.step - self.step0
@@ -1070,20 +1050,14 @@ class Logger:
         host = dict(zip(on_device, torch.stack([self.sums[k] for k in on_device]).tolist())) if on_device else {}
         means = {k: host.get(k, v) / self.counts[k] for k, v in self.sums.items()}
         elapsed = time.perf_counter() - self.clock - eval_seconds
-        images_per_s = steps * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
         if self.step0 > self.start or steps > 1:  # the first step alone (warm-up, compilation) is not the pace
-            self.timed = [self.timed[0] + elapsed, self.timed[1] + steps]
-        self.evals = [self.evals[0] + eval_seconds, self.evals[1] + 1] if evals else self.evals
-        stop, every = min(run.total_steps, run.args.max_steps or run.total_steps), max(run.args.eval_every, 1)
-        epoch, end = run.step // run.steps_per_epoch, stop // run.steps_per_epoch  # the kNN monitor's remaining runs:
-        evals_left = (
-            end // every - epoch // every + (run.step < stop and bool(stop % run.steps_per_epoch or end % every))
-        )
-        per_eval, per_step = self.evals[0] / max(self.evals[1], 1), self.timed[0] / max(self.timed[1], 1)
-        eta = (stop - run.step) * per_step + (evals_left * per_eval if run.args.eval_every else 0)
+            self.step_time = [self.step_time[0] + elapsed, self.step_time[1] + steps]
+        if evals:
+            self.eval_time = [self.eval_time[0] + eval_seconds, self.eval_time[1] + 1]
         shown = "".join(f" | {k.split('/')[-1]} {v:.2f}" for k, v in evals.items())
         shown += f" ({eval_seconds:.0f}s)" if evals else ""
         if self.writer is not None:
+            images_per_s = steps * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
             if steps:
                 means["charts/learning_rate"] = run.optimizer.param_groups[0]["lr"]
                 means.update({"charts/images_per_second": images_per_s, "charts/epoch": run.step / run.steps_per_epoch})
@@ -1094,8 +1068,7 @@ class Logger:
             memory = f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if run.device.type == "cuda" else ""
             print(
                 f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss "
-                f"{means.get('loss', math.nan):.4f}{shown} | {images_per_s:.0f} img/s{memory} | "
-                f"eta {format_eta(eta) if self.timed[1] else '--'}"
+                f"{means.get('loss', math.nan):.4f}{shown} | {images_per_s:.0f} img/s{memory} | eta {self.eta()}"
                 if steps
                 else f"step {run.step}, before training{shown}",
                 flush=True,
@@ -1126,6 +1099,11 @@ def worker_died(e: BaseException) -> bool:
     return isinstance(e, ConnectionResetError) or isinstance(e, RuntimeError) and "DataLoader worker" in str(e)
 
 
+WORKER_DIED = (
+    "a data-loading worker died (the out-of-memory killer, or SIGBUS on a full /dev/shm? try fewer --num-workers)"
+)
+
+
 def fetch(loader, run: Run, ckpt_path: str):
     """The loader's batches. A worker that dies while a batch is fetched (between steps, so the model is consistent)
     stops the run in one line (RunError) after a checkpoint; one that dies mid-step is reported by ``main``."""
@@ -1144,15 +1122,9 @@ def fetch(loader, run: Run, ckpt_path: str):
         yield batch
 
 
-WORKER_DIED = (
-    "a data-loading worker died (the out-of-memory killer, or SIGBUS on a full /dev/shm? try fewer --num-workers)"
-)
-
-
 class StopSignal:
-    """SIGINT, SIGTERM and SIGHUP (a closed terminal; torchrun forwards it) only set a flag; the loop reads it after
-    each step (under DDP at log, checkpoint and epoch-end steps, where an all-reduce makes every rank agree), saves
-    a checkpoint and stops."""
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal; torchrun forwards it) only set ``signum``; the loop stops at a
+    step where every rank knows of it (``sync``), after a checkpoint."""
 
     def __init__(self):
         self.signum = 0
@@ -1161,54 +1133,44 @@ class StopSignal:
     def handle(self, signum, frame) -> None:
         self.signum = self.signum or signum
 
-    def agreed(self, run: Run, sync_point: bool) -> int:
-        if run.world_size == 1 or not sync_point:
-            return self.signum if run.world_size == 1 else 0
-        flag = torch.tensor(self.signum, device=run.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag)
-
     def restore(self) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
 
-def check_finite(run: Run, first_bad: torch.Tensor, ckpt_path: str) -> None:
-    """Stop on a non-finite loss (checked at log and checkpoint steps, so no per-step host sync)."""
+def sync(run: Run, first_bad: torch.Tensor, signum: int, ckpt_path: str) -> int:
+    """At log and checkpoint steps (and at a signal, alone): one all-reduce tells every rank the first step with a
+    non-finite loss, which stops the run, and a stop signal any rank got, which it returns."""
+    flags = torch.stack([first_bad, torch.full_like(first_bad, -signum)])
     if run.world_size > 1:
-        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-    bad = int(first_bad)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    bad, signum = flags.tolist()
     if bad < 2**62:
         raise RunError(
             f"non-finite loss at step {bad} (epoch {bad // run.steps_per_epoch + 1}); stopping, "
             f"{kept_checkpoint(run, ckpt_path)}. Try a lower --lr or --amp none"
         )
+    return -signum
 
 
-def check_floats(args: Args, interval: str, *names: str) -> None:
-    """Refuse a float flag that is not finite or lies outside ``interval`` ("(0, inf)", "[0, 1)", ...)."""
+def check_range(args: Args, interval: str, *names: str) -> None:
+    """Refuse a flag that is not finite or lies outside ``interval`` ("[1, inf)", "(0, 1]", ...); None (an unset
+    optional flag) passes."""
     lo, hi = (float(v) for v in interval[1:-1].split(","))
     words = (f">= {lo:g}" if interval[0] == "[" else f"> {lo:g}") if hi == math.inf else f"in {interval}"
-    for name in names:
+    for name in [n for n in names if getattr(args, n) is not None]:
         v, flag = getattr(args, name), "--" + name.replace("_", "-")
         if not math.isfinite(v):
             raise RunError(f"{flag} must be a finite number, got {v}")
-        if not ((lo < v or (interval[0] == "[" and v == lo)) and (v < hi or (interval[-1] == "]" and v == hi))):
+        if not ((lo < v or interval[0] == "[" and v == lo) and (v < hi or interval[-1] == "]" and v == hi)):
             raise RunError(f"{flag} must be {words}, got {v}")
-
-
-def check_ints(args: Args, low: int, *names: str) -> None:
-    """Refuse an integer flag below ``low`` (None, an unset optional flag, passes)."""
-    for name in names:
-        if getattr(args, name) is not None and getattr(args, name) < low:
-            raise RunError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
 
 
 def validate(args: Args) -> None:
     """Fail fast on shared flags that cannot work, before any data is read (method flags: ``check_args``)."""
-    check_ints(args, 1, "batch_size", "epochs", "log_every", "checkpoint_every", "max_steps", "train_steps")
-    check_ints(args, 0, "num_workers", "eval_every", "eval_bank", "eval_queries")
-    check_floats(args, "(0, inf)", "lr")
+    check_range(args, "[1, inf)", "batch_size", "epochs", "log_every", "checkpoint_every", "max_steps", "train_steps")
+    check_range(args, "[0, inf)", "num_workers", "eval_every", "eval_bank", "eval_queries")
+    check_range(args, "(0, inf)", "lr")
     if not 0 <= args.seed < 2**32:  # seeds every generator (numpy's limit), and seed * 1000 + rank must fit int64
         raise RunError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.sync_bn and not torch.cuda.is_available():
