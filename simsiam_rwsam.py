@@ -68,27 +68,22 @@ from linear_probe import (
 @dataclass
 class Args(lt_data.DataArgs):
     recipe: Optional[str] = None
-    """a named set of flag values (the recipes listed above; RECIPES in the script), applied before the command
-    line's flags, so a flag given beside it wins"""
+    """named flag values (listed above; RECIPES in the script), applied before the command line's flags, which win"""
     run_name: Optional[str] = None
-    """run folder name under --output-dir; default: <method>_<dataset>_r<ratio>[_twin]_s<seed>.
-    An existing run of that name resumes"""
+    """run folder under --output-dir (default <method>_<dataset>_r<ratio>[_twin]_s<seed>); an existing one resumes"""
     output_dir: str = "runs"
     """where run folders go (TensorBoard events, checkpoint.pt, backbone.pt)"""
     seed: int = 1
     """seed of initialisation, data order and augmentations"""
     deterministic: bool = False
-    """deterministic kernels (torch.use_deterministic_algorithms); slower on GPU, needed for bit-identical resume
-    there"""
+    """deterministic kernels (torch.use_deterministic_algorithms): slower on GPU, needed there to resume bit-exactly"""
     max_steps: Optional[int] = None
     """stop after this many optimisation steps (smoke runs); the schedules still span --epochs"""
     train_steps: Optional[int] = None
-    """replaces --epochs by the fewest whole epochs of at least this many optimisation steps: one budget for data
-    sets of any size"""
+    """replaces --epochs by the fewest whole epochs of at least this many steps (one budget for any data set size)"""
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
-    """autocast dtype: bf16, fp16 (with a GradScaler), none (fp32); auto: bf16 on CUDA GPUs with bf16, fp16 on
-    older ones, bf16 on CPUs with native bf16 (AVX512-BF16/AMX, Arm BF16), else none (emulated bf16 is ~2x slower
-    than fp32)"""
+    """autocast dtype (fp16 with a GradScaler; none: fp32); auto: bf16 where the GPU or CPU computes it natively
+    (AVX512-BF16/AMX, Arm BF16; emulated bf16 is ~2x slower than fp32), else fp16 on a GPU, none on a CPU"""
     compile: bool = False
     """torch.compile the training model"""
     channels_last: bool = True
@@ -96,8 +91,7 @@ class Args(lt_data.DataArgs):
     sync_bn: bool = False
     """SyncBatchNorm across processes (CUDA only); otherwise BatchNorm statistics are per process"""
     sampling: Literal["instance", "class-balanced"] = "instance"
-    """instance: each image once per epoch; class-balanced: draws with probability 1/(C*n_class) (uses labels: an
-    oracle for SSL)"""
+    """instance: each image once per epoch; class-balanced: draws with p = 1/(C n_class) (labels: an SSL oracle)"""
     num_workers: Optional[int] = None
     """data-loading processes per training process; default: min(8, CPU cores per process)"""
     log_every: int = 50
@@ -105,11 +99,9 @@ class Args(lt_data.DataArgs):
     checkpoint_every: int = 500
     """also write checkpoint.pt every this many steps (always at the end of an epoch and of the run)"""
     eval_every: int = 5
-    """online kNN monitor (eval/knn_top1 of the exported backbone; k 20, cosine, T 0.07): before training, every
-    this many epochs and at the end; 0: off"""
+    """kNN monitor (eval/knn_top1, k 20, T 0.07): before training, every this many epochs and at the end; 0: off"""
     eval_bank: int = 5000
-    """kNN monitor's bank: a class-balanced random subsample of this many un-augmented images of the full training
-    set"""
+    """kNN monitor's bank: a class-balanced random subsample of this many un-augmented training images"""
     eval_queries: int = 2000
     """kNN monitor's queries: a class-balanced random subsample of this many test images; 0: the whole test set"""
 
