@@ -36,7 +36,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Literal, Optional
 
 import torch
@@ -47,59 +47,32 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
+import linear_probe
 import lt_data
-from linear_probe import (
-    CHECKPOINT_FORMAT,
-    EXPORT_FORMAT,
-    BackboneError,
-    KNNMonitor,
-    backbone_spec,
-    build_backbone,
-    feature_dim,
-    vit_kwargs,
-)
+from linear_probe import BackboneError, KNNMonitor, backbone_spec, build_backbone, feature_dim, vit_kwargs
 
 
 # ============================================================ shared: arguments
 @dataclass
 class Args(lt_data.DataArgs):
-    recipe: Optional[str] = None
-    """named flag values (listed above; RECIPES in the script), applied before the command line's flags, which win"""
-    run_name: Optional[str] = None
-    """run folder under --output-dir (default <method>_<dataset>_r<ratio>[_twin]_s<seed>); an existing one resumes"""
-    output_dir: str = "runs"
-    """where run folders go (TensorBoard events, checkpoint.pt, backbone.pt)"""
-    seed: int = 1
-    """seed of initialisation, data order and augmentations"""
-    deterministic: bool = False
-    """deterministic kernels (torch.use_deterministic_algorithms): slower on GPU, needed there to resume bit-exactly"""
-    max_steps: Optional[int] = None
-    """stop after this many optimisation steps (smoke runs); the schedules still span --epochs"""
-    train_steps: Optional[int] = None
-    """replaces --epochs by the fewest whole epochs of at least this many steps (one budget for any data set size)"""
-    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
-    """autocast dtype (fp16 with a GradScaler; none: fp32); auto: bf16 where the GPU or CPU computes it natively
-    (AVX512-BF16/AMX, Arm BF16; emulated bf16 is ~2x slower than fp32), else fp16 on a GPU, none on a CPU"""
-    compile: bool = False
-    """torch.compile the training model"""
-    channels_last: bool = True
-    """channels-last memory format for the model and images (faster convolutions on CPU and tensor-core GPUs)"""
-    sync_bn: bool = False
-    """SyncBatchNorm across processes (CUDA only); otherwise BatchNorm statistics are per process"""
-    sampling: Literal["instance", "class-balanced"] = "instance"
-    """instance: each image once per epoch; class-balanced: draws with p = 1/(C n_class) (labels: an SSL oracle)"""
-    num_workers: Optional[int] = None
-    """data-loading processes per training process; default: min(8, CPU cores per process)"""
-    log_every: int = 50
-    """log to TensorBoard and print a progress line every this many steps (and after the first step)"""
-    checkpoint_every: int = 500
-    """also write checkpoint.pt every this many steps (always at the end of an epoch and of the run)"""
-    eval_every: int = 5
-    """kNN monitor (eval/knn_top1, k 20, T 0.07): before training, every this many epochs and at the end; 0: off"""
-    eval_bank: int = 5000
-    """kNN monitor's bank: a class-balanced random subsample of this many un-augmented training images"""
-    eval_queries: int = 2000
-    """kNN monitor's queries: a class-balanced random subsample of this many test images; 0: the whole test set"""
+    recipe: Optional[str] = None  # named flag values (RECIPES, listed above), applied before the command line's flags
+    run_name: Optional[str] = None  # default <method>_<dataset>_r<ratio>[_twin]_s<seed>; an existing run resumes
+    output_dir: str = "runs"  # where run folders go (TensorBoard events, checkpoint.pt, backbone.pt)
+    seed: int = 1  # seed of initialisation, data order and augmentations
+    deterministic: bool = False  # deterministic kernels: slower on GPU, needed there to resume bit-exactly
+    max_steps: Optional[int] = None  # stop after this many optimisation steps (smoke runs); schedules span --epochs
+    train_steps: Optional[int] = None  # replaces --epochs by the fewest whole epochs of at least this many steps
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # autocast; auto: native bf16, else fp16 (GPU), fp32 (CPU)
+    compile: bool = False  # torch.compile the training model
+    channels_last: bool = True  # channels-last model and images (faster convolutions on CPU and tensor-core GPUs)
+    sync_bn: bool = False  # SyncBatchNorm across processes (CUDA only); otherwise BatchNorm statistics are per process
+    sampling: Literal["instance", "class-balanced"] = "instance"  # class-balanced: p = 1/(C n_class), a label oracle
+    num_workers: Optional[int] = None  # data-loading processes per training process; default min(8, cores/process)
+    log_every: int = 50  # TensorBoard and a progress line every this many steps (and after the first)
+    checkpoint_every: int = 500  # checkpoint.pt every this many steps (and at the end of each epoch and of the run)
+    eval_every: int = 5  # kNN monitor (k 20, T 0.07) before training, every this many epochs and at the end; 0: off
+    eval_bank: int = 5000  # kNN monitor's bank: a class-balanced subsample of this many un-augmented training images
+    eval_queries: int = 2000  # kNN monitor's queries: a class-balanced subsample of this many test images; 0: all
 
     # ======================================================== method: arguments
     arch: Literal["resnet18", "resnet50", "vit_tiny", "vit_small"] = "resnet18"
@@ -344,17 +317,16 @@ def train(args: Args) -> str:
     args.amp = resolve_amp(args.amp, device)  # the checkpoint and hyperparameters store the resolved dtype
     data = lt_data.build_data(args)
     check_args(args, data)
-    train_set = lt_data.IndexedDataset(
-        data.train_full, data.pretrain_indices(args.balanced_twin), train_transform(args, data)
-    )
-    global_batch = args.batch_size * world_size
-    if global_batch > len(train_set):
+    indices = data.pretrain_indices(args.balanced_twin)
+    train_set = lt_data.IndexedDataset(data.train_full, indices, train_transform(args, data))
+    global_batch, steps_per_epoch = args.batch_size * world_size, len(train_set) // world_size // args.batch_size
+    if not steps_per_epoch:
         raise RunError(
             f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
             f"{len(train_set)} training images"
         )
     if args.train_steps:  # before anything reads --epochs (the checkpoint stores the resolved value)
-        args.epochs = -(-args.train_steps // (len(train_set) // world_size // args.batch_size))
+        args.epochs = -(-args.train_steps // steps_per_epoch)
     twin = "_twin" if args.balanced_twin else ""
     name = args.run_name or f"{METHOD}_{args.dataset}_r{lt_data.resolved_ratio(args):g}{twin}_s{args.seed}"
     run_dir = os.path.join(args.output_dir, name)
@@ -366,22 +338,15 @@ def train(args: Args) -> str:
     if args.sync_bn and world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    labels = train_set.targets if args.sampling == "class-balanced" else None
-    sampler = lt_data.ResumableSampler(len(train_set), world_size, rank, args.seed, labels=labels)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
     run = Run(
         args=args,
-        device=device,
-        rank=rank,
-        world_size=world_size,
-        data=data,
-        train_set=train_set,
         model=model,
         ddp_model=torch.compile(ddp_model) if args.compile else ddp_model,
         optimizer=make_optimizer(args, model, args.lr * global_batch / 256),  # linear scaling rule, global batch
-        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-        amp_dtype=amp_dtype,
-        steps_per_epoch=len(sampler) // args.batch_size,
+        data=data,
+        train_set=train_set,
+        device=device,
+        steps_per_epoch=steps_per_epoch,
         run_dir=run_dir,
     )
     resumed = os.path.exists(ckpt_path)
@@ -389,17 +354,16 @@ def train(args: Args) -> str:
         load_checkpoint(run, ckpt_path)
     else:
         torch.manual_seed(args.seed * 1000 + rank)  # ranks draw different masks, noise, ...
+    labels = train_set.targets if args.sampling == "class-balanced" else None
+    sampler = lt_data.ResumableSampler(len(train_set), world_size, rank, args.seed, labels=labels)
     loader = lt_data.make_loader(train_set, args.batch_size, num_workers(args), sampler, drop_last=True)
-    stop_step = min(run.total_steps, args.max_steps or run.total_steps)
-    if rank == 0:
-        start = f"resuming at step {run.step} of {stop_step}" if resumed else f"{stop_step} steps"
-        print(
-            f"{METHOD}: {len(train_set)} training images from {data.source}, {data.num_classes} classes, "
-            f"global batch {global_batch} on {world_size} x {device.type}, {run.steps_per_epoch} steps/epoch, {start}, "
-            f"amp {args.amp}{amp_choice} -> {run_dir}",
-            flush=True,
-        )
     logger = Logger(run, resumed)
+    logger.say(
+        f"{METHOD}: {len(train_set)} training images from {data.source}, {data.num_classes} classes, global batch "
+        f"{global_batch} on {world_size} x {device.type}, {steps_per_epoch} steps/epoch, "
+        + (f"resuming at step {run.step} of {run.stop_step}" if resumed else f"{run.stop_step} steps")
+        + f", amp {args.amp}{amp_choice} -> {run_dir}"
+    )
     monitor = None
     if args.eval_every:  # in-process (0 workers): no idle workers between evaluations
         monitor = KNNMonitor(
@@ -408,11 +372,15 @@ def train(args: Args) -> str:
         if not resumed:
             logger.write(*evaluate(run, monitor))
     first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss
+    # SIGINT, SIGTERM and SIGHUP (a closed terminal; torchrun forwards it) are noted; the run stops at the first step
+    # where every rank knows of one (``sync``), after a checkpoint
+    signals, stops = [], (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    handlers = {s: signal.signal(s, lambda signum, _: signals.append(signum)) for s in stops}
     set_schedules(run)
     model.train()
-    stop, start_step = StopSignal(), run.step
-    while run.step < stop_step:
-        run.epoch, done_in_epoch = divmod(run.step, run.steps_per_epoch)
+    start_step = run.step
+    while run.step < run.stop_step:
+        run.epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
         sampler.set_epoch(run.epoch, skip=done_in_epoch * args.batch_size)
         if done_in_epoch == 0:
             on_epoch_start(run, run.epoch)
@@ -427,34 +395,31 @@ def train(args: Args) -> str:
             first_bad = torch.where(torch.isfinite(out["loss"]), first_bad, run.step)
             logger.accumulate({k: v for k, v in out.items() if k.startswith("loss")})
             # this step's decisions; every rank takes the same ones (sync: one all-reduce at log and save steps)
-            last, end_of_epoch = run.step == stop_step, run.step % run.steps_per_epoch == 0
+            last, end_of_epoch = run.step == run.stop_step, run.step % steps_per_epoch == 0
             log_now = run.step % args.log_every == 0 or run.step == start_step + 1 or last or end_of_epoch
             save_now = run.step % args.checkpoint_every == 0 or last or end_of_epoch
-            eval_now = monitor is not None and (last or end_of_epoch and (run.epoch + 1) % args.eval_every == 0)
-            alone_with_signal = world_size == 1 and stop.signum
-            signum = sync(run, first_bad, stop.signum, ckpt_path) if log_now or save_now or alone_with_signal else 0
+            eval_now = monitor is not None and (last or run.step % (args.eval_every * steps_per_epoch) == 0)
+            signum = (
+                sync(run, first_bad, signals, ckpt_path) if log_now or save_now or signals and world_size == 1 else 0
+            )
             if log_now:
                 logger.accumulate({**diagnostics(run, out), **{f"charts/{k}": v for k, v in schedule.items()}})
                 logger.write(*(evaluate(run, monitor) if eval_now else (None, 0.0)))
             if save_now or signum and run.checkpoint_step != run.step:
                 save_checkpoint(run, ckpt_path)
-                logger.flush()  # the events up to the checkpoint survive a kill
+            if signum:  # the exit code a shell gives a process the signal killed
+                logger.close(f"interrupted at step {run.step}; checkpoint saved; run the same command to resume")
+                sys.exit(128 + signum)
             if last:
                 break
-            if signum:
-                logger.close()
-                raise Interrupted(
-                    signum, f"interrupted at step {run.step}; checkpoint saved; run the same command to resume"
-                )
-    stop.restore()
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
     if rank == 0:
         export_backbone(run, export_path)
-        print(
-            f"done: step {run.step}; checkpoint {ckpt_path}; backbone {export_path}; probe with: "
-            f"python linear_probe.py {shlex.quote(export_path)}",
-            flush=True,
-        )
-    logger.close()
+    logger.close(
+        f"done: step {run.step}; checkpoint {ckpt_path}; backbone {export_path}; probe with: "
+        f"python linear_probe.py {shlex.quote(export_path)}"
+    )
     return run_dir
 
 
@@ -711,35 +676,31 @@ class RunError(Exception):
     """A condition that stops the run with one clear line and exit code 2."""
 
 
-class Interrupted(Exception):
-    """SIGINT/SIGTERM/SIGHUP: the run saved a checkpoint and exits with 128 + the signal number."""
-
-
 @dataclass(kw_only=True)
 class Run:
     """Everything a training step needs; ``schedule`` holds the method's scheduled values of the current step."""
 
-    args: Args
+    args: Args  # with --amp resolved (resolve_amp)
     model: nn.Module  # the module whose state is saved and exported
     ddp_model: nn.Module  # what the step calls: ``model`` under DDP and torch.compile
     optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
     data: lt_data.LTData
     train_set: Optional[lt_data.IndexedDataset] = None
     device: torch.device = torch.device("cpu")
-    rank: int = 0
-    world_size: int = 1
-    amp_dtype: Optional[torch.dtype] = None
     steps_per_epoch: int = 1
     run_dir: str = ""
     step: int = 0
     epoch: int = 0
     checkpoint_step: int = -1  # step of the checkpoint on disk, -1: none
-    schedule: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.total_steps = self.args.epochs * self.steps_per_epoch
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[self.args.amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.total_steps = self.args.epochs * self.steps_per_epoch  # the schedules' length
+        self.stop_step = min(self.total_steps, self.args.max_steps or self.total_steps)
         self.peak_lr = [group["lr"] for group in self.optimizer.param_groups]  # what make_optimizer set
+        self.schedule = {}
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -771,10 +732,9 @@ def optimizer_step(run: Run, loss: torch.Tensor, clip: Optional[list] = None, ma
     ``max_norm`` (inf: measure only) and return the norm before clipping; else None."""
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
-    norm = None
     if clip is not None:
         run.scaler.unscale_(run.optimizer)
-        norm = nn.utils.clip_grad_norm_(clip, max_norm)
+    norm = nn.utils.clip_grad_norm_(clip, max_norm) if clip is not None else None
     run.scaler.step(run.optimizer)
     run.scaler.update()
     return norm
@@ -798,9 +758,7 @@ def to_device(x: torch.Tensor, run: Run) -> torch.Tensor:
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """--amp auto -> the fastest autocast dtype the device computes natively: "bf16", "fp16" or "none" (fp32). fp16
-    runs SGD unfused: fused SGD (torch 2.14) keeps the uninitialised momentum of a first step that the GradScaler
-    skips (also seen in LibreYOLO PR #771); fused AdamW honours the skip."""
+    """--amp auto -> the fastest autocast dtype the device computes natively: "bf16", "fp16" or "none" (fp32)."""
     if amp != "auto":
         return amp
     if device.type == "cuda":
@@ -841,9 +799,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def make_run_dir(run_dir: str):
-    """Create and lock the run folder, so a second start of a live run (a requeue, another terminal) is refused.
-    A POSIX lock (lockf), not an flock: the kernel frees it when this process dies, even while its forked
-    DataLoader workers linger (an flock lived on in them and refused a SIGKILLed run's resume). Keep it open."""
+    """Create and lock the run folder, so that a second start of a live run (a requeue, another terminal) is refused.
+    A POSIX lock (lockf) dies with this process; an flock lived on in its orphaned DataLoader workers. Keep it open."""
     try:
         os.makedirs(run_dir, exist_ok=True)
         lock = open(os.path.join(run_dir, ".lock"), "a")
@@ -861,9 +818,8 @@ def make_run_dir(run_dir: str):
 
 
 def atomic_save(obj, path: str) -> None:
-    """Serialise in memory, write a temporary file, fsync, rename: a crash never leaves a half-written ``path``, and
-    a full disk or quota stops the run in one line with the old file intact (torch.save to the file hid the OS
-    error behind "unexpected pos")."""
+    """Write a temporary file, fsync, rename: a crash never leaves a half-written ``path``, and a full disk stops the
+    run in one line with the old file intact (torch.save to a file hid the OS error behind "unexpected pos")."""
     buffer, tmp = io.BytesIO(), f"{path}.tmp{os.getpid()}"
     torch.save(obj, buffer)
     try:
@@ -872,12 +828,11 @@ def atomic_save(obj, path: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise RunError(
             f"cannot write {path}: {e.strerror}; the {os.path.basename(path)} on disk is untouched"
         ) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)  # the rename itself survives a power loss
     os.fsync(folder)
     os.close(folder)
@@ -936,8 +891,8 @@ def save_checkpoint(run: Run, path: str) -> None:
     if run.world_size > 1:
         dist.all_gather_object(rng, rng[0])
     if run.rank == 0:
-        ckpt = dict(format=CHECKPOINT_FORMAT, model=run.model.state_dict(), optimizer=run.optimizer.state_dict())
-        ckpt.update(scaler=run.scaler.state_dict(), step=run.step, world_size=run.world_size, rng=rng)
+        ckpt = dict(format=linear_probe.CHECKPOINT_FORMAT, model=run.model.state_dict(), rng=rng, step=run.step)
+        ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), world_size=run.world_size)
         ckpt.update(args=dataclasses.asdict(run.args), backbone=backbone_meta(run), training_set=training_set(run))
         atomic_save(ckpt, path)
     run.checkpoint_step = run.step
@@ -948,10 +903,10 @@ def load_checkpoint(run: Run, path: str) -> None:
     wrote."""
     try:
         ckpt = torch.load(path, map_location=run.device, weights_only=True)
-    except Exception as e:
-        why = str(e).strip().splitlines()[0][:200]
+    except Exception as e:  # the first line of torch's message (weights_only's runs to a page)
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise RunError(f"cannot resume from {path} ({why}); move it away to start afresh") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != linear_probe.CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a checkpoint of these scripts; move it away to start afresh")
     old, new = ckpt["args"], dataclasses.asdict(run.args)
     flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
@@ -997,7 +952,7 @@ def export_backbone(run: Run, path: str) -> None:
     state = {k[len(prefix) :]: v for k, v in run.model.state_dict().items() if k.startswith(prefix)}
     if not all_finite(list(state.values()), run.device):
         raise RunError(f"non-finite backbone weights at step {run.step}; {path} not written")
-    atomic_save({"format": EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
+    atomic_save({"format": linear_probe.EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
 
 
 def format_eta(seconds: float) -> str:
@@ -1007,14 +962,15 @@ def format_eta(seconds: float) -> str:
 
 
 class Logger:
-    """Rank-0 TensorBoard (charts/, losses/, eval/) and a progress line. ``accumulate`` sums scalars (tensors on the
-    device, no host sync; floats on the host) and keeps the last vectors; ``write`` logs each scalar's mean since
-    the last write, histograms of the vectors, and the progress line."""
+    """Rank 0's TensorBoard (charts/, losses/, eval/) and progress lines. ``accumulate`` keeps scalars on the device
+    (no host sync) and the last vectors; ``write`` logs each scalar's mean since the last write, the vectors'
+    histograms and a progress line whose images/s and ETA leave the kNN monitor's time out (the ETA adds it back
+    per evaluation left)."""
 
     def __init__(self, run: Run, resumed: bool):
-        self.run, self.sums, self.counts, self.vectors = run, {}, {}, {}
-        self.clock, self.step0, self.start = time.perf_counter(), run.step, run.step
-        self.step_time, self.eval_time = [0.0, 0], [0.0, 0]  # seconds and count, for the ETA
+        self.run, self.scalars, self.vectors, self.clock, self.start, self.step0 = run, {}, {}, 0.0, run.step, run.step
+        self.clock = time.perf_counter()
+        self.pace, self.evals = [0.0, 0], [0.0, 0]  # seconds and count: steps after the first, evaluations
         self.writer = None  # a resumed run logs again from step + 1: later events are from the lost run
         if run.rank == 0:
             self.writer = SummaryWriter(run.run_dir, purge_step=run.step + 1 if resumed else None)
@@ -1024,61 +980,56 @@ class Logger:
             rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(table.items()))
             self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
 
+    def say(self, line: str) -> None:
+        if self.run.rank == 0:
+            print(line, flush=True)
+
     def accumulate(self, metrics: dict[str, torch.Tensor | float]) -> None:
         for k, v in metrics.items():
-            if torch.is_tensor(v) and v.ndim > 0:
+            v = torch.as_tensor(v).detach().float().to(self.run.device, non_blocking=True)
+            if v.ndim:
                 self.vectors[k] = v
-                continue
-            v = v.detach().float().to(self.run.device, non_blocking=True) if torch.is_tensor(v) else float(v)
-            self.sums[k], self.counts[k] = self.sums.get(k, 0) + v, self.counts.get(k, 0) + 1
+            else:
+                self.scalars.setdefault(k, []).append(v)
 
     def eta(self) -> str:
-        """Seconds per step since the first step (warm-up, compilation) times the steps left, plus the kNN
-        monitor's runs left times their mean duration, rounded up."""
-        run, (step_s, steps), (eval_s, evals) = self.run, self.step_time, self.eval_time
-        stop, every = min(run.total_steps, run.args.max_steps or run.total_steps), max(run.args.eval_every, 1)
-        epoch, end = run.step // run.steps_per_epoch, stop // run.steps_per_epoch
-        evals_left = (
-            end // every - epoch // every + (run.step < stop and bool(stop % run.steps_per_epoch or end % every))
-        )
-        evals_left *= bool(run.args.eval_every)
-        return (
-            format_eta((stop - run.step) * step_s / max(steps, 1) + evals_left * eval_s / max(evals, 1))
-            if steps
-            else "--"
-        )
+        """The steps left x the mean step time, plus the kNN monitor's runs left (every --eval-every epochs and at
+        the stop) x their mean time, rounded up."""
+        run, (step_s, steps), (eval_s, evals), stop = self.run, self.pace, self.evals, self.run.stop_step
+        every = run.args.eval_every * run.steps_per_epoch
+        evals_left = len(range(every * (run.step // every + 1), stop, every)) + (run.step < stop) if every else 0
+        return format_eta((stop - run.step) * step_s / steps + evals_left * eval_s / max(evals, 1)) if steps else "--"
 
     def write(self, evals: Optional[dict[str, float]] = None, eval_seconds: float = 0.0) -> None:
-        """Log and print; ``evals`` took ``eval_seconds``, left out of images/s and the ETA."""
+        """Log and print; ``evals`` took ``eval_seconds``."""
         run, evals, steps = self.run, evals or {}, self.run.step - self.step0
-        on_device = [k for k in self.sums if torch.is_tensor(self.sums[k])]
-        host = dict(zip(on_device, torch.stack([self.sums[k] for k in on_device]).tolist())) if on_device else {}
-        means = {k: host.get(k, v) / self.counts[k] for k, v in self.sums.items()}
+        means = [torch.stack(v).mean() for v in self.scalars.values()]
+        means = dict(zip(self.scalars, torch.stack(means).tolist() if means else []))
         elapsed = time.perf_counter() - self.clock - eval_seconds
         if self.step0 > self.start or steps > 1:  # the first step alone (warm-up, compilation) is not the pace
-            self.step_time = [self.step_time[0] + elapsed, self.step_time[1] + steps]
+            self.pace = [self.pace[0] + elapsed, self.pace[1] + steps]
         if evals:
-            self.eval_time = [self.eval_time[0] + eval_seconds, self.eval_time[1] + 1]
-        shown = "".join(f" | {k.split('/')[-1]} {v:.2f}" for k, v in evals.items())
-        shown += f" ({eval_seconds:.0f}s)" if evals else ""
-        if self.writer is not None:
-            images_per_s = steps * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
-            if steps:
-                means["charts/learning_rate"] = run.optimizer.param_groups[0]["lr"]
-                means.update({"charts/images_per_second": images_per_s, "charts/epoch": run.step / run.steps_per_epoch})
+            self.evals = [self.evals[0] + eval_seconds, self.evals[1] + 1]
+        images_per_s = steps * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
+        if steps:
+            means["charts/learning_rate"] = run.optimizer.param_groups[0]["lr"]
+            means.update({"charts/images_per_second": images_per_s, "charts/epoch": run.step / run.steps_per_epoch})
+        if self.writer is not None:  # flushed: a checkpoint follows a write or adds no event, so a kill loses none
             for k, v in {**means, **evals}.items():
                 self.writer.add_scalar(k if "/" in k else f"losses/{k}", v, run.step)
             for k, v in self.vectors.items():
-                self.writer.add_histogram(k, v.detach().float().cpu(), run.step)
-            memory = f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if run.device.type == "cuda" else ""
-            print(
-                f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss "
-                f"{means.get('loss', math.nan):.4f}{shown} | {images_per_s:.0f} img/s{memory} | eta {self.eta()}"
-                if steps
-                else f"step {run.step}, before training{shown}",
-                flush=True,
-            )
-        self.sums, self.counts, self.vectors, self.clock, self.step0 = {}, {}, {}, time.perf_counter(), run.step
+                self.writer.add_histogram(k, v.cpu(), run.step)
+            self.writer.flush()
+        shown = "".join(f" | {k.split('/')[-1]} {v:.2f}" for k, v in evals.items())
+        shown += f" ({eval_seconds:.0f}s)" if evals else ""
+        memory = f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if run.device.type == "cuda" else ""
+        self.say(
+            f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss "
+            f"{means.get('loss', math.nan):.4f}{shown} | {images_per_s:.0f} img/s{memory} | eta {self.eta()}"
+            if steps
+            else f"step {run.step}, before training{shown}"
+        )
+        self.scalars, self.vectors, self.clock, self.step0 = {}, {}, time.perf_counter(), run.step
 
     def write_views(self, views: list[torch.Tensor] | torch.Tensor, mean, std) -> None:
         """The first 8 images of the batch (rows) x their augmented views (columns, resized to the first view's
@@ -1090,63 +1041,42 @@ class Logger:
             grid = make_grid(torch.stack(cols, 1).flatten(0, 1).clamp(0, 1), nrow=len(cols))
             self.writer.add_image("views/augmented", grid, self.run.step)
 
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
-    def close(self) -> None:
+    def close(self, line: str = "") -> None:
+        """The last line (rank 0), and the TensorBoard file closed."""
+        if line:
+            self.say(line)
         if self.writer is not None:
             self.writer.close()
 
 
-def worker_died(e: BaseException) -> bool:
-    """Whether ``e`` is how a DataLoader reports a worker that died (the OOM killer, SIGBUS on a full /dev/shm)."""
-    return isinstance(e, ConnectionResetError) or isinstance(e, RuntimeError) and "DataLoader worker" in str(e)
-
-
-WORKER_DIED = (
-    "a data-loading worker died (the out-of-memory killer, or SIGBUS on a full /dev/shm? try fewer --num-workers)"
-)
+def worker_died(e: BaseException) -> Optional[str]:
+    """If ``e`` is how a DataLoader reports a worker that died (the OOM killer, SIGBUS on a full /dev/shm): why."""
+    if isinstance(e, ConnectionResetError) or isinstance(e, RuntimeError) and "DataLoader worker" in str(e):
+        return (
+            "a data-loading worker died (the out-of-memory killer, or SIGBUS on a full /dev/shm? try fewer "
+            "--num-workers); run the same command to resume"
+        )
 
 
 def fetch(loader, run: Run, ckpt_path: str):
-    """The loader's batches. A worker that dies while a batch is fetched (between steps, so the model is consistent)
-    stops the run in one line (RunError) after a checkpoint; one that dies mid-step is reported by ``main``."""
+    """The loader's batches. A worker that dies while a batch is fetched (between steps: the model is consistent)
+    leaves a checkpoint; ``main`` reports it, and one that died mid-step, in one line."""
     batches = iter(loader)
     while True:
         try:
-            batch = next(batches)
+            yield next(batches)
         except StopIteration:
             return
-        except (RuntimeError, ConnectionResetError) as e:
-            if not worker_died(e):
-                raise
-            if run.world_size == 1 and run.checkpoint_step != run.step:
+        except Exception as e:
+            if worker_died(e) and run.world_size == 1 and run.checkpoint_step != run.step:
                 save_checkpoint(run, ckpt_path)
-            raise RunError(f"{WORKER_DIED}: {str(e).strip().splitlines()[0]} Run the same command to resume") from None
-        yield batch
+            raise
 
 
-class StopSignal:
-    """SIGINT, SIGTERM and SIGHUP (a closed terminal; torchrun forwards it) only set ``signum``; the loop stops at a
-    step where every rank knows of it (``sync``), after a checkpoint."""
-
-    def __init__(self):
-        self.signum = 0
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-
-    def handle(self, signum, frame) -> None:
-        self.signum = self.signum or signum
-
-    def restore(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def sync(run: Run, first_bad: torch.Tensor, signum: int, ckpt_path: str) -> int:
+def sync(run: Run, first_bad: torch.Tensor, signals: list[int], ckpt_path: str) -> int:
     """At log and checkpoint steps (and at a signal, alone): one all-reduce tells every rank the first step with a
     non-finite loss, which stops the run, and a stop signal any rank got, which it returns."""
-    flags = torch.stack([first_bad, torch.full_like(first_bad, -signum)])
+    flags = torch.stack([first_bad, torch.full_like(first_bad, -(signals or [0])[0])])
     if run.world_size > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     bad, signum = flags.tolist()
@@ -1159,16 +1089,13 @@ def sync(run: Run, first_bad: torch.Tensor, signum: int, ckpt_path: str) -> int:
 
 
 def check_range(args: Args, interval: str, *names: str) -> None:
-    """Refuse a flag that is not finite or lies outside ``interval`` ("[1, inf)", "(0, 1]", ...); None (an unset
-    optional flag) passes."""
+    """Refuse a flag outside ``interval`` ("[1, inf)", "(0, 1]", ...), nan and inf included; None (unset) passes."""
     lo, hi = (float(v) for v in interval[1:-1].split(","))
     words = (f">= {lo:g}" if interval[0] == "[" else f"> {lo:g}") if hi == math.inf else f"in {interval}"
     for name in [n for n in names if getattr(args, n) is not None]:
-        v, flag = getattr(args, name), "--" + name.replace("_", "-")
-        if not math.isfinite(v):
-            raise RunError(f"{flag} must be a finite number, got {v}")
+        v = getattr(args, name)
         if not ((lo < v or interval[0] == "[" and v == lo) and (v < hi or interval[-1] == "]" and v == hi)):
-            raise RunError(f"{flag} must be {words}, got {v}")
+            raise RunError(f"--{name.replace('_', '-')} must be {words}, got {v}")
 
 
 def validate(args: Args) -> None:
@@ -1210,18 +1137,13 @@ def parse_args(argv: list[str]) -> Args:
 def main() -> None:
     try:
         train(parse_args(sys.argv[1:]))
-    except (RunError, BackboneError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
-        print(f"{os.path.basename(sys.argv[0])}: error: {lt_data.error_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except (RuntimeError, ConnectionResetError) as e:  # a worker that died in the middle of a step
-        if not worker_died(e):
+    except Exception as e:  # one line and exit code 2 for what the user can act on; a traceback for the rest
+        known = isinstance(e, (RunError, BackboneError, lt_data.DataError))  # a DataError may come from a worker
+        line = lt_data.error_line(e) if known else worker_died(e)
+        if line is None:
             raise
-        print(f"{os.path.basename(sys.argv[0])}: error: {WORKER_DIED}", file=sys.stderr, flush=True)
+        print(f"{os.path.basename(sys.argv[0])}: error: {line}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except Interrupted as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(e.args[1], flush=True)
-        sys.exit(128 + e.args[0])
     finally:
         if distributed():
             dist.destroy_process_group()

@@ -90,8 +90,6 @@ def bench_step(a: CostArgs) -> None:
             model=model,
             ddp_model=model,
             optimizer=opt,
-            scaler=torch.amp.GradScaler("cpu", enabled=False),
-            amp_dtype={"bf16": torch.bfloat16, "none": None}[a.amp],
         )
         model.train()
         ss.train_step(run, batch)  # warm-up

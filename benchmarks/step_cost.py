@@ -141,8 +141,6 @@ def make_run(module, args, device):
     torch.manual_seed(args.seed)
     model = module.Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
     optimizer = module.make_optimizer(args, model, args.lr * args.batch_size / 256)
-    amp_dtype = {"bf16": torch.bfloat16, "none": None}[args.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
     run = module.Run(
         args=args,
         device=device,
@@ -151,8 +149,6 @@ def make_run(module, args, device):
         model=model,
         ddp_model=model,
         optimizer=optimizer,
-        scaler=scaler,
-        amp_dtype=amp_dtype,
         steps_per_epoch=len(train_set) // args.batch_size,
         run_dir=tempfile.mkdtemp(),
     )

@@ -82,8 +82,6 @@ def _tiny_run(tmp_path, **overrides):
     model = ss.Model(args, data)
     lr = args.lr * args.batch_size / 256
     opt = ss.make_optimizer(args, model, lr)
-    scaler = torch.amp.GradScaler("cpu", enabled=scaled)
-    amp_dtype = {"bf16": torch.bfloat16, "none": None}[args.amp]
     run = ss.Run(
         args=args,
         data=data,
@@ -91,11 +89,10 @@ def _tiny_run(tmp_path, **overrides):
         model=model,
         ddp_model=model,
         optimizer=opt,
-        scaler=scaler,
-        amp_dtype=amp_dtype,
         steps_per_epoch=10,
         run_dir=str(tmp_path),
     )
+    run.scaler = torch.amp.GradScaler("cpu", enabled=scaled)  # a GradScaler with fp32 compute: only scaling differs
     model.train()
     return run, lr
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -52,26 +53,19 @@ def test_marker_parser_sees_a_difference(tmp_path):
     assert sections(a)[0] != sections(b)[0] and sections(a)[1] == sections(b)[1]
 
 
-def _fake_run(args, tmp_path, steps: int):
-    """The fields of a Run that the Logger reads: one process on the CPU, one epoch of `steps` steps, lr 0.1, a
-    16 px data set and a ResNet-18 backbone (the hyperparameter table's values resolved at start)."""
+def _fake_run(S, args, tmp_path, steps_per_epoch: int):
+    """The script's own Run over stand-ins for what the Logger reads of the model, optimizer and data: one process
+    on the CPU, lr 0.1, a 16 px data set and a ResNet-18 backbone (the hyperparameter table's values)."""
     from types import SimpleNamespace
 
-    import torch
-
-    return SimpleNamespace(
-        args=args,
-        rank=0,
-        world_size=1,
-        step=0,
-        epoch=0,
-        total_steps=steps,
-        steps_per_epoch=steps,
-        run_dir=str(tmp_path),
-        device=torch.device("cpu"),
+    return S.Run(
+        args=dataclasses.replace(args, amp="none"),
+        model=SimpleNamespace(export_prefix="backbone.", backbone_spec={"arch": "resnet18", "arch_kwargs": {}}),
+        ddp_model=None,
         optimizer=SimpleNamespace(param_groups=[{"lr": 0.1}]),
         data=SimpleNamespace(image_size=16),
-        model=SimpleNamespace(export_prefix="backbone.", backbone_spec={"arch": "resnet18", "arch_kwargs": {}}),
+        steps_per_epoch=steps_per_epoch,
+        run_dir=str(tmp_path),
     )
 
 
@@ -85,7 +79,7 @@ def test_logger_averages_device_tensors_and_host_floats_over_the_interval(tmp_pa
     import supervised_baseline as S
 
     args = S.Args(dataset="synthetic", batch_size=4, epochs=1)
-    run = _fake_run(args, tmp_path, steps=10)
+    run = _fake_run(S, args, tmp_path, steps_per_epoch=10)
     logger = S.Logger(run, resumed=False)
     for step, (loss, momentum) in enumerate([(1.0, 0.9), (3.0, 0.95)], start=1):
         run.step = step
@@ -120,7 +114,7 @@ def test_eta_counts_to_the_step_the_run_stops_at(tmp_path, capsys, monkeypatch):
     clock = [0.0]  # Logger starts at 0 s, writes at 100 s (2 steps: 50 s a step)
     monkeypatch.setattr(S.time, "perf_counter", lambda: clock.pop(0) if clock else 100.0)
     args = S.Args(dataset="synthetic", batch_size=4, epochs=1, max_steps=4)
-    run = _fake_run(args, tmp_path, steps=1000)
+    run = _fake_run(S, args, tmp_path, steps_per_epoch=1000)
     logger = S.Logger(run, resumed=False)
     for step in (1, 2):
         run.step = step
@@ -141,8 +135,7 @@ def test_eta_counts_the_kNN_evaluations_still_to_run(tmp_path, capsys, monkeypat
     now = [0.0]
     monkeypatch.setattr(S.time, "perf_counter", lambda: now[0])
     args = S.Args(dataset="synthetic", batch_size=4, epochs=4, eval_every=1)
-    run = _fake_run(args, tmp_path, steps=40)
-    run.steps_per_epoch = 10
+    run = _fake_run(S, args, tmp_path, steps_per_epoch=10)
     logger = S.Logger(run, resumed=False)
     now[0] = 60.0
     logger.write({"eval/knn_top1": 50.0}, eval_seconds=60.0)  # before training: 60 s
