@@ -324,7 +324,13 @@ def diagnostics(run: Run, out: dict) -> dict[str, torch.Tensor]:
 # ============================================================ shared: loop
 def train(args: Args) -> str:
     """Build everything, resume if the run exists, train, export; returns the run folder."""
-    device, rank, world_size = setup_distributed()
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))  # from torchrun
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1:  # DDP: NCCL on CUDA, gloo on CPU
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     validate(args)
     amp_choice = " (--amp auto)" if args.amp == "auto" else ""
     args.amp = resolve_amp(args.amp, device)  # the checkpoint and hyperparameters store the resolved dtype
@@ -346,10 +352,14 @@ def train(args: Args) -> str:
     ckpt_path, export_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "backbone.pt")
     lock = make_run_dir(run_dir) if rank == 0 else None  # noqa: F841  (only now: a refused start leaves nothing)
 
-    seed_everything(args.seed, args.deterministic)  # same initial weights on every rank
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not args.deterministic
     model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
-    if args.sync_bn and world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world_size > 1 else model
     ddp_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     run = Run(
         args=args,
@@ -412,9 +422,8 @@ def train(args: Args) -> str:
             log_now = run.step % args.log_every == 0 or run.step == start_step + 1 or last or end_of_epoch
             save_now = run.step % args.checkpoint_every == 0 or last or end_of_epoch
             eval_now = monitor is not None and (last or run.step % (args.eval_every * steps_per_epoch) == 0)
-            signum = (
-                sync(run, first_bad, signals, ckpt_path) if log_now or save_now or signals and world_size == 1 else 0
-            )
+            sync_now = log_now or save_now or signals and world_size == 1  # alone, a signal needs no agreement
+            signum = sync(run, first_bad, signals, ckpt_path) if sync_now else 0
             if log_now:
                 logger.accumulate({**diagnostics(run, out), **{f"charts/{k}": v for k, v in schedule.items()}})
                 logger.write(*(evaluate(run, monitor) if eval_now else (None, 0.0)))
@@ -610,7 +619,7 @@ def _weights_from_log_density(log_density: torch.Tensor, alpha: float, max_ratio
 
 def _gather_rows(x: torch.Tensor, rows_per_rank: int) -> torch.Tensor:
     """Concatenate every rank's rows (each padded to rows_per_rank) in rank order."""
-    if not distributed():
+    if not dist.is_initialized():
         return x
     padded = x.new_zeros((rows_per_rank, *x.shape[1:]))
     padded[: x.shape[0]] = x
@@ -637,7 +646,7 @@ def sharded_kde_weights(
     """``kde_weights`` under DDP: each rank holds the features of its ``shard_bounds`` rows; features are
     all-gathered, each rank estimates its rows' densities, densities are all-gathered, so every rank ends
     with the same N weights (= kde_weights on all features; ``reference``: integer indices, same on all ranks)."""
-    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed() else (1, 0)
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     start, stop, per = shard_bounds(n, rank, world)
     mine = F.normalize(local_features.float(), dim=1)
     f = _gather_rows(mine, per)[:n]
@@ -686,7 +695,7 @@ class Run:
     checkpoint_step: int = -1  # step of the checkpoint on disk, -1: none
 
     def __post_init__(self):
-        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[self.args.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.total_steps = self.args.epochs * self.steps_per_epoch  # the schedules' length
@@ -739,10 +748,6 @@ def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], momentum:
     torch._foreach_add_(target, online, alpha=1.0 - momentum)
 
 
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def to_device(x: torch.Tensor, run: Run) -> torch.Tensor:
     """A batch tensor on the device (asynchronously from pinned memory); images channels-last."""
     layout = torch.channels_last if x.ndim == 4 and run.args.channels_last else torch.preserve_format
@@ -762,32 +767,11 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     return "bf16" if native else "none"
 
 
-def setup_distributed() -> tuple[torch.device, int, int]:
-    """DDP from torchrun's environment: NCCL on CUDA, gloo on CPU; returns (device, rank, world size)."""
-    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return device, rank, world_size
-
-
 def num_workers(args: Args) -> int:
     """--num-workers, by default min(8, usable CPU cores per process)."""
     if args.num_workers is not None:
         return args.num_workers
     return min(8, max(1, lt_data.usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = not deterministic
 
 
 def make_run_dir(run_dir: str):
@@ -861,9 +845,8 @@ def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
 
 
 def kept_checkpoint(run: Run, path: str) -> str:
-    if run.checkpoint_step < 0:
-        return "no checkpoint was written"
-    return f"the last good checkpoint {path} (step {run.checkpoint_step}) is untouched"
+    kept = f"the last good checkpoint {path} (step {run.checkpoint_step}) is untouched"
+    return kept if run.checkpoint_step >= 0 else "no checkpoint was written"
 
 
 def save_checkpoint(run: Run, path: str) -> None:
@@ -960,9 +943,8 @@ class Logger:
     per evaluation left)."""
 
     def __init__(self, run: Run, resumed: bool):
-        self.run, self.scalars, self.vectors, self.clock, self.start, self.step0 = run, {}, {}, 0.0, run.step, run.step
-        self.clock = time.perf_counter()
-        self.pace, self.evals = [0.0, 0], [0.0, 0]  # seconds and count: steps after the first, evaluations
+        self.run, self.scalars, self.vectors, self.start, self.step0 = run, {}, {}, run.step, run.step
+        self.clock, self.pace, self.evals = time.perf_counter(), [0.0, 0], [0.0, 0]  # pace, evals: seconds, count
         self.writer = None  # a resumed run logs again from step + 1: later events are from the lost run
         if run.rank == 0:
             self.writer = SummaryWriter(run.run_dir, purge_step=run.step + 1 if resumed else None)
@@ -1053,16 +1035,12 @@ def worker_died(e: BaseException) -> Optional[str]:
 def fetch(loader, run: Run, ckpt_path: str):
     """The loader's batches. A worker that dies while a batch is fetched (between steps: the model is consistent)
     leaves a checkpoint; ``main`` reports it, and one that died mid-step, in one line."""
-    batches = iter(loader)
-    while True:
-        try:
-            yield next(batches)
-        except StopIteration:
-            return
-        except Exception as e:
-            if worker_died(e) and run.world_size == 1 and run.checkpoint_step != run.step:
-                save_checkpoint(run, ckpt_path)
-            raise
+    try:
+        yield from loader  # what the loop's body raises is not raised here
+    except Exception as e:
+        if worker_died(e) and run.world_size == 1 and run.checkpoint_step != run.step:
+            save_checkpoint(run, ckpt_path)
+        raise
 
 
 def sync(run: Run, first_bad: torch.Tensor, signals: list[int], ckpt_path: str) -> int:
@@ -1103,8 +1081,7 @@ def validate(args: Args) -> None:
 
 def evaluate(run: Run, monitor: KNNMonitor) -> tuple[dict[str, float], float]:
     """The kNN monitor on the backbone that backbone.pt exports; returns ({"eval/knn_top1": %}, seconds)."""
-    start = time.perf_counter()
-    exported = run.model.get_submodule(run.model.export_prefix.rstrip("."))
+    start, exported = time.perf_counter(), run.model.get_submodule(run.model.export_prefix.rstrip("."))
     top1 = monitor(exported, lambda x: to_device(x, run), run.autocast)
     return {"eval/knn_top1": top1}, time.perf_counter() - start
 
@@ -1137,7 +1114,7 @@ def main() -> None:
         print(f"{os.path.basename(sys.argv[0])}: error: {line}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
-        if distributed():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
