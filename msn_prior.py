@@ -405,8 +405,6 @@ def train(args: Args) -> str:
     resumed = os.path.exists(ckpt_path)
     if resumed:
         load_checkpoint(run, ckpt_path)
-    else:
-        torch.manual_seed(args.seed * 1000 + rank)  # ranks draw different masks, noise, ...
     labels = train_set.targets if args.sampling == "class-balanced" else None
     sampler = lt_data.ResumableSampler(len(train_set), world_size, rank, args.seed, labels=labels)
     loader = lt_data.make_loader(train_set, args.batch_size, num_workers(args), sampler, drop_last=True)
@@ -438,6 +436,8 @@ def train(args: Args) -> str:
         if done_in_epoch == 0:
             on_epoch_start(run, run.epoch)
         for batch in fetch(loader, run, ckpt_path):
+            random.seed(f"{args.seed} {rank} {run.step}")  # the step's draws (drop path, noise) are a function of
+            torch.manual_seed(random.getrandbits(63))  # seed, rank and step alone: a resume draws what the run drew
             batch = [[to_device(v, run) for v in x] if isinstance(x, list) else to_device(x, run) for x in batch]
             if run.step == 0:
                 logger.write_views(batch[0], data.mean, data.std)
@@ -668,8 +668,7 @@ def mask_keep_indices(
 
 
 # ============================================================ shared: runtime
-class RunError(Exception):
-    """A condition that stops the run with one clear line and exit code 2."""
+class RunError(Exception): ...  # a condition that stops the run with one clear line and exit code 2
 
 
 @dataclass(kw_only=True)
@@ -845,8 +844,8 @@ def kept_checkpoint(run: Run, path: str) -> str:
 
 
 def save_checkpoint(run: Run, path: str) -> None:
-    """Model, optimizer, scaler, step, every rank's RNG states and the args (collective call). Refuses (RunError)
-    a model or optimizer state holding a non-finite tensor: one host sync, at save time only."""
+    """Model, optimizer, scaler, step and the args (collective call). Refuses (RunError) a model or optimizer state
+    holding a non-finite tensor: one host sync, at save time only."""
     state = [*run.model.state_dict().values(), *(t for s in run.optimizer.state.values() for t in s.values())]
     ok = all_finite([t for t in state if torch.is_tensor(t)], run.device).int()
     if run.world_size > 1:
@@ -856,12 +855,8 @@ def save_checkpoint(run: Run, path: str) -> None:
             f"non-finite weights after step {run.step}; stopping, {kept_checkpoint(run, path)}. "
             f"Try a lower --lr or --amp none"
         )
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    rng = [{"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}] * run.world_size
-    if run.world_size > 1:
-        dist.all_gather_object(rng, rng[0])
     if run.rank == 0:
-        ckpt = dict(format=linear_probe.CHECKPOINT_FORMAT, model=run.model.state_dict(), rng=rng, step=run.step)
+        ckpt = dict(format=linear_probe.CHECKPOINT_FORMAT, model=run.model.state_dict(), step=run.step)
         ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), world_size=run.world_size)
         ckpt.update(args=dataclasses.asdict(run.args), backbone=backbone_meta(run), training_set=training_set(run))
         atomic_save(ckpt, path)
@@ -909,11 +904,6 @@ def load_checkpoint(run: Run, path: str) -> None:
     if ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
     run.step = run.checkpoint_step = ckpt["step"]
-    rng = ckpt["rng"][run.rank]
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available() and rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def export_backbone(run: Run, path: str) -> None:

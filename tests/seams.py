@@ -1,11 +1,13 @@
 """Run a training script with a test seam, as ``python script.py ARGS`` would run it otherwise.
 
-    python tests/seams.py [--inject-nan-at-step N] [--bn-running-stats] SCRIPT.py ARGS...
+    python tests/seams.py [--inject-nan-at-step N] [--bn-running-stats] [--record-draws FILE] SCRIPT.py ARGS...
 
 --inject-nan-at-step N: the loss returned by step N (1-based) becomes NaN (the weights stay finite), for the tests of
     the NaN guard.
 --bn-running-stats: every BatchNorm of the model normalises with its running statistics, so that the only
     per-process batch statistics left are the method's own (the DDP-equivalence tests).
+--record-draws FILE: before each step, append "rank step x" to FILE, x the first number torch.rand would draw in the
+    step (from a forked RNG state, so the step draws the same), for the tests of per-rank, per-step randomness.
 
 The script is imported and its ``train_step`` / ``Model`` are wrapped; ``train()`` itself has no test seam.
 """
@@ -16,17 +18,20 @@ import importlib.util
 import os
 import sys
 
+import torch
 import torch.nn as nn
 
 
 def main() -> None:
-    argv, nan_at, bn_running_stats = sys.argv[1:], None, False
+    argv, nan_at, bn_running_stats, draws = sys.argv[1:], None, False, None
     while argv and argv[0].startswith("--"):
         flag = argv.pop(0)
         if flag == "--inject-nan-at-step":
             nan_at = int(argv.pop(0))
         elif flag == "--bn-running-stats":
             bn_running_stats = True
+        elif flag == "--record-draws":
+            draws = argv.pop(0)
         else:
             raise SystemExit(f"seams.py: unknown seam {flag}")
     script = argv[0]
@@ -46,6 +51,17 @@ def main() -> None:
             return out
 
         module.train_step = nan_step
+    if draws is not None:
+        step_before_recording = module.train_step
+
+        def recording_step(run, batch):
+            with torch.random.fork_rng(devices=[]):
+                x = torch.rand(()).item()
+            with open(draws, "a") as f:
+                f.write(f"{run.rank} {run.step} {x!r}\n")
+            return step_before_recording(run, batch)
+
+        module.train_step = recording_step
     if bn_running_stats:
         build = module.Model
 
