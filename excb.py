@@ -920,11 +920,10 @@ def load_checkpoint(run: Run, path: str) -> None:
 
 
 def export_backbone(run: Run, path: str) -> None:
-    """backbone.pt: the backbone's state dict in plain torchvision layout, loadable with strict=True."""
+    """backbone.pt: the backbone's state dict in plain torchvision layout, loadable with strict=True. Its weights are
+    finite: the run's last step always writes a checkpoint, which refuses non-finite weights."""
     prefix = run.model.export_prefix
     state = {k[len(prefix) :]: v for k, v in run.model.state_dict().items() if k.startswith(prefix)}
-    if not all_finite(list(state.values()), run.device):
-        raise RunError(f"non-finite backbone weights at step {run.step}; {path} not written")
     atomic_save({"format": linear_probe.EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
 
 
@@ -936,16 +935,14 @@ def format_eta(seconds: float) -> str:
 
 class Logger:
     """Rank 0's TensorBoard (charts/, losses/, eval/) and progress lines. ``accumulate`` keeps scalars on the device
-    (no host sync) and the last vectors; ``write`` logs each scalar's mean since the last write, the vectors'
-    histograms and a progress line whose images/s and ETA leave the kNN monitor's time out (the ETA adds it back
-    per evaluation left)."""
+    (no host sync); ``write`` logs their means since the last write, the last vectors' histograms and a progress line
+    whose images/s and ETA leave the kNN monitor's time out (the ETA adds it back per evaluation left)."""
 
     def __init__(self, run: Run, resumed: bool):
         self.run, self.scalars, self.vectors, self.start, self.step0 = run, {}, {}, run.step, run.step
         self.clock, self.pace, self.evals = time.perf_counter(), [0.0, 0], [0.0, 0]  # pace, evals: seconds, count
-        self.writer = None  # a resumed run logs again from step + 1: later events are from the lost run
-        if run.rank == 0:
-            self.writer = SummaryWriter(run.run_dir, purge_step=run.step + 1 if resumed else None)
+        purge = run.step + 1 if resumed else None  # later events are a lost run's: TensorBoard purges them
+        self.writer = SummaryWriter(run.run_dir, purge_step=purge) if run.rank == 0 else None
         if self.writer is not None and not resumed:  # the flags with the values resolved at start
             table = {**dataclasses.asdict(run.args), **backbone_meta(run)["data"]}
             table.update({f"backbone.{k}": v for k, v in run.model.backbone_spec["arch_kwargs"].items()})
