@@ -23,7 +23,6 @@ shared plumbing last. docs/msn_prior.md has the logged metrics and the implement
 from __future__ import annotations
 
 import copy
-import dataclasses
 import fcntl
 import hashlib
 import io
@@ -35,7 +34,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Annotated, Literal, Optional
 
 import torch
@@ -55,9 +54,9 @@ from linear_probe import BackboneError, KNNMonitor, backbone_spec, build_backbon
 @dataclass
 class Args(lt_data.DataArgs):
     recipe: Optional[str] = None  # named flag values (RECIPES, listed above), applied before the command line's flags
-    run_name: Optional[str] = None  # default <method>_<dataset>_r<ratio>[_twin]_s<seed>; an existing run resumes
+    run_name: Optional[str] = None  # run folder; default <method>_<dataset>_r<ratio>[_twin]_s<seed>; existing: resumed
     output_dir: str = "runs"  # where run folders go (TensorBoard events, checkpoint.pt, backbone.pt)
-    seed: int = 1  # seed of initialisation, data order and augmentations
+    seed: int = 1  # seed of initialisation, data order, augmentations and each step's random draws
     deterministic: bool = False  # deterministic kernels: slower on GPU, needed there to resume bit-exactly
     max_steps: Optional[int] = None  # stop after this many optimisation steps (smoke runs); schedules span --epochs
     train_steps: Optional[int] = None  # replaces --epochs by the fewest whole epochs of at least this many steps
@@ -314,7 +313,7 @@ def train_step(run: Run, batch) -> dict[str, torch.Tensor]:
     online = [*model.encoder.parameters(), *model.head.parameters()]
     grad_norm = optimizer_step(run, terms["total"], clip=online, max_norm=args.clip_grad or math.inf)  # 3
     target_params = [*model.target_encoder.parameters(), *model.target_head.parameters()]
-    ema_update(target_params, online, run.schedule["ema_momentum"])  # 4
+    torch._foreach_lerp_(target_params, [p.detach() for p in online], 1 - run.schedule["ema_momentum"])  # 4: EMA
     return {
         "loss": terms["total"].detach(),
         "losses/cross_entropy": terms["cross_entropy"].detach(),
@@ -370,10 +369,8 @@ def train(args: Args) -> str:
     train_set = lt_data.IndexedDataset(data.train_full, indices, train_transform(args, data))
     global_batch, steps_per_epoch = args.batch_size * world_size, len(train_set) // world_size // args.batch_size
     if not steps_per_epoch:
-        raise RunError(
-            f"--batch-size {args.batch_size} x {world_size} processes = {global_batch} exceeds the "
-            f"{len(train_set)} training images"
-        )
+        why = f"--batch-size {args.batch_size} x {world_size} processes = {global_batch}"
+        raise RunError(f"{why} exceeds the {len(train_set)} training images")
     if args.train_steps:  # before anything reads --epochs (the checkpoint stores the resolved value)
         args.epochs = -(-args.train_steps // steps_per_epoch)
     twin = "_twin" if args.balanced_twin else ""
@@ -391,19 +388,10 @@ def train(args: Args) -> str:
     model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world_size > 1 else model
     ddp_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    run = Run(
-        args=args,
-        model=model,
-        ddp_model=torch.compile(ddp_model) if args.compile else ddp_model,
-        optimizer=make_optimizer(args, model, args.lr * global_batch / 256),  # linear scaling rule, global batch
-        data=data,
-        train_set=train_set,
-        device=device,
-        steps_per_epoch=steps_per_epoch,
-        run_dir=run_dir,
-    )
-    resumed = os.path.exists(ckpt_path)
-    if resumed:
+    ddp_model = torch.compile(ddp_model) if args.compile else ddp_model
+    optimizer = make_optimizer(args, model, args.lr * global_batch / 256)  # linear scaling rule, global batch
+    run = Run(args, model, ddp_model, optimizer, data, train_set, device, steps_per_epoch, run_dir)
+    if resumed := os.path.exists(ckpt_path):
         load_checkpoint(run, ckpt_path)
     labels = train_set.targets if args.sampling == "class-balanced" else None
     sampler = lt_data.ResumableSampler(len(train_set), world_size, rank, args.seed, labels=labels)
@@ -429,7 +417,6 @@ def train(args: Args) -> str:
     handlers = {s: signal.signal(s, lambda signum, _: signals.append(signum)) for s in stops}
     set_schedules(run)
     model.train()
-    start_step = run.step
     while run.step < run.stop_step:
         run.epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
         sampler.set_epoch(run.epoch, skip=done_in_epoch * args.batch_size)
@@ -449,7 +436,7 @@ def train(args: Args) -> str:
             logger.accumulate({k: v for k, v in out.items() if k.startswith("loss")})
             # this step's decisions; every rank takes the same ones (sync: one all-reduce at log and save steps)
             last, end_of_epoch = run.step == run.stop_step, run.step % steps_per_epoch == 0
-            log_now = run.step % args.log_every == 0 or run.step == start_step + 1 or last or end_of_epoch
+            log_now = run.step % args.log_every == 0 or run.step == logger.start + 1 or last or end_of_epoch
             save_now = run.step % args.checkpoint_every == 0 or last or end_of_epoch
             eval_now = monitor is not None and (last or run.step % (args.eval_every * steps_per_epoch) == 0)
             sync_now = log_now or save_now or signals and world_size == 1  # alone, a signal needs no agreement
@@ -468,10 +455,8 @@ def train(args: Args) -> str:
         signal.signal(s, handler)
     if rank == 0:
         export_backbone(run, export_path)
-    logger.close(
-        f"done: step {run.step}; checkpoint {ckpt_path}; backbone {export_path}; probe with: "
-        f"python linear_probe.py {shlex.quote(export_path)}"
-    )
+    probe = f"python linear_probe.py {shlex.quote(export_path)}"
+    logger.close(f"done: step {run.step}; checkpoint {ckpt_path}; backbone {export_path}; probe with: {probe}")
     return run_dir
 
 
@@ -671,10 +656,8 @@ def mask_keep_indices(
 class RunError(Exception): ...  # a condition that stops the run with one clear line and exit code 2
 
 
-@dataclass(kw_only=True)
+@dataclass
 class Run:
-    """Everything a training step needs; ``schedule`` holds the method's scheduled values of the current step."""
-
     args: Args  # with --amp resolved (resolve_amp)
     model: nn.Module  # the module whose state is saved and exported
     ddp_model: nn.Module  # what the step calls: ``model`` under DDP and torch.compile
@@ -735,15 +718,7 @@ def optimizer_step(run: Run, loss: torch.Tensor, clip: Optional[list] = None, ma
     return norm
 
 
-@torch.no_grad()
-def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], momentum: float) -> None:
-    """target <- momentum * target + (1 - momentum) * online (the teacher / target encoder of MSN and ExCB)."""
-    torch._foreach_mul_(target, momentum)
-    torch._foreach_add_(target, online, alpha=1.0 - momentum)
-
-
 def to_device(x: torch.Tensor, run: Run) -> torch.Tensor:
-    """A batch tensor on the device (asynchronously from pinned memory); images channels-last."""
     layout = torch.channels_last if x.ndim == 4 and run.args.channels_last else torch.preserve_format
     return x.to(run.device, non_blocking=True, memory_format=layout)
 
@@ -762,7 +737,6 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 
 
 def num_workers(args: Args) -> int:
-    """--num-workers, by default min(8, usable CPU cores per process)."""
     if args.num_workers is not None:
         return args.num_workers
     return min(8, max(1, lt_data.usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
@@ -771,19 +745,15 @@ def num_workers(args: Args) -> int:
 def make_run_dir(run_dir: str):
     """Create and lock the run folder, so that a second start of a live run (a requeue, another terminal) is refused.
     A POSIX lock (lockf) dies with this process; an flock lived on in its orphaned DataLoader workers. Keep it open."""
+    lock = None
     try:
         os.makedirs(run_dir, exist_ok=True)
         lock = open(os.path.join(run_dir, ".lock"), "a")
-    except OSError as e:
-        raise RunError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
-    try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
-        raise RunError(
-            f"{run_dir} is being trained by another process; wait for it or choose another --run-name"
-        ) from None
     except OSError as e:
-        raise RunError(f"cannot lock the run folder {run_dir}: {e.strerror}") from None
+        busy = lock is not None and isinstance(e, (BlockingIOError, PermissionError))  # lockf's EAGAIN or EACCES
+        line = f"{run_dir} is being trained by another process; wait for it or choose another --run-name"
+        raise RunError(line if busy else f"cannot write to the run folder {run_dir}: {e.strerror}") from None
     return lock
 
 
@@ -800,9 +770,8 @@ def atomic_save(obj, path: str) -> None:
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise RunError(
-            f"cannot write {path}: {e.strerror}; the {os.path.basename(path)} on disk is untouched"
-        ) from None
+        why = f"{e.strerror}; the {os.path.basename(path)} on disk is untouched"
+        raise RunError(f"cannot write {path}: {why}") from None
     folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)  # the rename itself survives a power loss
     os.fsync(folder)
     os.close(folder)
@@ -817,7 +786,7 @@ RESUMABLE_FLAGS = (
 
 def backbone_meta(run: Run) -> dict:
     """What linear_probe.py needs to rebuild the backbone and its data."""
-    data_args = {f.name: getattr(run.args, f.name) for f in dataclasses.fields(lt_data.DataArgs)}
+    data_args = {f.name: getattr(run.args, f.name) for f in fields(lt_data.DataArgs)}
     data_args.update(image_size=run.data.image_size, imbalance_ratio=lt_data.resolved_ratio(run.args))
     prefix = run.model.export_prefix
     return {**run.model.backbone_spec, "prefix": prefix, "method": METHOD, "data": data_args, "step": run.step}
@@ -832,40 +801,30 @@ def training_set(run: Run) -> dict:
     return {"images": len(t), "classes": run.data.num_classes, "sha1": hashlib.sha1(repr(items).encode()).hexdigest()}
 
 
-def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Whether every float tensor is finite, as a bool tensor on ``device``: one fused max-|x| pass, no host sync."""
-    norms = torch._foreach_norm([t for t in tensors if t.is_floating_point() and t.numel()], ord=math.inf)
-    return torch.stack([torch.isfinite(n).to(device) for n in norms] or [torch.tensor(True, device=device)]).all()
-
-
-def kept_checkpoint(run: Run, path: str) -> str:
+def non_finite_stop(run: Run, path: str) -> str:
     kept = f"the last good checkpoint {path} (step {run.checkpoint_step}) is untouched"
-    return kept if run.checkpoint_step >= 0 else "no checkpoint was written"
+    kept = kept if run.checkpoint_step >= 0 else "no checkpoint was written"
+    return f"stopping, {kept}. Try a lower --lr or --amp none"
 
 
 def save_checkpoint(run: Run, path: str) -> None:
-    """Model, optimizer, scaler, step and the args (collective call). Refuses (RunError) a model or optimizer state
-    holding a non-finite tensor: one host sync, at save time only."""
+    """A collective call. Refuses (RunError) a non-finite model or optimizer state: one fused pass, one host sync."""
     state = [*run.model.state_dict().values(), *(t for s in run.optimizer.state.values() for t in s.values())]
-    ok = all_finite([t for t in state if torch.is_tensor(t)], run.device).int()
+    floats = [t for t in state if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
+    ok = torch.stack([torch.isfinite(n).to(run.device) for n in torch._foreach_norm(floats, math.inf)]).all().int()
     if run.world_size > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if not ok:
-        raise RunError(
-            f"non-finite weights after step {run.step}; stopping, {kept_checkpoint(run, path)}. "
-            f"Try a lower --lr or --amp none"
-        )
+        raise RunError(f"non-finite weights after step {run.step}; {non_finite_stop(run, path)}")
     if run.rank == 0:
         ckpt = dict(format=linear_probe.CHECKPOINT_FORMAT, model=run.model.state_dict(), step=run.step)
         ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), world_size=run.world_size)
-        ckpt.update(args=dataclasses.asdict(run.args), backbone=backbone_meta(run), training_set=training_set(run))
+        ckpt.update(args=asdict(run.args), backbone=backbone_meta(run), training_set=training_set(run))
         atomic_save(ckpt, path)
     run.checkpoint_step = run.step
 
 
 def load_checkpoint(run: Run, path: str) -> None:
-    """Resume: refuse a checkpoint of other flags, training set or process count; restore what save_checkpoint
-    wrote."""
     try:
         ckpt = torch.load(path, map_location=run.device, weights_only=True)
     except Exception as e:  # the first line of torch's message (weights_only's runs to a page)
@@ -873,28 +832,22 @@ def load_checkpoint(run: Run, path: str) -> None:
         raise RunError(f"cannot resume from {path} ({why}); move it away to start afresh") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != linear_probe.CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a checkpoint of these scripts; move it away to start afresh")
-    old, new = ckpt["args"], dataclasses.asdict(run.args)
+    old, new = ckpt["args"], asdict(run.args)
     flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
-    if any(k not in old for k in new):  # flags added by a later version of the script
-        raise RunError(
-            f"{path} was written before {', '.join(flag(k) for k in new if k not in old)} existed; resume it "
-            f"with the version of the script that wrote it, or choose another --run-name"
-        )
+    if added := ", ".join(flag(k) for k in new if k not in old):  # flags of a later version of the script
+        why = f"was written before {added} existed; resume it with the version of the script that wrote it"
+        raise RunError(f"{path} {why}, or choose another --run-name")
     changed = [f"{flag(k)} {old[k]} -> {new[k]}" for k in new if k not in RESUMABLE_FLAGS and old[k] != new[k]]
     if changed or ckpt["backbone"]["method"] != METHOD:
-        what = ", ".join(changed) or "another method"
-        raise RunError(
-            f"{path} was written with other flags ({what}); resume with the same command or choose another --run-name"
-        )
+        why = f"was written with other flags ({', '.join(changed) or 'another method'})"
+        raise RunError(f"{path} {why}; resume with the same command or choose another --run-name")
     was, now = ckpt.get("training_set"), training_set(run)
     if was is not None and was != now:
         what = [f"{k} {was[k]} -> {now[k]}" for k in ("images", "classes") if was[k] != now[k]] or ["other images"]
         raise RunError(f"{path} was trained on another training set ({', '.join(what)}); choose another --run-name")
     if ckpt["world_size"] != run.world_size:
-        raise RunError(
-            f"{path} was written by {ckpt['world_size']} processes, this run has {run.world_size}; "
-            f"the global batch, learning rate and data order would change"
-        )
+        why = f"was written by {ckpt['world_size']} processes, this run has {run.world_size}"
+        raise RunError(f"{path} {why}; the global batch, learning rate and data order would change")
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     for p, state in run.optimizer.state.items():  # saved under another --channels-last or device: take the
@@ -907,8 +860,7 @@ def load_checkpoint(run: Run, path: str) -> None:
 
 
 def export_backbone(run: Run, path: str) -> None:
-    """backbone.pt: the backbone's state dict in plain torchvision layout, loadable with strict=True. Its weights are
-    finite: the run's last step always writes a checkpoint, which refuses non-finite weights."""
+    """The backbone in plain torchvision layout (strict=True); finite, as the last step's checkpoint refused others."""
     prefix = run.model.export_prefix
     state = {k[len(prefix) :]: v for k, v in run.model.state_dict().items() if k.startswith(prefix)}
     atomic_save({"format": linear_probe.EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
@@ -931,7 +883,7 @@ class Logger:
         purge = run.step + 1 if resumed else None  # later events are a lost run's: TensorBoard purges them
         self.writer = SummaryWriter(run.run_dir, purge_step=purge) if run.rank == 0 else None
         if self.writer is not None and not resumed:  # the flags with the values resolved at start
-            table = {**dataclasses.asdict(run.args), **backbone_meta(run)["data"]}
+            table = {**asdict(run.args), **backbone_meta(run)["data"]}
             table.update({f"backbone.{k}": v for k, v in run.model.backbone_spec["arch_kwargs"].items()})
             rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(table.items()))
             self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
@@ -949,15 +901,12 @@ class Logger:
                 self.scalars.setdefault(k, []).append(v)
 
     def eta(self) -> str:
-        """The steps left x the mean step time, plus the kNN monitor's runs left (every --eval-every epochs and at
-        the stop) x their mean time, rounded up."""
         run, (step_s, steps), (eval_s, evals), stop = self.run, self.pace, self.evals, self.run.stop_step
         every = run.args.eval_every * run.steps_per_epoch
         evals_left = len(range(every * (run.step // every + 1), stop, every)) + (run.step < stop) if every else 0
         return format_eta((stop - run.step) * step_s / steps + evals_left * eval_s / max(evals, 1)) if steps else "--"
 
     def write(self, evals: Optional[dict[str, float]] = None, eval_seconds: float = 0.0) -> None:
-        """Log and print; ``evals`` took ``eval_seconds``."""
         run, evals, steps = self.run, evals or {}, self.run.step - self.step0
         means = [torch.stack(v).mean() for v in self.scalars.values()]
         means = dict(zip(self.scalars, torch.stack(means).tolist() if means else []))
@@ -998,7 +947,6 @@ class Logger:
             self.writer.add_image("views/augmented", grid, self.run.step)
 
     def close(self, line: str = "") -> None:
-        """The last line (rank 0), and the TensorBoard file closed."""
         if line:
             self.say(line)
         if self.writer is not None:
@@ -1033,10 +981,8 @@ def sync(run: Run, first_bad: torch.Tensor, signals: list[int], ckpt_path: str) 
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     bad, signum = flags.tolist()
     if bad < 2**62:
-        raise RunError(
-            f"non-finite loss at step {bad} (epoch {bad // run.steps_per_epoch + 1}); stopping, "
-            f"{kept_checkpoint(run, ckpt_path)}. Try a lower --lr or --amp none"
-        )
+        where = f"step {bad} (epoch {bad // run.steps_per_epoch + 1})"
+        raise RunError(f"non-finite loss at {where}; {non_finite_stop(run, ckpt_path)}")
     return -signum
 
 
@@ -1055,7 +1001,7 @@ def validate(args: Args) -> None:
     check_range(args, "[1, inf)", "batch_size", "epochs", "log_every", "checkpoint_every", "max_steps", "train_steps")
     check_range(args, "[0, inf)", "num_workers", "eval_every", "eval_bank", "eval_queries")
     check_range(args, "(0, inf)", "lr")
-    if not 0 <= args.seed < 2**32:  # seeds every generator (numpy's limit), and seed * 1000 + rank must fit int64
+    if not 0 <= args.seed < 2**32:  # seeds every generator, numpy's too (whose limit this is)
         raise RunError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.sync_bn and not torch.cuda.is_available():
         raise RunError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
@@ -1069,8 +1015,8 @@ def evaluate(run: Run, monitor: KNNMonitor) -> tuple[dict[str, float], float]:
 
 
 def parse_args(argv: list[str]) -> Args:
-    """Two passes: the first finds --recipe NAME, the second puts RECIPES[NAME]'s values before the command line's
-    flags (the last of a repeated flag wins), so the run resolves and records them like any other flag."""
+    """Two passes: the first finds --recipe NAME, the second parses the command line over RECIPES[NAME]'s values as
+    the defaults, so the run resolves and records them like any other flag."""
     recipes = "".join(f"\n  {name}: {about}" for name, (about, _) in RECIPES.items())
     description = f"{__doc__.split(chr(10) * 2)[0]}\n\nrecipes (--recipe NAME; a flag given beside it wins):{recipes}"
     args = tyro.cli(Args, args=argv, description=description)
@@ -1078,11 +1024,7 @@ def parse_args(argv: list[str]) -> Args:
         return args
     if args.recipe not in RECIPES:
         raise RunError(f"--recipe {args.recipe} is not one of {', '.join(RECIPES)}")
-    flags = []
-    for name, value in RECIPES[args.recipe][1].items():
-        flag = "--" + name.replace("_", "-")
-        flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
-    return tyro.cli(Args, args=[*flags, *argv], description=description)
+    return tyro.cli(Args, args=argv, description=description, default=replace(Args(), **RECIPES[args.recipe][1]))
 
 
 def main() -> None:

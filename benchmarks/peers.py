@@ -158,7 +158,7 @@ def lightly_msn_step(module, run, batch, lightly_loss, power_law: bool):
         online = [*model.encoder.parameters(), *model.head.parameters()]
         module.optimizer_step(run, loss, clip=online, max_norm=args.clip_grad or math.inf)  # as ours: same step
         target_params = [*model.target_encoder.parameters(), *model.target_head.parameters()]
-        module.ema_update(target_params, online, run.schedule["ema_momentum"])
+        torch._foreach_lerp_(target_params, [p.detach() for p in online], 1 - run.schedule["ema_momentum"])
 
     return step
 

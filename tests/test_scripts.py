@@ -886,6 +886,23 @@ def test_resume_names_flags_the_old_checkpoint_never_had(tmp_path):
     assert "resume with the same command" not in proc.stderr
 
 
+def test_resume_refuses_another_process_count(tmp_path):
+    """A checkpoint of 2 processes resumed by 1 would change the global batch, the learning rate and the data order."""
+    script = "supervised_baseline.py"
+    args = [*base(script), "--num-workers", "0", "--run-name", "w"]
+    run_script(script, *args, "--max-steps", "2", cwd=tmp_path)
+    path = tmp_path / "runs" / "w" / "checkpoint.pt"
+    ckpt = _load(path)
+    ckpt["world_size"] = 2
+    torch.save(ckpt, path)
+    proc = run_script(script, *args, "--max-steps", "3", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr == (
+        f"{script}: error: runs/w/checkpoint.pt was written by 2 processes, this run has 1; the global batch, "
+        "learning rate and data order would change\n"
+    )
+    assert _load(path)["step"] == 2
+
+
 def test_the_probe_hint_pastes_as_a_command_with_a_space_in_the_path(tmp_path):
     script = "supervised_baseline.py"
     out = run_script(
