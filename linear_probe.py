@@ -415,9 +415,9 @@ class KNNMonitor:
     Bank: a class-balanced random subsample of ``bank`` images of the full (balanced) training set; queries: a
     class-balanced subsample of ``queries`` images of the test set (0: all of it); both un-augmented (eval
     transform), embedded by the backbone in eval mode, then ``knn_predict`` with k = 20, cosine similarity, votes
-    exp(sim / 0.07) (Wu et al. 2018, the monitors' defaults). Under DDP pass every rank the same arguments: each
-    embeds 1/R of the images, the features are all-gathered, and every rank returns the accuracy one process
-    would. Draws nothing from the global RNGs, so training is the same with or without it.
+    exp(sim / 0.07) (Wu et al. 2018, the monitors' defaults). In a process group (DDP) pass every rank the same
+    arguments: each embeds 1/R of the images, the features are all-gathered, and every rank returns the accuracy
+    one process would. Draws nothing from the global RNGs, so training is the same with or without it.
     """
 
     def __init__(
@@ -425,11 +425,9 @@ class KNNMonitor:
         data: lt_data.LTData,
         bank: int,
         queries: int,
-        batch_size: int,
-        num_workers: int,
+        batch_size: int = 256,
+        num_workers: int = 0,  # in-process: no idle workers between evaluations
         seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
         k: int = 20,
         temperature: float = 0.07,
     ):
@@ -437,7 +435,9 @@ class KNNMonitor:
         bank_idx = balanced_subset(data.train_full.targets, bank, seed)
         query_idx = balanced_subset(data.test.targets, queries, seed + 1)
         self.sizes = (len(bank_idx), len(query_idx))
-        self.rank, self.world_size, self.k, self.temperature = rank, world_size, k, temperature
+        dist = torch.distributed.is_initialized()
+        rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+        self.world_size, self.k, self.temperature = world_size, k, temperature
         self.num_classes = data.num_classes
         self.per_rank = -(-sum(self.sizes) // world_size)
         images = [(data.train_full, i) for i in bank_idx] + [(data.test, i) for i in query_idx]

@@ -880,15 +880,16 @@ def usable_cpus() -> int:
 def make_loader(
     dataset,
     batch_size: int,
-    num_workers: int,
+    num_workers: Optional[int],
     sampler=None,
     drop_last: bool = False,
-    pin_memory: Optional[bool] = None,
     generator: Optional[torch.Generator] = None,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader that keeps a GPU fed: worker processes, pinned memory, persistent workers, prefetching.
-    ``generator`` seeds the workers instead of a draw from the global RNG (loaders that must not touch it)."""
-    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    """A DataLoader that keeps a GPU fed: worker processes (None: min(8, the usable CPUs per process on the node)),
+    pinned memory on CUDA, persistent workers, prefetching. ``generator`` seeds the workers instead of a draw from
+    the global RNG (loaders that must not touch it)."""
+    if num_workers is None:  # torchrun's processes on this node share its CPUs
+        num_workers = min(8, max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -896,7 +897,7 @@ def make_loader(
         shuffle=False,
         drop_last=drop_last,
         num_workers=num_workers,
-        pin_memory=pin,
+        pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         worker_init_fn=leave_process_group,

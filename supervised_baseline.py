@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import functools
 import hashlib
 import io
 import math
@@ -32,7 +33,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Annotated, Literal, Optional
 
 import torch
@@ -179,7 +180,6 @@ def train(args: Args) -> str:
     ckpt_path, export_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "backbone.pt")
     lock = make_run_dir(run_dir) if rank == 0 else None  # noqa: F841  (only now: a refused start leaves nothing)
 
-    random.seed(args.seed)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -195,7 +195,7 @@ def train(args: Args) -> str:
         load_checkpoint(run, ckpt_path)
     labels = train_set.targets if args.sampling == "class-balanced" else None
     sampler = lt_data.ResumableSampler(len(train_set), world_size, rank, args.seed, labels=labels)
-    loader = lt_data.make_loader(train_set, args.batch_size, num_workers(args), sampler, drop_last=True)
+    loader = lt_data.make_loader(train_set, args.batch_size, args.num_workers, sampler, drop_last=True)
     logger = Logger(run, resumed)
     logger.say(
         f"{METHOD}: {len(train_set)} training images from {data.source}, {data.num_classes} classes, global batch "
@@ -203,35 +203,28 @@ def train(args: Args) -> str:
         + (f"resuming at step {run.step} of {run.stop_step}" if resumed else f"{run.stop_step} steps")
         + f", amp {args.amp}{amp_choice} -> {run_dir}"
     )
-    monitor = None
-    if args.eval_every:  # in-process (0 workers): no idle workers between evaluations
-        monitor = KNNMonitor(
-            data, args.eval_bank, args.eval_queries, max(args.batch_size, 256), 0, args.seed, rank, world_size
-        )
-        if not resumed:
-            logger.write(*evaluate(run, monitor))
+    monitor = KNNMonitor(data, args.eval_bank, args.eval_queries, seed=args.seed) if args.eval_every else None
+    if monitor is not None and not resumed:
+        logger.write(monitor)
     first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss
     # SIGINT, SIGTERM and SIGHUP (a closed terminal; torchrun forwards it) are noted; the run stops at the first step
     # where every rank knows of one (``sync``), after a checkpoint
     signals, stops = [], (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     handlers = {s: signal.signal(s, lambda signum, _: signals.append(signum)) for s in stops}
-    set_schedules(run)
-    model.train()
     while run.step < run.stop_step:
-        run.epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
-        sampler.set_epoch(run.epoch, skip=done_in_epoch * args.batch_size)
+        epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
+        sampler.set_epoch(epoch, skip=done_in_epoch * args.batch_size)
         if done_in_epoch == 0:
-            on_epoch_start(run, run.epoch)
+            on_epoch_start(run, epoch)
         for batch in fetch(loader, run, ckpt_path):
             random.seed(f"{args.seed} {rank} {run.step}")  # the step's draws (drop path, noise) are a function of
             torch.manual_seed(random.getrandbits(63))  # seed, rank and step alone: a resume draws what the run drew
-            batch = [[to_device(v, run) for v in x] if isinstance(x, list) else to_device(x, run) for x in batch]
+            batch = [[run.to_device(v) for v in x] if isinstance(x, list) else run.to_device(x) for x in batch]
             if run.step == 0:
                 logger.write_views(batch[0], data.mean, data.std)
-            schedule = run.schedule  # this step's values
+            set_schedules(run)  # this step's lr, weight decay and the method's scheduled values
             out = train_step(run, batch)
             run.step += 1
-            set_schedules(run)  # the next step's: the optimizer (and a checkpoint) always holds them
             first_bad = torch.where(torch.isfinite(out["loss"]), first_bad, run.step)
             logger.accumulate({k: v for k, v in out.items() if k.startswith("loss")})
             # this step's decisions; every rank takes the same ones (sync: one all-reduce at log and save steps)
@@ -242,8 +235,8 @@ def train(args: Args) -> str:
             sync_now = log_now or save_now or signals and world_size == 1  # alone, a signal needs no agreement
             signum = sync(run, first_bad, signals, ckpt_path) if sync_now else 0
             if log_now:
-                logger.accumulate({**diagnostics(run, out), **{f"charts/{k}": v for k, v in schedule.items()}})
-                logger.write(*(evaluate(run, monitor) if eval_now else (None, 0.0)))
+                logger.accumulate({**diagnostics(run, out), **{f"charts/{k}": v for k, v in run.schedule.items()}})
+                logger.write(monitor if eval_now else None)
             if save_now or signum and run.checkpoint_step != run.step:
                 save_checkpoint(run, ckpt_path)
             if signum:  # the exit code a shell gives a process the signal killed
@@ -327,20 +320,21 @@ class Run:
     steps_per_epoch: int = 1
     run_dir: str = ""
     step: int = 0
-    epoch: int = 0
     checkpoint_step: int = -1  # step of the checkpoint on disk, -1: none
 
     def __post_init__(self):
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[self.args.amp]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.backbone = self.model.get_submodule(self.model.export_prefix.rstrip("."))  # what backbone.pt holds
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[self.args.amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
+        self.autocast = functools.partial(torch.autocast, self.device.type, dtype=dtype, enabled=dtype is not None)
         self.total_steps = self.args.epochs * self.steps_per_epoch  # the schedules' length
         self.stop_step = min(self.total_steps, self.args.max_steps or self.total_steps)
         self.peak_lr = [group["lr"] for group in self.optimizer.param_groups]  # what make_optimizer set
-        self.schedule = {}
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        layout = torch.channels_last if x.ndim == 4 and self.args.channels_last else torch.preserve_format
+        return x.to(self.device, non_blocking=True, memory_format=layout)
 
 
 def set_schedules(run: Run) -> None:
@@ -364,22 +358,16 @@ def warmup_cosine(step: int, warmup: int, total: int, end: float = 0.0) -> float
     return (step + 1) / warmup if step < warmup else cosine(1.0, end, (step - warmup) / max(total - warmup, 1))
 
 
-def optimizer_step(run: Run, loss: torch.Tensor, clip: Optional[list] = None, max_norm: float = math.inf):
-    """Backward (scaled for fp16) and optimizer step. With ``clip`` (parameters): clip their unscaled gradients to
-    ``max_norm`` (inf: measure only) and return the norm before clipping; else None."""
+def optimizer_step(run: Run, loss: torch.Tensor, clip: list | tuple = (), max_norm: float = math.inf) -> torch.Tensor:
+    """Backward (scaled for fp16) and optimizer step; clips the unscaled gradients of ``clip`` (parameters) to
+    ``max_norm`` (inf: measure only) and returns their norm before clipping."""
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
-    if clip is not None:
-        run.scaler.unscale_(run.optimizer)
-    norm = nn.utils.clip_grad_norm_(clip, max_norm) if clip is not None else None
+    run.scaler.unscale_(run.optimizer)  # a no-op without fp16
+    norm = nn.utils.clip_grad_norm_(clip, max_norm)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     return norm
-
-
-def to_device(x: torch.Tensor, run: Run) -> torch.Tensor:
-    layout = torch.channels_last if x.ndim == 4 and run.args.channels_last else torch.preserve_format
-    return x.to(run.device, non_blocking=True, memory_format=layout)
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
@@ -388,17 +376,9 @@ def resolve_amp(amp: str, device: torch.device) -> str:
         return amp
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-    if platform.machine().lower() in ("x86_64", "amd64"):  # oneDNN runs bf16 natively only with these
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    else:  # Arm: true with the BF16 extension
-        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return "bf16" if native else "none"
-
-
-def num_workers(args: Args) -> int:
-    if args.num_workers is not None:
-        return args.num_workers
-    return min(8, max(1, lt_data.usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    arm = platform.machine().lower() in ("arm64", "aarch64")  # mkldnn: the BF16 extension; on x86 also emulated
+    x86 = not arm and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())  # native only
+    return "bf16" if x86 or arm and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "none"
 
 
 def make_run_dir(run_dir: str):
@@ -520,21 +500,14 @@ def load_checkpoint(run: Run, path: str) -> None:
 
 def export_backbone(run: Run, path: str) -> None:
     """The backbone in plain torchvision layout (strict=True); finite, as the last step's checkpoint refused others."""
-    prefix = run.model.export_prefix
-    state = {k[len(prefix) :]: v for k, v in run.model.state_dict().items() if k.startswith(prefix)}
+    state = run.backbone.state_dict()
     atomic_save({"format": linear_probe.EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
-
-
-def format_eta(seconds: float) -> str:
-    """Hours and minutes, rounded up (3,001 s is 0h51m): 0h00m only when nothing is left."""
-    minutes = math.ceil(max(seconds, 0) / 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 class Logger:
     """Rank 0's TensorBoard (charts/, losses/, eval/) and progress lines. ``accumulate`` keeps scalars on the device
-    (no host sync); ``write`` logs their means since the last write, the last vectors' histograms and a progress line
-    whose images/s and ETA leave the kNN monitor's time out (the ETA adds it back per evaluation left)."""
+    (no host sync); ``write`` logs their means since the last write, the last vectors' histograms, a kNN monitor's
+    top-1 (%) if given one, and a progress line whose images/s and ETA leave the monitor's time out."""
 
     def __init__(self, run: Run, resumed: bool):
         self.run, self.scalars, self.vectors, self.start, self.step0 = run, {}, {}, run.step, run.step
@@ -560,20 +533,24 @@ class Logger:
                 self.scalars.setdefault(k, []).append(v)
 
     def eta(self) -> str:
+        """Hours and minutes left, rounded up (0h00m only when nothing is left), the kNN evaluations to run included."""
         run, (step_s, steps), (eval_s, evals), stop = self.run, self.pace, self.evals, self.run.stop_step
         every = run.args.eval_every * run.steps_per_epoch
         evals_left = len(range(every * (run.step // every + 1), stop, every)) + (run.step < stop) if every else 0
-        return format_eta((stop - run.step) * step_s / steps + evals_left * eval_s / max(evals, 1)) if steps else "--"
+        minutes = math.ceil(((stop - run.step) * step_s / max(steps, 1) + evals_left * eval_s / max(evals, 1)) / 60)
+        return f"{minutes // 60}h{minutes % 60:02d}m" if steps else "--"
 
-    def write(self, evals: Optional[dict[str, float]] = None, eval_seconds: float = 0.0) -> None:
-        run, evals, steps = self.run, evals or {}, self.run.step - self.step0
+    def write(self, monitor: Optional[KNNMonitor] = None) -> None:
+        run, steps, evals, eval_s = self.run, self.run.step - self.step0, {}, 0.0
         means = [torch.stack(v).mean() for v in self.scalars.values()]
-        means = dict(zip(self.scalars, torch.stack(means).tolist() if means else []))
-        elapsed = time.perf_counter() - self.clock - eval_seconds
+        means = dict(zip(self.scalars, torch.stack(means).tolist() if means else []))  # waits for the steps to end
+        elapsed = time.perf_counter() - self.clock
+        if monitor is not None:
+            evals["eval/knn_top1"] = monitor(run.backbone, run.to_device, run.autocast)
+            eval_s = time.perf_counter() - self.clock - elapsed
+            self.evals = [self.evals[0] + eval_s, self.evals[1] + 1]
         if self.step0 > self.start or steps > 1:  # the first step alone (warm-up, compilation) is not the pace
             self.pace = [self.pace[0] + elapsed, self.pace[1] + steps]
-        if evals:
-            self.evals = [self.evals[0] + eval_seconds, self.evals[1] + 1]
         images_per_s = steps * run.args.batch_size * run.world_size / max(elapsed, 1e-9)
         if steps:
             means["charts/learning_rate"] = run.optimizer.param_groups[0]["lr"]
@@ -584,12 +561,11 @@ class Logger:
             for k, v in self.vectors.items():
                 self.writer.add_histogram(k, v.cpu(), run.step)
             self.writer.flush()
-        shown = "".join(f" | {k.split('/')[-1]} {v:.2f}" for k, v in evals.items())
-        shown += f" ({eval_seconds:.0f}s)" if evals else ""
+        shown = "".join(f" | {k.split('/')[-1]} {v:.2f} ({eval_s:.0f}s)" for k, v in evals.items())
         memory = f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if run.device.type == "cuda" else ""
         self.say(
-            f"epoch {run.epoch + 1}/{run.args.epochs} step {run.step}/{run.total_steps} loss "
-            f"{means.get('loss', math.nan):.4f}{shown} | {images_per_s:.0f} img/s{memory} | eta {self.eta()}"
+            f"epoch {math.ceil(run.step / run.steps_per_epoch)}/{run.args.epochs} step {run.step}/{run.total_steps} "
+            f"loss {means.get('loss', math.nan):.4f}{shown} | {images_per_s:.0f} img/s{memory} | eta {self.eta()}"
             if steps
             else f"step {run.step}, before training{shown}"
         )
@@ -605,9 +581,8 @@ class Logger:
             grid = make_grid(torch.stack(cols, 1).flatten(0, 1).clamp(0, 1), nrow=len(cols))
             self.writer.add_image("views/augmented", grid, self.run.step)
 
-    def close(self, line: str = "") -> None:
-        if line:
-            self.say(line)
+    def close(self, line: str) -> None:
+        self.say(line)
         if self.writer is not None:
             self.writer.close()
 
@@ -615,10 +590,8 @@ class Logger:
 def worker_died(e: BaseException) -> Optional[str]:
     """If ``e`` is how a DataLoader reports a worker that died (the OOM killer, SIGBUS on a full /dev/shm): why."""
     if isinstance(e, ConnectionResetError) or isinstance(e, RuntimeError) and "DataLoader worker" in str(e):
-        return (
-            "a data-loading worker died (the out-of-memory killer, or SIGBUS on a full /dev/shm? try fewer "
-            "--num-workers); run the same command to resume"
-        )
+        why = "the out-of-memory killer, or SIGBUS on a full /dev/shm? try fewer --num-workers"
+        return f"a data-loading worker died ({why}); run the same command to resume"
 
 
 def fetch(loader, run: Run, ckpt_path: str):
@@ -640,7 +613,7 @@ def sync(run: Run, first_bad: torch.Tensor, signals: list[int], ckpt_path: str) 
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     bad, signum = flags.tolist()
     if bad < 2**62:
-        where = f"step {bad} (epoch {bad // run.steps_per_epoch + 1})"
+        where = f"step {bad} (epoch {math.ceil(bad / run.steps_per_epoch)})"
         raise RunError(f"non-finite loss at {where}; {non_finite_stop(run, ckpt_path)}")
     return -signum
 
@@ -649,8 +622,7 @@ def check_range(args: Args, interval: str, *names: str) -> None:
     """Refuse a flag outside ``interval`` ("[1, inf)", "(0, 1]", ...), nan and inf included; None (unset) passes."""
     lo, hi = (float(v) for v in interval[1:-1].split(","))
     words = (f">= {lo:g}" if interval[0] == "[" else f"> {lo:g}") if hi == math.inf else f"in {interval}"
-    for name in [n for n in names if getattr(args, n) is not None]:
-        v = getattr(args, name)
+    for name, v in [(n, getattr(args, n)) for n in names if getattr(args, n) is not None]:
         if not ((lo < v or interval[0] == "[" and v == lo) and (v < hi or interval[-1] == "]" and v == hi)):
             raise RunError(f"--{name.replace('_', '-')} must be {words}, got {v}")
 
@@ -660,22 +632,15 @@ def validate(args: Args) -> None:
     check_range(args, "[1, inf)", "batch_size", "epochs", "log_every", "checkpoint_every", "max_steps", "train_steps")
     check_range(args, "[0, inf)", "num_workers", "eval_every", "eval_bank", "eval_queries")
     check_range(args, "(0, inf)", "lr")
-    if not 0 <= args.seed < 2**32:  # seeds every generator, numpy's too (whose limit this is)
-        raise RunError(f"--seed must be in [0, 2**32), got {args.seed}")
+    check_range(args, "[0, 4294967296)", "seed")  # 2**32: numpy's limit (the seed reaches every generator)
     if args.sync_bn and not torch.cuda.is_available():
         raise RunError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
 
 
-def evaluate(run: Run, monitor: KNNMonitor) -> tuple[dict[str, float], float]:
-    """The kNN monitor on the backbone that backbone.pt exports; returns ({"eval/knn_top1": %}, seconds)."""
-    start, exported = time.perf_counter(), run.model.get_submodule(run.model.export_prefix.rstrip("."))
-    top1 = monitor(exported, lambda x: to_device(x, run), run.autocast)
-    return {"eval/knn_top1": top1}, time.perf_counter() - start
-
-
 def parse_args(argv: list[str]) -> Args:
-    """Two passes: the first finds --recipe NAME, the second parses the command line over RECIPES[NAME]'s values as
-    the defaults, so the run resolves and records them like any other flag."""
+    """Two passes: the first finds --recipe NAME, the second puts RECIPES[NAME]'s values before the command line's
+    flags (the last of a repeated flag wins), so the run resolves them, and the defaults that follow from them (an
+    --arch's lr), like any other flag."""
     recipes = "".join(f"\n  {name}: {about}" for name, (about, _) in RECIPES.items())
     description = f"{__doc__.split(chr(10) * 2)[0]}\n\nrecipes (--recipe NAME; a flag given beside it wins):{recipes}"
     args = tyro.cli(Args, args=argv, description=description)
@@ -683,7 +648,11 @@ def parse_args(argv: list[str]) -> Args:
         return args
     if args.recipe not in RECIPES:
         raise RunError(f"--recipe {args.recipe} is not one of {', '.join(RECIPES)}")
-    return tyro.cli(Args, args=argv, description=description, default=replace(Args(), **RECIPES[args.recipe][1]))
+    flags = []
+    for name, value in RECIPES[args.recipe][1].items():
+        flag = "--" + name.replace("_", "-")
+        flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return tyro.cli(Args, args=[*flags, *argv], description=description)
 
 
 def main() -> None:

@@ -299,7 +299,7 @@ def train_lightly(args: ParityArgs, seed: int, data: lt_data.LTData, lightly_mod
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     loader = lt_data.make_loader(train_set, args.batch_size, args.num_workers, sampler, drop_last=True)
-    monitor = KNNMonitor(data, args.eval_bank, args.eval_queries, max(args.batch_size, 256), 0, seed)
+    monitor = KNNMonitor(data, args.eval_bank, args.eval_queries, seed=seed)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")

@@ -162,7 +162,7 @@ def real_batch(module, run, batch_size):
     views, labels, idx = next(iter(loader))
 
     def move(x):
-        return [module.to_device(v, run) for v in x] if isinstance(x, list) else module.to_device(x, run)
+        return [run.to_device(v) for v in x] if isinstance(x, list) else run.to_device(x)
 
     return move(views), move(labels), move(idx)
 

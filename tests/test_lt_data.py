@@ -524,7 +524,7 @@ for batch in lt_data.make_loader(Pids(), 4, 2):
 
 def test_the_default_worker_count_follows_the_cpus_this_process_may_use():
     """min(8, os.cpu_count()) started 2 workers on 1 usable core (taskset, cgroups, SLURM)."""
-    code = "import supervised_baseline as s; print(s.num_workers(s.Args()), s.lt_data.usable_cpus())"
+    code = "import lt_data; print(lt_data.make_loader([0], 1, None).num_workers, lt_data.usable_cpus())"
     out = subprocess.run(
         ["taskset", "-c", "0", sys.executable, "-c", code],
         env=script_env(),

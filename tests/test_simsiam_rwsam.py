@@ -395,9 +395,7 @@ def test_vit_option_trains_with_adamw_and_exports_a_vit(tmp_path):
     ckpt = torch.load(tmp_path / "runs" / "v" / "checkpoint.pt", weights_only=True)
     groups = ckpt["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0] and "exp_avg" in ckpt["optimizer"]["state"][0]
-    assert groups[0]["lr"] == pytest.approx(
-        5e-4 * 8 / 256 * 4 / 9
-    )  # 9 steps/epoch: the 4th step of the warm-up is next
+    assert groups[0]["lr"] == pytest.approx(5e-4 * 8 / 256 * 3 / 9)  # 9 steps/epoch: the 3rd warm-up step's lr
     model, meta = linear_probe.load_backbone(str(tmp_path / "runs" / "v" / "backbone.pt"))
     assert meta["arch"] == "vit" and meta["arch_kwargs"]["num_layers"] == 2 and meta["arch_kwargs"]["hidden_dim"] == 32
     assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 32)

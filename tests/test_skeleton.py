@@ -60,7 +60,11 @@ def _fake_run(S, args, tmp_path, steps_per_epoch: int):
 
     return S.Run(
         args=dataclasses.replace(args, amp="none"),
-        model=SimpleNamespace(export_prefix="backbone.", backbone_spec={"arch": "resnet18", "arch_kwargs": {}}),
+        model=SimpleNamespace(
+            export_prefix="backbone.",
+            backbone_spec={"arch": "resnet18", "arch_kwargs": {}},
+            get_submodule=lambda name: None,  # the exported backbone, for a stand-in kNN monitor
+        ),
         ddp_model=None,
         optimizer=SimpleNamespace(param_groups=[{"lr": 0.1}]),
         data=SimpleNamespace(image_size=16),
@@ -85,7 +89,7 @@ def test_logger_averages_device_tensors_and_host_floats_over_the_interval(tmp_pa
         run.step = step
         logger.accumulate({"loss": torch.tensor(loss), "charts/momentum": momentum, "charts/hist": torch.arange(3.0)})
     logger.write()
-    logger.close()
+    logger.close("done")
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("losses/loss")] == [(2, 2.0)]
@@ -94,14 +98,23 @@ def test_logger_averages_device_tensors_and_host_floats_over_the_interval(tmp_pa
     assert "loss 2.0000" in capsys.readouterr().out
 
 
-def test_eta_rounds_minutes_up_and_carries_into_hours():
+def test_eta_rounds_minutes_up_and_carries_into_hours(tmp_path):
     """Minutes round up (0h00m only when nothing is left: it showed 0h00m while the last evaluations ran)."""
     import supervised_baseline as S
 
-    assert S.format_eta(3000) == "0h50m"  # was 1h50m: hours were rounded
-    assert S.format_eta(3599.9) == "1h00m"  # not 0h60m
-    assert S.format_eta(3001) == "0h51m" and S.format_eta(1) == "0h01m" and S.format_eta(0) == "0h00m"
-    assert S.format_eta(5400) == "1h30m" and S.format_eta(7199) == "2h00m"
+    args = S.Args(dataset="synthetic", batch_size=4, epochs=1, eval_every=0)
+    run = _fake_run(S, args, tmp_path, steps_per_epoch=10)
+    logger = S.Logger(run, resumed=False)
+
+    def eta(seconds: float, left: int = 1) -> str:  # ``left`` steps to go at ``seconds`` a step
+        logger.pace, run.step = [seconds, 1], run.stop_step - left
+        return logger.eta()
+
+    assert eta(3000) == "0h50m"  # was 1h50m: hours were rounded
+    assert eta(3599.9) == "1h00m"  # not 0h60m
+    assert eta(3001) == "0h51m" and eta(1) == "0h01m" and eta(0) == "0h00m" and eta(60, left=0) == "0h00m"
+    assert eta(5400) == "1h30m" and eta(7199) == "2h00m" and eta(2700, left=2) == "1h30m"
+    logger.close("done")
 
 
 def test_eta_counts_to_the_step_the_run_stops_at(tmp_path, capsys, monkeypatch):
@@ -120,7 +133,7 @@ def test_eta_counts_to_the_step_the_run_stops_at(tmp_path, capsys, monkeypatch):
         run.step = step
         logger.accumulate({"loss": torch.tensor(1.0)})
     logger.write()
-    logger.close()
+    logger.close("done")
     assert "eta 0h02m" in capsys.readouterr().out  # 2 steps x 50 s, rounded up; was 14h52m (998 steps)
 
 
@@ -137,39 +150,45 @@ def test_eta_counts_the_kNN_evaluations_still_to_run(tmp_path, capsys, monkeypat
     args = S.Args(dataset="synthetic", batch_size=4, epochs=4, eval_every=1)
     run = _fake_run(S, args, tmp_path, steps_per_epoch=10)
     logger = S.Logger(run, resumed=False)
-    now[0] = 60.0
-    logger.write({"eval/knn_top1": 50.0}, eval_seconds=60.0)  # before training: 60 s
+
+    def monitor(backbone, prepare, autocast):  # one kNN evaluation: 60 s
+        now[0] += 60.0
+        return 50.0
+
+    logger.write(monitor)  # before training
     for step in (1, 35):  # step 1, then 34 steps of 1 s each
         now[0] += step - run.step
         run.step = step
         logger.accumulate({"loss": torch.tensor(1.0)})
         logger.write()
-    logger.close()
+    logger.close("done")
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-2].endswith("eta --") and lines[-1].endswith("eta 0h02m"), lines
+    assert lines[0] == "step 0, before training | knn_top1 50.00 (60s)", lines
+    assert lines[1].endswith("eta --") and lines[2].endswith("eta 0h02m"), lines
 
 
 @pytest.mark.parametrize("script", present())
 def test_every_recipe_resolves_its_values_and_a_flag_beside_it_wins(script):
-    """--recipe NAME applies RECIPES[NAME] before the command line: every value lands in Args, a flag given beside
-    the recipe (before or after it) wins, and without --recipe the plain defaults stand."""
+    """--recipe NAME applies RECIPES[NAME] before the command line: every value lands in Args as if given as a
+    flag, so the defaults that follow from it resolve too (a ViT recipe's weight decay was the ResNet default), a
+    flag given beside the recipe (before or after it) wins, and without --recipe the plain defaults stand."""
     import importlib
+    import typing
 
     mod = importlib.import_module(script[:-3])
     assert {"cpu", "cifar10-lt"} <= set(mod.RECIPES)
     assert mod.parse_args([]) == mod.Args()
+    archs = typing.get_args(typing.get_type_hints(mod.Args)["arch"])
     for name, (_, values) in mod.RECIPES.items():
-        args = mod.parse_args(["--recipe", name])
-        assert args.recipe == name and {k: getattr(args, k) for k in values} == values, name
+        assert mod.parse_args(["--recipe", name]) == mod.Args(**values, recipe=name), name
         for flags in (
             ["--recipe", name, "--batch-size", "7", "--lr", "0.5"],
             ["--lr=0.5", "--batch-size", "7", "--recipe", name],
         ):
-            beside = mod.parse_args(flags)
-            assert (beside.batch_size, beside.lr) == (7, 0.5)
-            assert {k: getattr(beside, k) for k in values if k not in ("batch_size", "lr")} == {
-                k: v for k, v in values.items() if k not in ("batch_size", "lr")
-            }
+            assert mod.parse_args(flags) == mod.Args(**{**values, "batch_size": 7, "lr": 0.5}, recipe=name), flags
+        for arch in archs:  # the defaults an --arch beside the recipe resolves (those the recipe leaves unset)
+            beside = mod.parse_args(["--recipe", name, "--arch", arch])
+            assert beside == mod.Args(**{**values, "arch": arch}, recipe=name), (name, arch)
 
 
 @pytest.mark.parametrize("script", present())
