@@ -171,6 +171,19 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert not (tmp_path / "runs" / "nan" / "backbone.pt").exists()
 
 
+def test_a_non_finite_loss_on_the_last_step_of_an_epoch_is_reported_in_that_epoch(tmp_path):
+    """Steps count from 1, so step k x steps-per-epoch ends epoch k (the message named epoch k + 1)."""
+    script, args = (
+        "supervised_baseline.py",
+        [*base("supervised_baseline.py"), "--num-workers", "0", "--eval-every", "0"],
+    )
+    first = run_script(script, *args, "--max-steps", "1", "--run-name", "one", cwd=tmp_path).stdout
+    per_epoch = int(re.search(r"(\d+) steps/epoch", first).group(1))
+    seams = ("--inject-nan-at-step", str(per_epoch))
+    proc = run_script(script, *args, "--run-name", "nan", cwd=tmp_path, check=False, seams=seams)
+    assert proc.returncode == 2 and f"non-finite loss at step {per_epoch} (epoch 1);" in proc.stderr, proc.stderr
+
+
 @per_script
 def test_non_finite_weights_are_never_checkpointed(tmp_path, script):
     """--lr 1e45 gives a finite loss at step 1 but infinite weights after its update: that state used to be saved
