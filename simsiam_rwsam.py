@@ -722,8 +722,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
         return amp
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-    arm = platform.machine().lower() in ("arm64", "aarch64")  # mkldnn: the BF16 extension; on x86 also emulated
-    x86 = not arm and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())  # native only
+    arm = platform.machine().lower() in ("arm64", "aarch64")  # mkldnn's check: the BF16 extension (x86: emulated too)
+    x86 = not arm and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())  # native bf16
     return "bf16" if x86 or arm and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "none"
 
 
