@@ -423,6 +423,7 @@ def check_args(args: Args, data: lt_data.LTData) -> None:
     check_range(args, "(0, inf)", "teacher_temp", "student_temp")
     check_range(args, "[0, inf)", "weight_decay", "final_weight_decay")
     check_range(args, "[0, 1)", "drop_path")
+    check_range(args, "[1, inf)", "kmeans_samples", "kmeans_iters", "kmeans_restarts")
     n = min(len(data.pretrain_indices(args.balanced_twin)), args.kmeans_samples)
     if args.kmeans_init and n <= args.num_clusters:
         raise RunError(

@@ -431,6 +431,9 @@ def test_vit_ddp_step_matches_one_process_at_twice_the_batch(tmp_path):
         (["--crop-scale", "0.01", "0.5"], "--crop-scale values must be in (0.05, 1), got 0.01 0.5"),
         (["--arch", "vit_tiny", "--drop-path", "1.0"], "--drop-path must be in [0, 1), got 1.0"),
         (["--teacher-temp", "0"], "--teacher-temp must be > 0, got 0.0"),
+        (["--kmeans-samples", "0"], "--kmeans-samples must be >= 1, got 0"),
+        (["--kmeans-iters", "0"], "--kmeans-iters must be >= 1, got 0"),
+        (["--kmeans-restarts", "-1"], "--kmeans-restarts must be >= 1, got -1"),
     ],
 )
 def test_bad_method_flags_one_clear_line(tmp_path, extra, message):
