@@ -608,33 +608,162 @@ def on_epoch_start(run: Run, epoch: int) -> None:
         run.model.centroids_initialised.fill_(True)
 
 
+KMEANS_CHUNK = 256  # images per forward pass of the k-means embedding (train-mode BatchNorm normalises each chunk)
+
+
 @torch.no_grad()
 def init_centroids(run: Run) -> None:
-    """Spherical k-means on the random teacher's projector outputs (one deterministic view per image, at most
-    --kmeans-samples images) on rank 0, broadcast to every rank; student and teacher centroids both set to it.
-    Uses its own generator and a throw-away copy of the teacher, so neither the RNG nor BatchNorm statistics move."""
+    """Spherical k-means on the random teacher's projector outputs, before epoch 0 (official code: the teacher
+    embeds a sample of the training set, then k-means; engine/trainer.py, ``Trainer.init_centroids``); student and
+    teacher centroids are both set to the result.
+
+    At most --kmeans-samples training images, drawn by a generator seeded with --seed, are embedded by all processes
+    together (``embed_for_kmeans``: the features one process computes, in its order). Rank 0 alone runs the k-means
+    and broadcasts the centroids, so every rank holds one process's result by construction (a k-means on every rank
+    could drift apart: CUDA's index_add_ adds in no fixed order); it takes seconds where the embedding takes minutes.
+    Neither the global RNG nor the teacher's BatchNorm statistics move (own generators, a throw-away teacher copy).
+    Rank 0 prints a start line, progress lines and a closing line with the times."""
     args, model = run.args, run.model
+    g = torch.Generator().manual_seed(args.seed)
+    pick = torch.randperm(len(run.train_set), generator=g)[: args.kmeans_samples].sort().values.tolist()
+    start = time.perf_counter()
+    features = embed_for_kmeans(run, pick)
     centroids = torch.empty_like(model.student.centroids)
     if run.rank == 0:
-        g = torch.Generator().manual_seed(args.seed)
-        images, indices = run.train_set.images, run.train_set.indices
-        pick = torch.randperm(len(indices), generator=g)[: args.kmeans_samples].sort().values.tolist()
-        transform = lt_data.eval_transform(run.data.image_size, run.data.mean, run.data.std)
-        teacher = copy.deepcopy(model.teacher).train()  # batch statistics, as the teacher uses in training
-        feats, bounds = [], list(range(0, len(pick), 256)) + [len(pick)]
-        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:  # BatchNorm in train mode refuses a batch of 1:
-            del bounds[-2]  # the last image joins the previous chunk
-        for start, stop in zip(bounds, bounds[1:]):
-            x = torch.stack([transform(images.image(indices[j])) for j in pick[start:stop]])
-            with run.autocast():
-                feats.append(teacher.project(run.to_device(x)).float())
-        del teacher
-        found = spherical_kmeans(torch.cat(feats), args.num_clusters, args.kmeans_iters, args.kmeans_restarts, g)
-        centroids.copy_(found)
+        embedded = time.perf_counter()
+        centroids.copy_(spherical_kmeans(features, args.num_clusters, args.kmeans_iters, args.kmeans_restarts, g))
+        rate, done = len(pick) / (embedded - start), time.perf_counter()
+        how = f"{len(pick)} images embedded at {rate:.0f} img/s on {run.world_size} x {run.device.type}"
+        line = f"done in {done - start:.0f} s: {how}, {args.num_clusters} centroids in {done - embedded:.1f} s"
+        print(f"k-means initialisation {line}", flush=True)
     if run.world_size > 1:
         dist.broadcast(centroids, 0)
     model.student.centroids.copy_(centroids)
     model.teacher.centroids.copy_(centroids)
+
+
+def kmeans_chunks(n: int) -> list[range]:
+    """The forward passes of the k-means embedding of ``n`` images: ranges of KMEANS_CHUNK positions, in order; a
+    last chunk of one image joins the previous one (train-mode BatchNorm refuses a batch of 1). Every chunk but the
+    last has KMEANS_CHUNK images."""
+    bounds = [*range(0, n, KMEANS_CHUNK), n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+class KMeansChunks(torch.utils.data.Dataset):
+    """Item i: the views [len(chunks[i]), 3, H, W] of ``dataset``'s items ``chunks[i]``, stacked, so that a
+    DataLoader without batching (batch_size None) hands each worker whole chunks, unequal ones included."""
+
+    def __init__(self, dataset: lt_data.IndexedDataset, chunks: list[range]):
+        self.dataset, self.chunks = dataset, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.stack([self.dataset[k][0] for k in self.chunks[i]])
+
+
+@torch.no_grad()
+def embed_for_kmeans(run: Run, pick: list[int]) -> torch.Tensor:
+    """The random teacher's projector outputs [len(pick), --out-dim] (float32, on run.device, on every rank) of the
+    training images at positions ``pick`` of run.train_set, one deterministic view each (lt_data.eval_transform),
+    in the order of ``pick``.
+
+    One process embeds the chunks of ``kmeans_chunks`` in turn. Rank r of R embeds chunks r, r + R, r + 2R, ...
+    through a DataLoader with --num-workers workers; the ranks all-gather their features (padded to the longest
+    share: a rank may have one chunk more) and put them back in order. Every BatchNorm batch, hence every feature,
+    is one process's, and the pass takes 1/R of its time (docs/excb.md has the cost). The teacher copy runs in
+    train mode (batch statistics, as the teacher in training; the official code embeds with the training teacher)
+    with plain BatchNorm (``without_sync_batchnorm``), so no rank waits for another until the all-gather.
+    Deviations from the official code: one deterministic view per image, and chunks of KMEANS_CHUNK images, not
+    training batches (a training view of the training batch size)."""
+    args, rank, world = run.args, run.rank, run.world_size
+    chunks = kmeans_chunks(len(pick))
+    share = [sum(map(len, chunks[r::world])) for r in range(world)]  # images per rank
+    views = lt_data.IndexedDataset(
+        run.train_set.images,
+        [run.train_set.indices[j] for j in pick],
+        lt_data.eval_transform(run.data.image_size, run.data.mean, run.data.std),
+    )
+    # batch_size None: an item is a whole chunk; a generator of its own: the loader draws nothing from torch's RNG
+    mine = KMeansChunks(views, chunks[rank::world])
+    loader = lt_data.make_loader(mine, None, args.num_workers, generator=torch.Generator())
+    teacher = without_sync_batchnorm(copy.deepcopy(run.model.teacher)).train()
+    features = torch.zeros(max(share), args.out_dim, device=run.device)
+    with StopsBetweenChunks() as stops:
+        batches = iter(loader)  # the workers start
+        if rank == 0:
+            on = f"{world} process{'es' if world > 1 else ''} x {loader.num_workers} data-loading workers"
+            print(f"k-means initialisation: embedding {len(pick)} training images on {on}", flush=True)
+        start = last = time.perf_counter()
+        done, tenths = 0, 0
+        for x in batches:
+            stops.pass_on()  # a stop signal that came while the chunk was awaited takes effect here
+            with run.autocast():
+                features[done : done + len(x)] = teacher.project(run.to_device(x)).float()
+            done, now = done + len(x), time.perf_counter()
+            if rank == 0 and done < share[0] and (10 * done // share[0] > tenths or now - last >= 30):
+                tenths, last, rate = 10 * done // share[0], now, done / (now - start)
+                eta = round((share[0] - done) / rate)
+                line = f"{done}/{share[0]} images on rank 0, {rate:.0f} img/s per process"
+                print(f"k-means initialisation: {line}, eta {eta // 60}m{eta % 60:02d}s", flush=True)
+    del batches, loader, teacher  # the workers end here
+    gathered = [features]
+    if world > 1:
+        gathered = [torch.empty_like(features) for _ in range(world)]
+        dist.all_gather(gathered, features)
+    # chunk c is the (c // R)-th chunk of rank c % R, after (c // R) full chunks of that rank
+    rows = [gathered[c % world][c // world * KMEANS_CHUNK :][: len(chunk)] for c, chunk in enumerate(chunks)]
+    return torch.cat(rows)
+
+
+class StopsBetweenChunks:
+    """While active, a stop signal (SIGINT, SIGTERM, SIGHUP) is noted, and ``pass_on()`` hands it to the handler it
+    replaced (the training loop's, which stops the run; a default action, the process's default) where the caller
+    chooses, at the latest on leaving. The k-means pass spends its waits inside torch's DataLoader: a stop raised
+    there, while a worker hands a chunk over (shared memory), cut the hand-over and left the worker's traceback."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __enter__(self):
+        self.noted = []
+        self.handlers = {s: signal.signal(s, lambda signum, _: self.noted.append(signum)) for s in self.SIGNALS}
+        return self
+
+    def pass_on(self) -> None:
+        while self.noted:
+            signum = self.noted.pop(0)
+            handler = self.handlers[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:  # terminate (SIGTERM, SIGHUP) as if this object had not been there
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.handlers.items():
+            signal.signal(s, handler)
+        if exc[0] is None:
+            self.pass_on()
+
+
+def without_sync_batchnorm(encoder: Encoder) -> Encoder:
+    """``encoder`` with every nn.SyncBatchNorm (--sync-bn under DDP) replaced, in place, by the plain BatchNorm that
+    nn.SyncBatchNorm.convert_sync_batchnorm made it from (BatchNorm2d in the ResNet backbone, BatchNorm1d in the
+    projector), sharing its parameters and buffers. For the k-means pass's throw-away teacher copy: each rank embeds
+    its own chunks, so a SyncBatchNorm's all-gathers there would pair with other ranks' other chunks, or with none
+    (a hang), where one process normalises each chunk by its own statistics."""
+    for name, m in list(encoder.named_modules()):
+        if isinstance(m, nn.SyncBatchNorm):
+            kind = nn.BatchNorm2d if name.startswith("backbone.") else nn.BatchNorm1d
+            plain = kind(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+            for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                setattr(plain, key, getattr(m, key))
+            encoder.set_submodule(name, plain.train(m.training))
+    return encoder
 
 
 @torch.no_grad()

@@ -4,6 +4,11 @@ of the size estimate, and the model/checkpoint invariants. Oracle values are fro
 from __future__ import annotations
 
 import math
+import os
+import re
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +18,7 @@ import torch.nn.functional as F
 
 import excb
 import lt_data
-from conftest import TINY_ARGS, run_script
+from conftest import ROOT, TINY_ARGS, run_script, script_env
 
 # ------------------------------------------------------------------ balancing operator
 
@@ -441,27 +446,194 @@ def test_bad_method_flags_one_clear_line(tmp_path, extra, message):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"excb.py: error: {message}"]
 
 
-def test_kmeans_init_takes_a_last_chunk_of_one_image(tmp_path):
-    """The k-means features come from the teacher in train mode in chunks of 256: 257 images left a chunk of one,
-    which BatchNorm refuses (a ValueError traceback before step 1)."""
-    proc = run_script(
-        "excb.py",
-        *TINY_ARGS["excb.py"],
-        "--synthetic-per-class",
-        "100",
-        "--imbalance-ratio",
-        "1",
-        "--kmeans-samples",
-        "257",
-        "--batch-size",
-        "8",
-        "--max-steps",
-        "1",
-        "--num-workers",
-        "0",
-        cwd=tmp_path,
+# ------------------------------------------------------------------ k-means initialisation: split across processes
+
+# 800 balanced 8 px images; no channels-last and fp32, so that every process computes bit for bit the same
+KMEANS_DATA = ["--synthetic-per-class", "200", "--imbalance-ratio", "1", "--image-size", "8"]
+KMEANS_DATA += ["--no-channels-last", "--amp", "none", "--eval-every", "0"]
+
+
+def test_kmeans_chunks_are_256_images_and_a_last_single_image_joins_the_previous_chunk():
+    def pairs(n):
+        return [(c.start, c.stop) for c in excb.kmeans_chunks(n)]
+
+    assert pairs(3) == [(0, 3)]
+    assert pairs(512) == [(0, 256), (256, 512)]
+    assert pairs(513) == [(0, 256), (256, 513)]  # BatchNorm in train mode refuses a batch of one image
+    assert pairs(600) == [(0, 256), (256, 512), (512, 600)]
+
+
+def _init_run(extra=()):
+    """A Run as ``train`` builds it (seed 0's weights, the training set) on KMEANS_DATA."""
+    import tyro
+
+    args = tyro.cli(excb.Args, args=[*TINY_ARGS["excb.py"], *KMEANS_DATA, *extra])
+    data = lt_data.build_data(args)
+    torch.manual_seed(0)
+    model = excb.Model(args, data)
+    train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(False), excb.train_transform(args, data))
+    return excb.Run(args, model, model, excb.make_optimizer(args, model, 0.1), data, train_set)
+
+
+def _init_centroids(run):
+    """excb.init_centroids(run); returns the features it clustered and the student's and teacher's centroids."""
+    features, embed = [], excb.embed_for_kmeans
+    excb.embed_for_kmeans = lambda run, pick: features.append(embed(run, pick)) or features[0]
+    try:
+        excb.init_centroids(run)
+    finally:
+        excb.embed_for_kmeans = embed
+    return features[0], run.model.student.centroids.detach().clone(), run.model.teacher.centroids.clone()
+
+
+def _kmeans_init_worker(rank, world, init_file, samples, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        for n in samples:
+            torch.save(
+                _init_centroids(_init_run(["--kmeans-samples", str(n), "--num-workers", "1"])), f"{out}.{n}.{rank}"
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_kmeans_init_on_two_gloo_processes_equals_one_process(tmp_path):
+    """Each process embeds every other chunk of 256 images through its DataLoader; the gathered features, and so the
+    centroids, are bit for bit those of one process embedding the chunks in turn without a DataLoader (by hand
+    here), on both ranks. 513 images: rank 1's one chunk (257 images) is longer than rank 0's; 600: rank 0 has two
+    chunks (344 images), rank 1 one."""
+    import copy
+
+    cases = {513: [0, 256, 513], 600: [0, 256, 512, 600]}  # the chunk bounds one process uses
+    mp.spawn(_kmeans_init_worker, args=(2, str(tmp_path / "init"), list(cases), str(tmp_path / "k")), nprocs=2)
+    torch.set_num_threads(1)
+    for n, bounds in cases.items():
+        run = _init_run(["--kmeans-samples", str(n), "--num-workers", "2"])
+        g = torch.Generator().manual_seed(run.args.seed)
+        pick = torch.randperm(len(run.train_set), generator=g)[:n].sort().values.tolist()
+        view = lt_data.eval_transform(8, run.data.mean, run.data.std)
+        images = [view(run.train_set.images.image(run.train_set.indices[j])) for j in pick]
+        teacher = copy.deepcopy(run.model.teacher).train()
+        with torch.no_grad():
+            hand = torch.cat([teacher.project(torch.stack(images[a:b])) for a, b in zip(bounds, bounds[1:])])
+        centroids = excb.spherical_kmeans(hand, 16, run.args.kmeans_iters, run.args.kmeans_restarts, g)
+        assert not torch.allclose(centroids, run.model.teacher.centroids)  # the initialisation changes them
+        rng, state = torch.get_rng_state(), copy.deepcopy(run.model.teacher.state_dict())
+        one = _init_centroids(run)  # one process, 2 DataLoader workers
+        assert torch.equal(torch.get_rng_state(), rng)  # the loader drew nothing from the global RNG
+        for k, v in run.model.teacher.state_dict().items():  # the teacher's BatchNorm statistics did not move
+            assert k == "centroids" or torch.equal(v, state[k]), k
+        for rank, (features, student, teacher) in enumerate([one, *(_load_both(tmp_path, n))]):
+            assert features.shape == (n, 32) and torch.equal(features, hand), (n, rank)
+            assert torch.equal(student, centroids) and torch.equal(teacher, centroids), (n, rank)
+
+
+def _load_both(tmp_path, n):
+    return [torch.load(tmp_path / f"k.{n}.{rank}", weights_only=True) for rank in (0, 1)]
+
+
+def test_sync_batchnorm_is_converted_back_to_plain_batchnorm_for_the_kmeans_pass():
+    """--sync-bn makes every BatchNorm of the model a SyncBatchNorm, the teacher's included, whose train-mode forward
+    all-gathers statistics: in the k-means pass each rank embeds other chunks, so those all-gathers hung or mixed
+    chunks. The pass's teacher copy gets plain BatchNorm back: the modules of the never-converted model, the same
+    parameters, the same outputs and statistics. (SyncBatchNorm has no train-mode forward on CPU: the conversion is
+    tested directly.)"""
+    import copy
+
+    import torch.nn as nn
+
+    _, model = _tiny_model()
+    plain = copy.deepcopy(model.teacher).train()
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model.teacher)).train()
+    kinds = {name: type(m) for name, m in plain.named_modules()}
+    assert (
+        sum(k is nn.BatchNorm2d for k in kinds.values()) > 10 and sum(k is nn.BatchNorm1d for k in kinds.values()) == 2
     )
-    assert "done: step 1" in proc.stdout
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == sum(
+        k in (nn.BatchNorm1d, nn.BatchNorm2d) for k in kinds.values()
+    )
+    weight, mean = synced.backbone.bn1.weight, synced.projector[1].running_mean
+    back = excb.without_sync_batchnorm(synced)
+    assert {name: type(m) for name, m in back.named_modules()} == kinds  # no SyncBatchNorm left
+    assert back.backbone.bn1.weight is weight and back.projector[1].running_mean is mean  # shared, not copied
+    assert all(m.training for m in back.modules())
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(back.project(x), plain.project(x), rtol=0, atol=0)
+    for k, v in plain.state_dict().items():  # running statistics updated alike
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_kmeans_init_of_257_images_takes_a_last_chunk_of_one_image_and_reports_itself(tmp_path):
+    """The k-means features come from the teacher in train mode in chunks of 256: 257 images left a chunk of one,
+    which BatchNorm refuses (a ValueError traceback before step 1). The pass says what it does, then how long it
+    took."""
+    args = [*TINY_ARGS["excb.py"], *KMEANS_DATA, "--kmeans-samples", "257", "--batch-size", "8", "--max-steps", "1"]
+    out = run_script("excb.py", *args, "--num-workers", "2", cwd=tmp_path).stdout
+    lines = [line for line in out.splitlines() if line.startswith("k-means")]
+    assert lines[0] == "k-means initialisation: embedding 257 training images on 1 process x 2 data-loading workers"
+    done = (
+        r"k-means initialisation done in \d+ s: 257 images embedded at \d+ img/s on 1 x cpu, 16 centroids in [\d.]+ s"
+    )
+    assert len(lines) == 2 and re.fullmatch(done, lines[1]), lines  # one chunk: no progress line
+    assert "done: step 1" in out
+
+
+def test_kmeans_init_under_torchrun_reports_from_rank_0(tmp_path):
+    """2 processes, 600 images: rank 0 embeds chunks 0 and 2 (344 images), rank 1 chunk 1; rank 0 alone prints the
+    start line, a progress line after its first chunk, and the closing line."""
+    from conftest import run_torchrun
+
+    args = [*TINY_ARGS["excb.py"], *KMEANS_DATA, "--kmeans-samples", "600", "--batch-size", "8", "--max-steps", "1"]
+    out = run_torchrun("excb.py", *args, "--num-workers", "1", cwd=tmp_path).stdout
+    lines = [line for line in out.splitlines() if line.startswith("k-means")]
+    assert len(lines) == 3, lines
+    assert lines[0] == "k-means initialisation: embedding 600 training images on 2 processes x 1 data-loading workers"
+    assert re.fullmatch(
+        r"k-means initialisation: 256/344 images on rank 0, \d+ img/s per process, eta \d+m\d\ds", lines[1]
+    )
+    assert re.fullmatch(
+        r"k-means initialisation done in \d+ s: 600 images embedded at \d+ img/s on 2 x cpu, .*", lines[2]
+    )
+    assert "done: step 1" in out
+
+
+@pytest.mark.parametrize("signum,to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_a_stop_signal_during_the_kmeans_init_stops_the_run_at_once(tmp_path, signum, to_group):
+    """SIGTERM (to the process) or Ctrl-C (SIGINT to its process group, DataLoader workers included) once the k-means
+    pass has started stops the run during the pass, which has ten chunks to embed: exit 128 + signal, one line that
+    says so, no traceback, no checkpoint (none is due before the first step). A stop raised inside the DataLoader
+    used to leave a worker's traceback (it cut a hand-over of shared memory), and a Ctrl-C that reached a worker not
+    yet in its own process group killed it."""
+    args = [*TINY_ARGS["excb.py"], "--synthetic-per-class", "640", "--imbalance-ratio", "1", "--image-size", "64"]
+    args += ["--kmeans-samples", "2560", "--batch-size", "8", "--num-workers", "2", "--eval-every", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "excb.py"), *args, "--run-name", "stop"],
+        cwd=tmp_path,
+        env=script_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    before = []
+    for line in proc.stdout:
+        before.append(line)
+        if line.startswith("k-means initialisation: embedding"):
+            os.killpg(proc.pid, signum) if to_group else proc.send_signal(signum)
+            break
+    try:
+        out, err = proc.communicate(timeout=120)  # generous: it stops once the chunk it is embedding is done
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the run did not stop within 120 s of the signal")
+    said = "".join(before) + out + err
+    assert proc.returncode == 128 + signum, said
+    assert "Traceback" not in said and "k-means initialisation done" not in said, said  # stopped during the pass
+    assert len([line for line in said.splitlines() if "interrupted" in line]) == 1, said
+    assert not (tmp_path / "runs" / "stop" / "checkpoint.pt").exists()
 
 
 def test_local_crops_are_96_px_at_imagenet_sizes_and_half_the_image_at_cifar_sizes():
