@@ -104,12 +104,13 @@ def test_two_nodes_with_their_own_run_folders_resume_every_rank_from_the_same_st
 
 def test_a_refused_resume_is_one_line_on_every_rank(tmp_path):
     """A checkpoint that rank 0 refuses (here: another process count) stops every rank with the same one line,
-    not rank 0 alone while the others wait in a collective."""
+    not rank 0 alone while the others wait in a collective. (torchrun itself then prints its ChildFailedError
+    summary, whose traceback is torchrun's, not the script's.)"""
     args = [*TINY_ARGS[SCRIPT], "--batch-size", "4", "--num-workers", "0", "--run-name", "r", "--max-steps", "2"]
     run_script(SCRIPT, *args, "--output-dir", str(tmp_path / "node0"), cwd=tmp_path)  # one process
     results = _two_nodes(tmp_path, *args)
     for code, out, err in results:
-        assert code != 0 and "Traceback" not in err, out + err
+        assert code != 0 and f'File "{ROOT / SCRIPT}"' not in err, out + err
         line = [x for x in err.splitlines() if f"{SCRIPT}: error:" in x]
         assert len(line) == 1 and "was written by 1 processes, this run has 2" in line[0], err
 
@@ -158,6 +159,6 @@ def test_scale_benchmark_prints_its_table(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 1 + 9 and rows[0] == "| what | ours | torchvision | ratio |"
+    assert len(rows) == 1 + 8 and rows[0] == "| what | ours | torchvision | ratio |"
     assert all(len(r.split("|")) == 6 for r in rows)
     assert os.listdir(tmp_path) == []  # the synthetic files are removed
