@@ -435,6 +435,7 @@ class KNNMonitor:
         bank_idx = balanced_subset(data.train_full.targets, bank, seed)
         query_idx = balanced_subset(data.test.targets, queries, seed + 1)
         self.sizes = (len(bank_idx), len(query_idx))
+        self.description = f"kNN monitor: {self.sizes[0]} bank images, {self.sizes[1]} test queries, k {k}"
         dist = torch.distributed.is_initialized()
         rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
         self.world_size, self.k, self.temperature = world_size, k, temperature

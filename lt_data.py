@@ -24,6 +24,7 @@ sample's position in the pre-training set (0..N-1), so per-example weights can b
 
 from __future__ import annotations
 
+import gc
 import gzip
 import math
 import os
@@ -38,6 +39,7 @@ import torch
 import torchvision.transforms as T
 import tyro
 from PIL import Image, ImageFilter
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 DatasetName = Literal["cifar10", "cifar100", "fashion-mnist", "imagenet-lt", "imagefolder", "synthetic"]
 DATASETS = get_args(DatasetName)
@@ -215,24 +217,34 @@ class ArrayImages(ImageSet):
 
 
 class FileImages(ImageSet):
-    """Images read from files: ``samples`` is a list of (path, label)."""
+    """Images read from files: ``files[i]`` is the path of image i relative to ``root`` (the training-set fingerprint
+    hashes these), ``targets[i]`` its label."""
 
-    def __init__(self, samples: list[tuple[str, int]]):
-        self.paths = [p for p, _ in samples]
-        self.targets = [y for _, y in samples]
+    def __init__(self, root: str, files: list[str], targets: list[int]):
+        self.root, self.files, self.targets = root, files, targets
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.root, self.files[i])
 
     def image(self, i: int) -> Image.Image:
-        """The decoded image; DataError naming the file if it cannot be read or decoded (truncated, not an image)."""
+        """The decoded image; DataError naming the file if it cannot be read or decoded (unreadable, empty, truncated,
+        not an image): indexing stats no file, so these are found here, when the image is first read."""
+        path = self.path(i)
         try:
-            with open(self.paths[i], "rb") as f:
-                img = Image.open(f)
-                img.load()  # decoded while the file is open
-                return to_rgb(img, self.paths[i])
+            with open(path, "rb") as f:
+                try:
+                    img = Image.open(f)
+                    img.load()  # decoded while the file is open
+                except Exception:
+                    if os.fstat(f.fileno()).st_size == 0:
+                        raise DataError(f"cannot read image {path}: the file is empty (0 bytes)") from None
+                    raise
+                return to_rgb(img, path)
         except DataError:
             raise
         except Exception as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"cannot read image {self.paths[i]}: {reason[:200]}") from None
+            raise DataError(f"cannot read image {path}: {reason[:200]}") from None
 
 
 def to_rgb(img: Image.Image, path: str) -> Image.Image:
@@ -267,16 +279,6 @@ def read_text(path: str) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         return raw.decode("latin-1")
-
-
-def _check_image_files(paths: Sequence[str]) -> None:
-    """What can be checked without decoding: every image file is non-empty and readable (one stat each)."""
-    empty = [p for p in paths if os.path.getsize(p) == 0]
-    if empty:
-        raise DataError(f"{len(empty)} image files are empty (first: {empty[0]})")
-    unreadable = [p for p in paths if not os.access(p, os.R_OK)]
-    if unreadable:
-        raise DataError(f"{len(unreadable)} image files are not readable: permission denied (first: {unreadable[0]})")
 
 
 class SyntheticImages(ImageSet):
@@ -463,69 +465,99 @@ def _read_fashion_mnist(root: str, train: bool, download: bool) -> ArrayImages:
 
 
 def _read_split_file(root: str, split_file: str) -> FileImages:
+    """The ``relative/path label`` lines of an OLTR split file. Every listed image must exist: checked against one
+    listing of each folder the file names, not a stat per image (a network file system answers a listing in one
+    round trip, a stat in one each; ImageNet-LT names 1,000 folders for 115,846 images)."""
     if not os.path.isfile(split_file):
         raise DataError(f"split file not found: {split_file}")
-    samples, missing = [], []
+    files, targets = [], []
     for lineno, line in enumerate(read_text(split_file).splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
             raise DataError(f"{split_file}:{lineno}: expected 'relative/path label', got {line.strip()!r}")
-        path = os.path.join(root, parts[0])
-        if not os.path.isfile(path):
-            missing.append(parts[0])
-        samples.append((path, int(parts[1])))
+        files.append(parts[0])
+        targets.append(int(parts[1]))
+    if not files:
+        raise DataError(f"split file {split_file} lists no images")
+    listings: dict[str, set[str]] = {}
+    missing = []
+    for rel in files:
+        folder, _, name = rel.rpartition("/")
+        if folder not in listings:
+            listings[folder] = _listing(os.path.join(root, folder))
+        if name not in listings[folder]:
+            missing.append(rel)
     if missing:
         raise DataError(
             f"{split_file}: {len(missing)} listed images not found under {root} (first: {missing[0]}); check --data-dir"
         )
-    if not samples:
-        raise DataError(f"split file {split_file} lists no images")
-    _check_image_files([p for p, _ in samples])
-    return FileImages(samples)
+    return FileImages(root, files, targets)
 
 
-def _visible_image(path: str, folder: str) -> bool:
-    """An image file that no part of its path below ``folder`` hides (macOS ``._x.png``, ``.DS_Store``,
-    ``.ipynb_checkpoints/``): hidden entries are never images of the set."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+def _listing(folder: str) -> set[str]:
+    """The names in ``folder`` (none if it is missing) but symbolic links whose target is missing (only links are
+    stat-ed)."""
+    try:
+        with os.scandir(folder) as entries:
+            return {e.name for e in entries if not e.is_symlink() or os.path.exists(e.path)}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+    except OSError as e:
+        raise DataError(f"cannot list {folder}: {e.strerror}") from None
 
-    return not any(
-        part.startswith(".") for part in os.path.relpath(path, folder).split(os.sep)
-    ) and has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+def _entries(folder: str) -> tuple[list[str], list[str]]:
+    """(sub-folders, image files) of ``folder`` by name, from one listing: the entries' types come with it, so only
+    symbolic links are stat-ed (followed, as torchvision's ImageFolder does; DataError naming one whose target is
+    missing, a storage mount that is not there). Hidden entries (macOS ``._x.png``, ``.DS_Store``,
+    ``.ipynb_checkpoints/``) are never images or classes."""
+    folders, images = [], []
+    try:
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    folders.append(e.name)
+                elif e.is_symlink() and not os.path.exists(e.path):
+                    raise DataError(f"{e.path} is a symbolic link to {os.readlink(e.path)}, which is not there")
+                elif e.name.lower().endswith(IMG_EXTENSIONS):
+                    images.append(e.name)
+    except OSError as e:
+        raise DataError(f"cannot list {folder}: {e.strerror}") from None
+    return sorted(folders), sorted(images)
 
 
-def _refuse_dangling_links(folder: str) -> None:
-    """DataError naming the first visible symbolic link under ``folder`` whose target is missing (a storage mount
-    that is not there): a dangling class folder was silently dropped, a dangling image failed mid-run. Walks with
-    scandir, whose entries know they are links without a system call; only links are stat-ed."""
-    for entry in os.scandir(folder):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_symlink() and not os.path.exists(entry.path):
-            raise DataError(f"{entry.path} is a symbolic link to {os.readlink(entry.path)}, which is not there")
-        if entry.is_dir():
-            _refuse_dangling_links(entry.path)
+def _image_files(folder: str, rel: str) -> list[str]:
+    """The image files below ``folder`` as paths that start with ``rel``, in the order of torchvision's
+    ``make_dataset`` (folders sorted by path, the files of each by name): each folder listed once."""
+    walked, pending = [], [(folder, rel)]
+    while pending:
+        path, prefix = pending.pop()
+        folders, images = _entries(path)
+        walked.append((path, [f"{prefix}/{name}" for name in images]))
+        pending += [(os.path.join(path, d), f"{prefix}/{d}") for d in folders]
+    return [f for _, files in sorted(walked, key=lambda w: w[0]) for f in files]
 
 
 def _read_image_folder(folder: str) -> tuple[FileImages, list[str]]:
-    from torchvision.datasets.folder import make_dataset
-
+    """An ImageFolder (class folders of images, nested folders allowed) with the classes and samples torchvision's
+    ``ImageFolder`` finds, in its order; file paths relative to the parent of ``folder`` (--data-dir)."""
     if not os.path.isdir(folder):
         raise DataError(f"image folder not found: {folder} (expected class folders of images)")
-    _refuse_dangling_links(folder)
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    classes = _entries(folder)[0]
     if not classes:
         raise DataError(f"{folder} holds no class folders")
-    try:
-        samples = make_dataset(
-            folder, {c: i for i, c in enumerate(classes)}, is_valid_file=lambda p: _visible_image(p, folder)
-        )
-    except FileNotFoundError as e:
-        raise DataError(str(e).splitlines()[0]) from None
-    _check_image_files([p for p, _ in samples])
-    return FileImages(samples), classes
+    split, files, targets = os.path.basename(os.path.normpath(folder)), [], []
+    for c, name in enumerate(classes):
+        found = _image_files(os.path.join(folder, name), f"{split}/{name}")
+        if not found:
+            raise DataError(f"class folder {os.path.join(folder, name)} holds no images ({', '.join(IMG_EXTENSIONS)})")
+        files += found
+        targets += [c] * len(found)
+    return FileImages(os.path.dirname(os.path.normpath(folder)), files, targets), classes
 
 
 # --------------------------------------------------------------------------- the data bundle
@@ -811,9 +843,12 @@ class IndexedDataset(torch.utils.data.Dataset):
         img = self.images.image(self.indices[k])
         if seed is None:
             return self.transform(img), self.targets[k], k
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        state = torch.get_rng_state()  # the transforms draw from the CPU generator alone: seed it (1 us), not every
+        torch.default_generator.manual_seed(seed)  # device's (torch.manual_seed: ~170 us, as long as a small item)
+        try:
             return self.transform(img), self.targets[k], k
+        finally:
+            torch.set_rng_state(state)
 
 
 class ResumableSampler(torch.utils.data.Sampler):
@@ -890,6 +925,9 @@ def make_loader(
     the global RNG (loaders that must not touch it)."""
     if num_workers is None:  # torchrun's processes on this node share its CPUs
         num_workers = min(8, max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if num_workers > 0:  # the objects that exist now (the file index above all) leave the garbage collector's view:
+        gc.collect()  # its passes in a forked worker would write to every page it shares with this process (copy on
+        gc.freeze()  # write), ~0.6 GB per training process at the default worker count after an epoch of 100k images
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,

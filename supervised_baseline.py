@@ -34,7 +34,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Callable, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -155,6 +155,17 @@ def diagnostics(run: Run, out: dict) -> dict[str, torch.Tensor]:
 def train(args: Args) -> str:
     """Build everything, resume if the run exists, train, export; returns the run folder."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))  # from torchrun
+    # SIGINT, SIGTERM and SIGHUP (a closed terminal; torchrun forwards them), from the first line on: before this
+    # process's first step there is nothing to save, so the run stops at once (``Stopped``); after it they are noted,
+    # and the run stops at the first step where every rank knows of one (``sync``), after a checkpoint
+    signals, stops, stepped = [], (signal.SIGINT, signal.SIGTERM, signal.SIGHUP), False
+
+    def on_signal(signum: int, _) -> None:
+        if not stepped:
+            raise Stopped(signum)
+        signals.append(signum)
+
+    handlers = {s: signal.signal(s, on_signal) for s in stops}
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
@@ -164,7 +175,7 @@ def train(args: Args) -> str:
     validate(args)
     amp_choice = " (--amp auto)" if args.amp == "auto" else ""
     args.amp = resolve_amp(args.amp, device)  # the checkpoint and hyperparameters store the resolved dtype
-    data = lt_data.build_data(args)
+    data = from_rank0(lambda: lt_data.build_data(args), rank)  # indexed once per job, sent to the other ranks
     check_args(args, data)
     indices = data.pretrain_indices(args.balanced_twin)
     train_set = lt_data.IndexedDataset(data.train_full, indices, train_transform(args, data))
@@ -191,8 +202,9 @@ def train(args: Args) -> str:
     ddp_model = torch.compile(ddp_model) if args.compile else ddp_model
     optimizer = make_optimizer(args, model, args.lr * global_batch / 256)  # linear scaling rule, global batch
     run = Run(args, model, ddp_model, optimizer, data, train_set, device, steps_per_epoch, run_dir)
-    if resumed := os.path.exists(ckpt_path):
-        load_checkpoint(run, ckpt_path)
+    ckpt = from_rank0(lambda: read_checkpoint(ckpt_path), rank)  # rank 0's run folder alone decides: all ranks
+    if resumed := ckpt is not None:  # resume from its checkpoint, or none does (a per-node --output-dir works)
+        load_checkpoint(run, ckpt, ckpt_path)
     labels = train_set.targets if args.sampling == "class-balanced" else None
     sampler = lt_data.ResumableSampler(len(train_set), world_size, rank, args.seed, labels=labels)
     loader = lt_data.make_loader(train_set, args.batch_size, args.num_workers, sampler, drop_last=True)
@@ -205,12 +217,9 @@ def train(args: Args) -> str:
     )
     monitor = KNNMonitor(data, args.eval_bank, args.eval_queries, seed=args.seed) if args.eval_every else None
     if monitor is not None and not resumed:
+        logger.say(monitor.description)  # the step-0 evaluation can take minutes: never silent
         logger.write(monitor)
     first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss
-    # SIGINT, SIGTERM and SIGHUP (a closed terminal; torchrun forwards it) are noted; the run stops at the first step
-    # where every rank knows of one (``sync``), after a checkpoint
-    signals, stops = [], (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    handlers = {s: signal.signal(s, lambda signum, _: signals.append(signum)) for s in stops}
     while run.step < run.stop_step:
         epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
         sampler.set_epoch(epoch, skip=done_in_epoch * args.batch_size)
@@ -224,7 +233,7 @@ def train(args: Args) -> str:
                 logger.write_views(batch[0], data.mean, data.std)
             set_schedules(run)  # this step's lr, weight decay and the method's scheduled values
             out = train_step(run, batch)
-            run.step += 1
+            run.step, stepped = run.step + 1, True
             first_bad = torch.where(torch.isfinite(out["loss"]), first_bad, run.step)
             logger.accumulate({k: v for k, v in out.items() if k.startswith("loss")})
             # this step's decisions; every rank takes the same ones (sync: one all-reduce at log and save steps)
@@ -308,6 +317,25 @@ def on_epoch_start(run: Run, epoch: int) -> None:
 class RunError(Exception): ...  # a condition that stops the run with one clear line and exit code 2
 
 
+class Stopped(BaseException): ...  # a stop signal before the first step (its number); not an Exception: never caught
+
+
+def from_rank0(make: Callable, rank: int):
+    """``make()`` on rank 0 alone, its result sent to every rank (the data set is indexed and the checkpoint read
+    once per job, and every rank agrees on them); a RunError or DataError it raises is raised on every rank."""
+    box = [None]
+    if rank == 0:
+        try:
+            box = [make()]
+        except (RunError, lt_data.DataError) as e:
+            box = [e]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, 0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
 @dataclass
 class Run:
     args: Args  # with --amp resolved (resolve_amp)
@@ -331,6 +359,7 @@ class Run:
         self.total_steps = self.args.epochs * self.steps_per_epoch  # the schedules' length
         self.stop_step = min(self.total_steps, self.args.max_steps or self.total_steps)
         self.peak_lr = [group["lr"] for group in self.optimizer.param_groups]  # what make_optimizer set
+        self.training_set = training_set(self) if self.train_set is not None else None  # once: a hash of N items
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         layout = torch.channels_last if x.ndim == 4 and self.args.channels_last else torch.preserve_format
@@ -434,9 +463,9 @@ def backbone_meta(run: Run) -> dict:
 def training_set(run: Run) -> dict:
     """What defines the training set, saved in the checkpoint: its size, classes, and a fingerprint of its (image,
     label) list (file paths relative to --data-dir, else indices), so a resume refuses a changed set."""
-    t, root = run.train_set, run.args.data_dir or ""
-    paths = getattr(t.images, "paths", None)
-    items = [(os.path.relpath(paths[i], root) if paths else i, t.images.targets[i]) for i in t.indices]
+    t = run.train_set
+    files = getattr(t.images, "files", None)
+    items = [(files[i] if files else i, t.images.targets[i]) for i in t.indices]
     return {"images": len(t), "classes": run.data.num_classes, "sha1": hashlib.sha1(repr(items).encode()).hexdigest()}
 
 
@@ -458,17 +487,23 @@ def save_checkpoint(run: Run, path: str) -> None:
     if run.rank == 0:
         ckpt = dict(format=linear_probe.CHECKPOINT_FORMAT, model=run.model.state_dict(), step=run.step)
         ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), world_size=run.world_size)
-        ckpt.update(args=asdict(run.args), backbone=backbone_meta(run), training_set=training_set(run))
+        ckpt.update(args=asdict(run.args), backbone=backbone_meta(run), training_set=run.training_set)
         atomic_save(ckpt, path)
     run.checkpoint_step = run.step
 
 
-def load_checkpoint(run: Run, path: str) -> None:
+def read_checkpoint(path: str) -> Optional[dict]:
+    """The checkpoint at ``path`` on the CPU (weights_only=True), None if there is none."""
+    if not os.path.exists(path):
+        return None
     try:
-        ckpt = torch.load(path, map_location=run.device, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the first line of torch's message (weights_only's runs to a page)
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise RunError(f"cannot resume from {path} ({why}); move it away to start afresh") from None
+
+
+def load_checkpoint(run: Run, ckpt: dict, path: str) -> None:
     if not isinstance(ckpt, dict) or ckpt.get("format") != linear_probe.CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a checkpoint of these scripts; move it away to start afresh")
     old, new = ckpt["args"], asdict(run.args)
@@ -480,7 +515,7 @@ def load_checkpoint(run: Run, path: str) -> None:
     if changed or ckpt["backbone"]["method"] != METHOD:
         why = f"was written with other flags ({', '.join(changed) or 'another method'})"
         raise RunError(f"{path} {why}; resume with the same command or choose another --run-name")
-    was, now = ckpt.get("training_set"), training_set(run)
+    was, now = ckpt.get("training_set"), run.training_set
     if was is not None and was != now:
         what = [f"{k} {was[k]} -> {now[k]}" for k in ("images", "classes") if was[k] != now[k]] or ["other images"]
         raise RunError(f"{path} was trained on another training set ({', '.join(what)}); choose another --run-name")
@@ -512,7 +547,7 @@ class Logger:
     def __init__(self, run: Run, resumed: bool):
         self.run, self.scalars, self.vectors, self.start, self.step0 = run, {}, {}, run.step, run.step
         self.clock, self.pace, self.evals = time.perf_counter(), [0.0, 0], [0.0, 0]  # pace, evals: seconds, count
-        purge = run.step + 1 if resumed else None  # later events are a lost run's: TensorBoard purges them
+        purge = run.step + 1 if resumed else 0  # TensorBoard hides the earlier events of these steps on (a lost run's)
         self.writer = SummaryWriter(run.run_dir, purge_step=purge) if run.rank == 0 else None
         if self.writer is not None and not resumed:  # the flags with the values resolved at start
             table = {**asdict(run.args), **backbone_meta(run)["data"]}
@@ -595,12 +630,14 @@ def worker_died(e: BaseException) -> Optional[str]:
 
 
 def fetch(loader, run: Run, ckpt_path: str):
-    """The loader's batches. A worker that dies while a batch is fetched (between steps: the model is consistent)
-    leaves a checkpoint; ``main`` reports it, and one that died mid-step, in one line."""
+    """The loader's batches. A worker that dies, or an image that cannot be read, while a batch is fetched (between
+    steps: the model is consistent) leaves a checkpoint; ``main`` reports it, and a worker that died mid-step, in one
+    line."""
     try:
         yield from loader  # what the loop's body raises is not raised here
     except Exception as e:
-        if worker_died(e) and run.world_size == 1 and run.checkpoint_step != run.step:
+        between_steps = worker_died(e) or isinstance(e, lt_data.DataError)
+        if between_steps and run.world_size == 1 and run.checkpoint_step != run.step:
             save_checkpoint(run, ckpt_path)
         raise
 
@@ -658,6 +695,11 @@ def parse_args(argv: list[str]) -> Args:
 def main() -> None:
     try:
         train(parse_args(sys.argv[1:]))
+    except Stopped as e:  # the exit code a shell gives a process the signal killed
+        if os.environ.get("RANK", "0") == "0":
+            name = signal.Signals(e.args[0]).name
+            print(f"interrupted ({name}) before the first step: nothing to save; run the same command to go on")
+        sys.exit(128 + e.args[0])
     except Exception as e:  # one line and exit code 2 for what the user can act on; a traceback for the rest
         known = isinstance(e, (RunError, BackboneError, lt_data.DataError))  # a DataError may come from a worker
         line = lt_data.error_line(e) if known else worker_died(e)

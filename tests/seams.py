@@ -1,6 +1,7 @@
 """Run a training script with a test seam, as ``python script.py ARGS`` would run it otherwise.
 
-    python tests/seams.py [--inject-nan-at-step N] [--bn-running-stats] [--record-draws FILE] SCRIPT.py ARGS...
+    python tests/seams.py [--inject-nan-at-step N] [--bn-running-stats] [--record-draws FILE] [--record-listings FILE]
+        SCRIPT.py ARGS...
 
 --inject-nan-at-step N: the loss returned by step N (1-based) becomes NaN (the weights stay finite), for the tests of
     the NaN guard.
@@ -8,6 +9,8 @@
     per-process batch statistics left are the method's own (the DDP-equivalence tests).
 --record-draws FILE: before each step, append "rank step x" to FILE, x the first number torch.rand would draw in the
     step (from a forked RNG state, so the step draws the same), for the tests of per-rank, per-step randomness.
+--record-listings FILE: append "rank folder" to FILE for every folder listed (os.scandir, os.listdir), for the tests
+    that a job indexes its data once.
 
 The script is imported and its ``train_step`` / ``Model`` are wrapped; ``train()`` itself has no test seam.
 """
@@ -23,7 +26,7 @@ import torch.nn as nn
 
 
 def main() -> None:
-    argv, nan_at, bn_running_stats, draws = sys.argv[1:], None, False, None
+    argv, nan_at, bn_running_stats, draws, listings = sys.argv[1:], None, False, None, None
     while argv and argv[0].startswith("--"):
         flag = argv.pop(0)
         if flag == "--inject-nan-at-step":
@@ -32,8 +35,21 @@ def main() -> None:
             bn_running_stats = True
         elif flag == "--record-draws":
             draws = argv.pop(0)
+        elif flag == "--record-listings":
+            listings = argv.pop(0)
         else:
             raise SystemExit(f"seams.py: unknown seam {flag}")
+    if listings is not None:
+        for name in ("scandir", "listdir"):
+            original = getattr(os, name)
+
+            def recording(path=".", _original=original):
+                if not isinstance(path, int):  # a file descriptor (shutil.rmtree) is no folder of the data
+                    with open(listings, "a") as f:
+                        f.write(f"{os.environ.get('RANK', '0')} {os.path.abspath(os.fsdecode(path))}\n")
+                return _original(path)
+
+            setattr(os, name, recording)
     script = argv[0]
     name = os.path.basename(script)[:-3]
     spec = importlib.util.spec_from_file_location(name, script)
