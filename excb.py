@@ -629,7 +629,8 @@ def init_centroids(run: Run) -> None:
     At most --kmeans-samples training images, drawn by a generator seeded with --seed, are embedded by all processes
     together (``embed_for_kmeans``: the features one process computes, in its order). Rank 0 alone runs the k-means
     and broadcasts the centroids, so every rank holds one process's result by construction (a k-means on every rank
-    could drift apart: CUDA's index_add_ adds in no fixed order); it takes seconds where the embedding takes minutes.
+    could drift apart: CUDA's index_add_ adds in no fixed order; the official distributed k-means all-reduces its
+    sums, utils/misc.py); it takes seconds where the embedding takes minutes.
     Neither the global RNG nor the teacher's BatchNorm statistics move (own generators, a throw-away teacher copy).
     Rank 0 prints a start line, progress lines and a closing line with the times."""
     args, model = run.args, run.model
@@ -685,10 +686,10 @@ def embed_for_kmeans(run: Run, pick: list[int]) -> torch.Tensor:
     through a DataLoader with --num-workers workers; the ranks all-gather their features (padded to the longest
     share: a rank may have one chunk more) and put them back in order. Every BatchNorm batch, hence every feature,
     is one process's, and the pass takes 1/R of its time (docs/excb.md has the cost). The teacher copy runs in
-    train mode (batch statistics, as the teacher in training; the official code embeds with the training teacher)
-    with plain BatchNorm (``without_sync_batchnorm``), so no rank waits for another until the all-gather.
-    Deviations from the official code: one deterministic view per image, and chunks of KMEANS_CHUNK images, not
-    training batches (a training view of the training batch size)."""
+    train mode (batch statistics, as the teacher uses in training) with plain BatchNorm (``without_sync_batchnorm``),
+    so no rank waits for another until the all-gather. The official code also splits the pass, each rank embedding
+    its share of the training loader; there one training view per image, at the training batch size, and features
+    that depend on the number of processes; here one deterministic view, chunks of KMEANS_CHUNK images."""
     args, rank, world = run.args, run.rank, run.world_size
     chunks = kmeans_chunks(len(pick))
     share = [sum(map(len, chunks[r::world])) for r in range(world)]  # images per rank
@@ -730,10 +731,10 @@ def embed_for_kmeans(run: Run, pick: list[int]) -> torch.Tensor:
 
 
 class StopsBetweenChunks:
-    """While active, a stop signal (SIGINT, SIGTERM, SIGHUP) is noted, and ``pass_on()`` hands it to the handler it
-    replaced (the training loop's, which stops the run; a default action, the process's default) where the caller
-    chooses, at the latest on leaving. The k-means pass spends its waits inside torch's DataLoader: a stop raised
-    there, while a worker hands a chunk over (shared memory), cut the hand-over and left the worker's traceback."""
+    """While active, a stop signal (SIGINT, SIGTERM, SIGHUP) is only noted; ``pass_on()`` hands it to the handler it
+    replaced (in a run, the training loop's, which stops it; SIG_DFL: the default action) at a point the caller
+    chooses, and leaving does so at the latest. The k-means pass waits inside torch's DataLoader: a stop raised there
+    while a worker handed a chunk over (shared memory) cut the hand-over and left the worker's traceback on stderr."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -748,7 +749,7 @@ class StopsBetweenChunks:
             handler = self.handlers[signum]
             if callable(handler):
                 handler(signum, None)
-            elif handler == signal.SIG_DFL:  # terminate (SIGTERM, SIGHUP) as if this object had not been there
+            elif handler == signal.SIG_DFL:  # what the signal would have done without this object: end the process
                 signal.signal(signum, signal.SIG_DFL)
                 signal.raise_signal(signum)
 

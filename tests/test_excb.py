@@ -599,6 +599,26 @@ def test_kmeans_init_under_torchrun_reports_from_rank_0(tmp_path):
     assert "done: step 1" in out
 
 
+def test_stop_signals_during_the_pass_reach_the_run_s_handler_between_chunks():
+    """Inside StopsBetweenChunks a signal is only noted; pass_on() (and leaving) hands it to the handler it replaced,
+    which is back in place afterwards."""
+    got = []
+    run_handler = lambda signum, _: got.append(signum)  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, run_handler)
+    try:
+        with excb.StopsBetweenChunks() as stops:
+            signal.raise_signal(signal.SIGTERM)
+            assert got == [] and stops.noted == [signal.SIGTERM]
+            stops.pass_on()
+            assert got == [signal.SIGTERM] and stops.noted == []
+            signal.raise_signal(signal.SIGTERM)
+            assert got == [signal.SIGTERM]
+        assert got == [signal.SIGTERM, signal.SIGTERM]  # on leaving
+        assert signal.getsignal(signal.SIGTERM) is run_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.parametrize("signum,to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
 def test_a_stop_signal_during_the_kmeans_init_stops_the_run_at_once(tmp_path, signum, to_group):
     """SIGTERM (to the process) or Ctrl-C (SIGINT to its process group, DataLoader workers included) once the k-means
