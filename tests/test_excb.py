@@ -668,3 +668,14 @@ def test_local_crops_are_96_px_at_imagenet_sizes_and_half_the_image_at_cifar_siz
         assert excb.local_size(args, types.SimpleNamespace(image_size=size)) == expected
     args = tyro.cli(excb.Args, args=["--local-size", "64"])
     assert excb.local_size(args, types.SimpleNamespace(image_size=224)) == 64
+
+
+def test_init_cost_benchmark_reports_the_embedding_rate_of_each_run(tmp_path):
+    """benchmarks/excb_init_cost.py: one row per (size, workers, processes), the rate read from excb.py's own
+    closing line of the pass."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "excb_init_cost.py"), "--sizes", "8", "--samples", "257"]
+    cmd += ["--workers", "0", "--processes", "1", "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 8 px")]
+    assert len(rows) == 1 and re.fullmatch(r"\| 8 px \| 0 \| 1 \| [1-9]\d* \|", rows[0]), proc.stdout
