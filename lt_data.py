@@ -30,6 +30,7 @@ import math
 import os
 import pickle
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Annotated, Callable, Literal, Optional, Sequence, get_args
@@ -901,10 +902,13 @@ class ResumableSampler(torch.utils.data.Sampler):
 def leave_process_group(worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: the worker moves to a process group of its own, so a Ctrl-C, SIGTERM or SIGHUP
     sent to the run's group is the main process's alone to handle (it saves a checkpoint, then stops its workers;
-    a worker killed by it would fail the next batch). Workers keep the default handlers: ignoring SIGTERM instead
-    made every exit hang, since the DataLoader's and multiprocessing's clean-up end workers with SIGTERM. A worker
-    whose main process died exits on its own (the DataLoader's watchdog)."""
+    a worker killed by it would fail the next batch). Workers take the default handlers back from the ones the
+    fork copied (a training script's raises its stop in the process that gets the signal: a traceback in a worker):
+    ignoring SIGTERM instead made every exit hang, since the DataLoader's and multiprocessing's clean-up end workers
+    with SIGTERM. A worker whose main process died exits on its own (the DataLoader's watchdog)."""
     os.setpgid(0, 0)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
 
 
 def usable_cpus() -> int:
