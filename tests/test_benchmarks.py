@@ -61,6 +61,27 @@ def test_step_cost_prints_a_row_per_method_and_precision(tmp_path):
         assert ratio > ratio_opt > 0 and all(math.isfinite(v) and v > 0 for v in rates)
 
 
+def test_kde_scale_prints_a_row_per_reference_size(tmp_path):
+    """benchmarks/kde_scale.py at a tiny size: the CPU line, the assumptions line, and one table row per reference
+    size (every other image first) with its times, shares and, for the subsets, their density error."""
+    out = run_benchmark(
+        "kde_scale.py",
+        *("--n", "600", "--dim", "16", "--queries", "128", "--references", "0", "64", "256", "--chunk-size", "64"),
+        *("--classes", "20", "--imbalance", "10", "--step-arch", "resnet18", "--step-size", "16", "--step-batch", "2"),
+        *("--step-repeats", "1"),
+        cwd=tmp_path,
+    )
+    assert re.search(r"^kde_scale on .+, (native|no native) bf16, 1 thread\(s\), torch .+: N 600, D 16,", out, re.M)
+    assert "assumed, not measured: a GPU runs the update 100x faster" in out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| (all )?[\d,]+ \|", line)]
+    assert [r[0].strip() for r in rows] == ["all 599", "64", "256"]
+    for r in rows:
+        assert len(r) == 10 and re.fullmatch(r" [\d.]+ s \([\d.]+ s\) ", r[1]) and float(r[2]) > 0
+        assert all(re.fullmatch(r" [\d.]+ (ms|s|min|h) ", c) for c in r[3:6])
+        assert all(re.fullmatch(r" [\d.]+% ", c) for c in r[6:8])
+    assert [r[8].strip() for r in rows][0] == "-" and all(re.fullmatch(r" [\d.]+% ", r[8]) for r in rows[1:])
+
+
 TINY_DATA = ["--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-per-class", "24"]
 
 
