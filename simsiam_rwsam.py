@@ -130,7 +130,9 @@ class Args(lt_data.DataArgs):
     kde_max_ratio: float = 10.0
     """weights are clipped so that max / min <= this"""
     kde_reference: int = 0
-    """KDE against a random reference subset of this many training images (cost O(N M)); 0: all images (O(N^2))"""
+    """KDE against a seeded random subset of M = this many training images (cost O(N M)); 0: every image (O(N^2), exact)
+    up to N = 1,048,576 images, a subset of M = 1,048,576 above (a Monte-Carlo estimate of the same density, relative
+    error about 1/sqrt(neighbours within the bandwidth among the M); measured costs in docs/simsiam_rwsam.md)"""
     kde_chunk_size: int = 4096
     """block size of the chunked KDE (memory ~ 3 x chunk^2 floats)"""
     label_base: float = 1.2
@@ -520,20 +522,45 @@ def on_epoch_start(run: Run, epoch: int) -> None:
     started, n = time.perf_counter(), len(run.train_set)
     start, stop, _ = shard_bounds(n, run.rank, run.world_size)
     local = backbone_features(run, start, stop)
-    reference = None
-    if 0 < args.kde_reference < n:  # same subset on every rank: a function of (seed, epoch)
-        g = torch.Generator().manual_seed(args.seed * 7919 + epoch)
-        reference = torch.randperm(n, generator=g)[: args.kde_reference].sort().values
+    reference = kde_reference_indices(n, args.kde_reference, args.seed, epoch)  # the same on every rank
     w = sharded_kde_weights(
         local, n, args.kde_bandwidth, args.kde_alpha, args.kde_max_ratio, reference, args.kde_chunk_size
     )
     run.model.sample_weights.copy_(w)
     if run.rank == 0:
+        against = "every other image" if reference is None else f"a subset of {len(reference)}"
         print(
-            f"epoch {epoch + 1}: KDE weights of {n} images in {time.perf_counter() - started:.1f}s "
+            f"epoch {epoch + 1}: KDE weights of {n} images against {against} in {time.perf_counter() - started:.1f}s "
             f"(min {w.min().item():.3f}, max {w.max().item():.3f})",
             flush=True,
         )
+
+
+# --kde-reference 0 (the default): the exact KDE up to this many images, a seeded subset of this many above. An
+# update costs M reference pairs per image, an epoch one step per image, so its share of the E = --reweight-every
+# epochs between updates is M x (time per pair) / (E x step time per image) at any N and any number of ranks: a
+# bound on M bounds it. Measured on one core of our CPU (D 2048: 35-40 ns per pair; ResNet-50 rwSAM at 224 px:
+# 0.56-0.71 s per image): < 0.8% of 10 epochs at M = 2^20; on GPUs, assuming the update 100x faster than that core
+# and 750 rwSAM images/s per GPU, about 3% (5% near M = 1.7M). ImageNet-LT (115,846 images: 0.3%) and iNaturalist
+# 2018 (437,513: 1.3%) stay exact (docs/simsiam_rwsam.md, benchmarks/kde_scale.py).
+KDE_AUTO_REFERENCE = 2**20
+
+
+def kde_reference_indices(n: int, kde_reference: int, seed: int, epoch: int) -> Optional[torch.Tensor]:
+    """The reference points of the KDE update of ``epoch`` over ``n`` images: None (every other image: the exact
+    density of ``kde_weights``) or a sorted int64 tensor [M] of M distinct indices in [0, n), drawn uniformly by a
+    generator seeded with (seed, epoch): every rank, and a resumed run, draw the same subset.
+
+    M = ``kde_reference`` (--kde-reference) if 0 < it < n; 0 means every image while n <= KDE_AUTO_REFERENCE and
+    M = KDE_AUTO_REFERENCE above. The subset gives a Monte-Carlo estimate of the same density (unbiased up to the
+    self-exclusion): p_i = mean_j k(f_i, f_j) over M points drawn without replacement has relative standard deviation
+    sqrt((1 - M/(n-1)) / M) x std_j k / mean_j k, about 1 / sqrt(the expected number of i's neighbours within a
+    bandwidth among the M), largest for the rarest images."""
+    m = kde_reference or (KDE_AUTO_REFERENCE if n > KDE_AUTO_REFERENCE else 0)
+    if not 0 < m < n:
+        return None
+    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    return torch.randperm(n, generator=g)[:m].sort().values
 
 
 @torch.no_grad()
@@ -639,7 +666,8 @@ def sharded_kde_weights(
     f = _gather_rows(mine, per)[:n]
     ids = torch.arange(n, device=f.device)
     ref_ids = ids if reference is None else reference.to(f.device).long()
-    log_p = _kde_log_density(mine, f[ref_ids], bandwidth, chunk_size, ids[start:stop], ref_ids)
+    ref = f if reference is None else f[ref_ids]  # no copy of all N features (3.6 GB at iNaturalist's N, D 2048)
+    log_p = _kde_log_density(mine, ref, bandwidth, chunk_size, ids[start:stop], ref_ids)
     return _weights_from_log_density(_gather_rows(log_p, per)[:n], alpha, max_ratio)
 
 

@@ -61,6 +61,27 @@ def test_step_cost_prints_a_row_per_method_and_precision(tmp_path):
         assert ratio > ratio_opt > 0 and all(math.isfinite(v) and v > 0 for v in rates)
 
 
+def test_kde_scale_prints_a_row_per_reference_size(tmp_path):
+    """benchmarks/kde_scale.py at a tiny size: the CPU line, the assumptions line, and one table row per reference
+    size (every other image first) with its times, shares and, for the subsets, their density error."""
+    out = run_benchmark(
+        "kde_scale.py",
+        *("--n", "600", "--dim", "16", "--queries", "128", "--references", "0", "64", "256", "--chunk-size", "64"),
+        *("--classes", "20", "--imbalance", "10", "--step-arch", "resnet18", "--step-size", "16", "--step-batch", "2"),
+        *("--step-repeats", "1"),
+        cwd=tmp_path,
+    )
+    assert re.search(r"^kde_scale on .+, (native|no native) bf16, 1 thread\(s\), torch .+: N 600, D 16,", out, re.M)
+    assert "assumed, not measured: a GPU runs the update 100x faster" in out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| (all )?[\d,]+ \|", line)]
+    assert [r[0].strip() for r in rows] == ["all 599", "64", "256"]
+    for r in rows:
+        assert len(r) == 10 and re.fullmatch(r" [\d.]+ s \([\d.]+ s\) ", r[1]) and float(r[2]) > 0
+        assert all(re.fullmatch(r" [\d.]+ (ms|s|min|h) ", c) for c in r[3:6])
+        assert all(re.fullmatch(r" [\d.]+% ", c) for c in r[6:8])
+    assert [r[8].strip() for r in rows][0] == "-" and all(re.fullmatch(r" [\d.]+% ", r[8]) for r in rows[1:])
+
+
 TINY_DATA = ["--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-per-class", "24"]
 
 
@@ -570,8 +591,10 @@ def _gpu_check(tmp_path, *flags: str, timeout: int = 600) -> subprocess.Complete
 
 def test_gpu_check_smoke_mode_runs_every_script_end_to_end(tmp_path):
     """benchmarks/gpu_check.sh --device cpu --modes bf16: every script through its own command line, then
-    step_cost's step / limit; one row each, and the closing line only when all of them finished. (Each script's
-    fp16 path is trained by test_scripts.py's amp test; the check's fp16 mode by the next test.)"""
+    step_cost's step / limit, then the four checks (--deterministic ViT with focal crops, ExCB's k-means init, a
+    SIGTERM and resume, the probe of the resumed backbone); one row each, all passing, and the closing line only
+    when all of them finished. (Each script's fp16 path is trained by test_scripts.py's amp test; the check's fp16
+    mode by the next test.)"""
     proc = _gpu_check(tmp_path, "--modes", "bf16", "compile")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = re.findall(r"^\| (supervised|simsiam|msn|excb) \| (bf16|fp16|compile) \| (\d+) \|", proc.stdout, re.M)
@@ -581,24 +604,65 @@ def test_gpu_check_smoke_mode_runs_every_script_end_to_end(tmp_path):
     step_rows = re.findall(r"^\| (supervised|simsiam|msn|excb) \| bf16 \| (\d+\.\d{3}) \|", proc.stdout, re.M)
     assert [m for m, _ in step_rows] == ["supervised", "simsiam", "msn", "excb"]
     assert all(float(ratio) > 0 for _, ratio in step_rows)
+    checks = re.findall(r"^\| (\w+) \| (pass|FAILED) \| (\d+\.\d) \| (.+) \|$", proc.stdout, re.M)
+    assert [(name, result) for name, result, _, _ in checks] == [
+        ("deterministic", "pass"),
+        ("kmeans", "pass"),
+        ("resume", "pass"),
+        ("probe", "pass"),
+    ]
+    assert all(float(seconds) > 0 for _, _, seconds, _ in checks)
+    detail = {name: text for name, _, _, text in checks}
+    assert "--deterministic" in detail["deterministic"] and "3 steps" in detail["deterministic"]
+    assert "k-means init of 28 centroids on 56 images" in detail["kmeans"]
+    m = re.search(r"stopped at step (\d+) \(exit 143\); the same command resumed at step (\d+) of 8", detail["resume"])
+    assert m and m.group(1) == m.group(2) and 1 <= int(m.group(1)) < 8
+    assert re.search(r"56 training / 8 test images, linear top-1 [\d.]+, kNN [\d.]+", detail["probe"])
     assert proc.stdout.rstrip().endswith("gpu_check: all runs finished")
 
 
 def test_gpu_check_runs_each_mode_it_is_given(tmp_path):
     """--modes bf16 fp16: one row per mode, in order, the fp16 run with its GradScaler (the script's own --amp)."""
-    proc = _gpu_check(tmp_path, "--methods", "supervised", "--modes", "bf16", "fp16", "--no-step-cost")
+    proc = _gpu_check(tmp_path, "--methods", "supervised", "--modes", "bf16", "fp16", "--no-step-cost", "--checks")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = re.findall(r"^\| supervised \| (bf16|fp16|compile) \| (\d+) \|", proc.stdout, re.M)
     assert [mode for mode, _ in rows] == ["bf16", "fp16"]
-    assert "step / limit" not in proc.stdout and proc.stdout.rstrip().endswith("gpu_check: all runs finished")
+    assert "step / limit" not in proc.stdout and "| check |" not in proc.stdout  # --checks with no value: none
+    assert proc.stdout.rstrip().endswith("gpu_check: all runs finished")
 
 
 def test_gpu_check_fails_on_a_failing_run_naming_the_command(tmp_path):
-    proc = _gpu_check(tmp_path, "--image-size", "4", "--methods", "supervised", timeout=300)
+    """A failing run names its command and shows the script's error; the later runs still run and report (a lent GPU
+    session gets every row), and the check exits non-zero listing what failed."""
+    flags = (
+        "--image-size",
+        "4",
+        "--methods",
+        "supervised",
+        "--modes",
+        "bf16",
+        "--no-step-cost",
+        "--checks",
+        "deterministic",
+    )
+    proc = _gpu_check(tmp_path, *flags, timeout=300)
     assert proc.returncode != 0
-    assert "gpu_check: FAILED" in proc.stderr and "supervised_baseline.py" in proc.stderr
+    assert (
+        "gpu_check: FAILED" in proc.stderr and "supervised_baseline.py" in proc.stderr and "msn_prior.py" in proc.stderr
+    )
     assert "--image-size must be >= 8, got 4" in proc.stderr  # the script's own one-line error is shown
+    assert "| supervised | bf16 | FAILED |" in proc.stdout
+    assert re.search(r"^\| deterministic \| FAILED \| [\d.]+ \| exit 2: .*--image-size must be >= 8", proc.stdout, re.M)
+    assert proc.stderr.rstrip().endswith("gpu_check: 2 failed: supervised bf16, deterministic")
     assert "all runs finished" not in proc.stdout
+
+
+def test_gpu_check_kills_a_run_at_its_timeout(tmp_path):
+    """--timeout: a run that outlives it is killed (with its process group) and reported as failed, in one line."""
+    flags = ("--methods", "supervised", "--modes", "bf16", "--no-step-cost", "--checks", "--timeout", "2")
+    proc = _gpu_check(tmp_path, *flags, timeout=120)  # the script's start-up alone takes longer than 2 s
+    assert proc.returncode != 0 and "gpu_check: FAILED (killed after the 2 s timeout)" in proc.stderr
+    assert "| supervised | bf16 | FAILED |" in proc.stdout and "all runs finished" not in proc.stdout
 
 
 def test_pipeline_benchmark_times_each_scripts_own_transform(tmp_path):

@@ -262,6 +262,65 @@ def test_chunked_equals_unchunked_and_a_reference_subset_is_close():
     assert full[:40].mean() > 2 * full[40:].mean()  # and the rare class is up-weighted
 
 
+def test_default_reference_is_every_image_up_to_the_cap_then_a_seeded_subset_of_the_cap():
+    cap = ss.KDE_AUTO_REFERENCE
+    assert cap == 2**20  # what --help and docs/simsiam_rwsam.md promise
+    assert ss.kde_reference_indices(cap, 0, seed=1, epoch=10) is None  # ImageNet-LT, iNaturalist: exact
+    big = ss.kde_reference_indices(cap + 1000, 0, seed=1, epoch=10)  # a fake N just above the cap
+    assert big is not None and big.dtype == torch.int64 and big.shape == (cap,)
+    assert torch.equal(big, big.unique()) and 0 <= int(big[0]) and int(big[-1]) < cap + 1000  # sorted, distinct
+    assert torch.equal(big, ss.kde_reference_indices(cap + 1000, 0, seed=1, epoch=10))  # every rank, a resume
+    assert not torch.equal(big, ss.kde_reference_indices(cap + 1000, 0, seed=1, epoch=20))  # a new draw per update
+    assert not torch.equal(big, ss.kde_reference_indices(cap + 1000, 0, seed=2, epoch=10))
+    # an explicit --kde-reference M is used below N, at any N; M >= N means every image
+    assert ss.kde_reference_indices(1000, 100, seed=1, epoch=0).shape == (100,)
+    assert ss.kde_reference_indices(1000, 1000, seed=1, epoch=0) is None
+    # uniform: over 400 updates each of 1,000 images is drawn 40 times on average (binomial sd 6)
+    hits = torch.bincount(torch.cat([ss.kde_reference_indices(1000, 100, 1, e) for e in range(400)]), minlength=1000)
+    assert 10 < hits.min() and hits.max() < 70 and hits.float().mean() == 40
+
+
+def test_the_epoch_hook_uses_the_default_subset_above_the_cap(tmp_path, monkeypatch, capsys):
+    """on_epoch_start with --kde-reference 0: the exact KDE at N = the cap, a seeded subset of the cap above it."""
+    run, _ = _tiny_run(tmp_path, reweight_warmup=0, reweight_every=1)
+    n = len(run.train_set)
+    feats = ss.backbone_features(run, 0, n)
+    monkeypatch.setattr(ss, "KDE_AUTO_REFERENCE", n)
+    ss.on_epoch_start(run, 0)
+    exact = run.model.sample_weights.clone()
+    torch.testing.assert_close(exact, ss.kde_weights(feats, 0.3), rtol=1e-5, atol=1e-6)
+    assert f"KDE weights of {n} images against every other image" in capsys.readouterr().out
+    monkeypatch.setattr(ss, "KDE_AUTO_REFERENCE", n // 2)
+    ss.on_epoch_start(run, 1)
+    ref = torch.randperm(n, generator=torch.Generator().manual_seed(run.args.seed * 7919 + 1))[: n // 2].sort().values
+    torch.testing.assert_close(run.model.sample_weights, ss.kde_weights(feats, 0.3, reference=ref), rtol=1e-5, atol=0)
+    assert not torch.allclose(run.model.sample_weights, exact, rtol=1e-3)
+    assert f"against a subset of {n // 2} in" in capsys.readouterr().out
+
+
+def test_a_reference_subset_errs_as_a_monte_carlo_estimate_of_the_full_kde():
+    """The subset's weights against the full KDE's (dense float64 kernel matrix here, not the chunked code) on
+    clustered features, 3,000 points, M = 750. Independently of the code, p_i = mean_j k_ij over M of the N - 1 other
+    points drawn without replacement has relative sd s_i = sqrt((1 - M/(N-1)) / M) std_j k_ij / mean_j k_ij, and
+    without clipping w_i ~ 1/p_i has the same relative error to first order. So the errors over s_i must have an rms
+    near 1 (over seeds 0-4 of the draw: 0.78 to 1.20; errors of neighbours are correlated, hence the spread: the band
+    is 0.6 to 1.4), no point beyond 5 s_i (seen: at most 4.0), and the rare cluster errs most (its s is largest)."""
+    g = torch.Generator().manual_seed(8)
+    n, m, h, sizes = 3000, 750, 0.5, torch.tensor([1800, 900, 250, 50])
+    labels = torch.repeat_interleave(torch.arange(4), sizes)
+    centres = torch.nn.functional.normalize(torch.randn(4, 8, generator=g, dtype=torch.float64), dim=1)
+    f = torch.nn.functional.normalize(centres[labels] + 0.35 * torch.randn(n, 8, generator=g, dtype=torch.float64))
+    k = torch.exp(-torch.cdist(f, f).pow(2) / (2 * h * h))[~torch.eye(n, dtype=torch.bool)].view(n, n - 1)
+    p = k.mean(1)
+    s = math.sqrt((1 - m / (n - 1)) / m) * k.std(1, correction=0) / p
+    full = (1 / p) / (1 / p).mean()
+    sub = ss.kde_weights(f, h, max_ratio=1e9, reference=ss.kde_reference_indices(n, m, seed=1, epoch=0)).double()
+    err = sub / full - 1
+    assert 0.6 < (err / s).pow(2).mean().sqrt() < 1.4
+    assert (err.abs() / s).max() < 5
+    assert err[labels == 3].abs().mean() > 2 * err[labels == 0].abs().mean()
+
+
 def test_label_weights_are_base_to_the_frequency_rank():
     labels = [2, 2, 2, 0, 0, 1, 1, 1, 1, 3]  # frequency ranks: class 1 -> 0, 2 -> 1, 0 -> 2, 3 -> 3
     raw = [1.2 ** {1: 0, 2: 1, 0: 2, 3: 3}[y] for y in labels]
