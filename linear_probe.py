@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -130,9 +131,10 @@ class ViT(nn.Module):
     heads), so an export loads into it strictly and gives the same features: the CLS token after the final LayerNorm.
 
     forward(x, keep=None): x may be smaller than image_size (local / focal crops: the position embeddings are
-    bicubically interpolated, as DINO/MSN/ExCB do); keep [B, n] drops all other patch tokens (MSN masking without
-    mask tokens). Initialisation: truncated normal std 0.02 (DeiT, DINO, MSN). set_drop_path(rate): stochastic
-    depth rising linearly over the blocks from 0 to ``rate`` (DINO rule)."""
+    bicubically interpolated, as DINO/MSN/ExCB do, by two matmuls with ``bicubic_matrix``, deterministic on CUDA
+    too); keep [B, n] drops all other patch tokens (MSN masking without mask tokens). Initialisation: truncated
+    normal std 0.02 (DeiT, DINO, MSN). set_drop_path(rate): stochastic depth rising linearly over the blocks from 0
+    to ``rate`` (DINO rule)."""
 
     def __init__(
         self, image_size: int, patch_size: int, num_layers: int, num_heads: int, hidden_dim: int, mlp_dim: int
@@ -165,16 +167,30 @@ class ViT(nn.Module):
         x = x.reshape(n, self.hidden_dim, h * w).permute(0, 2, 1)
         pos = self.encoder.pos_embedding
         pos_cls, pos_patch = pos[:, :1], pos[:, 1:]
-        if (h, w) != (self.grid, self.grid):
-            grid = pos_patch.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(pos.dtype)
-            pos_patch = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        if (h, w) != (self.grid, self.grid):  # bicubic, separably: rows by A_h, columns by A_w, as two matmuls
+            grid = pos_patch.reshape(self.grid, self.grid * self.hidden_dim).float()
+            a_h, a_w = bicubic_matrix(self.grid, h, x.device), bicubic_matrix(self.grid, w, x.device)
+            grid = a_w @ (a_h @ grid).reshape(h, self.grid, self.hidden_dim)  # [h, w, D]
+            pos_patch = grid.reshape(1, h * w, self.hidden_dim).to(pos.dtype)
         x = x + pos_patch
         if keep is not None:
             x = torch.gather(x, 1, keep[:, :, None].expand(-1, -1, x.shape[-1]))
         x = torch.cat([(self.class_token + pos_cls).expand(n, -1, -1), x], dim=1)
         x = self.encoder.ln(self.encoder.layers(x))
         return x[:, 0]
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_matrix(size: int, out: int, device: torch.device) -> torch.Tensor:
+    """The [out, size] float32 matrix (on ``device``) of 1-D bicubic resampling of ``size`` positions to ``out``:
+    F.interpolate's (mode="bicubic", align_corners=False: Keys' cubic convolution, a = -0.75, border taps
+    clamped) applied to the identity, so ``A @ v`` equals interpolating v. 2-D bicubic is separable:
+    F.interpolate(G, (h, w)) = A_h @ G @ A_w^T per channel. Matmuls have deterministic backward passes on CUDA;
+    F.interpolate's bicubic backward raises under torch.use_deterministic_algorithms(True) there. Cached."""
+    with torch.no_grad():
+        eye = torch.eye(size, dtype=torch.float64).reshape(1, size, size, 1)  # channel i = the i-th unit vector
+        a = F.interpolate(eye, size=(out, 1), mode="bicubic", align_corners=False).reshape(size, out).T
+    return a.to(device, torch.float32).contiguous()
 
 
 def build_backbone(arch: str, **kwargs) -> nn.Module:

@@ -482,3 +482,58 @@ def test_probe_takes_a_run_folder(tiny_supervised_run, tmp_path):
     (tmp_path / "empty").mkdir()
     proc = run_script("linear_probe.py", str(tmp_path / "empty"), cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "is a folder without backbone.pt or checkpoint.pt" in proc.stderr
+
+
+VIT_RESIZES = [(4, 2, 2), (4, 6, 6), (4, 3, 5), (7, 4, 9), (14, 6, 16), (2, 8, 3), (6, 6, 4)]
+
+
+@pytest.mark.parametrize("grid,h,w", VIT_RESIZES)
+def test_vit_position_embedding_resize_is_bicubic_interpolation_by_matmuls(grid, h, w):
+    """Up- and downsampling, square or not: the [h*w, D] position embeddings equal F.interpolate's bicubic
+    resize of the grid x grid embeddings (align_corners=False), gradients reach pos_embedding, and the autograd
+    graph holds no bicubic-upsample backward (which raises under deterministic algorithms on CUDA)."""
+    torch.manual_seed(0)
+    patch, dim = 2, 8
+    vit = lp.build_backbone("vit", **lp.vit_kwargs("vit_tiny", grid * patch, 1, 2, dim, patch)).eval()
+    seen = []
+    vit.encoder.layers.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    x = torch.randn(2, 3, h * patch, w * patch)
+    out = vit(x)
+    pos = vit.encoder.pos_embedding
+    expected = torch.nn.functional.interpolate(
+        pos[:, 1:].reshape(1, grid, grid, dim).permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False
+    )
+    tokens = vit.conv_proj(x).flatten(2).transpose(1, 2)  # the patch tokens before the position embeddings
+    torch.testing.assert_close(
+        seen[0][:, 1:] - tokens,
+        expected.permute(0, 2, 3, 1).reshape(1, h * w, dim).expand(2, -1, -1),
+        atol=1e-6,
+        rtol=0,
+    )
+    seen_nodes, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen_nodes:
+            seen_nodes.add(node)
+            stack.extend(n for n, _ in node.next_functions)
+    names = {type(node).__name__ for node in seen_nodes}
+    assert not any("Upsample" in n for n in names) and "MmBackward0" in names
+    r = torch.randn(2, h * w, dim)  # the gradient reaching pos_embedding: that of F.interpolate's resize
+    (grad,) = torch.autograd.grad((seen[0][:, 1:] * r).sum(), pos, retain_graph=True)
+    (expected_grad,) = torch.autograd.grad((expected.permute(0, 2, 3, 1).reshape(1, h * w, dim) * r).sum(), pos)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+    assert grad[0, 1:].abs().min() > 0 or h * w < grid * grid  # every grid point reached when upsampling
+    (out * torch.randn_like(out)).sum().backward()
+    assert pos.grad[0, 1:].abs().sum() > 0
+
+
+def test_vit_resize_runs_under_deterministic_algorithms():
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        vit = lp.build_backbone("vit", **lp.vit_kwargs("vit_tiny", 16, 1, 2, 8, 4))
+        out = vit(torch.randn(2, 3, 8, 12))
+        (out * torch.randn_like(out)).sum().backward()
+        assert vit.encoder.pos_embedding.grad.abs().sum() > 0
+    finally:
+        torch.use_deterministic_algorithms(was)
