@@ -6,10 +6,13 @@
 
 Features are extracted once (eval transform, every image, no drop_last) and reused by every probe.
 The linear probe trains on the *balanced* full training set by default, as Liu et al. (2022) and
-the SDCLR/BCL line do (``--train-on long-tailed`` for the long-tailed subset); kNN follows the
-InstDisc protocol (k=200, cosine similarity, votes weighted by exp(sim / 0.1)). Many / medium / few
-groups come from the class counts of the long-tailed pre-training set (see lt_data.shot_groups).
-Prints a markdown table and writes the same numbers as JSON.
+the SDCLR/BCL line do (``--train-on long-tailed`` for the long-tailed subset); kNN follows DINO's
+protocol (Caron et al. 2021, Sec. 3.2: k 20 over the whole training set, cosine similarity, votes weighted
+by exp(sim / 0.07)), which does not depend on the class sizes. Many / medium / few groups come from the
+class counts of the long-tailed pre-training set (see lt_data.shot_groups). Features stay on the device
+that extracted them (the GPU when there is one) and the probes run there; on a CPU the probe uses every
+core it may run on unless OMP_NUM_THREADS says otherwise. Prints a markdown table and writes the same
+numbers as JSON.
 
 Also the one place that knows the backbones and the export format: ``build_backbone`` turns an export's
 metadata into a model (torchvision's ResNets, or a ViT in torchvision's VisionTransformer layout that also
@@ -290,8 +293,9 @@ def extract_features(
     amp: str = "none",
     label: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features and labels of every item of ``dataset`` (eval mode, no drop_last), in order; with a
-    ``label``, a progress line at about every tenth of the images."""
+    """Frozen features [N, D] (float32) and labels [N] (int64) of every item of ``dataset`` (eval mode, no
+    drop_last), in order, both on ``device``: the probes then run where the features are. With a ``label``, a
+    progress line at about every tenth of the images."""
     model.eval().to(device, memory_format=torch.channels_last)
     loader = lt_data.make_loader(dataset, batch_size, num_workers, sampler=None, drop_last=False)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
@@ -299,19 +303,21 @@ def extract_features(
     every, done = max(1, math.ceil(len(loader) / 10)), 0
     for i, (x, y, _) in enumerate(loader, 1):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            feats.append(model(x.to(device, non_blocking=True, memory_format=torch.channels_last)).float().cpu())
+            feats.append(model(x.to(device, non_blocking=True, memory_format=torch.channels_last)).float())
         labels.append(y)
         done += len(y)
         if label and (i % every == 0 or i == len(loader)):
             print(f"extracting features of the {label} images: {done}/{len(dataset)}", flush=True)
-    return torch.cat(feats), torch.cat(labels)
+    return torch.cat(feats), torch.cat(labels).to(device)
 
 
-def default_knn_k(train_y: torch.Tensor, num_classes: int) -> int:
-    """The probe's default kNN k: 200 (Wu et al. 2018; the CIFAR protocol, 5,000 images a class), at most a
-    twentieth of the smallest class in train_y [N] (at least 1)."""
-    smallest = int(torch.bincount(train_y, minlength=num_classes).min())
-    return max(1, min(200, smallest // 20))
+# The probe's kNN protocol: DINO's weighted k-NN over the whole probe training set (Caron et al. 2021, "Emerging
+# Properties in Self-Supervised Vision Transformers", Sec. 3.2: "20 NN is consistently working the best"; the
+# temperature is the default of its eval_knn.py). It does not depend on the class sizes, so it holds on a long
+# tail whose smallest class has 5 images (ImageNet-LT), where InstDisc's k 200 (Wu et al. 2018) cannot.
+KNN_K = 20
+KNN_TEMPERATURE = 0.07
+KNN_BLOCK_BYTES = 256 * 2**20  # at most this much of query x bank similarities at a time
 
 
 def knn_predict(
@@ -319,19 +325,38 @@ def knn_predict(
     train_y: torch.Tensor,
     test_f: torch.Tensor,
     num_classes: int,
-    k: int = 200,
-    temperature: float = 0.1,
-    chunk: int = 1024,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
+    chunk: Optional[int] = None,
 ) -> torch.Tensor:
-    """Weighted kNN (Wu et al. 2018): cosine similarity, the k nearest vote with weight exp(sim / T)."""
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    """Weighted kNN (Wu et al. 2018; DINO's defaults): cosine similarity of test_f [M, D] to the bank
+    train_f [N, D] (labels train_y [N], int64), the min(k, N) nearest vote for their class with weight
+    exp(sim / temperature); returns the predicted classes [M] (int64) on test_f's device. Runs on the features'
+    device, ``chunk`` queries at a time (None: as many as keep the chunk's [chunk, N] float32 similarities within
+    KNN_BLOCK_BYTES, 256 MB)."""
+    device = test_f.device
+    train_f, test_f = F.normalize(train_f.to(device), dim=1), F.normalize(test_f, dim=1)
+    train_y = train_y.to(device)
     k = min(k, len(train_f))
+    chunk = chunk or max(1, KNN_BLOCK_BYTES // (4 * max(len(train_f), 1)))
     preds = []
     for i in range(0, len(test_f), chunk):
         sim, idx = (test_f[i : i + chunk] @ train_f.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        weight, label = (sim / temperature).exp(), train_y[idx]
+        votes = sim.new_zeros(len(sim), num_classes)
+        rows = torch.arange(len(sim), device=device)
+        for j in range(k):  # one vote per row at a time: no two writes meet in a cell, so no atomics on a GPU
+            votes[rows, label[:, j]] += weight[:, j]
         preds.append(votes.argmax(1))
-    return torch.cat(preds)
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    """A seeded generator on ``device`` where it has one (CUDA, MPS), else on the CPU."""
+    try:
+        return torch.Generator(device=device).manual_seed(seed)
+    except RuntimeError:
+        return torch.Generator().manual_seed(seed)
 
 
 def train_linear(
@@ -345,27 +370,31 @@ def train_linear(
     seed: int,
     verbose: bool = False,
 ) -> nn.Module:
-    """Logistic regression on standardised frozen features: SGD momentum 0.9, cosine lr, cross-entropy
-    (``verbose``: a progress line at about every tenth of the epochs)."""
-    g = torch.Generator().manual_seed(seed)
+    """Logistic regression on standardised frozen features train_f [N, D] with labels train_y [N] (int64): SGD
+    momentum 0.9, cosine lr from ``lr`` to 0 over every step, cross-entropy, batches of a seeded permutation per
+    epoch (``verbose``: a progress line at about every tenth of the epochs). Returns standardisation + nn.Linear,
+    mapping [B, D] to logits [B, num_classes], with its parameters and buffers on train_f's device, where it
+    trained."""
+    device = train_f.device
+    train_y = train_y.to(device)
+    g = _generator(device, seed)
     mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
-    clf = nn.Linear(train_f.shape[1], num_classes)
+    clf = nn.Linear(train_f.shape[1], num_classes, device=device)
     nn.init.zeros_(clf.weight), nn.init.zeros_(clf.bias)
     opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     xs = (train_f - mean) / std
-    steps = epochs * math.ceil(len(xs) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    steps, step = epochs * math.ceil(len(xs) / batch_size), 0
     for epoch in range(1, epochs + 1):
         if verbose and (epoch % max(1, epochs // 10) == 0 or epoch == epochs):
             print(f"training the linear head: epoch {epoch}/{epochs}", flush=True)
-        perm = torch.randperm(len(xs), generator=g)
-        for i in range(0, len(xs), batch_size):
-            j = perm[i : i + batch_size]
+        perm = torch.randperm(len(xs), generator=g, device=g.device).to(device)
+        for j in perm.split(batch_size):
             loss = F.cross_entropy(clf(xs[j]), train_y[j])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            step += 1
+            opt.param_groups[0]["lr"] = lr * (0.5 * (1 + math.cos(math.pi * step / steps)))  # a float: no sync
     return nn.Sequential(_Standardise(mean, std), clf)
 
 
@@ -380,9 +409,11 @@ class _Standardise(nn.Module):
 
 
 def accuracy_report(pred: torch.Tensor, target: torch.Tensor, num_classes: int, groups: dict[str, list[int]]) -> dict:
-    """Top-1, per-class accuracy, the mean per-class accuracy of each shot group and the std of the groups. A class
-    without test images, or a group without classes, is None (JSON null: strict readers refuse NaN)."""
-    correct = (pred == target).double()
+    """Top-1, per-class accuracy, the mean per-class accuracy of each shot group and the std of the groups (in %),
+    of predictions pred [M] against target [M] (any device). A class without test images, or a group without
+    classes, is None (JSON null: strict readers refuse NaN)."""
+    correct = (pred.cpu() == target.cpu()).double()
+    target = target.cpu()
     per_class = [correct[target == c].mean().item() * 100 if (target == c).any() else None for c in range(num_classes)]
     out = {"top1": correct.mean().item() * 100, "per_class": per_class}
     accs = []
@@ -397,13 +428,19 @@ def accuracy_report(pred: torch.Tensor, target: torch.Tensor, num_classes: int, 
 
 
 def few_shot_indices(labels: torch.Tensor, shots: int, seed: int) -> torch.Tensor:
-    """``shots`` random examples of each class (all of a class that has fewer)."""
+    """Indices into labels [N] of ``shots`` random examples of each class present (all of a class that has fewer),
+    class by class in increasing order; drawn on the CPU (the same on every device), returned on labels' device."""
     g = torch.Generator().manual_seed(seed)
-    picks = []
-    for c in labels.unique():
-        idx = (labels == c).nonzero().flatten()
-        picks.append(idx[torch.randperm(len(idx), generator=g)[:shots]])
-    return torch.cat(picks)
+    by_class = _indices_by_class(labels.cpu())
+    picks = [idx[torch.randperm(len(idx), generator=g)[:shots]] for idx in by_class if len(idx)]
+    return torch.cat(picks).to(labels.device)
+
+
+def _indices_by_class(labels: torch.Tensor) -> list[torch.Tensor]:
+    """For each class 0..max(labels), the increasing indices of its examples in labels [N] (CPU): one stable sort,
+    not one pass over the labels per class (8,142 classes of iNaturalist 2018)."""
+    counts = torch.bincount(labels) if len(labels) else torch.zeros(0, dtype=torch.long)
+    return list(torch.argsort(labels, stable=True).split(counts.tolist()))
 
 
 # --------------------------------------------------------------------------- online kNN monitor
@@ -444,8 +481,8 @@ class KNNMonitor:
         batch_size: int = 256,
         num_workers: int = 0,  # in-process: no idle workers between evaluations
         seed: int = 0,
-        k: int = 20,
-        temperature: float = 0.07,
+        k: int = KNN_K,
+        temperature: float = KNN_TEMPERATURE,
     ):
         tf = lt_data.eval_transform(data.image_size, data.mean, data.std)
         bank_idx = balanced_subset(data.train_full.targets, bank, seed)
@@ -559,11 +596,11 @@ class ProbeArgs:
     """linear-probe batch size"""
     weight_decay: float = 0.0
     """linear-probe weight decay"""
-    knn_k: Annotated[Optional[int], lt_data.resolved_later("200, at most 1/20 of the smallest class", "INT")] = None
-    """kNN neighbours (Wu et al. 2018); the default's cap on small sets (20 for 400 images a class) keeps a
-    neighbourhood well inside a class: at half a class it blurs every vote"""
-    knn_temperature: float = 0.1
-    """kNN vote temperature"""
+    knn_k: int = KNN_K
+    """kNN neighbours, over the whole probe training set (DINO's k-NN, Caron et al. 2021, Sec. 3.2; whatever the
+    class sizes)"""
+    knn_temperature: float = KNN_TEMPERATURE
+    """kNN vote temperature: a neighbour's vote is exp(cosine similarity / T) (DINO's eval_knn.py)"""
     shots: tuple[int, ...] = ()
     """few-shot probes: examples per class, e.g. --shots 100 50"""
     few_shot_seeds: int = 3
@@ -641,9 +678,9 @@ def run_probe(args: ProbeArgs) -> dict:
     )
     with torch.no_grad():
         linear = accuracy_report(clf(test_f).argmax(1), test_y, C, groups)
-    knn_k = args.knn_k or default_knn_k(train_y, C)
+    knn_k = min(args.knn_k, len(train_f))  # knn_predict's cap: all of a smaller bank
     knn = accuracy_report(knn_predict(train_f, train_y, test_f, C, knn_k, args.knn_temperature), test_y, C, groups)
-    knn["k"] = knn_k
+    knn["k"], knn["temperature"] = knn_k, args.knn_temperature
     few = {}
     for shots in args.shots:
         runs = []
@@ -687,7 +724,7 @@ def markdown(res: dict) -> str:
     ]
     for name in ("linear", "knn"):
         r = res[name]
-        label = f"knn (k {r['k']})" if "k" in r else name
+        label = f"knn (k {r['k']}, T {r['temperature']:g})" if "k" in r else name
         lines.append(
             f"| {label} | {fmt(r['top1'])} | {fmt(r.get('many'))} | {fmt(r.get('medium'))} | "
             f"{fmt(r.get('few'))} | {fmt(r.get('group_std'))} |"
@@ -741,12 +778,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             if not found:
                 raise ProbeError(f"{args.checkpoint} is a folder without backbone.pt or checkpoint.pt")
             args.checkpoint = os.path.join(args.checkpoint, found[0])
-        if (
-            args.epochs < 1
-            or args.batch_size < 1
-            or (args.knn_k is not None and args.knn_k < 1)
-            or any(s < 1 for s in args.shots)
-        ):
+        if args.epochs < 1 or args.batch_size < 1 or args.knn_k < 1 or any(s < 1 for s in args.shots):
             raise ProbeError("--epochs, --batch-size, --knn-k and --shots must be >= 1")
         if args.random_init and args.raw_pixels:
             raise ProbeError("--random-init and --raw-pixels exclude each other: the raw pixels have no weights")
@@ -763,6 +795,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             sys.stdout, QuietWhenClosed
         ):  # linear_probe.py ... | head: the probe still ends with its JSON
             sys.stdout = QuietWhenClosed(sys.stdout)
+        if "OMP_NUM_THREADS" not in os.environ:  # a share of the cores set on purpose (parallel jobs) wins
+            torch.set_num_threads(lt_data.usable_cpus())  # here, not at import: the training scripts import this
         res = run_probe(args)
         floor = "_random" if args.random_init else "_pixels" if args.raw_pixels else ""
         out = args.output or os.path.join(folder, f"probe_{res['dataset']}{floor}.json")

@@ -36,12 +36,123 @@ def test_knn_recovers_separated_clusters_and_weights_votes():
     assert pred.item() == 1  # at a high temperature the two votes outweigh the one
 
 
-def test_default_knn_k_is_200_capped_at_a_twentieth_of_the_smallest_class():
-    per_class = lambda *n: torch.cat([torch.full((m,), c) for c, m in enumerate(n)])  # noqa: E731
-    assert lp.default_knn_k(per_class(6000, 6000), 2) == 200  # Fashion-MNIST's balanced bank: the protocol's 200
-    assert lp.default_knn_k(per_class(400, 900, 401), 3) == 20  # 400 a class: 400 // 20
-    assert lp.default_knn_k(per_class(5000, 19), 2) == 1  # never below one neighbour
-    assert lp.default_knn_k(per_class(5000, 5000), 3) == 1  # an empty class counts as the smallest
+def _reference_knn(train_f, train_y, test_f, num_classes, k, temperature):
+    """The probe's kNN as it was before it ran on the features' device (CPU, 1,024-query chunks, one scatter_add_
+    per chunk), written out whole: every similarity at once."""
+    train_f, test_f = torch.nn.functional.normalize(train_f, dim=1), torch.nn.functional.normalize(test_f, dim=1)
+    sim, idx = (test_f @ train_f.T).topk(min(k, len(train_f)), dim=1)
+    votes = torch.zeros(len(test_f), num_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+    return votes.argmax(1)
+
+
+def _reference_linear(train_f, train_y, num_classes, epochs, lr, batch_size, weight_decay, seed):
+    """The linear head as it was trained before (CPU generator, LambdaLR cosine): its weight and bias."""
+    g = torch.Generator().manual_seed(seed)
+    mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
+    clf = torch.nn.Linear(train_f.shape[1], num_classes)
+    torch.nn.init.zeros_(clf.weight), torch.nn.init.zeros_(clf.bias)
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    xs = (train_f - mean) / std
+    steps = epochs * math.ceil(len(xs) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    for _ in range(epochs):
+        perm = torch.randperm(len(xs), generator=g)
+        for i in range(0, len(xs), batch_size):
+            j = perm[i : i + batch_size]
+            loss = torch.nn.functional.cross_entropy(clf(xs[j]), train_y[j])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return clf.weight.detach(), clf.bias.detach()
+
+
+def test_probes_on_cpu_give_what_they_gave_before_they_followed_the_device():
+    """Same seeds, same numbers, bit for bit: kNN predictions (any chunking) and the linear head's weights."""
+    g = torch.Generator().manual_seed(0)
+    train_f, test_f = torch.randn(1500, 24, generator=g), torch.randn(300, 24, generator=g)
+    train_y = torch.randint(0, 30, (1500,), generator=g)
+    for n, k, t in ((1500, 200, 0.1), (1500, 20, 0.07), (1500, 1, 1.0), (150, 5000, 0.5)):  # the last: k > n
+        expected = _reference_knn(train_f[:n], train_y[:n], test_f, 30, k, t)
+        assert 0 < (expected == expected[0]).sum() < len(expected)  # not one class for every query
+        for chunk in (None, 37, 1024):
+            assert torch.equal(lp.knn_predict(train_f[:n], train_y[:n], test_f, 30, k, t, chunk), expected), (k, chunk)
+    weight, bias = _reference_linear(train_f, train_y, 30, 3, 0.5, 64, 1e-4, seed=3)
+    head = lp.train_linear(train_f, train_y, 30, epochs=3, lr=0.5, batch_size=64, weight_decay=1e-4, seed=3)
+    assert torch.equal(head[1].weight, weight) and torch.equal(head[1].bias, bias)
+    assert weight.abs().sum() > 0
+
+
+DEVICES = ["cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_head_and_knn_run_on_the_features_device(device):
+    """The head's parameters and buffers, its logits and the kNN predictions are on the features' device (the meta
+    device stands in for an accelerator here: a step that fell back to the CPU would fail or land elsewhere)."""
+    g = torch.Generator().manual_seed(0)
+    train_f, train_y = torch.randn(200, 8, generator=g).to(device), torch.randint(0, 5, (200,), generator=g).to(device)
+    head = lp.train_linear(train_f, train_y, 5, epochs=2, lr=0.1, batch_size=32, weight_decay=0.0, seed=0)
+    assert {t.device.type for t in [*head.parameters(), *head.buffers()]} == {device}
+    with torch.no_grad():
+        assert head(train_f[:7]).device.type == device and head(train_f[:7]).shape == (7, 5)
+    pred = lp.knn_predict(train_f, train_y, train_f[:9], 5, k=20, temperature=0.07)
+    assert pred.device.type == device and pred.shape == (9,) and pred.dtype == torch.long
+
+
+def test_knn_blocks_of_queries_are_sized_from_the_bank():
+    """A block of queries x bank similarities stays within KNN_BLOCK_BYTES (256 MB): 552 queries a block against
+    ImageNet-LT's 115,846 training images; here a budget of 7 rows against a bank of 100."""
+    from torch.overrides import TorchFunctionMode
+
+    assert lp.KNN_BLOCK_BYTES == 256 * 2**20
+    blocks = []
+
+    class RecordTopk(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.topk:
+                blocks.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    f, y = _clusters(25)  # 100 images, 4 classes
+    ft, yt = _clusters(10, seed=1)
+    budget = lp.KNN_BLOCK_BYTES
+    try:
+        lp.KNN_BLOCK_BYTES = 4 * 100 * 7 + 3
+        with RecordTopk():
+            pred = lp.knn_predict(f, y, ft, 4)
+    finally:
+        lp.KNN_BLOCK_BYTES = budget
+    assert blocks == [(7, 100)] * 5 + [(5, 100)] and torch.equal(pred, yt)
+
+
+def test_probe_main_uses_every_usable_core_unless_omp_num_threads_is_set(monkeypatch, tmp_path):
+    """On a CPU the probe's main asks for lt_data.usable_cpus() threads (os.sched_getaffinity); a thread count set
+    on purpose in OMP_NUM_THREADS (a share of the cores for parallel jobs) is left alone. Importing sets nothing."""
+    import lt_data
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(lt_data, "usable_cpus", lambda: 5)
+
+    def stop(args):
+        raise lp.ProbeError("stopped after the set-up")
+
+    monkeypatch.setattr(lp, "run_probe", stop)
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # main wraps it (QuietWhenClosed): restored afterwards
+    ckpt = tmp_path / "backbone.pt"
+    ckpt.write_bytes(b"")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with pytest.raises(SystemExit):
+        lp.main([str(ckpt)])
+    assert calls == [5]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with pytest.raises(SystemExit):
+        lp.main([str(ckpt)])
+    assert calls == [5]
+    code = "import torch; n = torch.get_num_threads(); import linear_probe; print(n == torch.get_num_threads())"
+    env = script_env(threads=1)
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout == "True\n"
 
 
 def test_linear_probe_separates_linearly_separable_features():
@@ -101,14 +212,14 @@ def test_probe_cli_end_to_end(tiny_supervised_run, tmp_path):
         "--tensorboard",
         cwd=tmp_path,
     )
-    assert "| linear |" in proc.stdout and "| knn (k 1) |" in proc.stdout and "2-shot" in proc.stdout
+    assert "| linear |" in proc.stdout and "| knn (k 20, T 0.07) |" in proc.stdout and "2-shot" in proc.stdout
     assert "extracting features of the training images: 128/128" in proc.stdout  # says what it is doing
     assert "training the linear head: epoch 3/3" in proc.stdout
     res = json.loads(out.read_text())
     assert res["dataset"] == "synthetic" and res["num_test"] == 32 and res["num_train"] == 128  # every image
     assert res["groups"] == {"many": [0, 1], "medium": [2], "few": [3]}  # thirds of 4 long-tailed classes
     assert len(res["linear"]["per_class"]) == 4 and len(res["few_shot"]["2"]["runs"]) == 2
-    assert res["knn"]["k"] == 1  # 32 images a class in the balanced bank: 32 // 20
+    assert (res["knn"]["k"], res["knn"]["temperature"]) == (20, 0.07)  # DINO's, whatever the class sizes
     # the long-tailed training set instead of the balanced one
     run_script(
         "linear_probe.py",
@@ -343,7 +454,7 @@ def test_raw_pixels_probe_uses_the_standardised_image_itself(tiny_supervised_run
     train_x, test_x = flat(data.train_full), flat(data.test)
     train_y, test_y = torch.tensor(data.train_full.targets), torch.tensor(data.test.targets)
     assert train_x.shape[1] == 3 * 16 * 16
-    pred = lp.knn_predict(train_x, train_y, test_x, data.num_classes, res["knn"]["k"], 0.1)
+    pred = lp.knn_predict(train_x, train_y, test_x, data.num_classes, res["knn"]["k"], res["knn"]["temperature"])
     assert res["knn"]["top1"] == pytest.approx(100 * (pred == test_y).float().mean().item())
     proc = run_script("linear_probe.py", ckpt, "--raw-pixels", "--random-init", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--random-init and --raw-pixels exclude each other" in proc.stderr
@@ -482,6 +593,40 @@ def test_probe_takes_a_run_folder(tiny_supervised_run, tmp_path):
     (tmp_path / "empty").mkdir()
     proc = run_script("linear_probe.py", str(tmp_path / "empty"), cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "is a folder without backbone.pt or checkpoint.pt" in proc.stderr
+
+
+def test_probe_knn_default_is_k_20_on_a_long_tail_whose_smallest_class_has_5_images(tiny_supervised_run, tmp_path):
+    """The old default, 200 capped at a twentieth of the smallest class, was k = 1 on any natural long tail
+    (ImageNet-LT's smallest class has 5 images); DINO's k 20 / T 0.07 holds at any class size. The JSON's top-1 is
+    a kNN with those values, computed here on the probe's own features."""
+    _grey_folder(tmp_path / "folder", train=(30, 12, 5), val=(3, 3, 3))
+    out = tmp_path / "probe.json"
+    proc = run_script(
+        "linear_probe.py",
+        str(tiny_supervised_run / "backbone.pt"),
+        *("--dataset", "imagefolder", "--data-dir", str(tmp_path / "folder"), "--epochs", "1", "--num-workers", "0"),
+        *("--output", str(out)),
+        cwd=tmp_path,
+    )
+    res = json.loads(out.read_text())
+    assert res["num_train"] == 47 and (res["knn"]["k"], res["knn"]["temperature"]) == (20, 0.07)
+    assert "| knn (k 20, T 0.07) |" in proc.stdout
+    import lt_data
+
+    model, meta = lp.load_backbone(str(tiny_supervised_run / "backbone.pt"))
+    data = lt_data.build_data(
+        lt_data.DataArgs(
+            dataset="imagefolder", data_dir=str(tmp_path / "folder"), image_size=meta["data"]["image_size"]
+        )
+    )
+    tf = lt_data.eval_transform(data.image_size, data.mean, data.std)
+    model.eval()
+    with torch.no_grad():
+        feats = lambda ds: model(torch.stack([tf(ds.image(i)) for i in range(len(ds.targets))]))  # noqa: E731
+        train_f, test_f = feats(data.train_full), feats(data.test)
+    pred = _reference_knn(train_f, torch.tensor(data.train_full.targets), test_f, 3, 20, 0.07)
+    expected = 100 * (pred == torch.tensor(data.test.targets)).double().mean().item()
+    assert res["knn"]["top1"] == pytest.approx(expected)
 
 
 VIT_RESIZES = [(4, 2, 2), (4, 6, 6), (4, 3, 5), (7, 4, 9), (14, 6, 16), (2, 8, 3), (6, 6, 4)]
