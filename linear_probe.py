@@ -318,6 +318,7 @@ def extract_features(
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
 KNN_BLOCK_BYTES = 256 * 2**20  # at most this much of query x bank similarities at a time
+KNN_MIN_QUERIES = 1024  # queries per pass over the bank, at least: each pass reads the whole bank
 
 
 def knn_predict(
@@ -331,17 +332,29 @@ def knn_predict(
 ) -> torch.Tensor:
     """Weighted kNN (Wu et al. 2018; DINO's defaults): cosine similarity of test_f [M, D] to the bank
     train_f [N, D] (labels train_y [N], int64), the min(k, N) nearest vote for their class with weight
-    exp(sim / temperature); returns the predicted classes [M] (int64) on test_f's device. Runs on the features'
-    device, ``chunk`` queries at a time (None: as many as keep the chunk's [chunk, N] float32 similarities within
-    KNN_BLOCK_BYTES, 256 MB)."""
+    exp(sim / temperature); returns the predicted classes [M] (int64) on test_f's device, where it runs.
+
+    Memory: ``chunk`` queries at a time (None: as many as fit KNN_BLOCK_BYTES, 256 MB, of float32 similarities
+    against the whole bank, and at least KNN_MIN_QUERIES, 1,024), each against bank tiles of as many rows as keep
+    the [chunk, tile] similarities within KNN_BLOCK_BYTES (at least k); the k nearest of the tiles are merged, so
+    the result is the whole bank's k nearest. At ImageNet-LT's size (115,846) that is 1,024 queries against tiles
+    of 65,536 images."""
     device = test_f.device
     train_f, test_f = F.normalize(train_f.to(device), dim=1), F.normalize(test_f, dim=1)
     train_y = train_y.to(device)
     k = min(k, len(train_f))
-    chunk = chunk or max(1, KNN_BLOCK_BYTES // (4 * max(len(train_f), 1)))
+    chunk = chunk or max(KNN_MIN_QUERIES, KNN_BLOCK_BYTES // (4 * max(len(train_f), 1)))
     preds = []
     for i in range(0, len(test_f), chunk):
-        sim, idx = (test_f[i : i + chunk] @ train_f.T).topk(k, dim=1)
+        queries = test_f[i : i + chunk]
+        tile = max(k, KNN_BLOCK_BYTES // (4 * len(queries)))
+        sim = idx = None
+        for j in range(0, len(train_f), tile):
+            s, n = (queries @ train_f[j : j + tile].T).topk(min(k, len(train_f) - j), dim=1)
+            if sim is not None:  # the k nearest so far and this tile's: keep the k nearest
+                s, pos = torch.cat([sim, s], dim=1).topk(k, dim=1)
+                n = torch.cat([idx, n + j], dim=1).gather(1, pos)
+            sim, idx = s, n
         weight, label = (sim / temperature).exp(), train_y[idx]
         votes = sim.new_zeros(len(sim), num_classes)
         rows = torch.arange(len(sim), device=device)

@@ -100,30 +100,54 @@ def test_linear_head_and_knn_run_on_the_features_device(device):
     assert pred.device.type == device and pred.shape == (9,) and pred.dtype == torch.long
 
 
-def test_knn_blocks_of_queries_are_sized_from_the_bank():
-    """A block of queries x bank similarities stays within KNN_BLOCK_BYTES (256 MB): 552 queries a block against
-    ImageNet-LT's 115,846 training images; here a budget of 7 rows against a bank of 100."""
+def _similarity_blocks(*args, **kwargs) -> list[tuple]:
+    """The shapes of the query x bank similarity blocks knn_predict computes (its matmuls), and its predictions."""
     from torch.overrides import TorchFunctionMode
 
-    assert lp.KNN_BLOCK_BYTES == 256 * 2**20
     blocks = []
 
-    class RecordTopk(TorchFunctionMode):
+    class RecordMatmul(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is torch.Tensor.topk:
-                blocks.append(tuple(args[0].shape))
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
+            if getattr(func, "__name__", "") in ("matmul", "__matmul__"):
+                blocks.append(tuple(out.shape))
+            return out
 
+    with RecordMatmul():
+        pred = lp.knn_predict(*args, **kwargs)
+    return blocks, pred
+
+
+def test_knn_similarity_blocks_stay_within_256_mb_and_give_the_whole_banks_nearest():
+    """Each block of query x bank similarities is within KNN_BLOCK_BYTES (256 MB, float32): at least 1,024 queries
+    a block (each block reads the whole bank), more on a small bank, against bank tiles that fit; the tiles' k
+    nearest are merged into the bank's. Sizes on the meta device (shapes, no arithmetic); a cut budget on CPU data
+    gives the reference's predictions."""
+    assert lp.KNN_BLOCK_BYTES == 256 * 2**20 and lp.KNN_MIN_QUERIES == 1024
+
+    def meta(n_bank, n_queries):
+        f = torch.empty(n_bank, 4, device="meta")
+        return _similarity_blocks(f, torch.empty(n_bank, dtype=torch.long, device="meta"), f[:n_queries], 10)[0]
+
+    assert meta(115_846, 2048) == [(1024, 65_536), (1024, 50_310)] * 2  # ImageNet-LT
+    assert meta(437_513, 1024) == [(1024, 65_536)] * 6 + [(1024, 44_297)]  # iNaturalist 2018
+    assert meta(5000, 2000) == [(2000, 5000)]  # a monitor's bank: every query at once (13,421 would fit)
     f, y = _clusters(25)  # 100 images, 4 classes
-    ft, yt = _clusters(10, seed=1)
+    ft, yt = _clusters(10, seed=1)  # 40 queries
     budget = lp.KNN_BLOCK_BYTES
     try:
-        lp.KNN_BLOCK_BYTES = 4 * 100 * 7 + 3
-        with RecordTopk():
-            pred = lp.knn_predict(f, y, ft, 4)
+        lp.KNN_BLOCK_BYTES = 4 * 40 * 17 + 3  # tiles of 17 bank images
+        blocks, pred = _similarity_blocks(f, y, ft, 4, k=5, temperature=0.07)
+        assert blocks == [(40, 17)] * 5 + [(40, 15)]
+        assert torch.equal(pred, _reference_knn(f, y, ft, 4, 5, 0.07)) and torch.equal(pred, yt)
+        g = torch.Generator().manual_seed(0)
+        train_f, test_f = torch.randn(300, 8, generator=g), torch.randn(50, 8, generator=g)
+        train_y = torch.randint(0, 6, (300,), generator=g)
+        for k in (1, 5, 17, 40, 300):  # below, at and above a tile
+            got = lp.knn_predict(train_f, train_y, test_f, 6, k, 0.07, chunk=7)
+            assert torch.equal(got, _reference_knn(train_f, train_y, test_f, 6, k, 0.07)), k
     finally:
         lp.KNN_BLOCK_BYTES = budget
-    assert blocks == [(7, 100)] * 5 + [(5, 100)] and torch.equal(pred, yt)
 
 
 def test_probe_main_uses_every_usable_core_unless_omp_num_threads_is_set(monkeypatch, tmp_path):
