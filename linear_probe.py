@@ -460,30 +460,52 @@ def _indices_by_class(labels: torch.Tensor) -> list[torch.Tensor]:
 
 
 def balanced_subset(targets, total: int, seed: int) -> list[int]:
-    """A seeded random choice of ``total // C`` indices of each class c (all of a smaller class; at least one
-    each), sorted; ``total = 0`` or ``total >= len(targets)`` keeps every index."""
+    """A seeded, sorted random choice of exactly ``total`` indices of ``targets`` (class labels 0..C-1), as
+    class-balanced as the class sizes allow: every class gets the same number L (all of a class that has at most
+    L) and the remaining r images go one each to r random classes that have more, L the largest number that
+    leaves r >= 0. So ``total // C`` of each class when every class has that many, and, when ``total`` < C, one
+    image each of ``total`` random classes. ``total = 0`` or ``total >= len(targets)`` keeps every index."""
     if total <= 0 or total >= len(targets):
         return list(range(len(targets)))
-    y = torch.as_tensor(list(targets))
-    C = int(y.max()) + 1
-    per_class = max(total // C, 1)
+    by_class = _indices_by_class(torch.as_tensor(list(targets)))
+    counts = torch.tensor([len(idx) for idx in by_class])
+    low, high = 0, int(counts.max())  # the largest level L with sum(min(count, L)) <= total (< len(targets))
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if int(counts.clamp(max=mid).sum()) <= total else (low, mid - 1)
+    quota = counts.clamp(max=low)
     g = torch.Generator().manual_seed(seed)
-    picks = [
-        idx[torch.randperm(len(idx), generator=g)[:per_class]]
-        for idx in (torch.nonzero(y == c).flatten() for c in range(C))
-    ]
+    rest = total - int(quota.sum())
+    if rest:  # fewer than the classes that still have images: sum(min(count, L + 1)) > total
+        more = torch.nonzero(counts > low).flatten()
+        quota[more[torch.randperm(len(more), generator=g)[:rest]]] += 1
+    picks = [idx[torch.randperm(len(idx), generator=g)[:q]] for idx, q in zip(by_class, quota.tolist()) if q]
     return sorted(torch.cat(picks).tolist())
+
+
+def _subset_words(targets, picked: list[int], num_classes: int) -> str:
+    """How ``picked`` spreads over the classes, e.g. "1 each of 5,000 of 8,142 classes", "3 to 4 each of 10 classes"."""
+    counts = torch.bincount(torch.as_tensor([targets[i] for i in picked], dtype=torch.long), minlength=num_classes)
+    used = counts[counts > 0]
+    if not len(used):
+        return "none"
+    low, high = int(used.min()), int(used.max())
+    each = f"{low:,}" if low == high else f"{low:,} to {high:,}"
+    of = f"{len(used):,} of {num_classes:,}" if len(used) < num_classes else f"{num_classes:,}"
+    return f"{each} each of {of} classes"
 
 
 class KNNMonitor:
     """kNN top-1 of a backbone while it trains: the online monitor of solo-learn and lightly.
 
-    Bank: a class-balanced random subsample of ``bank`` images of the full (balanced) training set; queries: a
-    class-balanced subsample of ``queries`` images of the test set (0: all of it); both un-augmented (eval
-    transform), embedded by the backbone in eval mode, then ``knn_predict`` with k = 20, cosine similarity, votes
-    exp(sim / 0.07) (Wu et al. 2018, the monitors' defaults). In a process group (DDP) pass every rank the same
-    arguments: each embeds 1/R of the images, the features are all-gathered, and every rank returns the accuracy
-    one process would. Draws nothing from the global RNGs, so training is the same with or without it.
+    Bank: ``bank`` images of the full (balanced) training set; queries: ``queries`` images of the test set (0: all
+    of it); both exactly that many, as class-balanced as the classes allow (``balanced_subset``: at 8,142 classes
+    and a bank of 5,000, one image each of 5,000 random classes), un-augmented (eval transform), embedded by the
+    backbone in eval mode, then ``knn_predict`` with k = 20, cosine similarity, votes exp(sim / 0.07) (Wu et al.
+    2018, the monitors' defaults; DINO's k-NN protocol). ``description`` says this in one line, for the log. In a
+    process group (DDP) pass every rank the same arguments: each embeds 1/R of the images, the features are
+    all-gathered, and every rank returns the accuracy one process would. Draws nothing from the global RNGs, so
+    training is the same with or without it.
     """
 
     def __init__(
@@ -501,6 +523,12 @@ class KNNMonitor:
         bank_idx = balanced_subset(data.train_full.targets, bank, seed)
         query_idx = balanced_subset(data.test.targets, queries, seed + 1)
         self.sizes = (len(bank_idx), len(query_idx))
+        self.description = (
+            f"kNN monitor: {len(bank_idx):,} bank images "
+            f"({_subset_words(data.train_full.targets, bank_idx, data.num_classes)}), {len(query_idx):,} test queries "
+            f"({_subset_words(data.test.targets, query_idx, data.num_classes)}), k {min(k, len(bank_idx))}, "
+            f"T {temperature:g}"
+        )
         dist = torch.distributed.is_initialized()
         rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
         self.world_size, self.k, self.temperature = world_size, k, temperature

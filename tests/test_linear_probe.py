@@ -653,6 +653,76 @@ def test_probe_knn_default_is_k_20_on_a_long_tail_whose_smallest_class_has_5_ima
     assert res["knn"]["top1"] == pytest.approx(expected)
 
 
+def _long_tail_targets(classes=8142, seed=0):
+    """Class labels of an iNaturalist-2018-like long tail: 8,142 classes of 1 to 40 images, shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    counts = 1 + torch.randint(0, 40, (classes,), generator=g)
+    y = torch.repeat_interleave(torch.arange(classes), counts)
+    return y[torch.randperm(len(y), generator=g)].tolist(), counts
+
+
+@pytest.mark.parametrize("total", [1, 5000, 8142, 20000, 100000])
+def test_balanced_subset_takes_exactly_total_images_as_balanced_as_the_classes_allow(total):
+    targets, counts = _long_tail_targets()
+    picked = lp.balanced_subset(targets, total, seed=3)
+    assert len(picked) == total and len(set(picked)) == total and picked == sorted(picked)
+    got = torch.bincount(torch.tensor(targets)[picked], minlength=len(counts))
+    # the level L every class reaches (or all of a class below it), found by counting up; the rest, 1 more each
+    level = 0
+    while int(counts.clamp(max=level + 1).sum()) <= total:
+        level += 1
+    base = counts.clamp(max=level)
+    extra = got - base
+    assert ((extra == 0) | (extra == 1)).all() and int(extra.sum()) == total - int(base.sum())
+    assert (got <= counts).all() and (extra[counts <= level] == 0).all()
+    if total < len(counts):  # one image each of `total` classes
+        assert int((got == 1).sum()) == total and int(got.max()) == 1
+    else:  # every class, total // C each at least where the class has that many
+        assert (got >= counts.clamp(max=total // len(counts))).all() and (got > 0).all()
+    assert picked == lp.balanced_subset(targets, total, seed=3)  # seeded
+    assert picked != lp.balanced_subset(targets, total, seed=4)
+
+
+def test_balanced_subset_keeps_total_c_draws_of_a_balanced_set():
+    """When every class has total // C images and C divides total, the choice is class by class in order, each
+    the first total // C of a seeded permutation of the class (what the monitor's test also computes)."""
+    y = torch.arange(7).repeat(30)
+    g = torch.Generator().manual_seed(11)
+    expected = sorted(
+        torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(30, generator=g)[:5]] for c in range(7)]).tolist()
+    )
+    assert lp.balanced_subset(y.tolist(), 35, seed=11) == expected
+    assert lp.balanced_subset(y.tolist(), 0, seed=11) == list(range(210))
+    assert lp.balanced_subset(y.tolist(), 210, seed=11) == list(range(210))
+
+
+def test_knn_monitor_honours_bank_and_queries_at_8142_classes():
+    import numpy as np
+
+    import lt_data
+
+    train_y, _ = _long_tail_targets()
+    test_y = torch.arange(8142).repeat(3).tolist()  # iNaturalist 2018's validation set: 3 images a class
+    images = lambda y: lt_data.ArrayImages(np.zeros((len(y), 2, 2, 3), np.uint8), y)  # noqa: E731
+    data = lt_data.LTData("t", images(train_y), images(test_y), [], [], 8142, 2, (0.5,) * 3, (0.25,) * 3, "oltr")
+    monitor = lp.KNNMonitor(data, bank=5000, queries=2000, seed=1)
+    assert monitor.sizes == (5000, 2000) and len(monitor.targets) == 7000
+    assert monitor.description == (
+        "kNN monitor: 5,000 bank images (1 each of 5,000 of 8,142 classes), "
+        "2,000 test queries (1 each of 2,000 of 8,142 classes), k 20, T 0.07"
+    )
+    bank_classes = monitor.targets[:5000]
+    assert len(bank_classes.unique()) == 5000
+    again = lp.KNNMonitor(data, bank=5000, queries=2000, seed=1)
+    assert torch.equal(again.targets, monitor.targets)
+    big = lp.KNNMonitor(data, bank=20000, queries=0, seed=1)
+    assert big.sizes == (20000, 3 * 8142)
+    assert big.description == (
+        "kNN monitor: 20,000 bank images (1 to 3 each of 8,142 classes), "
+        "24,426 test queries (3 each of 8,142 classes), k 20, T 0.07"
+    )
+
+
 VIT_RESIZES = [(4, 2, 2), (4, 6, 6), (4, 3, 5), (7, 4, 9), (14, 6, 16), (2, 8, 3), (6, 6, 4)]
 
 
