@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -173,7 +172,8 @@ class ViT(nn.Module):
         if (h, w) != (self.grid, self.grid):  # bicubic, separably: rows by A_h, columns by A_w, as two matmuls
             grid = pos_patch.reshape(self.grid, self.grid * self.hidden_dim).float()
             a_h, a_w = bicubic_matrix(self.grid, h, x.device), bicubic_matrix(self.grid, w, x.device)
-            grid = a_w @ (a_h @ grid).reshape(h, self.grid, self.hidden_dim)  # [h, w, D]
+            with torch.autocast(x.device.type, enabled=False):  # float32 under autocast too
+                grid = a_w @ (a_h @ grid).reshape(h, self.grid, self.hidden_dim)  # [h, w, D]
             pos_patch = grid.reshape(1, h * w, self.hidden_dim).to(pos.dtype)
         x = x + pos_patch
         if keep is not None:
@@ -183,17 +183,23 @@ class ViT(nn.Module):
         return x[:, 0]
 
 
-@functools.lru_cache(maxsize=64)
+_BICUBIC: dict[tuple, torch.Tensor] = {}  # (size, out, device) -> bicubic_matrix's matrix
+
+
 def bicubic_matrix(size: int, out: int, device: torch.device) -> torch.Tensor:
     """The [out, size] float32 matrix (on ``device``) of 1-D bicubic resampling of ``size`` positions to ``out``:
     F.interpolate's (mode="bicubic", align_corners=False: Keys' cubic convolution, a = -0.75, border taps
     clamped) applied to the identity, so ``A @ v`` equals interpolating v. 2-D bicubic is separable:
     F.interpolate(G, (h, w)) = A_h @ G @ A_w^T per channel. Matmuls have deterministic backward passes on CUDA;
-    F.interpolate's bicubic backward raises under torch.use_deterministic_algorithms(True) there. Cached."""
-    with torch.no_grad():
-        eye = torch.eye(size, dtype=torch.float64).reshape(1, size, size, 1)  # channel i = the i-th unit vector
-        a = F.interpolate(eye, size=(out, 1), mode="bicubic", align_corners=False).reshape(size, out).T
-    return a.to(device, torch.float32).contiguous()
+    F.interpolate's bicubic backward raises under torch.use_deterministic_algorithms(True) there. Computed once
+    per (size, out, device)."""
+    key = (size, out, str(device))
+    if key not in _BICUBIC:
+        with torch.no_grad():
+            eye = torch.eye(size, dtype=torch.float64).reshape(1, size, size, 1)  # channel i: the i-th unit vector
+            a = F.interpolate(eye, size=(out, 1), mode="bicubic", align_corners=False).reshape(size, out).T
+        _BICUBIC[key] = a.to(device, torch.float32).contiguous()
+    return _BICUBIC[key]
 
 
 def build_backbone(arch: str, **kwargs) -> nn.Module:

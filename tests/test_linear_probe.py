@@ -764,6 +764,13 @@ def test_vit_position_embedding_resize_is_bicubic_interpolation_by_matmuls(grid,
     assert grad[0, 1:].abs().min() > 0 or h * w < grid * grid  # every grid point reached when upsampling
     (out * torch.randn_like(out)).sum().backward()
     assert pos.grad[0, 1:].abs().sum() > 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the resize stays in float32
+        seen.clear()
+        vit(x)
+        tokens = vit.conv_proj(x).flatten(2).transpose(1, 2)
+    assert tokens.dtype == torch.bfloat16 and seen[0].dtype == torch.float32
+    resized = (seen[0][:, 1:] - tokens.float())[0]
+    torch.testing.assert_close(resized, expected.permute(0, 2, 3, 1).reshape(h * w, dim), atol=1e-6, rtol=0)
 
 
 def test_vit_resize_runs_under_deterministic_algorithms():
