@@ -6,10 +6,13 @@
 
 Features are extracted once (eval transform, every image, no drop_last) and reused by every probe.
 The linear probe trains on the *balanced* full training set by default, as Liu et al. (2022) and
-the SDCLR/BCL line do (``--train-on long-tailed`` for the long-tailed subset); kNN follows the
-InstDisc protocol (k=200, cosine similarity, votes weighted by exp(sim / 0.1)). Many / medium / few
-groups come from the class counts of the long-tailed pre-training set (see lt_data.shot_groups).
-Prints a markdown table and writes the same numbers as JSON.
+the SDCLR/BCL line do (``--train-on long-tailed`` for the long-tailed subset); kNN follows DINO's
+protocol (Caron et al. 2021, Sec. 3.2: k 20 over the whole training set, cosine similarity, votes weighted
+by exp(sim / 0.07)), which does not depend on the class sizes. Many / medium / few groups come from the
+class counts of the long-tailed pre-training set (see lt_data.shot_groups). Features stay on the device
+that extracted them (the GPU when there is one) and the probes run there; on a CPU the probe uses every
+core it may run on unless OMP_NUM_THREADS says otherwise. Prints a markdown table and writes the same
+numbers as JSON.
 
 Also the one place that knows the backbones and the export format: ``build_backbone`` turns an export's
 metadata into a model (torchvision's ResNets, or a ViT in torchvision's VisionTransformer layout that also
@@ -130,9 +133,10 @@ class ViT(nn.Module):
     heads), so an export loads into it strictly and gives the same features: the CLS token after the final LayerNorm.
 
     forward(x, keep=None): x may be smaller than image_size (local / focal crops: the position embeddings are
-    bicubically interpolated, as DINO/MSN/ExCB do); keep [B, n] drops all other patch tokens (MSN masking without
-    mask tokens). Initialisation: truncated normal std 0.02 (DeiT, DINO, MSN). set_drop_path(rate): stochastic
-    depth rising linearly over the blocks from 0 to ``rate`` (DINO rule)."""
+    bicubically interpolated, as DINO/MSN/ExCB do, by two matmuls with ``bicubic_matrix``, deterministic on CUDA
+    too); keep [B, n] drops all other patch tokens (MSN masking without mask tokens). Initialisation: truncated
+    normal std 0.02 (DeiT, DINO, MSN). set_drop_path(rate): stochastic depth rising linearly over the blocks from 0
+    to ``rate`` (DINO rule)."""
 
     def __init__(
         self, image_size: int, patch_size: int, num_layers: int, num_heads: int, hidden_dim: int, mlp_dim: int
@@ -165,16 +169,37 @@ class ViT(nn.Module):
         x = x.reshape(n, self.hidden_dim, h * w).permute(0, 2, 1)
         pos = self.encoder.pos_embedding
         pos_cls, pos_patch = pos[:, :1], pos[:, 1:]
-        if (h, w) != (self.grid, self.grid):
-            grid = pos_patch.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(pos.dtype)
-            pos_patch = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        if (h, w) != (self.grid, self.grid):  # bicubic, separably: rows by A_h, columns by A_w, as two matmuls
+            grid = pos_patch.reshape(self.grid, self.grid * self.hidden_dim).float()
+            a_h, a_w = bicubic_matrix(self.grid, h, x.device), bicubic_matrix(self.grid, w, x.device)
+            with torch.autocast(x.device.type, enabled=False):  # float32 under autocast too
+                grid = a_w @ (a_h @ grid).reshape(h, self.grid, self.hidden_dim)  # [h, w, D]
+            pos_patch = grid.reshape(1, h * w, self.hidden_dim).to(pos.dtype)
         x = x + pos_patch
         if keep is not None:
             x = torch.gather(x, 1, keep[:, :, None].expand(-1, -1, x.shape[-1]))
         x = torch.cat([(self.class_token + pos_cls).expand(n, -1, -1), x], dim=1)
         x = self.encoder.ln(self.encoder.layers(x))
         return x[:, 0]
+
+
+_BICUBIC: dict[tuple, torch.Tensor] = {}  # (size, out, device) -> bicubic_matrix's matrix
+
+
+def bicubic_matrix(size: int, out: int, device: torch.device) -> torch.Tensor:
+    """The [out, size] float32 matrix (on ``device``) of 1-D bicubic resampling of ``size`` positions to ``out``:
+    F.interpolate's (mode="bicubic", align_corners=False: Keys' cubic convolution, a = -0.75, border taps
+    clamped) applied to the identity, so ``A @ v`` equals interpolating v. 2-D bicubic is separable:
+    F.interpolate(G, (h, w)) = A_h @ G @ A_w^T per channel. Matmuls have deterministic backward passes on CUDA;
+    F.interpolate's bicubic backward raises under torch.use_deterministic_algorithms(True) there. Computed once
+    per (size, out, device)."""
+    key = (size, out, str(device))
+    if key not in _BICUBIC:
+        with torch.no_grad():
+            eye = torch.eye(size, dtype=torch.float64).reshape(1, size, size, 1)  # channel i: the i-th unit vector
+            a = F.interpolate(eye, size=(out, 1), mode="bicubic", align_corners=False).reshape(size, out).T
+        _BICUBIC[key] = a.to(device, torch.float32).contiguous()
+    return _BICUBIC[key]
 
 
 def build_backbone(arch: str, **kwargs) -> nn.Module:
@@ -274,8 +299,9 @@ def extract_features(
     amp: str = "none",
     label: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features and labels of every item of ``dataset`` (eval mode, no drop_last), in order; with a
-    ``label``, a progress line at about every tenth of the images."""
+    """Frozen features [N, D] (float32) and labels [N] (int64) of every item of ``dataset`` (eval mode, no
+    drop_last), in order, both on ``device``: the probes then run where the features are. With a ``label``, a
+    progress line at about every tenth of the images."""
     model.eval().to(device, memory_format=torch.channels_last)
     loader = lt_data.make_loader(dataset, batch_size, num_workers, sampler=None, drop_last=False)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
@@ -283,19 +309,22 @@ def extract_features(
     every, done = max(1, math.ceil(len(loader) / 10)), 0
     for i, (x, y, _) in enumerate(loader, 1):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            feats.append(model(x.to(device, non_blocking=True, memory_format=torch.channels_last)).float().cpu())
+            feats.append(model(x.to(device, non_blocking=True, memory_format=torch.channels_last)).float())
         labels.append(y)
         done += len(y)
         if label and (i % every == 0 or i == len(loader)):
             print(f"extracting features of the {label} images: {done}/{len(dataset)}", flush=True)
-    return torch.cat(feats), torch.cat(labels)
+    return torch.cat(feats), torch.cat(labels).to(device)
 
 
-def default_knn_k(train_y: torch.Tensor, num_classes: int) -> int:
-    """The probe's default kNN k: 200 (Wu et al. 2018; the CIFAR protocol, 5,000 images a class), at most a
-    twentieth of the smallest class in train_y [N] (at least 1)."""
-    smallest = int(torch.bincount(train_y, minlength=num_classes).min())
-    return max(1, min(200, smallest // 20))
+# The probe's kNN protocol: DINO's weighted k-NN over the whole probe training set (Caron et al. 2021, "Emerging
+# Properties in Self-Supervised Vision Transformers", Sec. 3.2: "20 NN is consistently working the best"; the
+# temperature is the default of its eval_knn.py). It does not depend on the class sizes, so it holds on a long
+# tail whose smallest class has 5 images (ImageNet-LT), where InstDisc's k 200 (Wu et al. 2018) cannot.
+KNN_K = 20
+KNN_TEMPERATURE = 0.07
+KNN_BLOCK_BYTES = 256 * 2**20  # at most this much of query x bank similarities at a time
+KNN_MIN_QUERIES = 1024  # queries per pass over the bank, at least: each pass reads the whole bank
 
 
 def knn_predict(
@@ -303,19 +332,50 @@ def knn_predict(
     train_y: torch.Tensor,
     test_f: torch.Tensor,
     num_classes: int,
-    k: int = 200,
-    temperature: float = 0.1,
-    chunk: int = 1024,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
+    chunk: Optional[int] = None,
 ) -> torch.Tensor:
-    """Weighted kNN (Wu et al. 2018): cosine similarity, the k nearest vote with weight exp(sim / T)."""
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    """Weighted kNN (Wu et al. 2018; DINO's defaults): cosine similarity of test_f [M, D] to the bank
+    train_f [N, D] (labels train_y [N], int64), the min(k, N) nearest vote for their class with weight
+    exp(sim / temperature); returns the predicted classes [M] (int64) on test_f's device, where it runs.
+
+    Memory: ``chunk`` queries at a time (None: as many as fit KNN_BLOCK_BYTES, 256 MB, of float32 similarities
+    against the whole bank, and at least KNN_MIN_QUERIES, 1,024), each against bank tiles of as many rows as keep
+    the [chunk, tile] similarities within KNN_BLOCK_BYTES (at least k); the k nearest of the tiles are merged, so
+    the result is the whole bank's k nearest. At ImageNet-LT's size (115,846) that is 1,024 queries against tiles
+    of 65,536 images."""
+    device = test_f.device
+    train_f, test_f = F.normalize(train_f.to(device), dim=1), F.normalize(test_f, dim=1)
+    train_y = train_y.to(device)
     k = min(k, len(train_f))
+    chunk = chunk or max(KNN_MIN_QUERIES, KNN_BLOCK_BYTES // (4 * max(len(train_f), 1)))
     preds = []
     for i in range(0, len(test_f), chunk):
-        sim, idx = (test_f[i : i + chunk] @ train_f.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        queries = test_f[i : i + chunk]
+        tile = max(k, KNN_BLOCK_BYTES // (4 * len(queries)))
+        sim = idx = None
+        for j in range(0, len(train_f), tile):
+            s, n = (queries @ train_f[j : j + tile].T).topk(min(k, len(train_f) - j), dim=1)
+            if sim is not None:  # the k nearest so far and this tile's: keep the k nearest
+                s, pos = torch.cat([sim, s], dim=1).topk(k, dim=1)
+                n = torch.cat([idx, n + j], dim=1).gather(1, pos)
+            sim, idx = s, n
+        weight, label = (sim / temperature).exp(), train_y[idx]
+        votes = sim.new_zeros(len(sim), num_classes)
+        rows = torch.arange(len(sim), device=device)
+        for j in range(k):  # one vote per row at a time: no two writes meet in a cell, so no atomics on a GPU
+            votes[rows, label[:, j]] += weight[:, j]
         preds.append(votes.argmax(1))
-    return torch.cat(preds)
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    """A seeded generator on ``device`` where it has one (CUDA, MPS), else on the CPU."""
+    try:
+        return torch.Generator(device=device).manual_seed(seed)
+    except RuntimeError:
+        return torch.Generator().manual_seed(seed)
 
 
 def train_linear(
@@ -329,27 +389,31 @@ def train_linear(
     seed: int,
     verbose: bool = False,
 ) -> nn.Module:
-    """Logistic regression on standardised frozen features: SGD momentum 0.9, cosine lr, cross-entropy
-    (``verbose``: a progress line at about every tenth of the epochs)."""
-    g = torch.Generator().manual_seed(seed)
+    """Logistic regression on standardised frozen features train_f [N, D] with labels train_y [N] (int64): SGD
+    momentum 0.9, cosine lr from ``lr`` to 0 over every step, cross-entropy, batches of a seeded permutation per
+    epoch (``verbose``: a progress line at about every tenth of the epochs). Returns standardisation + nn.Linear,
+    mapping [B, D] to logits [B, num_classes], with its parameters and buffers on train_f's device, where it
+    trained."""
+    device = train_f.device
+    train_y = train_y.to(device)
+    g = _generator(device, seed)
     mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
-    clf = nn.Linear(train_f.shape[1], num_classes)
+    clf = nn.Linear(train_f.shape[1], num_classes, device=device)
     nn.init.zeros_(clf.weight), nn.init.zeros_(clf.bias)
     opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     xs = (train_f - mean) / std
-    steps = epochs * math.ceil(len(xs) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    steps, step = epochs * math.ceil(len(xs) / batch_size), 0
     for epoch in range(1, epochs + 1):
         if verbose and (epoch % max(1, epochs // 10) == 0 or epoch == epochs):
             print(f"training the linear head: epoch {epoch}/{epochs}", flush=True)
-        perm = torch.randperm(len(xs), generator=g)
-        for i in range(0, len(xs), batch_size):
-            j = perm[i : i + batch_size]
+        perm = torch.randperm(len(xs), generator=g, device=g.device).to(device)
+        for j in perm.split(batch_size):
             loss = F.cross_entropy(clf(xs[j]), train_y[j])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            step += 1
+            opt.param_groups[0]["lr"] = lr * (0.5 * (1 + math.cos(math.pi * step / steps)))  # a float: no sync
     return nn.Sequential(_Standardise(mean, std), clf)
 
 
@@ -364,9 +428,11 @@ class _Standardise(nn.Module):
 
 
 def accuracy_report(pred: torch.Tensor, target: torch.Tensor, num_classes: int, groups: dict[str, list[int]]) -> dict:
-    """Top-1, per-class accuracy, the mean per-class accuracy of each shot group and the std of the groups. A class
-    without test images, or a group without classes, is None (JSON null: strict readers refuse NaN)."""
-    correct = (pred == target).double()
+    """Top-1, per-class accuracy, the mean per-class accuracy of each shot group and the std of the groups (in %),
+    of predictions pred [M] against target [M] (any device). A class without test images, or a group without
+    classes, is None (JSON null: strict readers refuse NaN)."""
+    correct = (pred.cpu() == target.cpu()).double()
+    target = target.cpu()
     per_class = [correct[target == c].mean().item() * 100 if (target == c).any() else None for c in range(num_classes)]
     out = {"top1": correct.mean().item() * 100, "per_class": per_class}
     accs = []
@@ -381,43 +447,71 @@ def accuracy_report(pred: torch.Tensor, target: torch.Tensor, num_classes: int, 
 
 
 def few_shot_indices(labels: torch.Tensor, shots: int, seed: int) -> torch.Tensor:
-    """``shots`` random examples of each class (all of a class that has fewer)."""
+    """Indices into labels [N] of ``shots`` random examples of each class present (all of a class that has fewer),
+    class by class in increasing order; drawn on the CPU (the same on every device), returned on labels' device."""
     g = torch.Generator().manual_seed(seed)
-    picks = []
-    for c in labels.unique():
-        idx = (labels == c).nonzero().flatten()
-        picks.append(idx[torch.randperm(len(idx), generator=g)[:shots]])
-    return torch.cat(picks)
+    by_class = _indices_by_class(labels.cpu())
+    picks = [idx[torch.randperm(len(idx), generator=g)[:shots]] for idx in by_class if len(idx)]
+    return torch.cat(picks).to(labels.device)
+
+
+def _indices_by_class(labels: torch.Tensor) -> list[torch.Tensor]:
+    """For each class 0..max(labels), the increasing indices of its examples in labels [N] (CPU): one stable sort,
+    not one pass over the labels per class (8,142 classes of iNaturalist 2018)."""
+    counts = torch.bincount(labels) if len(labels) else torch.zeros(0, dtype=torch.long)
+    return list(torch.argsort(labels, stable=True).split(counts.tolist()))
 
 
 # --------------------------------------------------------------------------- online kNN monitor
 
 
 def balanced_subset(targets, total: int, seed: int) -> list[int]:
-    """A seeded random choice of ``total // C`` indices of each class c (all of a smaller class; at least one
-    each), sorted; ``total = 0`` or ``total >= len(targets)`` keeps every index."""
+    """A seeded, sorted random choice of exactly ``total`` indices of ``targets`` (class labels 0..C-1), as
+    class-balanced as the class sizes allow: every class gets the same number L (all of a class that has at most
+    L) and the remaining r images go one each to r random classes that have more, L the largest number that
+    leaves r >= 0. So ``total // C`` of each class when every class has that many, and, when ``total`` < C, one
+    image each of ``total`` random classes. ``total = 0`` or ``total >= len(targets)`` keeps every index."""
     if total <= 0 or total >= len(targets):
         return list(range(len(targets)))
-    y = torch.as_tensor(list(targets))
-    C = int(y.max()) + 1
-    per_class = max(total // C, 1)
+    by_class = _indices_by_class(torch.as_tensor(list(targets)))
+    counts = torch.tensor([len(idx) for idx in by_class])
+    low, high = 0, int(counts.max())  # the largest level L with sum(min(count, L)) <= total (< len(targets))
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if int(counts.clamp(max=mid).sum()) <= total else (low, mid - 1)
+    quota = counts.clamp(max=low)
     g = torch.Generator().manual_seed(seed)
-    picks = [
-        idx[torch.randperm(len(idx), generator=g)[:per_class]]
-        for idx in (torch.nonzero(y == c).flatten() for c in range(C))
-    ]
+    rest = total - int(quota.sum())
+    if rest:  # fewer than the classes that still have images: sum(min(count, L + 1)) > total
+        more = torch.nonzero(counts > low).flatten()
+        quota[more[torch.randperm(len(more), generator=g)[:rest]]] += 1
+    picks = [idx[torch.randperm(len(idx), generator=g)[:q]] for idx, q in zip(by_class, quota.tolist()) if q]
     return sorted(torch.cat(picks).tolist())
+
+
+def _subset_words(targets, picked: list[int], num_classes: int) -> str:
+    """How ``picked`` spreads over the classes, e.g. "1 each of 5,000 of 8,142 classes", "3 to 4 each of 10 classes"."""
+    counts = torch.bincount(torch.as_tensor([targets[i] for i in picked], dtype=torch.long), minlength=num_classes)
+    used = counts[counts > 0]
+    if not len(used):
+        return "none"
+    low, high = int(used.min()), int(used.max())
+    each = f"{low:,}" if low == high else f"{low:,} to {high:,}"
+    of = f"{len(used):,} of {num_classes:,}" if len(used) < num_classes else f"{num_classes:,}"
+    return f"{each} each of {of} classes"
 
 
 class KNNMonitor:
     """kNN top-1 of a backbone while it trains: the online monitor of solo-learn and lightly.
 
-    Bank: a class-balanced random subsample of ``bank`` images of the full (balanced) training set; queries: a
-    class-balanced subsample of ``queries`` images of the test set (0: all of it); both un-augmented (eval
-    transform), embedded by the backbone in eval mode, then ``knn_predict`` with k = 20, cosine similarity, votes
-    exp(sim / 0.07) (Wu et al. 2018, the monitors' defaults). In a process group (DDP) pass every rank the same
-    arguments: each embeds 1/R of the images, the features are all-gathered, and every rank returns the accuracy
-    one process would. Draws nothing from the global RNGs, so training is the same with or without it.
+    Bank: ``bank`` images of the full (balanced) training set; queries: ``queries`` images of the test set (0: all
+    of it); both exactly that many, as class-balanced as the classes allow (``balanced_subset``: at 8,142 classes
+    and a bank of 5,000, one image each of 5,000 random classes), un-augmented (eval transform), embedded by the
+    backbone in eval mode, then ``knn_predict`` with k = 20, cosine similarity, votes exp(sim / 0.07) (Wu et al.
+    2018, the monitors' defaults; DINO's k-NN protocol). ``description`` says this in one line, for the log. In a
+    process group (DDP) pass every rank the same arguments: each embeds 1/R of the images, the features are
+    all-gathered, and every rank returns the accuracy one process would. Draws nothing from the global RNGs, so
+    training is the same with or without it.
     """
 
     def __init__(
@@ -428,14 +522,19 @@ class KNNMonitor:
         batch_size: int = 256,
         num_workers: int = 0,  # in-process: no idle workers between evaluations
         seed: int = 0,
-        k: int = 20,
-        temperature: float = 0.07,
+        k: int = KNN_K,
+        temperature: float = KNN_TEMPERATURE,
     ):
         tf = lt_data.eval_transform(data.image_size, data.mean, data.std)
         bank_idx = balanced_subset(data.train_full.targets, bank, seed)
         query_idx = balanced_subset(data.test.targets, queries, seed + 1)
         self.sizes = (len(bank_idx), len(query_idx))
-        self.description = f"kNN monitor: {self.sizes[0]} bank images, {self.sizes[1]} test queries, k {k}"
+        self.description = (
+            f"kNN monitor: {len(bank_idx):,} bank images "
+            f"({_subset_words(data.train_full.targets, bank_idx, data.num_classes)}), {len(query_idx):,} test queries "
+            f"({_subset_words(data.test.targets, query_idx, data.num_classes)}), k {min(k, len(bank_idx))}, "
+            f"T {temperature:g}"
+        )
         dist = torch.distributed.is_initialized()
         rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
         self.world_size, self.k, self.temperature = world_size, k, temperature
@@ -544,11 +643,11 @@ class ProbeArgs:
     """linear-probe batch size"""
     weight_decay: float = 0.0
     """linear-probe weight decay"""
-    knn_k: Annotated[Optional[int], lt_data.resolved_later("200, at most 1/20 of the smallest class", "INT")] = None
-    """kNN neighbours (Wu et al. 2018); the default's cap on small sets (20 for 400 images a class) keeps a
-    neighbourhood well inside a class: at half a class it blurs every vote"""
-    knn_temperature: float = 0.1
-    """kNN vote temperature"""
+    knn_k: int = KNN_K
+    """kNN neighbours, over the whole probe training set (DINO's k-NN, Caron et al. 2021, Sec. 3.2; whatever the
+    class sizes)"""
+    knn_temperature: float = KNN_TEMPERATURE
+    """kNN vote temperature: a neighbour's vote is exp(cosine similarity / T) (DINO's eval_knn.py)"""
     shots: tuple[int, ...] = ()
     """few-shot probes: examples per class, e.g. --shots 100 50"""
     few_shot_seeds: int = 3
@@ -626,9 +725,9 @@ def run_probe(args: ProbeArgs) -> dict:
     )
     with torch.no_grad():
         linear = accuracy_report(clf(test_f).argmax(1), test_y, C, groups)
-    knn_k = args.knn_k or default_knn_k(train_y, C)
+    knn_k = min(args.knn_k, len(train_f))  # knn_predict's cap: all of a smaller bank
     knn = accuracy_report(knn_predict(train_f, train_y, test_f, C, knn_k, args.knn_temperature), test_y, C, groups)
-    knn["k"] = knn_k
+    knn["k"], knn["temperature"] = knn_k, args.knn_temperature
     few = {}
     for shots in args.shots:
         runs = []
@@ -672,7 +771,7 @@ def markdown(res: dict) -> str:
     ]
     for name in ("linear", "knn"):
         r = res[name]
-        label = f"knn (k {r['k']})" if "k" in r else name
+        label = f"knn (k {r['k']}, T {r['temperature']:g})" if "k" in r else name
         lines.append(
             f"| {label} | {fmt(r['top1'])} | {fmt(r.get('many'))} | {fmt(r.get('medium'))} | "
             f"{fmt(r.get('few'))} | {fmt(r.get('group_std'))} |"
@@ -726,12 +825,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             if not found:
                 raise ProbeError(f"{args.checkpoint} is a folder without backbone.pt or checkpoint.pt")
             args.checkpoint = os.path.join(args.checkpoint, found[0])
-        if (
-            args.epochs < 1
-            or args.batch_size < 1
-            or (args.knn_k is not None and args.knn_k < 1)
-            or any(s < 1 for s in args.shots)
-        ):
+        if args.epochs < 1 or args.batch_size < 1 or args.knn_k < 1 or any(s < 1 for s in args.shots):
             raise ProbeError("--epochs, --batch-size, --knn-k and --shots must be >= 1")
         if args.random_init and args.raw_pixels:
             raise ProbeError("--random-init and --raw-pixels exclude each other: the raw pixels have no weights")
@@ -748,6 +842,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             sys.stdout, QuietWhenClosed
         ):  # linear_probe.py ... | head: the probe still ends with its JSON
             sys.stdout = QuietWhenClosed(sys.stdout)
+        if "OMP_NUM_THREADS" not in os.environ:  # a share of the cores set on purpose (parallel jobs) wins
+            torch.set_num_threads(lt_data.usable_cpus())  # here, not at import: the training scripts import this
         res = run_probe(args)
         floor = "_random" if args.random_init else "_pixels" if args.raw_pixels else ""
         out = args.output or os.path.join(folder, f"probe_{res['dataset']}{floor}.json")

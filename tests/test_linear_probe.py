@@ -36,12 +36,147 @@ def test_knn_recovers_separated_clusters_and_weights_votes():
     assert pred.item() == 1  # at a high temperature the two votes outweigh the one
 
 
-def test_default_knn_k_is_200_capped_at_a_twentieth_of_the_smallest_class():
-    per_class = lambda *n: torch.cat([torch.full((m,), c) for c, m in enumerate(n)])  # noqa: E731
-    assert lp.default_knn_k(per_class(6000, 6000), 2) == 200  # Fashion-MNIST's balanced bank: the protocol's 200
-    assert lp.default_knn_k(per_class(400, 900, 401), 3) == 20  # 400 a class: 400 // 20
-    assert lp.default_knn_k(per_class(5000, 19), 2) == 1  # never below one neighbour
-    assert lp.default_knn_k(per_class(5000, 5000), 3) == 1  # an empty class counts as the smallest
+def _reference_knn(train_f, train_y, test_f, num_classes, k, temperature):
+    """The probe's kNN as it was before it ran on the features' device (CPU, 1,024-query chunks, one scatter_add_
+    per chunk), written out whole: every similarity at once."""
+    train_f, test_f = torch.nn.functional.normalize(train_f, dim=1), torch.nn.functional.normalize(test_f, dim=1)
+    sim, idx = (test_f @ train_f.T).topk(min(k, len(train_f)), dim=1)
+    votes = torch.zeros(len(test_f), num_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+    return votes.argmax(1)
+
+
+def _reference_linear(train_f, train_y, num_classes, epochs, lr, batch_size, weight_decay, seed):
+    """The linear head as it was trained before (CPU generator, LambdaLR cosine): its weight and bias."""
+    g = torch.Generator().manual_seed(seed)
+    mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
+    clf = torch.nn.Linear(train_f.shape[1], num_classes)
+    torch.nn.init.zeros_(clf.weight), torch.nn.init.zeros_(clf.bias)
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    xs = (train_f - mean) / std
+    steps = epochs * math.ceil(len(xs) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    for _ in range(epochs):
+        perm = torch.randperm(len(xs), generator=g)
+        for i in range(0, len(xs), batch_size):
+            j = perm[i : i + batch_size]
+            loss = torch.nn.functional.cross_entropy(clf(xs[j]), train_y[j])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return clf.weight.detach(), clf.bias.detach()
+
+
+def test_probes_on_cpu_give_what_they_gave_before_they_followed_the_device():
+    """Same seeds, same numbers, bit for bit: kNN predictions (any chunking) and the linear head's weights."""
+    g = torch.Generator().manual_seed(0)
+    train_f, test_f = torch.randn(1500, 24, generator=g), torch.randn(300, 24, generator=g)
+    train_y = torch.randint(0, 30, (1500,), generator=g)
+    for n, k, t in ((1500, 200, 0.1), (1500, 20, 0.07), (1500, 1, 1.0), (150, 5000, 0.5)):  # the last: k > n
+        expected = _reference_knn(train_f[:n], train_y[:n], test_f, 30, k, t)
+        assert 0 < (expected == expected[0]).sum() < len(expected)  # not one class for every query
+        for chunk in (None, 37, 1024):
+            assert torch.equal(lp.knn_predict(train_f[:n], train_y[:n], test_f, 30, k, t, chunk), expected), (k, chunk)
+    weight, bias = _reference_linear(train_f, train_y, 30, 3, 0.5, 64, 1e-4, seed=3)
+    head = lp.train_linear(train_f, train_y, 30, epochs=3, lr=0.5, batch_size=64, weight_decay=1e-4, seed=3)
+    assert torch.equal(head[1].weight, weight) and torch.equal(head[1].bias, bias)
+    assert weight.abs().sum() > 0
+
+
+DEVICES = ["cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_head_and_knn_run_on_the_features_device(device):
+    """The head's parameters and buffers, its logits and the kNN predictions are on the features' device (the meta
+    device stands in for an accelerator here: a step that fell back to the CPU would fail or land elsewhere)."""
+    g = torch.Generator().manual_seed(0)
+    train_f, train_y = torch.randn(200, 8, generator=g).to(device), torch.randint(0, 5, (200,), generator=g).to(device)
+    head = lp.train_linear(train_f, train_y, 5, epochs=2, lr=0.1, batch_size=32, weight_decay=0.0, seed=0)
+    assert {t.device.type for t in [*head.parameters(), *head.buffers()]} == {device}
+    with torch.no_grad():
+        assert head(train_f[:7]).device.type == device and head(train_f[:7]).shape == (7, 5)
+    pred = lp.knn_predict(train_f, train_y, train_f[:9], 5, k=20, temperature=0.07)
+    assert pred.device.type == device and pred.shape == (9,) and pred.dtype == torch.long
+
+
+def _similarity_blocks(*args, **kwargs) -> list[tuple]:
+    """The shapes of the query x bank similarity blocks knn_predict computes (its matmuls), and its predictions."""
+    from torch.overrides import TorchFunctionMode
+
+    blocks = []
+
+    class RecordMatmul(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if getattr(func, "__name__", "") in ("matmul", "__matmul__"):
+                blocks.append(tuple(out.shape))
+            return out
+
+    with RecordMatmul():
+        pred = lp.knn_predict(*args, **kwargs)
+    return blocks, pred
+
+
+def test_knn_similarity_blocks_stay_within_256_mb_and_give_the_whole_banks_nearest():
+    """Each block of query x bank similarities is within KNN_BLOCK_BYTES (256 MB, float32): at least 1,024 queries
+    a block (each block reads the whole bank), more on a small bank, against bank tiles that fit; the tiles' k
+    nearest are merged into the bank's. Sizes on the meta device (shapes, no arithmetic); a cut budget on CPU data
+    gives the reference's predictions."""
+    assert lp.KNN_BLOCK_BYTES == 256 * 2**20 and lp.KNN_MIN_QUERIES == 1024
+
+    def meta(n_bank, n_queries):
+        f = torch.empty(n_bank, 4, device="meta")
+        return _similarity_blocks(f, torch.empty(n_bank, dtype=torch.long, device="meta"), f[:n_queries], 10)[0]
+
+    assert meta(115_846, 2048) == [(1024, 65_536), (1024, 50_310)] * 2  # ImageNet-LT
+    assert meta(437_513, 1024) == [(1024, 65_536)] * 6 + [(1024, 44_297)]  # iNaturalist 2018
+    assert meta(5000, 2000) == [(2000, 5000)]  # a monitor's bank: every query at once (13,421 would fit)
+    f, y = _clusters(25)  # 100 images, 4 classes
+    ft, yt = _clusters(10, seed=1)  # 40 queries
+    budget = lp.KNN_BLOCK_BYTES
+    try:
+        lp.KNN_BLOCK_BYTES = 4 * 40 * 17 + 3  # tiles of 17 bank images
+        blocks, pred = _similarity_blocks(f, y, ft, 4, k=5, temperature=0.07)
+        assert blocks == [(40, 17)] * 5 + [(40, 15)]
+        assert torch.equal(pred, _reference_knn(f, y, ft, 4, 5, 0.07)) and torch.equal(pred, yt)
+        g = torch.Generator().manual_seed(0)
+        train_f, test_f = torch.randn(300, 8, generator=g), torch.randn(50, 8, generator=g)
+        train_y = torch.randint(0, 6, (300,), generator=g)
+        for k in (1, 5, 17, 40, 300):  # below, at and above a tile
+            got = lp.knn_predict(train_f, train_y, test_f, 6, k, 0.07, chunk=7)
+            assert torch.equal(got, _reference_knn(train_f, train_y, test_f, 6, k, 0.07)), k
+    finally:
+        lp.KNN_BLOCK_BYTES = budget
+
+
+def test_probe_main_uses_every_usable_core_unless_omp_num_threads_is_set(monkeypatch, tmp_path):
+    """On a CPU the probe's main asks for lt_data.usable_cpus() threads (os.sched_getaffinity); a thread count set
+    on purpose in OMP_NUM_THREADS (a share of the cores for parallel jobs) is left alone. Importing sets nothing."""
+    import lt_data
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(lt_data, "usable_cpus", lambda: 5)
+
+    def stop(args):
+        raise lp.ProbeError("stopped after the set-up")
+
+    monkeypatch.setattr(lp, "run_probe", stop)
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # main wraps it (QuietWhenClosed): restored afterwards
+    ckpt = tmp_path / "backbone.pt"
+    ckpt.write_bytes(b"")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with pytest.raises(SystemExit):
+        lp.main([str(ckpt)])
+    assert calls == [5]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with pytest.raises(SystemExit):
+        lp.main([str(ckpt)])
+    assert calls == [5]
+    code = "import torch; n = torch.get_num_threads(); import linear_probe; print(n == torch.get_num_threads())"
+    env = script_env(threads=1)
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout == "True\n"
 
 
 def test_linear_probe_separates_linearly_separable_features():
@@ -101,14 +236,14 @@ def test_probe_cli_end_to_end(tiny_supervised_run, tmp_path):
         "--tensorboard",
         cwd=tmp_path,
     )
-    assert "| linear |" in proc.stdout and "| knn (k 1) |" in proc.stdout and "2-shot" in proc.stdout
+    assert "| linear |" in proc.stdout and "| knn (k 20, T 0.07) |" in proc.stdout and "2-shot" in proc.stdout
     assert "extracting features of the training images: 128/128" in proc.stdout  # says what it is doing
     assert "training the linear head: epoch 3/3" in proc.stdout
     res = json.loads(out.read_text())
     assert res["dataset"] == "synthetic" and res["num_test"] == 32 and res["num_train"] == 128  # every image
     assert res["groups"] == {"many": [0, 1], "medium": [2], "few": [3]}  # thirds of 4 long-tailed classes
     assert len(res["linear"]["per_class"]) == 4 and len(res["few_shot"]["2"]["runs"]) == 2
-    assert res["knn"]["k"] == 1  # 32 images a class in the balanced bank: 32 // 20
+    assert (res["knn"]["k"], res["knn"]["temperature"]) == (20, 0.07)  # DINO's, whatever the class sizes
     # the long-tailed training set instead of the balanced one
     run_script(
         "linear_probe.py",
@@ -343,7 +478,7 @@ def test_raw_pixels_probe_uses_the_standardised_image_itself(tiny_supervised_run
     train_x, test_x = flat(data.train_full), flat(data.test)
     train_y, test_y = torch.tensor(data.train_full.targets), torch.tensor(data.test.targets)
     assert train_x.shape[1] == 3 * 16 * 16
-    pred = lp.knn_predict(train_x, train_y, test_x, data.num_classes, res["knn"]["k"], 0.1)
+    pred = lp.knn_predict(train_x, train_y, test_x, data.num_classes, res["knn"]["k"], res["knn"]["temperature"])
     assert res["knn"]["top1"] == pytest.approx(100 * (pred == test_y).float().mean().item())
     proc = run_script("linear_probe.py", ckpt, "--raw-pixels", "--random-init", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--random-init and --raw-pixels exclude each other" in proc.stderr
@@ -482,3 +617,169 @@ def test_probe_takes_a_run_folder(tiny_supervised_run, tmp_path):
     (tmp_path / "empty").mkdir()
     proc = run_script("linear_probe.py", str(tmp_path / "empty"), cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "is a folder without backbone.pt or checkpoint.pt" in proc.stderr
+
+
+def test_probe_knn_default_is_k_20_on_a_long_tail_whose_smallest_class_has_5_images(tiny_supervised_run, tmp_path):
+    """The old default, 200 capped at a twentieth of the smallest class, was k = 1 on any natural long tail
+    (ImageNet-LT's smallest class has 5 images); DINO's k 20 / T 0.07 holds at any class size. The JSON's top-1 is
+    a kNN with those values, computed here on the probe's own features."""
+    _grey_folder(tmp_path / "folder", train=(30, 12, 5), val=(3, 3, 3))
+    out = tmp_path / "probe.json"
+    proc = run_script(
+        "linear_probe.py",
+        str(tiny_supervised_run / "backbone.pt"),
+        *("--dataset", "imagefolder", "--data-dir", str(tmp_path / "folder"), "--epochs", "1", "--num-workers", "0"),
+        *("--output", str(out)),
+        cwd=tmp_path,
+    )
+    res = json.loads(out.read_text())
+    assert res["num_train"] == 47 and (res["knn"]["k"], res["knn"]["temperature"]) == (20, 0.07)
+    assert "| knn (k 20, T 0.07) |" in proc.stdout
+    import lt_data
+
+    model, meta = lp.load_backbone(str(tiny_supervised_run / "backbone.pt"))
+    data = lt_data.build_data(
+        lt_data.DataArgs(
+            dataset="imagefolder", data_dir=str(tmp_path / "folder"), image_size=meta["data"]["image_size"]
+        )
+    )
+    tf = lt_data.eval_transform(data.image_size, data.mean, data.std)
+    model.eval()
+    with torch.no_grad():
+        feats = lambda ds: model(torch.stack([tf(ds.image(i)) for i in range(len(ds.targets))]))  # noqa: E731
+        train_f, test_f = feats(data.train_full), feats(data.test)
+    pred = _reference_knn(train_f, torch.tensor(data.train_full.targets), test_f, 3, 20, 0.07)
+    expected = 100 * (pred == torch.tensor(data.test.targets)).double().mean().item()
+    assert res["knn"]["top1"] == pytest.approx(expected)
+
+
+def _long_tail_targets(classes=8142, seed=0):
+    """Class labels of an iNaturalist-2018-like long tail: 8,142 classes of 1 to 40 images, shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    counts = 1 + torch.randint(0, 40, (classes,), generator=g)
+    y = torch.repeat_interleave(torch.arange(classes), counts)
+    return y[torch.randperm(len(y), generator=g)].tolist(), counts
+
+
+@pytest.mark.parametrize("total", [1, 5000, 8142, 20000, 100000])
+def test_balanced_subset_takes_exactly_total_images_as_balanced_as_the_classes_allow(total):
+    targets, counts = _long_tail_targets()
+    picked = lp.balanced_subset(targets, total, seed=3)
+    assert len(picked) == total and len(set(picked)) == total and picked == sorted(picked)
+    got = torch.bincount(torch.tensor(targets)[picked], minlength=len(counts))
+    # the level L every class reaches (or all of a class below it), found by counting up; the rest, 1 more each
+    level = 0
+    while int(counts.clamp(max=level + 1).sum()) <= total:
+        level += 1
+    base = counts.clamp(max=level)
+    extra = got - base
+    assert ((extra == 0) | (extra == 1)).all() and int(extra.sum()) == total - int(base.sum())
+    assert (got <= counts).all() and (extra[counts <= level] == 0).all()
+    if total < len(counts):  # one image each of `total` classes
+        assert int((got == 1).sum()) == total and int(got.max()) == 1
+    else:  # every class, total // C each at least where the class has that many
+        assert (got >= counts.clamp(max=total // len(counts))).all() and (got > 0).all()
+    assert picked == lp.balanced_subset(targets, total, seed=3)  # seeded
+    assert picked != lp.balanced_subset(targets, total, seed=4)
+
+
+def test_balanced_subset_keeps_total_c_draws_of_a_balanced_set():
+    """When every class has total // C images and C divides total, the choice is class by class in order, each
+    the first total // C of a seeded permutation of the class (what the monitor's test also computes)."""
+    y = torch.arange(7).repeat(30)
+    g = torch.Generator().manual_seed(11)
+    expected = sorted(
+        torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(30, generator=g)[:5]] for c in range(7)]).tolist()
+    )
+    assert lp.balanced_subset(y.tolist(), 35, seed=11) == expected
+    assert lp.balanced_subset(y.tolist(), 0, seed=11) == list(range(210))
+    assert lp.balanced_subset(y.tolist(), 210, seed=11) == list(range(210))
+
+
+def test_knn_monitor_honours_bank_and_queries_at_8142_classes():
+    import numpy as np
+
+    import lt_data
+
+    train_y, _ = _long_tail_targets()
+    test_y = torch.arange(8142).repeat(3).tolist()  # iNaturalist 2018's validation set: 3 images a class
+    images = lambda y: lt_data.ArrayImages(np.zeros((len(y), 2, 2, 3), np.uint8), y)  # noqa: E731
+    data = lt_data.LTData("t", images(train_y), images(test_y), [], [], 8142, 2, (0.5,) * 3, (0.25,) * 3, "oltr")
+    monitor = lp.KNNMonitor(data, bank=5000, queries=2000, seed=1)
+    assert monitor.sizes == (5000, 2000) and len(monitor.targets) == 7000
+    assert monitor.description == (
+        "kNN monitor: 5,000 bank images (1 each of 5,000 of 8,142 classes), "
+        "2,000 test queries (1 each of 2,000 of 8,142 classes), k 20, T 0.07"
+    )
+    bank_classes = monitor.targets[:5000]
+    assert len(bank_classes.unique()) == 5000
+    again = lp.KNNMonitor(data, bank=5000, queries=2000, seed=1)
+    assert torch.equal(again.targets, monitor.targets)
+    big = lp.KNNMonitor(data, bank=20000, queries=0, seed=1)
+    assert big.sizes == (20000, 3 * 8142)
+    assert big.description == (
+        "kNN monitor: 20,000 bank images (1 to 3 each of 8,142 classes), "
+        "24,426 test queries (3 each of 8,142 classes), k 20, T 0.07"
+    )
+
+
+VIT_RESIZES = [(4, 2, 2), (4, 6, 6), (4, 3, 5), (7, 4, 9), (14, 6, 16), (2, 8, 3), (6, 6, 4)]
+
+
+@pytest.mark.parametrize("grid,h,w", VIT_RESIZES)
+def test_vit_position_embedding_resize_is_bicubic_interpolation_by_matmuls(grid, h, w):
+    """Up- and downsampling, square or not: the [h*w, D] position embeddings equal F.interpolate's bicubic
+    resize of the grid x grid embeddings (align_corners=False), gradients reach pos_embedding, and the autograd
+    graph holds no bicubic-upsample backward (which raises under deterministic algorithms on CUDA)."""
+    torch.manual_seed(0)
+    patch, dim = 2, 8
+    vit = lp.build_backbone("vit", **lp.vit_kwargs("vit_tiny", grid * patch, 1, 2, dim, patch)).eval()
+    seen = []
+    vit.encoder.layers.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    x = torch.randn(2, 3, h * patch, w * patch)
+    out = vit(x)
+    pos = vit.encoder.pos_embedding
+    expected = torch.nn.functional.interpolate(
+        pos[:, 1:].reshape(1, grid, grid, dim).permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False
+    )
+    tokens = vit.conv_proj(x).flatten(2).transpose(1, 2)  # the patch tokens before the position embeddings
+    torch.testing.assert_close(
+        seen[0][:, 1:] - tokens,
+        expected.permute(0, 2, 3, 1).reshape(1, h * w, dim).expand(2, -1, -1),
+        atol=1e-6,
+        rtol=0,
+    )
+    seen_nodes, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen_nodes:
+            seen_nodes.add(node)
+            stack.extend(n for n, _ in node.next_functions)
+    names = {type(node).__name__ for node in seen_nodes}
+    assert not any("Upsample" in n for n in names) and "MmBackward0" in names
+    r = torch.randn(2, h * w, dim)  # the gradient reaching pos_embedding: that of F.interpolate's resize
+    (grad,) = torch.autograd.grad((seen[0][:, 1:] * r).sum(), pos, retain_graph=True)
+    (expected_grad,) = torch.autograd.grad((expected.permute(0, 2, 3, 1).reshape(1, h * w, dim) * r).sum(), pos)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+    assert grad[0, 1:].abs().min() > 0 or h * w < grid * grid  # every grid point reached when upsampling
+    (out * torch.randn_like(out)).sum().backward()
+    assert pos.grad[0, 1:].abs().sum() > 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the resize stays in float32
+        seen.clear()
+        vit(x)
+        tokens = vit.conv_proj(x).flatten(2).transpose(1, 2)
+    assert tokens.dtype == torch.bfloat16 and seen[0].dtype == torch.float32
+    resized = (seen[0][:, 1:] - tokens.float())[0]
+    torch.testing.assert_close(resized, expected.permute(0, 2, 3, 1).reshape(h * w, dim), atol=1e-6, rtol=0)
+
+
+def test_vit_resize_runs_under_deterministic_algorithms():
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        vit = lp.build_backbone("vit", **lp.vit_kwargs("vit_tiny", 16, 1, 2, 8, 4))
+        out = vit(torch.randn(2, 3, 8, 12))
+        (out * torch.randn_like(out)).sum().backward()
+        assert vit.encoder.pos_embedding.grad.abs().sum() > 0
+    finally:
+        torch.use_deterministic_algorithms(was)
