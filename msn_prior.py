@@ -664,12 +664,10 @@ class Stopped(BaseException): ...  # a stop signal before the first step (its nu
 def from_rank0(make: Callable, rank: int):
     """``make()`` on rank 0 alone, its result sent to every rank (the data set is indexed and the checkpoint read
     once per job, and every rank agrees on them); a RunError or DataError it raises is raised on every rank."""
-    box = [None]
-    if rank == 0:
-        try:
-            box = [make()]
-        except (RunError, lt_data.DataError) as e:
-            box = [e]
+    try:
+        box = [make() if rank == 0 else None]
+    except (RunError, lt_data.DataError) as e:
+        box = [e]
     if dist.is_initialized():
         dist.broadcast_object_list(box, 0)
     if isinstance(box[0], Exception):
