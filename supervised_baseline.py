@@ -634,8 +634,8 @@ def fetch(loader, run: Run, ckpt_path: str):
     try:
         yield from loader  # what the loop's body raises is not raised here
     except Exception as e:
-        between_steps = worker_died(e) or isinstance(e, lt_data.DataError)
-        if between_steps and run.world_size == 1 and run.checkpoint_step != run.step:
+        loader_failed = worker_died(e) or isinstance(e, lt_data.DataError)
+        if loader_failed and run.world_size == 1 and run.checkpoint_step != run.step:
             save_checkpoint(run, ckpt_path)
         raise
 

@@ -644,7 +644,7 @@ def test_a_stop_signal_during_the_kmeans_init_stops_the_run_at_once(tmp_path, si
             os.killpg(proc.pid, signum) if to_group else proc.send_signal(signum)
             break
     try:
-        out, err = proc.communicate(timeout=120)  # generous: it stops once the chunk it is embedding is done
+        out, err = proc.communicate(timeout=600)  # a hang guard: it stops once the chunk it is embedding is done
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
