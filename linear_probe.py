@@ -72,8 +72,11 @@ def vit_kwargs(
     the patch size defaults to 4 below 64 px (CIFAR: 64 patches) and 16 above. ``crop_sizes`` maps a flag name
     to another crop side the ViT must take (focal / local views). Raises BackboneError on impossible sizes."""
     p_layers, p_heads, p_dim = VIT_PRESETS[preset]
-    layers, heads, dim = layers or p_layers, heads or p_heads, dim or p_dim
-    patch = patch or (4 if image_size < 64 else 16)
+    layers, heads, dim = [p if v is None else v for v, p in ((layers, p_layers), (heads, p_heads), (dim, p_dim))]
+    patch = (4 if image_size < 64 else 16) if patch is None else patch
+    for name, v in {"--vit-layers": layers, "--vit-heads": heads, "--vit-dim": dim, "--patch-size": patch}.items():
+        if v < 1:  # 0 is not "the preset's": None is
+            raise BackboneError(f"{name} must be >= 1, got {v}")
     if dim % heads:
         raise BackboneError(f"--vit-dim {dim} is not divisible by --vit-heads {heads}")
     for name, size in {"--image-size": image_size, **(crop_sizes or {})}.items():
@@ -671,6 +674,11 @@ class ProbeArgs:
     """also log the numbers into the pre-training run's TensorBoard (the checkpoint's folder)"""
 
 
+# The range of every numeric flag of the probe beside lt_data.RANGES' data flags (lt_data.check_ranges).
+RANGES = dict(epochs="[1, inf)", lr="(0, inf)", batch_size="[1, inf)", weight_decay="[0, inf)", knn_k="[1, inf)")
+RANGES |= dict(knn_temperature="(0, inf)", shots="[1, inf)", few_shot_seeds="[1, inf)", seed="[0, 4294967296)")
+RANGES |= dict(extract_batch_size="[1, inf)", num_workers="[0, inf)")
+
 DATA_FIELDS = [f.name for f in dataclasses.fields(lt_data.DataArgs) if f.name not in ("balanced_twin", "download")]
 
 
@@ -741,7 +749,7 @@ def run_probe(args: ProbeArgs) -> dict:
         m = sum(runs) / len(runs)
         few[str(shots)] = {"top1": m, "std": math.sqrt(sum((r - m) ** 2 for r in runs) / len(runs)), "runs": runs}
     return {
-        "checkpoint": args.checkpoint,
+        "checkpoint": lt_data.printable(args.checkpoint),  # JSON holds no undecodable bytes
         "method": meta.get("method"),
         "step": meta.get("step"),
         "random_init": args.random_init,
@@ -790,34 +798,12 @@ def check_writable(folder: str) -> None:
         raise ProbeError(f"cannot write the results to {folder}: {e.strerror}") from None
 
 
-class QuietWhenClosed:
-    """A text stream that goes quiet (to os.devnull) once its reader has closed the pipe, instead of raising
-    BrokenPipeError in the middle of the work."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text: str) -> int:
-        try:
-            return self.stream.write(text)
-        except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())  # also what is still buffered
-            return len(text)
-
-    def flush(self) -> None:
-        try:
-            self.stream.flush()
-        except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
 def main(argv: Optional[list[str]] = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
+    lt_data.quiet_when_closed()  # linear_probe.py ... | head: the probe still ends with its JSON
     args = tyro.cli(ProbeArgs, args=argv)
     try:
+        lt_data.check_ranges(args, lt_data.RANGES | RANGES)
         if not args.checkpoint:
             raise ProbeError("give the checkpoint to probe: python linear_probe.py runs/RUN/backbone.pt")
         if os.path.isdir(args.checkpoint):  # a run folder: its export, else its checkpoint
@@ -825,23 +811,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
             if not found:
                 raise ProbeError(f"{args.checkpoint} is a folder without backbone.pt or checkpoint.pt")
             args.checkpoint = os.path.join(args.checkpoint, found[0])
-        if args.epochs < 1 or args.batch_size < 1 or args.knn_k < 1 or any(s < 1 for s in args.shots):
-            raise ProbeError("--epochs, --batch-size, --knn-k and --shots must be >= 1")
         if args.random_init and args.raw_pixels:
             raise ProbeError("--random-init and --raw-pixels exclude each other: the raw pixels have no weights")
-        for name, low in (("lr", 0.0), ("knn_temperature", 0.0), ("weight_decay", None)):
-            v = getattr(args, name)
-            if not math.isfinite(v) or (v <= low if low is not None else v < 0):
-                raise ProbeError(
-                    f"--{name.replace('_', '-')} must be a finite number "
-                    f"{'> 0' if low is not None else '>= 0'}, got {v}"
-                )
         folder = os.path.dirname(os.path.abspath(args.output or args.checkpoint))
         check_writable(folder)  # before the work, not after it
-        if not isinstance(
-            sys.stdout, QuietWhenClosed
-        ):  # linear_probe.py ... | head: the probe still ends with its JSON
-            sys.stdout = QuietWhenClosed(sys.stdout)
         if "OMP_NUM_THREADS" not in os.environ:  # a share of the cores set on purpose (parallel jobs) wins
             torch.set_num_threads(lt_data.usable_cpus())  # here, not at import: the training scripts import this
         res = run_probe(args)

@@ -52,7 +52,66 @@ SYNTHETIC_MEAN, SYNTHETIC_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
 class DataError(ValueError):
-    """Bad data arguments or missing files; scripts print the message as one line and exit 2."""
+    """Bad flags or data files; scripts print the message as one line and exit 2."""
+
+
+# The range of every numeric data flag (``check_ranges``); the scripts and the probe add theirs. 0 is in a range only
+# where it means 0 (tests/test_scripts.py checks that every numeric flag of every program has a range).
+RANGES = dict(imbalance_ratio="[1, inf)", split_seed="[0, 4294967296)", image_size="[8, inf)")
+RANGES |= dict(synthetic_classes="[2, inf)", synthetic_per_class="[1, inf)", synthetic_test_per_class="[1, inf)")
+
+
+def check_ranges(args, ranges: dict[str, str]) -> None:
+    """Raise DataError, in one line naming the flag, for the first flag of ``args`` outside its interval in ``ranges``
+    (``"[1, inf)"``, ``"(0, 1]"``, ...; nan is outside every interval); None (unset) passes; each value of a tuple
+    flag is checked. The seed's range, [0, 2**32), is numpy's (the seed reaches every generator)."""
+    for name, interval in ranges.items():
+        lo, hi = (float(v) for v in interval[1:-1].split(","))
+        words = (f">= {lo:g}" if interval[0] == "[" else f"> {lo:g}") if hi == math.inf else f"in {interval}"
+        value = getattr(args, name)
+        for v in [v for v in (value if isinstance(value, tuple) else [value]) if v is not None]:
+            if not ((lo < v or interval[0] == "[" and v == lo) and (v < hi or interval[-1] == "]" and v == hi)):
+                raise DataError(f"--{name.replace('_', '-')} must be {words}, got {v}")
+
+
+def printable(text: str) -> str:
+    """``text`` with the bytes of a file name that are not UTF-8 (which Python decodes to lone surrogates, PEP 383)
+    written as backslash escapes (``caf\\xe9``): what TensorBoard, JSON and the logs can hold."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class QuietWhenClosed:
+    """A text stream that goes quiet (to os.devnull) once its reader has closed the pipe (``script --help | head``)
+    instead of raising BrokenPipeError in the middle of the work, and writes the undecodable bytes of a file name as
+    backslash escapes instead of raising UnicodeEncodeError."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        if hasattr(stream, "reconfigure"):  # pytest's captured streams have none
+            stream.reconfigure(errors="backslashreplace")
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())  # also what is still buffered
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def quiet_when_closed() -> None:
+    """Wrap sys.stdout and sys.stderr in QuietWhenClosed (once): every program's first call, before --help."""
+    for name in ("stdout", "stderr"):
+        if not isinstance(getattr(sys, name), QuietWhenClosed):
+            setattr(sys, name, QuietWhenClosed(getattr(sys, name)))
 
 
 def error_line(e: BaseException) -> str:
@@ -603,13 +662,13 @@ def build_data(args: DataArgs) -> LTData:
     """Load ``args.dataset`` and build its long-tailed subset and balanced twin. Raises DataError."""
     if args.dataset not in DATASETS:
         raise DataError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+    check_ranges(args, RANGES)
     natural = args.dataset in ("imagenet-lt", "imagefolder")
     ratio = resolved_ratio(args)
-    if ratio < 1 or not math.isfinite(ratio):
-        raise DataError(f"--imbalance-ratio must be >= 1 (head/tail size ratio), got {ratio}")
-    size = args.image_size or (224 if natural else 28 if args.dataset == "fashion-mnist" else 32)
-    if size < 8:
-        raise DataError(f"--image-size must be >= 8, got {size}")
+    if args.image_size is not None:
+        size = args.image_size
+    else:
+        size = 224 if natural else 28 if args.dataset == "fashion-mnist" else 32
     mean, std = (
         (CIFAR_MEAN, CIFAR_STD)
         if args.dataset.startswith("cifar")
@@ -986,6 +1045,7 @@ def describe(data: LTData, args: DataArgs) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    quiet_when_closed()
     args = tyro.cli(
         DataArgs,
         args=argv,

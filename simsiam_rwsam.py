@@ -162,6 +162,13 @@ RECIPES = {
     ),
 }
 
+# The range of every numeric flag of the method (validate; the shared flags': SHARED_RANGES, the data's: lt_data.RANGES)
+RANGES = dict(batch_size="[2, inf)")  # each view's projector input is one process's batch: BatchNorm needs 2 images
+RANGES |= dict(rho="(0, inf)", kde_bandwidth="(0, inf)", kde_alpha="(0, inf)", label_base="(0, inf)")
+RANGES |= dict(kde_max_ratio="[1, inf)", reweight_every="[1, inf)", kde_chunk_size="[1, inf)", proj_dim="[1, inf)")
+RANGES |= dict(pred_dim="[1, inf)", proj_layers="[2, inf)", reweight_warmup="[0, inf)", kde_reference="[0, inf)")
+RANGES |= dict(crop_min_scale="(0, 1]")
+
 
 # ============================================================ method: algorithm
 METHOD = "simsiam_rwsam"
@@ -326,7 +333,7 @@ def diagnostics(run: Run, out: dict) -> dict[str, torch.Tensor]:
 # ============================================================ shared: loop
 def train(args: Args) -> str:
     """Build everything, resume if the run exists, train, export; returns the run folder."""
-    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))  # from torchrun
+    world_size, rank, local_rank = launch_env()
     # SIGINT, SIGTERM and SIGHUP (a closed terminal; torchrun forwards them), from the first line on: before this
     # process's first step there is nothing to save, so the run stops at once (``Stopped``); after it they are noted,
     # and the run stops at the first step where every rank knows of one (``sync``), after a checkpoint
@@ -339,14 +346,13 @@ def train(args: Args) -> str:
 
     handlers = {s: signal.signal(s, on_signal) for s in stops}
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if world_size > 1:  # DDP: NCCL on CUDA, gloo on CPU
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     validate(args)
-    amp_choice = " (--amp auto)" if args.amp == "auto" else ""
-    args.amp = resolve_amp(args.amp, device)  # the checkpoint and hyperparameters store the resolved dtype
+    amp_flag, args.amp = args.amp, resolve_amp(args.amp, device)  # the checkpoint and hyperparameters: resolved
     data = from_rank0(lambda: lt_data.build_data(args), rank)  # indexed once per job, sent to the other ranks
     check_args(args, data)
     indices = data.pretrain_indices(args.balanced_twin)
@@ -373,7 +379,7 @@ def train(args: Args) -> str:
     ddp_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     ddp_model = torch.compile(ddp_model) if args.compile else ddp_model
     optimizer = make_optimizer(args, model, args.lr * global_batch / 256)  # linear scaling rule, global batch
-    run = Run(args, model, ddp_model, optimizer, data, train_set, device, steps_per_epoch, run_dir)
+    run = Run(args, model, ddp_model, optimizer, data, train_set, device, steps_per_epoch, run_dir, amp_flag)
     ckpt = from_rank0(lambda: read_checkpoint(ckpt_path), rank)  # rank 0's run folder alone decides: all ranks
     if resumed := ckpt is not None:  # resume from its checkpoint, or none does (a per-node --output-dir works)
         load_checkpoint(run, ckpt, ckpt_path)
@@ -381,11 +387,15 @@ def train(args: Args) -> str:
     sampler = lt_data.ResumableSampler(len(train_set), world_size, rank, args.seed, labels=labels)
     loader = lt_data.make_loader(train_set, args.batch_size, args.num_workers, sampler, drop_last=True)
     logger = Logger(run, resumed)
+    amp = f"amp {args.amp}" + (" (--amp auto)" if amp_flag == "auto" else "")
+    if resumed and ckpt["args"]["amp"] != args.amp:  # --amp auto, resolved otherwise on this kind of machine
+        amp += f", the checkpoint's steps ran in {ckpt['args']['amp']} (so the resume is not bit-exact)"
+    schedule = f" of the schedules' {run.total_steps} (--max-steps)" if run.stop_step < run.total_steps else ""
     logger.say(
         f"{METHOD}: {len(train_set)} training images from {data.source}, {data.num_classes} classes, global batch "
         f"{global_batch} on {world_size} x {device.type}, {steps_per_epoch} steps/epoch, "
         + (f"resuming at step {run.step} of {run.stop_step}" if resumed else f"{run.stop_step} steps")
-        + f", amp {args.amp}{amp_choice} -> {run_dir}"
+        + f"{schedule}, {amp} -> {run_dir}{logger.moved}"
     )
     monitor = KNNMonitor(data, args.eval_bank, args.eval_queries, seed=args.seed) if args.eval_every else None
     if monitor is not None and not resumed:
@@ -436,20 +446,8 @@ def train(args: Args) -> str:
 
 # ============================================================ method: parts
 def check_args(args: Args, data: lt_data.LTData) -> None:
-    """The method's flags, checked once the data is known (the shared ``validate`` checks the others)."""
+    """The method's flags that need the data (``validate`` checked every flag's range before the data was read)."""
     backbone_spec(args.arch, data.image_size, args.vit_layers, args.vit_heads, args.vit_dim, args.patch_size)
-    check_range(args, "(0, inf)", "rho", "kde_bandwidth", "kde_alpha", "label_base")
-    check_range(args, "[0, inf)", "weight_decay")
-    check_range(args, "[1, inf)", "kde_max_ratio")
-    if args.batch_size < 2:  # each view's projector input is one process's batch
-        raise RunError(
-            f"--batch-size must be >= 2: the projector's BatchNorm needs 2 images per process, got {args.batch_size}"
-        )
-    check_range(args, "[1, inf)", "reweight_every", "kde_chunk_size", "proj_dim", "pred_dim")
-    if args.proj_layers is not None and args.proj_layers < 2:
-        raise RunError(f"--proj-layers must be >= 2, got {args.proj_layers}")
-    check_range(args, "[0, inf)", "reweight_warmup", "kde_reference", "warmup_epochs")
-    check_range(args, "(0, 1]", "crop_min_scale")
 
 
 def train_transform(args: Args, data: lt_data.LTData):
@@ -471,7 +469,9 @@ class Model(nn.Module):
         arch, arch_kwargs = self.backbone_spec["arch"], self.backbone_spec["arch_kwargs"]
         self.backbone = build_backbone(arch, **arch_kwargs)
         d, h, b = feature_dim(arch, **arch_kwargs), args.proj_dim, args.pred_dim
-        layers = args.proj_layers or (3 if data.image_size >= 96 else 2)  # SimSiam: ImageNet 3, CIFAR 2 (App. D)
+        layers = (
+            args.proj_layers if args.proj_layers is not None else 3 if data.image_size >= 96 else 2
+        )  # SimSiam: ImageNet 3, CIFAR 2 (App. D)
         hidden = [
             m
             for i in range(layers - 1)
@@ -719,6 +719,7 @@ class Run:
     device: torch.device = torch.device("cpu")
     steps_per_epoch: int = 1
     run_dir: str = ""
+    amp_flag: str = ""  # --amp as given (auto resolves per machine; args.amp holds the resolved dtype)
     step: int = 0
     checkpoint_step: int = -1  # step of the checkpoint on disk, -1: none
 
@@ -860,6 +861,7 @@ def save_checkpoint(run: Run, path: str) -> None:
         ckpt = dict(format=linear_probe.CHECKPOINT_FORMAT, model=run.model.state_dict(), step=run.step)
         ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), world_size=run.world_size)
         ckpt.update(args=asdict(run.args), backbone=backbone_meta(run), training_set=run.training_set)
+        ckpt.update(amp_flag=run.amp_flag)
         atomic_save(ckpt, path)
     run.checkpoint_step = run.step
 
@@ -879,6 +881,8 @@ def load_checkpoint(run: Run, ckpt: dict, path: str) -> None:
     if not isinstance(ckpt, dict) or ckpt.get("format") != linear_probe.CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a checkpoint of these scripts; move it away to start afresh")
     old, new = ckpt["args"], asdict(run.args)
+    if ckpt.get("amp_flag") == run.amp_flag == "auto":  # a requeue on another kind of machine may resolve it otherwise
+        old = {**old, "amp": new["amp"]}
     flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
     if added := ", ".join(flag(k) for k in new if k not in old):  # flags of a later version of the script
         why = f"was written before {added} existed; resume it with the version of the script that wrote it"
@@ -905,6 +909,19 @@ def load_checkpoint(run: Run, ckpt: dict, path: str) -> None:
     run.step = run.checkpoint_step = ckpt["step"]
 
 
+def move_earlier_run(run_dir: str) -> str:
+    """On a fresh start in a folder that holds an earlier run's files but no checkpoint (moved away, or the run died
+    before its first): move them to ``earlier_<n>/`` (TensorBoard shows it as a run of its own), and say so."""
+    files = [f for f in sorted(os.listdir(run_dir)) if f != ".lock" and os.path.isfile(os.path.join(run_dir, f))]
+    if not files:
+        return ""
+    aside = next(p for n in range(1, 2**31) if not os.path.exists(p := os.path.join(run_dir, f"earlier_{n}")))
+    os.mkdir(aside)
+    for f in files:
+        os.replace(os.path.join(run_dir, f), os.path.join(aside, f))
+    return f"; the earlier run's {len(files)} files (no checkpoint) moved to {aside}"
+
+
 def export_backbone(run: Run, path: str) -> None:
     """The backbone in plain torchvision layout (strict=True); finite, as the last step's checkpoint refused others."""
     state = run.backbone.state_dict()
@@ -919,13 +936,16 @@ class Logger:
     def __init__(self, run: Run, resumed: bool):
         self.run, self.scalars, self.vectors, self.start, self.step0 = run, {}, {}, run.step, run.step
         self.clock, self.pace, self.evals = time.perf_counter(), [0.0, 0], [0.0, 0]  # pace, evals: seconds, count
-        purge = run.step + 1 if resumed else 0  # TensorBoard hides the earlier events of these steps on (a lost run's)
+        self.moved = move_earlier_run(run.run_dir) if run.rank == 0 and not resumed else ""
+        purge = (
+            run.step + 1 if resumed else None
+        )  # TensorBoard hides the earlier events of these steps on (a lost run's)
         self.writer = SummaryWriter(run.run_dir, purge_step=purge) if run.rank == 0 else None
         if self.writer is not None and not resumed:  # the flags with the values resolved at start
-            table = {**asdict(run.args), **backbone_meta(run)["data"]}
+            table = {**asdict(run.args), **backbone_meta(run)["data"], "amp_flag": run.amp_flag}
             table.update({f"backbone.{k}": v for k, v in run.model.backbone_spec["arch_kwargs"].items()})
             rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(table.items()))
-            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+            self.writer.add_text("hyperparameters", lt_data.printable(f"|param|value|\n|-|-|\n{rows}"))
 
     def say(self, line: str) -> None:
         if self.run.rank == 0:
@@ -971,7 +991,8 @@ class Logger:
         shown = "".join(f" | {k.split('/')[-1]} {v:.2f} ({eval_s:.0f}s)" for k, v in evals.items())
         memory = f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if run.device.type == "cuda" else ""
         self.say(
-            f"epoch {math.ceil(run.step / run.steps_per_epoch)}/{run.args.epochs} step {run.step}/{run.total_steps} "
+            f"epoch {math.ceil(run.step / run.steps_per_epoch)}/{math.ceil(run.stop_step / run.steps_per_epoch)} "
+            f"step {run.step}/{run.stop_step} "
             f"loss {means.get('loss', math.nan):.4f}{shown} | {images_per_s:.0f} img/s{memory} | eta {self.eta()}"
             if steps
             else f"step {run.step}, before training{shown}"
@@ -1027,21 +1048,36 @@ def sync(run: Run, first_bad: torch.Tensor, signals: list[int], ckpt_path: str) 
     return -signum
 
 
-def check_range(args: Args, interval: str, *names: str) -> None:
-    """Refuse a flag outside ``interval`` ("[1, inf)", "(0, 1]", ...), nan and inf included; None (unset) passes."""
-    lo, hi = (float(v) for v in interval[1:-1].split(","))
-    words = (f">= {lo:g}" if interval[0] == "[" else f"> {lo:g}") if hi == math.inf else f"in {interval}"
-    for name, v in [(n, getattr(args, n)) for n in names if getattr(args, n) is not None]:
-        if not ((lo < v or interval[0] == "[" and v == lo) and (v < hi or interval[-1] == "]" and v == hi)):
-            raise RunError(f"--{name.replace('_', '-')} must be {words}, got {v}")
+def launch_env() -> tuple[int, int, int]:
+    """World size, rank and local rank from torchrun's environment (1, 0, 0 without it); RunError, naming the
+    variables, for a partial one (WORLD_SIZE left in a shell: init_process_group's traceback wants RANK)."""
+    names = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: os.environ[k] for k in names if k in os.environ}
+    if env.get("WORLD_SIZE", "1") == "1":  # one process (torchrun --nproc_per_node 1, or none)
+        return 1, 0, 0
+    world_size, rank, local = (int(v) if v.isdigit() else -1 for v in (env.get(k, "") for k in names[:3]))
+    if len(env) < len(names) or not 0 <= rank < world_size or local < 0:
+        found = " ".join(f"{k}={v}" for k, v in env.items())
+        raise RunError(f"a partial torchrun environment ({found}): launch with torchrun, or unset these variables")
+    return world_size, rank, local
+
+
+# The range of every numeric flag the scripts share (validate; the method's: RANGES, the data's: lt_data.RANGES)
+SHARED_RANGES = dict(seed="[0, 4294967296)", batch_size="[1, inf)", epochs="[1, inf)", max_steps="[1, inf)")
+SHARED_RANGES |= dict(train_steps="[1, inf)", log_every="[1, inf)", checkpoint_every="[1, inf)", lr="(0, inf)")
+SHARED_RANGES |= dict(num_workers="[0, inf)", eval_every="[0, inf)", eval_bank="[0, inf)", eval_queries="[0, inf)")
+SHARED_RANGES |= dict(weight_decay="[0, inf)", warmup_epochs="[0, inf)", vit_layers="[1, inf)", vit_dim="[1, inf)")
+SHARED_RANGES |= dict(vit_heads="[1, inf)", patch_size="[1, inf)")
 
 
 def validate(args: Args) -> None:
-    """Fail fast on shared flags that cannot work, before any data is read (method flags: ``check_args``)."""
-    check_range(args, "[1, inf)", "batch_size", "epochs", "log_every", "checkpoint_every", "max_steps", "train_steps")
-    check_range(args, "[0, inf)", "num_workers", "eval_every", "eval_bank", "eval_queries")
-    check_range(args, "(0, inf)", "lr")
-    check_range(args, "[0, 4294967296)", "seed")  # 2**32: numpy's limit (the seed reaches every generator)
+    """Fail fast, before any data is read, on flags that cannot work: every numeric flag has a range (the scripts'
+    shared, the method's, the data's; tests/test_scripts.py checks that none lacks one); ``check_args`` checks what
+    needs the data."""
+    lt_data.check_ranges(args, SHARED_RANGES | RANGES | lt_data.RANGES)
+    for flag, path in (("--output-dir", args.output_dir), ("--run-name", args.run_name or "")):
+        if lt_data.printable(path) != path:  # TensorBoard's event writer encodes its path as UTF-8
+            raise RunError(f"{flag} {lt_data.printable(path)} is not UTF-8, which TensorBoard cannot write to")
     if args.sync_bn and not torch.cuda.is_available():
         raise RunError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
 
@@ -1065,6 +1101,7 @@ def parse_args(argv: list[str]) -> Args:
 
 
 def main() -> None:
+    lt_data.quiet_when_closed()  # script --help | head: no BrokenPipeError; non-UTF-8 bytes of paths as escapes
     try:
         train(parse_args(sys.argv[1:]))
     except Stopped as e:  # the exit code a shell gives a process the signal killed

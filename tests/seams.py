@@ -1,7 +1,7 @@
 """Run a training script with a test seam, as ``python script.py ARGS`` would run it otherwise.
 
     python tests/seams.py [--inject-nan-at-step N] [--bn-running-stats] [--record-draws FILE] [--record-listings FILE]
-        SCRIPT.py ARGS...
+        [--amp-auto-resolves DTYPE] SCRIPT.py ARGS...
 
 --inject-nan-at-step N: the loss returned by step N (1-based) becomes NaN (the weights stay finite), for the tests of
     the NaN guard.
@@ -11,6 +11,8 @@
     step (from a forked RNG state, so the step draws the same), for the tests of per-rank, per-step randomness.
 --record-listings FILE: append "rank folder" to FILE for every folder listed (os.scandir, os.listdir), for the tests
     that a job indexes its data once.
+--amp-auto-resolves DTYPE: --amp auto resolves to DTYPE (bf16, none), as on another kind of machine, for the tests of
+    a requeue on another node type.
 
 The script is imported and its ``train_step`` / ``Model`` are wrapped; ``train()`` itself has no test seam.
 """
@@ -26,7 +28,7 @@ import torch.nn as nn
 
 
 def main() -> None:
-    argv, nan_at, bn_running_stats, draws, listings = sys.argv[1:], None, False, None, None
+    argv, nan_at, bn_running_stats, draws, listings, amp_auto = sys.argv[1:], None, False, None, None, None
     while argv and argv[0].startswith("--"):
         flag = argv.pop(0)
         if flag == "--inject-nan-at-step":
@@ -37,6 +39,8 @@ def main() -> None:
             draws = argv.pop(0)
         elif flag == "--record-listings":
             listings = argv.pop(0)
+        elif flag == "--amp-auto-resolves":
+            amp_auto = argv.pop(0)
         else:
             raise SystemExit(f"seams.py: unknown seam {flag}")
     if listings is not None:
@@ -57,6 +61,8 @@ def main() -> None:
     sys.modules[name] = module  # dataclasses look their module up while the class is created
     spec.loader.exec_module(module)
 
+    if amp_auto is not None:
+        module.resolve_amp = lambda amp, device: amp_auto if amp == "auto" else amp
     if nan_at is not None:
         train_step = module.train_step
 
