@@ -77,7 +77,10 @@ def check_ranges(args, ranges: dict[str, str]) -> None:
 def printable(text: str) -> str:
     """``text`` with the bytes of a file name that are not UTF-8 (which Python decodes to lone surrogates, PEP 383)
     written as backslash escapes (``caf\\xe9``): what TensorBoard, JSON and the logs can hold."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class QuietWhenClosed:
@@ -87,12 +90,12 @@ class QuietWhenClosed:
 
     def __init__(self, stream):
         self.stream = stream
-        if hasattr(stream, "reconfigure"):  # pytest's captured streams have none
+        if hasattr(stream, "reconfigure"):  # a terminal whose encoding is not UTF-8 (pytest's captures have none)
             stream.reconfigure(errors="backslashreplace")
 
     def write(self, text: str) -> int:
         try:
-            return self.stream.write(text)
+            return self.stream.write(printable(text))
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())  # also what is still buffered
             return len(text)
