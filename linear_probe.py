@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -251,11 +252,27 @@ def feature_dim(arch: str, **kwargs) -> int:
     return {"resnet18": 512, "resnet50": 2048}.get(arch) or kwargs["hidden_dim"]
 
 
-def _load(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ProbeError(f"checkpoint not found: {path}")
+_PEEKED: dict = {}  # (path, mtime, size) -> the object main read to name the output; load_backbone takes it
+
+
+def _load(path: str, keep: bool = False) -> dict:
+    """A backbone export or checkpoint of these scripts; ProbeError naming the file when it cannot be read (worded
+    from the OSError: a symbolic-link loop is not 'not found'), is not a torch file or is truncated, or lacks what
+    the probe reads. ``keep``: the next _load of the unchanged file returns this object instead of reading it again."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        reason = lt_data.os_reason(path, e)
+        raise ProbeError(
+            f"checkpoint not found: {path}" if reason == "not found" else f"checkpoint {path}: {reason}"
+        ) from None
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key in _PEEKED:
+        return _PEEKED.pop(key)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise ProbeError(f"cannot load {path}: {lt_data.os_reason(path, e)}") from None
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ProbeError(
@@ -266,6 +283,21 @@ def _load(path: str) -> dict:
             f"{path} is not a backbone export or checkpoint of these scripts "
             f"(expected format {EXPORT_FORMAT} or {CHECKPOINT_FORMAT})"
         )
+    meta = obj.get("backbone")
+    weights = "state_dict" if obj["format"] == EXPORT_FORMAT else "model"
+    needed = ("arch", "arch_kwargs") if weights == "state_dict" else ("arch", "arch_kwargs", "prefix")
+    if (
+        not isinstance(meta, dict)
+        or any(k not in meta for k in needed)
+        or not isinstance(meta["arch_kwargs"], dict)
+        or not isinstance(obj.get(weights), dict)
+    ):
+        raise ProbeError(
+            f"{path}: a damaged {obj['format']} file: expected 'backbone' with {', '.join(needed)} and {weights!r}"
+        )
+    if keep:
+        _PEEKED.clear()
+        _PEEKED[key] = obj
     return obj
 
 
@@ -278,7 +310,10 @@ def load_backbone(path: str) -> tuple[nn.Module, dict]:
     else:
         prefix = meta["prefix"]
         state = {k[len(prefix) :]: v for k, v in obj["model"].items() if k.startswith(prefix)}
-    model = build_backbone(meta["arch"], **meta["arch_kwargs"])
+    try:
+        model = build_backbone(meta["arch"], **meta["arch_kwargs"])
+    except TypeError as e:  # arch_kwargs that are not the architecture's
+        raise ProbeError(f"{path}: a damaged backbone description ({e})") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -789,13 +824,74 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def check_writable(folder: str) -> None:
-    """Raise ProbeError unless a file can be created in ``folder`` (tried, since root passes every access check)."""
+def check_writable(path: str, what: str = "the results") -> None:
+    """Raise ProbeError unless the file ``path`` can be written (os.replace of a sibling .part, as the JSON is): it is
+    not a folder, its folder exists and takes a new file (tried, since root passes every access check; nothing is
+    left behind). ``path`` ending in os.sep: a folder that must exist and take new files (TensorBoard's events)."""
+    folder = path if path.endswith(os.sep) else os.path.dirname(os.path.abspath(path))
+    if not path.endswith(os.sep) and os.path.isdir(path):
+        raise ProbeError(f"cannot write {what} to {path}: it is a folder; name a file, e.g. {path}/probe.json")
     try:
-        with open(os.path.join(folder, f".write-test{os.getpid()}"), "w") as f:
-            os.remove(f.name)
+        os.stat(path)
     except OSError as e:
-        raise ProbeError(f"cannot write the results to {folder}: {e.strerror}") from None
+        if e.errno != errno.ENOENT:  # a loop, a file in the way (a dangling link is replaced, as a missing file)
+            raise ProbeError(f"cannot write {what} to {path}: {lt_data.os_reason(path, e)}") from None
+    test = os.path.join(folder, f".write-test{os.getpid()}")
+    try:
+        with open(test, "x"):
+            pass
+    except OSError as e:
+        reason = e.strerror if e.errno in (errno.ENOENT, errno.EACCES, errno.EROFS) else lt_data.os_reason(folder, e)
+        raise ProbeError(f"cannot write {what} to {folder.rstrip(os.sep) or os.sep}: {reason}") from None
+    os.remove(test)
+
+
+def output_path(args: ProbeArgs) -> str:
+    """Where the JSON goes: --output, else probe_<dataset>[_random|_pixels].json beside the checkpoint, <dataset>
+    being the probe's --dataset or the pre-training run's (read from the checkpoint, which run_probe then reuses)."""
+    if args.output:
+        return args.output
+    meta = _load(args.checkpoint, keep=True)["backbone"]
+    dataset = resolve_data_args(args, meta).dataset
+    floor = "_random" if args.random_init else "_pixels" if args.raw_pixels else ""
+    return os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"probe_{dataset}{floor}.json")
+
+
+def _strict(value):
+    """``value`` with every non-finite float as None: strict JSON, written in one try (allow_nan=False cannot fail)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def write_results(res: dict, out: str) -> None:
+    """The JSON at ``out`` through a .part file (os.replace); ProbeError on failure, leaving no .part behind."""
+    part = f"{out}.part"
+    try:
+        with open(part, "w") as f:
+            json.dump(_strict(res), f, indent=1, allow_nan=False)
+        os.replace(part, out)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(part)
+        raise ProbeError(f"cannot write {out}: {lt_data.os_reason(out, e)}") from None
+
+
+def log_tensorboard(res: dict, folder: str, floor: str) -> None:
+    """The numbers into the run's TensorBoard (``folder``): groups without classes (None) are skipped."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(folder) as w:
+        tag = f"probe/{res['dataset']}{floor}"
+        for name in ("linear", "knn"):
+            for key in ("top1", "many", "medium", "few", "group_std"):
+                value = res[name].get(key)
+                if value is not None:
+                    w.add_scalar(f"{tag}/{name}_{key}", value, res["step"] or 0)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -813,33 +909,35 @@ def main(argv: Optional[list[str]] = None) -> dict:
             args.checkpoint = os.path.join(args.checkpoint, found[0])
         if args.random_init and args.raw_pixels:
             raise ProbeError("--random-init and --raw-pixels exclude each other: the raw pixels have no weights")
-        folder = os.path.dirname(os.path.abspath(args.output or args.checkpoint))
-        check_writable(folder)  # before the work, not after it
         if "OMP_NUM_THREADS" not in os.environ:  # a share of the cores set on purpose (parallel jobs) wins
             torch.set_num_threads(lt_data.usable_cpus())  # here, not at import: the training scripts import this
+        out = output_path(args)  # the final path, checked before the work, not after it
+        check_writable(out)
+        events = os.path.dirname(os.path.abspath(args.checkpoint)) + os.sep
+        if args.tensorboard:  # its folder too: nothing after the JSON may fail
+            if lt_data.printable(events) != events:  # TensorBoard's event writer encodes its path as UTF-8
+                raise ProbeError(
+                    f"--tensorboard: {lt_data.printable(events)} is not UTF-8, which TensorBoard cannot write to"
+                )
+            check_writable(events, "TensorBoard events")
         res = run_probe(args)
         floor = "_random" if args.random_init else "_pixels" if args.raw_pixels else ""
-        out = args.output or os.path.join(folder, f"probe_{res['dataset']}{floor}.json")
-        try:
-            with open(f"{out}.part", "w") as f:
-                json.dump(res, f, indent=1, allow_nan=False)
-            os.replace(f"{out}.part", out)
-        except OSError as e:
-            raise ProbeError(f"cannot write {out}: {e.strerror}") from None
+        print(markdown(res))  # the numbers on the screen first: a failed write loses nothing
+        write_results(res, out)
     except (ProbeError, BackboneError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
         print(f"linear_probe.py: error: {lt_data.error_line(e)}", file=sys.stderr)
         sys.exit(2)
-    print(markdown(res))
     print(f"wrote {out}")
     if args.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        with SummaryWriter(os.path.dirname(os.path.abspath(args.checkpoint))) as w:
-            tag = f"probe/{res['dataset']}{floor}"
-            for name in ("linear", "knn"):
-                for key in ("top1", "many", "medium", "few", "group_std"):
-                    if key in res[name]:
-                        w.add_scalar(f"{tag}/{name}_{key}", res[name][key], res["step"] or 0)
+        try:
+            log_tensorboard(res, events, floor)
+        except Exception as e:  # the results are written: say so, in one line
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(
+                f"linear_probe.py: error: wrote {out}, but the TensorBoard log in {events} failed: {reason[:200]}",
+                file=sys.stderr,
+            )
+            sys.exit(2)
     return res
 
 

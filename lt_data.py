@@ -24,6 +24,7 @@ sample's position in the pre-training set (0..N-1), so per-example weights can b
 
 from __future__ import annotations
 
+import errno
 import gc
 import gzip
 import math
@@ -31,7 +32,9 @@ import os
 import pickle
 import shutil
 import signal
+import stat
 import sys
+import zlib
 from dataclasses import dataclass
 from typing import Annotated, Callable, Literal, Optional, Sequence, get_args
 
@@ -305,9 +308,12 @@ class FileImages(ImageSet):
                 return to_rgb(img, path)
         except DataError:
             raise
+        except OSError as e:
+            if e.errno is None:  # Pillow's own OSErrors ("image file is truncated"): no errno, the message says it
+                raise DataError(f"cannot read image {path}: {_first_line(e)}") from None
+            raise DataError(f"cannot read image {path}: {os_reason(path, e)}") from None
         except Exception as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"cannot read image {path}: {reason[:200]}") from None
+            raise DataError(f"cannot read image {path}: {_first_line(e)}") from None
 
 
 def to_rgb(img: Image.Image, path: str) -> Image.Image:
@@ -324,12 +330,28 @@ def to_rgb(img: Image.Image, path: str) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def read_text(path: str) -> str:
+def _first_line(e: BaseException) -> str:
+    """The first line of an error's message (at most 200 characters), or its type's name if it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def read_text(path: str, what: str = "list file") -> str:
     """A list file (split, index) in the encodings editors save: UTF-8 with or without a BOM, UTF-16 and UTF-32 with
     their BOM (Windows Notepad's "Unicode"), else Latin-1 (any byte decodes; a wrong guess shows as a named file
-    that is not found)."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    that is not found: ``not_utf8_line`` says where the first non-UTF-8 byte is). DataError naming the file when it
+    cannot be read (``what`` names it: "split file", "index file")."""
+    return _decode_text(path, what)[0]
+
+
+def _decode_text(path: str, what: str) -> tuple[str, Optional[int]]:
+    """(text, the line of the first byte that is not UTF-8, or None) of a list file; see read_text."""
+    check_path(path, what)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read {what} {path}: {os_reason(path, e)}") from None
     for bom, encoding in (
         (b"\xff\xfe\x00\x00", "utf-32"),
         (b"\x00\x00\xfe\xff", "utf-32"),
@@ -337,11 +359,82 @@ def read_text(path: str) -> str:
         (b"\xfe\xff", "utf-16"),
     ):
         if raw.startswith(bom):
-            return raw.decode(encoding)
+            try:
+                return raw.decode(encoding), None
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{what} {path}: starts with a {encoding.upper()} byte-order mark but is not {encoding.upper()} "
+                    f"text (byte {e.start}: {e.reason})"
+                ) from None
     try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
+        return raw.decode("utf-8-sig"), None
+    except UnicodeDecodeError as e:
+        return raw.decode("latin-1"), raw[: e.start].count(b"\n") + 1
+
+
+def _prefixes(path: str) -> list[str]:
+    """``path`` and the folders above it as the user wrote them, shortest first: a/b/c -> a, a/b, a/b/c."""
+    parts, head = [], path
+    while True:
+        parts.append(head)
+        up = os.path.dirname(head)
+        if not up or up == head:
+            return parts[::-1]
+        head = up
+
+
+def _stat_errno(path: str) -> int:
+    try:
+        os.stat(path)
+        return 0
+    except OSError as e:
+        return e.errno or -1
+
+
+def os_reason(path: str, e: OSError) -> str:
+    """What is wrong with ``path``, to follow "{path}: ", from the OSError's errno rather than assumed missing: "it is a
+    symbolic-link loop" (ELOOP; or "F is a symbolic-link loop" for the folder F above it that is one), "it is a
+    symbolic link to T, which is not there", "not found", "F is not a folder" (ENOTDIR: the file F in the way), "it is
+    a folder, not a file", else the OS's words ("Permission denied")."""
+
+    def first(test) -> Optional[str]:
+        return next((p for p in _prefixes(path) if test(p)), None)
+
+    def name(p: Optional[str], phrase: str) -> str:
+        return f"it {phrase}" if p is None or p == path else f"{p} {phrase}"
+
+    if e.errno == errno.ELOOP:
+        return name(first(lambda p: _stat_errno(p) == errno.ELOOP), "is a symbolic-link loop")
+    if e.errno == errno.ENOENT:
+        link = first(lambda p: os.path.islink(p) and _stat_errno(p) == errno.ENOENT)
+        if link is None:
+            return "not found"
+        return name(link, f"is a symbolic link to {os.readlink(link)}, which is not there")
+    if e.errno == errno.ENOTDIR:
+        return name(first(lambda p: p != path and os.path.exists(p) and not os.path.isdir(p)), "is not a folder")
+    if e.errno == errno.EISDIR:
+        return "it is a folder, not a file"
+    return e.strerror or _first_line(e)
+
+
+def check_path(path: str, what: str, folder: bool = False, missing_ok: bool = False, hint: str = "") -> bool:
+    """DataError unless ``path`` is there as a file (``folder``: a folder) that can be stat-ed: "{what} not found:
+    {path}{hint}" when it is simply not there (``missing_ok``: False is returned instead), else "{what} {path}:
+    <os_reason>" (a symbolic-link loop, a dangling link, a file in the way, no permission, a folder for a file)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        reason = os_reason(path, e)
+        if reason == "not found":
+            if missing_ok:
+                return False
+            raise DataError(f"{what} not found: {path}{hint}") from None
+        raise DataError(f"{what} {path}: {reason}") from None
+    if folder and not stat.S_ISDIR(mode):
+        raise DataError(f"{what} {path}: it is a file, not a folder")
+    if not folder and stat.S_ISDIR(mode):
+        raise DataError(f"{what} {path}: it is a folder, not a file")
+    return True
 
 
 class SyntheticImages(ImageSet):
@@ -397,7 +490,8 @@ def _read_cifar(root: str, name: str, train: bool, download: bool) -> ArrayImage
         else (["train"] if train else ["test"])
     )
     paths = [os.path.join(root, folder, f) for f in files]
-    if not all(os.path.isfile(p) for p in paths):
+    check_path(root, "--data-dir", folder=True, missing_ok=True)  # a loop, a file, no permission: not "missing"
+    if not all([check_path(p, f"{name} file", missing_ok=True) for p in paths]):
         if download:
             created = _missing_ancestor(root)  # the download makes it; a failed one must not leave it behind
             before = set(os.listdir(root)) if created is None else set()
@@ -420,14 +514,43 @@ def _read_cifar(root: str, name: str, train: bool, download: bool) -> ArrayImage
             )
     arrays, targets = [], []
     for p in paths:
-        try:
-            with open(p, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-        except Exception as e:
-            raise DataError(f"cannot read {p}: {e}") from None
-        arrays.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
-    return ArrayImages(np.concatenate(arrays).transpose(0, 2, 3, 1).copy(), [int(y) for y in targets])
+        data, labels = _read_cifar_batch(p, "labels" if name == "cifar10" else "fine_labels")
+        arrays.append(data)
+        targets.extend(labels)
+    return ArrayImages(np.concatenate(arrays).transpose(0, 2, 3, 1).copy(), targets)
+
+
+def _read_cifar_batch(path: str, key: str) -> tuple[np.ndarray, list[int]]:
+    """One batch of CIFAR's python version: a pickled dict whose ``data`` is N rows of 3x32x32 uint8 (or such an
+    array) and ``key`` (labels / fine_labels) N integer labels. DataError naming the file when it cannot be read,
+    is not such a pickle (truncated, another format), lacks a key or holds other shapes."""
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {os_reason(path, e)}") from None
+    except Exception as e:  # not a pickle, truncated (EOFError, UnpicklingError), a class it cannot find
+        raise DataError(f"cannot read {path}: not a CIFAR python batch ({_first_line(e)})") from None
+    if not isinstance(entry, dict) or "data" not in entry or key not in entry:
+        found = f"keys {', '.join(map(repr, list(entry)[:6]))}" if isinstance(entry, dict) else type(entry).__name__
+        raise DataError(f"{path} is not a CIFAR python batch: expected a dict with 'data' and {key!r}, found {found}")
+    try:
+        data = np.asarray(entry["data"])
+        labels = np.asarray(entry[key])
+    except Exception as e:
+        raise DataError(f"{path}: unreadable 'data' or {key!r} ({_first_line(e)})") from None
+    if data.dtype != np.uint8 or data.ndim not in (2, 4) or data.shape[1:] not in ((3072,), (3, 32, 32)):
+        raise DataError(f"{path}: 'data' must be N rows of 3x32x32 uint8 pixels, found {data.dtype} {data.shape}")
+    if len(data) == 0:
+        raise DataError(f"{path}: 'data' holds no images")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(data):
+        raise DataError(
+            f"{path}: {key!r} must be {len(data)} integer labels (one per row of 'data'), found {labels.dtype} "
+            f"{labels.shape}"
+        )
+    if len(labels) and labels.min() < 0:
+        raise DataError(f"{path}: {key!r} holds a negative label ({labels.min()})")
+    return data.reshape(-1, 3, 32, 32), labels.astype(int).tolist()
 
 
 def _missing_ancestor(path: str) -> Optional[str]:
@@ -456,17 +579,27 @@ FASHION_MNIST_FILES = {
 
 def read_idx(path: str):
     """One IDX file (LeCun's MNIST format, optionally gzipped) as a numpy array: magic 0x0000 <dtype 0x08 = uint8>
-    <ndim>, then ndim big-endian uint32 sizes, then the data. Raises DataError naming the file."""
+    <ndim>, then ndim big-endian uint32 sizes, then the data. Raises DataError naming the file: unreadable, a damaged
+    or truncated gzip stream, another magic, a short header or payload."""
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
+    except OSError as e:
+        if e.errno is None:  # gzip's own: not a gzip file, CRC check failed
+            raise DataError(f"cannot read {path}: damaged gzip file ({_first_line(e)})") from None
+        raise DataError(f"cannot read {path}: {os_reason(path, e)}") from None
+    except EOFError:
+        raise DataError(f"cannot read {path}: the gzip stream is truncated") from None
+    except zlib.error as e:
+        raise DataError(f"cannot read {path}: damaged gzip file ({_first_line(e)})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] < 1:
-        raise DataError(f"{path} is not an IDX file of unsigned bytes (magic {raw[:4].hex()})")
+        raise DataError(f"{path} is not an IDX file of unsigned bytes (magic {raw[:4].hex() or 'missing: empty file'})")
     ndim = raw[3]
+    offset = 4 + 4 * ndim
+    if len(raw) < offset:
+        raise DataError(f"{path}: the IDX header of {ndim} sizes is cut off ({len(raw)} bytes)")
     shape = tuple(int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
-    offset, count = 4 + 4 * ndim, math.prod(shape)
+    count = math.prod(shape)
     if len(raw) != offset + count:
         raise DataError(f"{path}: header says {shape} ({count} bytes), the file holds {len(raw) - offset}")
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
@@ -477,13 +610,19 @@ def _find_fashion_mnist(root: str, train: bool) -> Optional[list[str]]:
     for folder in (root, os.path.join(root, "FashionMNIST", "raw")):
         found = []
         for name in FASHION_MNIST_FILES[train]:
-            path = next(
-                (p for p in (os.path.join(folder, name), os.path.join(folder, name + ".gz")) if os.path.isfile(p)), None
+            path = next(  # a broken one counts as there: read_idx names what is wrong with it
+                (p for p in (os.path.join(folder, name), os.path.join(folder, name + ".gz")) if _there(p)), None
             )
             found.append(path)
         if all(found):
             return found
     return None
+
+
+def _there(path: str) -> bool:
+    """``path`` is there, usable or not (a symbolic-link loop, a dangling link, a folder, no permission): only a
+    plain absence is False."""
+    return os.path.lexists(path) or _stat_errno(path) not in (errno.ENOENT, errno.ENOTDIR)
 
 
 def fashion_mnist_root(data_dir: str) -> str:
@@ -495,6 +634,7 @@ def fashion_mnist_root(data_dir: str) -> str:
 
 def _read_fashion_mnist(root: str, train: bool, download: bool) -> ArrayImages:
     """Fashion-MNIST (Xiao et al. 2017): 60,000 training / 10,000 test 28x28 grey images of 10 classes."""
+    check_path(root, "--data-dir", folder=True, missing_ok=True)  # a loop, a file, no permission: not "missing"
     paths = _find_fashion_mnist(root, train)
     if paths is None and download:
         created = _missing_ancestor(root)  # the download makes it; a failed one must not leave it behind
@@ -519,7 +659,11 @@ def _read_fashion_mnist(root: str, train: bool, download: bool) -> ArrayImages:
             f"(read from {FASHION_MNIST_DEBIAN} without --data-dir), or pass --download"
         )
     images, labels = read_idx(paths[0]), read_idx(paths[1])
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+    if images.ndim != 3 or 0 in images.shape[1:]:
+        raise DataError(f"{paths[0]}: expected images [N, H, W], the IDX header says {images.shape}")
+    if labels.ndim != 1:
+        raise DataError(f"{paths[1]}: expected labels [N], the IDX header says {labels.shape}")
+    if len(images) != len(labels):
         raise DataError(
             f"{paths[0]} and {paths[1]} do not hold N images [N, H, W] and N labels "
             f"(shapes {images.shape} and {labels.shape})"
@@ -530,86 +674,132 @@ def _read_fashion_mnist(root: str, train: bool, download: bool) -> ArrayImages:
 def _read_split_file(root: str, split_file: str) -> FileImages:
     """The ``relative/path label`` lines of an OLTR split file. Every listed image must exist: checked against one
     listing of each folder the file names, not a stat per image (a network file system answers a listing in one
-    round trip, a stat in one each; ImageNet-LT names 1,000 folders for 115,846 images)."""
-    if not os.path.isfile(split_file):
-        raise DataError(f"split file not found: {split_file}")
-    files, targets = [], []
-    for lineno, line in enumerate(read_text(split_file).splitlines(), 1):
+    round trip, a stat in one each; ImageNet-LT names 1,000 folders for 115,846 images). DataError naming the file and
+    line of the first fault: no label, a label that is not a non-negative integer, an image not there."""
+    text, not_utf8 = _decode_text(split_file, "split file")
+    files, targets, lines = [], [], []
+    for lineno, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise DataError(f"{split_file}:{lineno}: expected 'relative/path label', got {line.strip()!r}")
+        if len(parts) != 2:
+            raise DataError(f"{split_file}:{lineno}: expected 'relative/path label', got {line.strip()[:200]!r}")
+        try:
+            label = int(parts[1]) if parts[1].isascii() else None
+        except ValueError:
+            label = None
+        if label is None or label < 0:
+            raise DataError(
+                f"{split_file}:{lineno}: the label must be an integer >= 0 (expected 'relative/path label'), "
+                f"got {parts[1][:50]!r}"
+            )
         files.append(parts[0])
-        targets.append(int(parts[1]))
+        targets.append(label)
+        lines.append(lineno)
     if not files:
         raise DataError(f"split file {split_file} lists no images")
+    check_path(root, "--data-dir", folder=True)
     listings: dict[str, set[str]] = {}
     missing = []
-    for rel in files:
+    for k, rel in enumerate(files):
         folder, _, name = rel.rpartition("/")
         if folder not in listings:
             listings[folder] = _listing(os.path.join(root, folder))
         if name not in listings[folder]:
-            missing.append(rel)
+            missing.append(k)
     if missing:
+        rel, lineno = files[missing[0]], lines[missing[0]]
+        path = os.path.join(root, rel)
+        try:
+            os.stat(path)
+            why = ""
+        except OSError as e:
+            why = os_reason(path, e)
+            why = "" if why == "not found" else f": {path}: {why}"
+        encoding = (
+            f"; the file is not UTF-8 (line {not_utf8}) and was read as Latin-1: save it as UTF-8"
+            if not_utf8 is not None
+            else "; check --data-dir"
+        )
         raise DataError(
-            f"{split_file}: {len(missing)} listed images not found under {root} (first: {missing[0]}); check --data-dir"
+            f"{split_file}:{lineno}: {len(missing)} listed images not found under {root} (first: {rel}){why}{encoding}"
         )
     return FileImages(root, files, targets)
 
 
 def _listing(folder: str) -> set[str]:
-    """The names in ``folder`` (none if it is missing) but symbolic links whose target is missing (only links are
-    stat-ed)."""
+    """The names in ``folder`` (none if it is missing) but symbolic links whose target is not there or that loop
+    (only links are stat-ed; the caller names what is wrong with a listed one)."""
     try:
         with os.scandir(folder) as entries:
             return {e.name for e in entries if not e.is_symlink() or os.path.exists(e.path)}
-    except (FileNotFoundError, NotADirectoryError):
-        return set()
     except OSError as e:
-        raise DataError(f"cannot list {folder}: {e.strerror}") from None
+        reason = os_reason(folder, e)
+        if reason == "not found" or e.errno == errno.ENOTDIR:
+            return set()
+        raise DataError(f"cannot list {folder}: {reason}") from None
 
 
-def _entries(folder: str) -> tuple[list[str], list[str]]:
-    """(sub-folders, image files) of ``folder`` by name, from one listing: the entries' types come with it, so only
-    symbolic links are stat-ed (followed, as torchvision's ImageFolder does; DataError naming one whose target is
-    missing, a storage mount that is not there). Hidden entries (macOS ``._x.png``, ``.DS_Store``,
-    ``.ipynb_checkpoints/``) are never images or classes."""
-    folders, images = [], []
+def _entries(folder: str) -> tuple[list[str], list[str], set[str]]:
+    """(sub-folders, image files, the sub-folders that are symbolic links) of ``folder`` by name, from one listing:
+    the entries' types come with it, so only symbolic links are stat-ed (followed, as torchvision's ImageFolder does;
+    DataError naming one whose target is missing, a storage mount that is not there, or that is a symbolic-link
+    loop). Hidden entries (macOS ``._x.png``, ``.DS_Store``, ``.ipynb_checkpoints/``) are never images or classes."""
+    folders, images, linked = [], [], set()
     try:
         with os.scandir(folder) as entries:
             for e in entries:
                 if e.name.startswith("."):
                     continue
+                link = e.is_symlink()
+                code = _stat_errno(e.path) if link else 0
+                if code == errno.ENOENT:
+                    raise DataError(f"{e.path} is a symbolic link to {os.readlink(e.path)}, which is not there")
+                if code == errno.ELOOP:
+                    raise DataError(f"{e.path} is a symbolic-link loop")
+                if code:
+                    raise DataError(f"{e.path}: {os.strerror(code)}")
                 if e.is_dir():
                     folders.append(e.name)
-                elif e.is_symlink() and not os.path.exists(e.path):
-                    raise DataError(f"{e.path} is a symbolic link to {os.readlink(e.path)}, which is not there")
+                    if link:
+                        linked.add(e.name)
                 elif e.name.lower().endswith(IMG_EXTENSIONS):
                     images.append(e.name)
     except OSError as e:
-        raise DataError(f"cannot list {folder}: {e.strerror}") from None
-    return sorted(folders), sorted(images)
+        raise DataError(f"cannot list {folder}: {os_reason(folder, e)}") from None
+    return sorted(folders), sorted(images), linked
+
+
+def _loop_check(path: str, parent_real: str, chain: tuple[str, ...]) -> str:
+    """The real path of the folder ``path`` (a symbolic link in the folder whose real path is ``parent_real``, below
+    the real folders ``chain``); DataError if it leads back to one of them or to a folder above: the walk would go
+    round that loop (40 levels deep, then fail on a path of 40 repeats)."""
+    real = os.path.realpath(path)
+    if real in chain or parent_real == real or parent_real.startswith(real.rstrip(os.sep) + os.sep):
+        raise DataError(f"{path} is a symbolic-link loop: it links to {os.readlink(path)}, a folder that holds it")
+    return real
 
 
 def _image_files(folder: str, rel: str) -> list[str]:
     """The image files below ``folder`` as paths that start with ``rel``, in the order of torchvision's
     ``make_dataset`` (folders sorted by path, the files of each by name): each folder listed once."""
-    walked, pending = [], [(folder, rel)]
+    parent = os.path.realpath(os.path.dirname(folder))
+    real = _loop_check(folder, parent, ()) if os.path.islink(folder) else os.path.join(parent, os.path.basename(folder))
+    walked, pending = [], [(folder, rel, real, (real,))]
     while pending:
-        path, prefix = pending.pop()
-        folders, images = _entries(path)
+        path, prefix, real, chain = pending.pop()
+        folders, images, linked = _entries(path)
         walked.append((path, [f"{prefix}/{name}" for name in images]))
-        pending += [(os.path.join(path, d), f"{prefix}/{d}") for d in folders]
+        for d in folders:  # the real path of each folder is followed, to find links that lead back (loops)
+            sub = _loop_check(os.path.join(path, d), real, chain) if d in linked else os.path.join(real, d)
+            pending.append((os.path.join(path, d), f"{prefix}/{d}", sub, (*chain, sub)))
     return [f for _, files in sorted(walked, key=lambda w: w[0]) for f in files]
 
 
 def _read_image_folder(folder: str) -> tuple[FileImages, list[str]]:
     """An ImageFolder (class folders of images, nested folders allowed) with the classes and samples torchvision's
     ``ImageFolder`` finds, in its order; file paths relative to the parent of ``folder`` (--data-dir)."""
-    if not os.path.isdir(folder):
-        raise DataError(f"image folder not found: {folder} (expected class folders of images)")
+    check_path(folder, "image folder", folder=True, hint=" (expected class folders of images)")
     classes = _entries(folder)[0]
     if not classes:
         raise DataError(f"{folder} holds no class folders")
@@ -682,6 +872,7 @@ def build_data(args: DataArgs) -> LTData:
         else (IMAGENET_MEAN, IMAGENET_STD)
     )
 
+    source, class_names = args.data_dir, None  # where the images are read from; an image folder's class names
     if args.dataset in ("cifar10", "cifar100"):
         train = _read_cifar(args.data_dir, args.dataset, True, args.download)
         test = _read_cifar(args.data_dir, args.dataset, False, args.download)
@@ -706,17 +897,28 @@ def build_data(args: DataArgs) -> LTData:
     else:
         train, classes = _read_image_folder(os.path.join(args.data_dir, "train"))
         test, test_classes = _read_image_folder(os.path.join(args.data_dir, "val"))
+        class_names = classes
         if classes != test_classes:
             raise DataError(
                 f"class count mismatch: {len(classes)} class folders in train/, "
                 f"{len(test_classes)} in val/ (or different names)"
             )
 
+    where = _train_source(args, source)
+    if not len(train) or not len(test):
+        raise DataError(f"{where}: the {'training' if not len(train) else 'test'} set holds no images")
+    name = lambda c: f"class {c}" if class_names is None else f"class folder {class_names[c]}"  # noqa: E731
+    if len(set(train.targets)) < 2:  # one class: a loss of 0 and 100% accuracy, learning nothing
+        raise DataError(
+            f"{where}: all {len(train)} training images are of one class ({name(train.targets[0])}); "
+            f"a data set needs >= 2 classes"
+        )
     num_classes = max(train.targets) + 1
     if min(train.targets) < 0 or len(set(train.targets)) != num_classes:
+        absent = next((c for c in range(num_classes) if c not in set(train.targets)), "< 0")
         raise DataError(
-            f"training labels must cover 0..C-1; found {len(set(train.targets))} distinct "
-            f"labels with max {num_classes - 1}"
+            f"{where}: training labels must cover 0..C-1; found {len(set(train.targets))} distinct "
+            f"labels with max {num_classes - 1} (no image of class {absent})"
         )
     if min(test.targets) < 0 or max(test.targets) >= num_classes:
         raise DataError(
@@ -731,6 +933,13 @@ def build_data(args: DataArgs) -> LTData:
     else:
         counts = long_tail_counts(available, num_classes, ratio, args.imbalance_profile)
         lt_indices = select_per_class(train.targets, counts, args.split_seed)
+    kept = len({train.targets[i] for i in lt_indices})
+    if kept < 2:  # an index file of one class (the long-tail construction keeps >= 1 image of every class)
+        raise DataError(
+            f"{'index file ' + args.index_file if args.index_file else 'the long-tailed set'}: its "
+            f"{len(lt_indices)} images are all of one class ({name(train.targets[lt_indices[0]])}; the data has "
+            f"{num_classes}); a long-tailed set needs >= 2 classes"
+        )
     twin_counts = balanced_counts(len(lt_indices), num_classes)
     short = [c for c in range(num_classes) if available[c] < twin_counts[c]]
     if short and args.balanced_twin:
@@ -741,24 +950,44 @@ def build_data(args: DataArgs) -> LTData:
         )
     twin_indices = [] if short else select_per_class(train.targets, twin_counts, args.split_seed + 1)
     rule = "thresholds" if natural else "thirds"
-    source = (
-        "generated" if args.dataset == "synthetic" else source if args.dataset == "fashion-mnist" else args.data_dir
-    )
+    source = "generated" if args.dataset == "synthetic" else source
     return LTData(args.dataset, train, test, lt_indices, twin_indices, num_classes, size, mean, std, rule, source)
 
 
 def _read_index_file(path: str, n: int) -> list[int]:
-    if not os.path.isfile(path):
-        raise DataError(f"index file not found: {path}")
-    words = read_text(path).split()
-    try:
-        idx = [int(w) for w in words]
-    except ValueError:
-        raise DataError(f"{path}: expected whitespace-separated integer indices") from None
-    bad = [i for i in idx if not 0 <= i < n]
-    if not idx or bad:
-        raise DataError(f"{path}: {len(bad)} indices outside 0..{n - 1}" if bad else f"{path} holds no index")
+    """The training-set indices of an --index-file (whitespace separated, in any of read_text's encodings). DataError
+    naming the file and the line of the first fault: a token that is not an integer, an index outside 0..n-1, an
+    index listed twice (it would count its image twice); or a file without indices."""
+    idx: list[int] = []
+    seen: dict[int, int] = {}
+    for lineno, line in enumerate(read_text(path, "index file").splitlines(), 1):
+        for word in line.split():
+            try:
+                i = int(word) if word.isascii() else None
+            except ValueError:
+                i = None
+            if i is None:
+                raise DataError(f"{path}:{lineno}: expected whitespace-separated integer indices, got {word[:50]!r}")
+            if not 0 <= i < n:
+                raise DataError(f"{path}:{lineno}: index {i} is outside 0..{n - 1} (the training set has {n} images)")
+            if i in seen:
+                raise DataError(f"{path}:{lineno}: index {i} is listed twice (first on line {seen[i]})")
+            seen[i] = lineno
+            idx.append(i)
+    if not idx:
+        raise DataError(f"{path} holds no index")
     return idx
+
+
+def _train_source(args: DataArgs, source: str) -> str:
+    """The file or folder the training labels come from, for the errors that name it."""
+    if args.dataset == "imagenet-lt":
+        return f"split file {args.split_file}"
+    if args.dataset == "imagefolder":
+        return f"image folder {os.path.join(args.data_dir, 'train')}"
+    if args.dataset == "synthetic":
+        return "--synthetic-classes"
+    return f"{args.dataset} in {source}"
 
 
 # --------------------------------------------------------------------------- views

@@ -783,3 +783,136 @@ def test_vit_resize_runs_under_deterministic_algorithms():
         assert vit.encoder.pos_embedding.grad.abs().sum() > 0
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+# ------------------------------------------------------------------ output, TensorBoard, damaged checkpoints (CLI)
+
+
+def _probe_error(tmp_path, *args) -> str:
+    """``python linear_probe.py ARGS`` must fail before any work with exit code 2 and one line; returns the line."""
+    proc = run_script("linear_probe.py", *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "extracting" not in proc.stdout, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("linear_probe.py: error: "), proc.stderr
+    return lines[0][len("linear_probe.py: error: ") :]
+
+
+@pytest.mark.parametrize("case", ["--output a folder", "default output a folder", "--output a loop"])
+def test_probe_output_path_is_checked_itself_before_any_work(tiny_supervised_run, tmp_path, case):
+    """--output naming an existing folder: the whole probe ran, then 'cannot write results: Is a directory', the
+    results lost and a stray .part left. The final path (given, or probe_<dataset>.json beside the checkpoint with
+    the run's data set) is checked up front, and nothing is left behind."""
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_supervised_run / "backbone.pt", run / "backbone.pt")
+    flags = [str(run / "backbone.pt"), "--num-workers", "0", "--epochs", "1"]
+    if case == "--output a folder":
+        out = tmp_path / "results"
+        out.mkdir()
+        flags += ["--output", str(out)]
+        expected = f"cannot write the results to {out}: it is a folder"
+    elif case == "default output a folder":
+        out = run / "probe_synthetic.json"  # the run's data set names the default
+        out.mkdir()
+        expected = f"cannot write the results to {out}: it is a folder"
+    else:
+        out = tmp_path / "loop.json"
+        out.symlink_to("loop.json")
+        flags += ["--output", str(out)]
+        expected = f"cannot write the results to {out}: it is a symbolic-link loop"
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert _probe_error(tmp_path, *flags).startswith(expected)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no .part, no write test left
+
+
+def test_probe_tensorboard_with_an_empty_shot_group_logs_the_others(tiny_supervised_run, tmp_path):
+    """--tensorboard on an ImageFolder without many- or medium-shot classes: add_scalar(None) raised after the JSON
+    was written, exit 1 with a traceback. Groups without classes are skipped; the run ends 0 with its events."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _grey_folder(tmp_path / "folder", train=(6, 6, 6), val=(2, 2, 2))
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_supervised_run / "backbone.pt", run / "backbone.pt")
+    proc = run_script(
+        "linear_probe.py",
+        str(run / "backbone.pt"),
+        *("--dataset", "imagefolder", "--data-dir", str(tmp_path / "folder"), "--epochs", "2", "--num-workers", "0"),
+        "--tensorboard",
+        cwd=tmp_path,
+    )
+    assert proc.stderr == "" and f"wrote {run / 'probe_imagefolder.json'}" in proc.stdout
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"probe/imagefolder/linear_top1", "probe/imagefolder/knn_few"} <= tags
+    assert not any(t.endswith(("_many", "_medium", "_group_std")) for t in tags)
+
+
+def test_probe_tensorboard_folder_is_checked_before_any_work(tiny_supervised_run, tmp_path):
+    """--tensorboard writes its events beside the checkpoint: a folder it cannot write failed after the work."""
+    import shutil
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_supervised_run / "backbone.pt", run / "backbone.pt")
+    run.chmod(0o555)
+    try:
+        message = _probe_error(
+            tmp_path, str(run / "backbone.pt"), "--output", str(tmp_path / "p.json"), "--tensorboard"
+        )
+    finally:
+        run.chmod(0o755)
+    assert message == f"cannot write TensorBoard events to {run}: Permission denied"
+
+
+def _damaged(path, case):
+    good = path.read_bytes()
+    if case == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "text":
+        path.write_text("not a torch file\n")
+    elif case == "no backbone":
+        obj = torch.load(path, weights_only=True)
+        del obj["backbone"]
+        torch.save(obj, path)
+    elif case == "bad arch_kwargs":
+        obj = torch.load(path, weights_only=True)
+        obj["backbone"]["arch_kwargs"] = {"depth": 3}
+        obj["backbone"]["arch"] = "vit"
+        torch.save(obj, path)
+    elif case == "loop":
+        path.unlink()
+        path.symlink_to(path.name)
+
+
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("truncated", "cannot load {}: not a readable checkpoint"),
+        ("empty", "cannot load {}: not a readable checkpoint"),
+        ("text", "cannot load {}: not a readable checkpoint"),
+        ("no backbone", "{}: a damaged ssl-imbalance-backbone/1 file: expected 'backbone' with arch, arch_kwargs"),
+        ("bad arch_kwargs", "{}: a damaged backbone description"),
+        ("loop", "checkpoint {}: it is a symbolic-link loop"),
+    ],
+)
+def test_probe_damaged_backbone_file_is_one_line_naming_it(tiny_supervised_run, tmp_path, case, words):
+    """A backbone file that is truncated, not a torch file, lacks its description or is a symbolic-link loop: one line
+    naming the file (a KeyError / TypeError traceback, or 'not found' for a loop, before)."""
+    import shutil
+
+    path = tmp_path / "backbone.pt"
+    shutil.copy(tiny_supervised_run / "backbone.pt", path)
+    _damaged(path, case)
+    message = _probe_error(tmp_path, str(path), "--output", str(tmp_path / "p.json"), "--num-workers", "0")
+    assert message.startswith(words.format(path)), message

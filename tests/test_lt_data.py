@@ -628,3 +628,336 @@ def test_fashion_mnist_is_found_where_debian_installs_it(tmp_path, monkeypatch):
         cwd=tmp_path,
     ).stdout
     assert out.startswith(f"supervised: 83 training images from {fm}, 10 classes")  # 12 ... 6 a class at r = 2
+
+
+# ------------------------------------------------------------------ malformed and unreadable inputs, one class (CLI)
+
+
+def _cli_error(tmp_path, *args) -> str:
+    """``python lt_data.py ARGS`` must fail with exit code 2 and one line, no traceback; returns the line."""
+    proc = run_script("lt_data.py", *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lt_data.py: error: "), proc.stderr
+    return lines[0][len("lt_data.py: error: ") :]
+
+
+def _split_files(tmp_path, train_counts=(3, 2), val_counts=(1, 1)) -> list[str]:
+    """ImageNet-LT split files LT_train.txt / LT_test.txt over an image tree; the imagenet-lt flags."""
+    train = _write_tree(tmp_path, "train", train_counts, size=8)
+    test = _write_tree(tmp_path, "val", val_counts, size=8)
+    (tmp_path / "LT_train.txt").write_text("\n".join(train) + "\n")
+    (tmp_path / "LT_test.txt").write_text("\n".join(test) + "\n")
+    return ["--dataset", "imagenet-lt", "--data-dir", str(tmp_path), "--split-file", str(tmp_path / "LT_train.txt")]
+
+
+@pytest.mark.parametrize("kind", ["imagefolder", "split file", "index file", "index file of a folder"])
+def test_a_data_set_of_one_class_is_refused_naming_its_source(tmp_path, kind):
+    """An ImageFolder of one class trained silently with loss 0.0000 and a 100% kNN monitor and probe. Every dataset
+    kind refuses fewer than 2 classes in the training set or in the long-tailed set an index file keeps."""
+    if kind == "imagefolder":
+        _write_tree(tmp_path, "train", [3], size=8)
+        _write_tree(tmp_path, "val", [1], size=8)
+        message = _cli_error(tmp_path, "--dataset", "imagefolder", "--data-dir", str(tmp_path))
+        expected = f"image folder {tmp_path / 'train'}: all 3 training images are of one class (class folder n0000)"
+    elif kind == "split file":
+        flags = _split_files(tmp_path, (3, 2), (1, 1))
+        lines = (tmp_path / "LT_train.txt").read_text().splitlines()
+        (tmp_path / "LT_train.txt").write_text("\n".join(line.rsplit(" ", 1)[0] + " 0" for line in lines) + "\n")
+        message = _cli_error(tmp_path, *flags)
+        expected = f"split file {tmp_path / 'LT_train.txt'}: all 5 training images are of one class (class 0)"
+    elif kind == "index file":
+        labels = write_cifar(tmp_path, "cifar10", 5, 1)
+        (tmp_path / "idx.txt").write_text(" ".join(str(i) for i, y in enumerate(labels) if y == 3) + "\n")
+        message = _cli_error(
+            tmp_path, "--dataset", "cifar10", "--data-dir", str(tmp_path), "--no-download", "--index-file", "idx.txt"
+        )
+        expected = "index file idx.txt: its 5 images are all of one class (class 3; the data has 10)"
+    else:
+        _write_tree(tmp_path, "train", [3, 2], size=8)
+        _write_tree(tmp_path, "val", [1, 1], size=8)
+        (tmp_path / "idx.txt").write_text("3\n4\n")
+        message = _cli_error(
+            tmp_path, "--dataset", "imagefolder", "--data-dir", str(tmp_path), "--index-file", "idx.txt"
+        )
+        expected = "index file idx.txt: its 2 images are all of one class (class folder n0001; the data has 2)"
+    assert message.startswith(expected) and message.endswith("needs >= 2 classes"), message
+
+
+def _damage_gzip(path):
+    """Flip a byte inside the deflate stream of a gzip file (written again without a file name in its header, which
+    is then 10 bytes long): zlib.error on reading."""
+    import gzip
+
+    raw = bytearray(gzip.compress(gzip.decompress(path.read_bytes()), mtime=0))
+    raw[12] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+IDX_FAULTS = {
+    # what is wrong -> (how to make it from good files in d, the file named, words of the message)
+    "damaged deflate stream": (
+        lambda d: (
+            write_idx(d / "train-images-idx3-ubyte.gz", np.zeros((20, 28, 28), np.uint8)),
+            _damage_gzip(d / "train-images-idx3-ubyte.gz"),
+        ),
+        "train-images-idx3-ubyte.gz",
+        "cannot read {}: damaged gzip file",
+    ),
+    "truncated gzip": (
+        lambda d: (d / "train-labels-idx1-ubyte.gz").write_bytes((d / "train-labels-idx1-ubyte.gz").read_bytes()[:-12]),
+        "train-labels-idx1-ubyte.gz",
+        "cannot read {}: the gzip stream is truncated",
+    ),
+    "not gzip": (
+        lambda d: (d / "t10k-labels-idx1-ubyte.gz").write_bytes(b"plain text, not gzip"),
+        "t10k-labels-idx1-ubyte.gz",
+        "cannot read {}: damaged gzip file",
+    ),
+    "empty": (
+        lambda d: write_idx(d / "train-labels-idx1-ubyte.gz", np.zeros(0, np.uint8))
+        or (d / "train-labels-idx1-ubyte.gz").write_bytes(__import__("gzip").compress(b"")),
+        "train-labels-idx1-ubyte.gz",
+        "{} is not an IDX file of unsigned bytes (magic missing: empty file)",
+    ),
+    "bad magic": (
+        lambda d: (d / "train-labels-idx1-ubyte.gz").write_bytes(__import__("gzip").compress(b"\x00\x00\x0d\x01abcd")),
+        "train-labels-idx1-ubyte.gz",
+        "{} is not an IDX file of unsigned bytes (magic 00000d01)",
+    ),
+    "header cut off": (
+        lambda d: (d / "train-images-idx3-ubyte.gz").write_bytes(__import__("gzip").compress(b"\x00\x00\x08\x03\x00")),
+        "train-images-idx3-ubyte.gz",
+        "{}: the IDX header of 3 sizes is cut off (5 bytes)",
+    ),
+    "truncated payload": (
+        lambda d: (d / "t10k-images-idx3-ubyte.gz").write_bytes(
+            __import__("gzip").compress(
+                __import__("gzip").decompress((d / "t10k-images-idx3-ubyte.gz").read_bytes())[:-5]
+            )
+        ),
+        "t10k-images-idx3-ubyte.gz",
+        "{}: header says (10, 28, 28) (7840 bytes), the file holds 7835",
+    ),
+    "images of two dimensions": (
+        lambda d: write_idx(d / "train-images-idx3-ubyte.gz", np.zeros((20, 784), np.uint8)),
+        "train-images-idx3-ubyte.gz",
+        "{}: expected images [N, H, W], the IDX header says (20, 784)",
+    ),
+    "labels of two dimensions": (
+        lambda d: write_idx(d / "train-labels-idx1-ubyte.gz", np.zeros((20, 1), np.uint8)),
+        "train-labels-idx1-ubyte.gz",
+        "{}: expected labels [N], the IDX header says (20, 1)",
+    ),
+    "count mismatch": (
+        lambda d: write_idx(d / "train-labels-idx1-ubyte.gz", np.zeros(7, np.uint8)),
+        "train-images-idx3-ubyte.gz",
+        "{} and ",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(IDX_FAULTS))
+def test_a_malformed_idx_file_is_one_line_naming_it(tmp_path, fault):
+    """A Fashion-MNIST .gz whose deflate stream is damaged gave a zlib.error traceback; every malformation of an IDX
+    file (raw or gzipped) is one line naming the file."""
+    write_fashion_mnist(tmp_path, per_class_train=2, per_class_test=1)
+    make, name, words = IDX_FAULTS[fault]
+    make(tmp_path)
+    message = _cli_error(tmp_path, "--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--no-download")
+    assert message.startswith(words.format(tmp_path / name)), message
+
+
+def _pickle_to(path, obj):
+    import pickle
+
+    path.write_bytes(pickle.dumps(obj))
+
+
+CIFAR_FAULTS = {
+    "not a pickle": (lambda p: p.write_text("hello"), "cannot read {}: not a CIFAR python batch"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:100]), "cannot read {}: not a CIFAR python batch"),
+    "empty": (lambda p: p.write_bytes(b""), "cannot read {}: not a CIFAR python batch"),
+    "not a dict": (lambda p: _pickle_to(p, [1, 2, 3]), "{} is not a CIFAR python batch: expected a dict"),
+    "missing key": (
+        lambda p: _pickle_to(p, {"data": np.zeros((2, 3072), np.uint8)}),
+        "{} is not a CIFAR python batch: expected a dict with 'data' and 'labels', found keys 'data'",
+    ),
+    "wrong shape": (
+        lambda p: _pickle_to(p, {"data": np.zeros((2, 1000), np.uint8), "labels": [0, 1]}),
+        "{}: 'data' must be N rows of 3x32x32 uint8 pixels, found uint8 (2, 1000)",
+    ),
+    "wrong label count": (
+        lambda p: _pickle_to(p, {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1, 2]}),
+        "{}: 'labels' must be 2 integer labels (one per row of 'data'), found int64 (3,)",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(CIFAR_FAULTS))
+def test_a_malformed_cifar_batch_is_one_line_naming_it(tmp_path, fault):
+    """A CIFAR python batch without its keys or with other shapes gave a KeyError / reshape traceback."""
+    write_cifar(tmp_path, "cifar10", 5, 1)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    make, words = CIFAR_FAULTS[fault]
+    make(path)
+    message = _cli_error(tmp_path, "--dataset", "cifar10", "--data-dir", str(tmp_path), "--no-download")
+    assert message.startswith(words.format(path)), message
+
+
+SPLIT_FAULTS = {
+    # what is wrong -> (the bytes of the faulty line 2, the message after "LT_train.txt:2: ")
+    "no label": (b"train/n0000/img1.png", "expected 'relative/path label', got 'train/n0000/img1.png'"),
+    "non-integer label": (b"train/n0000/img1.png one", "the label must be an integer >= 0"),
+    "negative label": (b"train/n0000/img1.png -1", "the label must be an integer >= 0 (expected 'relative/path"),
+    "non-UTF-8 name": (
+        b"train/n0000/caf\xe9.png 0",
+        "2 listed images not found under {root} (first: train/n0000/caf\xe9.png); the file is not UTF-8 (line 2)",
+    ),
+    "non-UTF-8 label": (b"train/n0000/img1.png \xb9", "the label must be an integer >= 0"),
+}
+
+
+@pytest.mark.parametrize("fault", [*SPLIT_FAULTS, "empty"])
+def test_a_malformed_split_file_is_one_line_naming_its_line(tmp_path, fault):
+    """Every malformation of an ImageNet-LT split file names the file and the line: a negative label was taken (and
+    then misreported as a class count mismatch), a non-UTF-8 file was read as Latin-1 and its names not found
+    without saying where."""
+    flags = _split_files(tmp_path)
+    path = tmp_path / "LT_train.txt"
+    if fault == "empty":
+        path.write_bytes(b"\n\n")
+        assert _cli_error(tmp_path, *flags) == f"split file {path} lists no images"
+        return
+    line, words = SPLIT_FAULTS[fault]
+    lines = path.read_bytes().splitlines()
+    path.write_bytes(b"\n".join([lines[0], line, *lines[2:], b"train/n0001/gone.png 1"]) + b"\n")
+    message = _cli_error(tmp_path, *flags)
+    assert message.startswith(f"{path}:2: " + words.format(root=tmp_path)), message
+
+
+@pytest.mark.parametrize(
+    "content,words",
+    [
+        (b"0 1\n2 x3\n", "{}:2: expected whitespace-separated integer indices, got 'x3'"),
+        (b"0\n1.5\n", "{}:2: expected whitespace-separated integer indices, got '1.5'"),
+        (b"0 1\n\n-1\n", "{}:3: index -1 is outside 0..49 (the training set has 50 images)"),
+        (b"0 1\n50\n", "{}:2: index 50 is outside 0..49"),
+        (b"0 1\n2 1\n", "{}:2: index 1 is listed twice (first on line 1)"),
+        (b"0 1\n\xb92\n", "{}:2: expected whitespace-separated integer indices"),
+        (b" \n\n", "{} holds no index"),
+    ],
+    ids=["word", "float", "negative", "too large", "twice", "non-UTF-8", "empty"],
+)
+def test_a_malformed_index_file_is_one_line_naming_its_line(tmp_path, content, words):
+    """An --index-file fault named neither the line nor the token; an index listed twice counted its image twice."""
+    write_cifar(tmp_path, "cifar10", 5, 1)
+    (tmp_path / "idx.txt").write_bytes(content)
+    flags = ["--dataset", "cifar10", "--data-dir", str(tmp_path), "--no-download"]
+    message = _cli_error(tmp_path, *flags, "--index-file", str(tmp_path / "idx.txt"))
+    assert message.startswith(words.format(tmp_path / "idx.txt")), message
+
+
+def _loop(path):
+    """A symbolic link to itself: ELOOP on every use."""
+    path.symlink_to(path.name)
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "image",
+        "class folder",
+        "link to a folder above",
+        "data dir",
+        "split file",
+        "split file folder",
+        "listed image",
+        "index file",
+        "cifar folder",
+        "idx file",
+        "split file is a folder",
+        "data dir is a file",
+    ],
+)
+def test_an_os_error_on_a_user_path_says_what_it_is(tmp_path, where):
+    """A symbolic-link loop in an ImageFolder was reported as a link whose target "is not there", under a path
+    repeated 40 times; every path the user names is worded from its OSError's errno (a loop, a file in the way, a
+    folder for a file), not assumed missing."""
+    flags = ["--dataset", "imagefolder", "--data-dir", str(tmp_path)]
+    if where in ("image", "class folder", "link to a folder above", "data dir", "data dir is a file"):
+        _write_tree(tmp_path, "train", [2, 2], size=8)
+        _write_tree(tmp_path, "val", [1, 1], size=8)
+    if where == "image":
+        _loop(tmp_path / "train" / "n0000" / "x.png")
+        expected = f"{tmp_path / 'train' / 'n0000' / 'x.png'} is a symbolic-link loop"
+    elif where == "class folder":
+        _loop(tmp_path / "train" / "n0002")
+        expected = f"{tmp_path / 'train' / 'n0002'} is a symbolic-link loop"
+    elif where == "link to a folder above":
+        (tmp_path / "train" / "n0001" / "up").symlink_to("..")
+        expected = (
+            f"{tmp_path / 'train' / 'n0001' / 'up'} is a symbolic-link loop: it links to .., a folder that holds it"
+        )
+    elif where == "data dir":
+        _loop(tmp_path / "loop")
+        flags = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "loop")]
+        expected = f"image folder {tmp_path / 'loop' / 'train'}: {tmp_path / 'loop'} is a symbolic-link loop"
+    elif where == "data dir is a file":
+        flags = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "train" / "n0000" / "img0.png")]
+        path = tmp_path / "train" / "n0000" / "img0.png"
+        expected = f"image folder {path / 'train'}: {path} is not a folder"
+    elif where.startswith("split file") or where in ("listed image", "index file"):
+        flags = _split_files(tmp_path)
+        if where == "split file":
+            (tmp_path / "LT_train.txt").unlink()
+            _loop(tmp_path / "LT_train.txt")
+            expected = f"split file {tmp_path / 'LT_train.txt'}: it is a symbolic-link loop"
+        elif where == "split file folder":
+            _loop(tmp_path / "lists")
+            flags[-1] = str(tmp_path / "lists" / "LT_train.txt")
+            expected = f"split file {flags[-1]}: {tmp_path / 'lists'} is a symbolic-link loop"
+        elif where == "split file is a folder":
+            flags[-1] = str(tmp_path / "train")
+            flags += ["--test-split-file", str(tmp_path / "LT_test.txt")]
+            expected = f"split file {tmp_path / 'train'}: it is a folder, not a file"
+        elif where == "listed image":
+            _loop(tmp_path / "train" / "n0001" / "x.png")
+            with open(tmp_path / "LT_train.txt", "a") as f:
+                f.write("train/n0001/x.png 1\n")
+            path = tmp_path / "train" / "n0001" / "x.png"
+            expected = f"{tmp_path / 'LT_train.txt'}:6: 1 listed images not found under {tmp_path} (first: "
+            expected += f"train/n0001/x.png): {path}: it is a symbolic-link loop"
+        else:
+            _loop(tmp_path / "idx.txt")
+            flags += ["--index-file", str(tmp_path / "idx.txt")]
+            expected = f"index file {tmp_path / 'idx.txt'}: it is a symbolic-link loop"
+    elif where == "cifar folder":
+        _loop(tmp_path / "cifar-10-batches-py")
+        flags = ["--dataset", "cifar10", "--data-dir", str(tmp_path), "--no-download"]
+        path = tmp_path / "cifar-10-batches-py"
+        expected = f"cifar10 file {path / 'data_batch_1'}: {path} is a symbolic-link loop"
+    else:
+        write_fashion_mnist(tmp_path, 2, 1, gz=False)
+        (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+        _loop(tmp_path / "t10k-labels-idx1-ubyte")
+        flags = ["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--no-download"]
+        expected = f"cannot read {tmp_path / 't10k-labels-idx1-ubyte'}: it is a symbolic-link loop"
+    message = _cli_error(tmp_path, *flags)
+    assert message.startswith(expected), message
+    assert "/loop/loop" not in message and "which is not there" not in message
+
+
+def test_an_unreadable_list_file_is_one_line_naming_it(tmp_path):
+    """A split or index file without read permission gave a PermissionError traceback."""
+    if os.geteuid() == 0:
+        pytest.skip("root reads anything")
+    flags = _split_files(tmp_path)
+    (tmp_path / "idx.txt").write_text("0 3\n")
+    for path, extra, what in (
+        (tmp_path / "LT_train.txt", [], "split file"),
+        (tmp_path / "idx.txt", ["--index-file", str(tmp_path / "idx.txt")], "index file"),
+    ):
+        path.chmod(0)
+        assert _cli_error(tmp_path, *flags, *extra) == f"cannot read {what} {path}: Permission denied"
+        path.chmod(0o644)
