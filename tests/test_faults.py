@@ -21,6 +21,9 @@ from conftest import ROOT, TINY_ARGS, run_script, script_env
 
 SCRIPTS = [s for s in TINY_ARGS if (ROOT / s).exists()]
 per_script = pytest.mark.parametrize("script", SCRIPTS)
+# Behaviour of the shared sections, textually identical in every script (tests/test_skeleton.py): tried on the
+# cheapest script and on one with a view pipeline of its own, not on all four
+shared_code = pytest.mark.parametrize("script", [s for s in ("supervised_baseline.py", "msn_prior.py") if s in SCRIPTS])
 PROGRAMS = [*SCRIPTS, "linear_probe.py", "lt_data.py"]
 FAST = ["--batch-size", "8", "--num-workers", "0", "--eval-every", "0"]
 
@@ -205,7 +208,7 @@ def _latin1_imagefolder(root: bytes) -> None:
                 )
 
 
-@per_script
+@pytest.mark.parametrize("script", ["supervised_baseline.py", "excb.py"])  # ExCB's k-means reads the data too
 def test_a_data_dir_named_with_bytes_that_are_not_utf8_trains_logs_and_probes(tmp_path, script):
     """--data-dir with a Latin-1 byte: the data read fine, then TensorBoard's hyperparameter table raised
     UnicodeEncodeError after the run folder was made. The table, the log lines and the probe's JSON hold the name
@@ -251,7 +254,7 @@ def _loss_steps(folder) -> list[int]:
     return [e.step for e in acc.Scalars("losses/loss")]
 
 
-@per_script
+@shared_code
 def test_a_fresh_start_moves_the_earlier_run_s_files_aside_and_says_so(tmp_path, script):
     """Move checkpoint.pt away as the scripts advise, train again with another --lr: losses/loss held steps
     [1, 2, 1, 2] from two runs, two hyperparameter tables, and the old backbone.pt and probe results beside the new
@@ -278,7 +281,7 @@ def test_a_fresh_start_moves_the_earlier_run_s_files_aside_and_says_so(tmp_path,
     assert "resuming at step 2" in again and "moved" not in again and not (run / "earlier_2").exists()
 
 
-@per_script
+@shared_code
 def test_amp_auto_resumes_on_a_machine_where_it_resolves_otherwise(tmp_path, script):
     """A requeue on another node type: `--amp auto` was stored resolved (bf16), and the same command where auto
     resolves to fp32 was refused with "resume with the same command". Now it resumes, said in the first line; an
