@@ -905,6 +905,9 @@ def make_run_dir(run_dir: str):
         busy = lock is not None and isinstance(e, (BlockingIOError, PermissionError))  # lockf's EAGAIN or EACCES
         line = f"{run_dir} is being trained by another process; wait for it or choose another --run-name"
         raise RunError(line if busy else f"cannot write to the run folder {run_dir}: {e.strerror}") from None
+    for path in (os.path.join(run_dir, f) for f in ("checkpoint.pt", "backbone.pt")):  # a folder in the way of a
+        if os.path.isdir(path):  # file written at the end fails now, not after the training
+            raise RunError(f"{path} is a folder, where the run writes a file; move it away")
     return lock
 
 

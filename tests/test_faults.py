@@ -306,3 +306,17 @@ def test_a_max_steps_run_shows_its_own_stop(tmp_path):
     assert progress == ["epoch 1/1 step 1/2", "epoch 1/1 step 2/2"]
     full = run_script("supervised_baseline.py", *args[:-2], "--epochs", "1", "--run-name", "g", cwd=tmp_path).stdout
     assert "(--max-steps)" not in full.splitlines()[0] and "step 9/9 " in full
+
+
+def test_a_folder_where_the_run_writes_a_file_is_refused_before_the_training(tmp_path):
+    """backbone.pt a folder: the run trained to its end, then failed to export ("Is a directory"). The kind of the
+    probe's --output naming a folder, in the training scripts: refused at the start, in one line."""
+    (tmp_path / "runs" / "b" / "backbone.pt").mkdir(parents=True)
+    args = [*TINY_ARGS["supervised_baseline.py"], *FAST, "--max-steps", "1", "--run-name", "b"]
+    proc = run_script("supervised_baseline.py", *args, cwd=tmp_path, check=False)
+    path = os.path.join("runs", "b", "backbone.pt")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert (
+        proc.stderr.strip()
+        == f"supervised_baseline.py: error: {path} is a folder, where the run writes a file; move it away"
+    )
