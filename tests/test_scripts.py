@@ -610,10 +610,10 @@ def test_train_steps_sets_the_epochs_from_the_data_size(tmp_path):
         "t",
     ]
     out = run_script("supervised_baseline.py", *args, "--max-steps", "2", cwd=tmp_path).stdout
-    assert "9 steps/epoch" in out and "step 2/27" in out
+    assert "9 steps/epoch, 2 steps of the schedules' 27 (--max-steps)" in out and "step 2/2" in out
     assert _load(tmp_path / "runs" / "t" / "checkpoint.pt")["args"]["epochs"] == 3
     out = run_script("supervised_baseline.py", *args, "--max-steps", "4", cwd=tmp_path).stdout
-    assert "resuming at step 2" in out and "step 4/27" in out
+    assert "resuming at step 2 of 4 of the schedules' 27" in out and "step 4/4" in out
 
 
 @per_script
