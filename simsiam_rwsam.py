@@ -171,6 +171,30 @@ RANGES |= dict(crop_min_scale="(0, 1]")
 
 
 # ============================================================ method: algorithm
+# The method's interface: what the shared sections call here, and what each must return (a new method defines all):
+#   METHOD                           str: the run name's prefix and the method that checkpoint.pt and backbone.pt name
+#   Args (method: arguments)         the method's flags, with epochs, batch_size, lr, weight_decay, warmup_epochs,
+#                                    vit_layers, vit_dim, vit_heads, patch_size among them (the shared code reads them)
+#   RECIPES                          {name: (one-line description, {flag: value})}: what --recipe NAME applies
+#   RANGES                           {flag: "[lo, hi)"}: the interval of every numeric flag of the method
+#   check_args(args, data)           None; raises RunError or BackboneError for flags that cannot work with the data
+#   train_transform(args, data)      image -> a view or a list of views (batch[0]); its set_epoch(epoch), if any, is
+#                                    called with each item's epoch
+#   Model(args, data)                nn.Module with .backbone_spec (build_backbone's {"arch", "arch_kwargs"}) and
+#                                    .export_prefix (the state-dict prefix of the backbone that backbone.pt holds)
+#   make_optimizer(args, model, lr)  the optimizer at peak lr (scaled to the global batch); a param group with
+#                                    "weight_decay_schedule": KEY takes schedules()[KEY] as its weight decay each step
+#   schedules(args, step, total_steps, steps_per_epoch)
+#                                    {"lr_scale": float (x each group's peak lr), other keys: floats}: run.schedule,
+#                                    which train_step reads, each key logged as charts/<key>
+#   on_epoch_start(run, epoch)       None; before an epoch's first step (not on a resume inside an epoch: what it
+#                                    sets must be in the model's state dict)
+#   train_step(run, batch)           one optimisation step on batch = [views, labels, indices] (on the device); returns
+#                                    {"loss": scalar tensor (a non-finite one stops the run), ...}, no host sync; keys
+#                                    starting with "loss" are averaged over the log interval, the rest feed diagnostics
+#   diagnostics(run, out)            {chart name: tensor} from train_step's output at log steps, on every rank (it may
+#                                    all-reduce): scalars as charts, vectors as histograms
+#   (shared helpers they may use: optimizer_step, warmup_cosine, cosine, run.autocast, run.ddp_model, run.schedule)
 METHOD = "simsiam_rwsam"
 
 
