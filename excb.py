@@ -265,8 +265,10 @@ def train_step(run: RunState, batch) -> dict[str, torch.Tensor]:
 
     1. teacher scores z [2B, K] of the global views (cosines to the teacher's centroids, no gradient)
     2. targets q = excb_targets(z, s): balanced by the cluster-size estimate s (--no-balancing: s uniform)
-    3. student scores of every view; L = mean over the pairs (teacher view t, student view v != t) of
-       excb_loss(q_t, student_v)
+    3. student scores; L = the mean, over the teacher's global views t, of excb_loss(q_t, scores) for: the student
+       projector's scores of the other global view, and, with the predictor (default), the predictor's scores of
+       every view, global view t itself included (as the official code), centroids detached; with --no-predictor,
+       the projector's scores of every local view instead
     4. optimizer step on L (scheduled lr and weight decay)
     5. teacher <- m teacher + (1 - m) student (EMA, m scheduled from --teacher-momentum to 1)
     6. s <- m_s s + (1 - m_s) histogram of argmax q (all-reduced): step t's targets use s up to step t-1
@@ -606,7 +608,7 @@ def _mlp(dims: list[int], bn: bool = True, act: type[nn.Module] = nn.ReLU) -> nn
 
 def make_optimizer(args: Args, model: Model, lr: float) -> torch.optim.Optimizer:
     """SGD momentum 0.9 (ResNets) or AdamW (ViTs), as the official configs; weight decay on weight matrices only,
-    on the weight_decay schedule (the centroids on their own). Fused kernels (one pass)."""
+    on the weight_decay schedule (the centroids on their own). Fused kernels (one pass; SGD unfused under fp16)."""
     decay, no_decay, centroids = model.parameter_groups()
     groups = [
         {"params": decay, "weight_decay": args.weight_decay, "weight_decay_schedule": "weight_decay"},
@@ -622,7 +624,7 @@ def schedules(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> 
     """The official schedules: lr_scale (x the peak lr) a linear warm-up over --warmup-epochs, then a per-step
     cosine from 1 to 1e-4; weight_decay a cosine from --weight-decay to --final-weight-decay; the centroids'
     weight decay x(1 + 9c), c a cosine 1 -> 0; teacher_momentum a cosine from --teacher-momentum to 1; crop_scale
-    (per epoch, applied by the data workers: ``crop_split``)."""
+    the epoch's crop-scale split s (``crop_split``; logged only: the data workers' ``ExcbCrops`` apply it)."""
     progress = step / max(total_steps, 1)
     decaying = cosine(1.0, 0.0, progress)
     weight_decay = cosine(args.weight_decay, args.final_weight_decay, progress)
@@ -1059,7 +1061,7 @@ def move_earlier_run(run_dir: str) -> str:
 
 
 def export_backbone(run: RunState, path: str) -> None:
-    """The backbone in plain torchvision layout (strict=True); finite, as the last step's checkpoint refused others."""
+    """The backbone in build_backbone's layout (strict=True); finite, as the last step's checkpoint refused others."""
     state = run.backbone.state_dict()
     atomic_save({"format": linear_probe.EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
 
@@ -1160,8 +1162,8 @@ def worker_died(e: BaseException) -> Optional[str]:
 
 def batches(loader, run: RunState, ckpt_path: str):
     """The loader's batches. A worker that dies, or an image that cannot be read, while a batch is fetched (between
-    steps: the model is consistent) leaves a checkpoint; ``main`` reports it, and a worker that died mid-step, in one
-    line."""
+    steps: the model is consistent) leaves a checkpoint in a one-process run (save_checkpoint is a collective call);
+    ``main`` reports it, and a worker that died mid-step, in one line."""
     try:
         yield from loader  # what the loop's body raises is not raised here
     except Exception as e:

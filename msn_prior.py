@@ -321,8 +321,8 @@ def train_step(run: RunState, batch) -> dict[str, torch.Tensor]:
     (unmasked), view 1 the anchor (masked), views 2.. the focal anchors; returns the losses and what
     ``diagnostics`` needs (no host sync).
 
-    1. anchor embeddings of the masked anchor and focal views (through DDP); target embeddings of view 0 by the
-       EMA target encoder (no gradient)
+    1. anchor embeddings of the masked anchor and focal views (run.train_model: under DDP, and torch.compile with
+       --compile); target embeddings of view 0 by the EMA target encoder (no gradient)
     2. L = CE(sharpened, Sinkhorn-balanced targets, anchor predictions) + lambda KL(p_mean || prior)  (msn_loss)
     3. AdamW step, the gradients of encoder and head clipped to --clip-grad (scheduled lr and weight decay)
     4. target <- m target + (1 - m) online (EMA, m scheduled from --ema-momentum to 1)
@@ -916,7 +916,7 @@ def move_earlier_run(run_dir: str) -> str:
 
 
 def export_backbone(run: RunState, path: str) -> None:
-    """The backbone in plain torchvision layout (strict=True); finite, as the last step's checkpoint refused others."""
+    """The backbone in build_backbone's layout (strict=True); finite, as the last step's checkpoint refused others."""
     state = run.backbone.state_dict()
     atomic_save({"format": linear_probe.EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
 
@@ -1017,8 +1017,8 @@ def worker_died(e: BaseException) -> Optional[str]:
 
 def batches(loader, run: RunState, ckpt_path: str):
     """The loader's batches. A worker that dies, or an image that cannot be read, while a batch is fetched (between
-    steps: the model is consistent) leaves a checkpoint; ``main`` reports it, and a worker that died mid-step, in one
-    line."""
+    steps: the model is consistent) leaves a checkpoint in a one-process run (save_checkpoint is a collective call);
+    ``main`` reports it, and a worker that died mid-step, in one line."""
     try:
         yield from loader  # what the loop's body raises is not raised here
     except Exception as e:

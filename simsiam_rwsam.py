@@ -477,7 +477,7 @@ def check_args(args: Args, data: lt_data.LTData) -> None:
 
 def train_transform(args: Args, data: lt_data.LTData):
     """Two SimSiam views per image (RandomResizedCrop --crop-min-scale..1, flip, jitter .4/.4/.4/.1 p .8, grayscale
-    p .2)."""
+    p .2, Gaussian blur p .5 from 96 px up)."""
     return lt_data.TwoViews(lt_data.ssl_augment(data.image_size, data.mean, data.std, (args.crop_min_scale, 1.0)))
 
 
@@ -538,7 +538,8 @@ def schedules(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> 
 
 
 def on_epoch_start(run: RunState, epoch: int) -> None:
-    """--reweight kde: recompute the KDE weights at epochs warmup, warmup + every, ... (all ranks identical)."""
+    """--reweight kde with a SAM step (not --sam none): recompute the KDE weights at epochs warmup, warmup + every, ...
+    (--reweight-warmup, --reweight-every; all ranks identical)."""
     args = run.args
     if args.sam == "none" or args.reweight != "kde" or epoch < args.reweight_warmup:
         return
@@ -948,7 +949,7 @@ def move_earlier_run(run_dir: str) -> str:
 
 
 def export_backbone(run: RunState, path: str) -> None:
-    """The backbone in plain torchvision layout (strict=True); finite, as the last step's checkpoint refused others."""
+    """The backbone in build_backbone's layout (strict=True); finite, as the last step's checkpoint refused others."""
     state = run.backbone.state_dict()
     atomic_save({"format": linear_probe.EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
 
@@ -1049,8 +1050,8 @@ def worker_died(e: BaseException) -> Optional[str]:
 
 def batches(loader, run: RunState, ckpt_path: str):
     """The loader's batches. A worker that dies, or an image that cannot be read, while a batch is fetched (between
-    steps: the model is consistent) leaves a checkpoint; ``main`` reports it, and a worker that died mid-step, in one
-    line."""
+    steps: the model is consistent) leaves a checkpoint in a one-process run (save_checkpoint is a collective call);
+    ``main`` reports it, and a worker that died mid-step, in one line."""
     try:
         yield from loader  # what the loop's body raises is not raised here
     except Exception as e:

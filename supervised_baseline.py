@@ -163,7 +163,8 @@ def train_step(run: RunState, batch) -> dict[str, torch.Tensor]:
 
     1. logits = classifier(backbone(x))
     2. L = cross-entropy(logits, y) (with --label-smoothing)
-    3. SGD step on L (momentum 0.9, weight decay on weight matrices)
+    3. optimizer step on L (make_optimizer: SGD with momentum 0.9 for ResNets, AdamW for ViTs; scheduled lr; weight
+       decay on weight matrices only)
     """
     x, y, _ = batch
     with run.autocast():
@@ -577,7 +578,7 @@ def move_earlier_run(run_dir: str) -> str:
 
 
 def export_backbone(run: RunState, path: str) -> None:
-    """The backbone in plain torchvision layout (strict=True); finite, as the last step's checkpoint refused others."""
+    """The backbone in build_backbone's layout (strict=True); finite, as the last step's checkpoint refused others."""
     state = run.backbone.state_dict()
     atomic_save({"format": linear_probe.EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
 
@@ -678,8 +679,8 @@ def worker_died(e: BaseException) -> Optional[str]:
 
 def batches(loader, run: RunState, ckpt_path: str):
     """The loader's batches. A worker that dies, or an image that cannot be read, while a batch is fetched (between
-    steps: the model is consistent) leaves a checkpoint; ``main`` reports it, and a worker that died mid-step, in one
-    line."""
+    steps: the model is consistent) leaves a checkpoint in a one-process run (save_checkpoint is a collective call);
+    ``main`` reports it, and a worker that died mid-step, in one line."""
     try:
         yield from loader  # what the loop's body raises is not raised here
     except Exception as e:
