@@ -20,8 +20,9 @@ un-augmented training images (label-free), recomputed every --reweight-every epo
 
 Sections marked "shared" are textually identical in supervised_baseline.py, simsiam_rwsam.py,
 msn_prior.py and excb.py (tests/test_skeleton.py enforces it): diff two scripts to see the method.
-Reading order: the flags, the method's algorithm (train_step), the training loop, the method's parts, and the
-shared plumbing last. docs/simsiam_rwsam.md has the logged metrics and the implementation notes.
+Reading order: the flags with their recipes (RECIPES) and ranges (RANGES), the method's interface and algorithm
+(train_step), the training loop, the method's parts, and the shared plumbing last.
+docs/simsiam_rwsam.md has the logged metrics and the implementation notes.
 """
 
 # ============================================================ shared: imports
