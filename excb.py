@@ -761,8 +761,9 @@ def embed_for_kmeans(run: RunState, pick: list[int]) -> torch.Tensor:
 class StopsBetweenChunks:
     """While active, a stop signal (SIGINT, SIGTERM, SIGHUP) is only noted; ``pass_on()`` hands it to the handler it
     replaced (in a run, the training loop's, which stops it; SIG_DFL: the default action) at a point the caller
-    chooses, and leaving does so at the latest. The k-means pass waits inside torch's DataLoader: a stop raised there
-    while a worker handed a chunk over (shared memory) cut the hand-over and left the worker's traceback on stderr."""
+    chooses, and leaving does so at the latest. The k-means pass waits inside torch's DataLoader, where a stop raised
+    while a worker hands a chunk over (shared memory) cuts the hand-over and leaves the worker's traceback on stderr
+    (tests/test_excb.py::test_a_stop_signal_during_the_kmeans_init_stops_the_run_at_once)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -924,7 +925,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 
 def make_run_dir(run_dir: str):
     """Create and lock the run folder, so that a second start of a live run (a requeue, another terminal) is refused.
-    A POSIX lock (lockf) dies with this process; an flock lived on in its orphaned DataLoader workers. Keep it open."""
+    lockf, not flock: a POSIX lock dies with this process, an flock with its last orphaned DataLoader worker. Keep it
+    open (tests/test_scripts.py::test_the_same_run_started_twice_is_refused_while_the_first_lives)."""
     lock = None
     try:
         os.makedirs(run_dir, exist_ok=True)
@@ -939,7 +941,8 @@ def make_run_dir(run_dir: str):
 
 def atomic_save(obj, path: str) -> None:
     """Write a temporary file, fsync, rename: a crash never leaves a half-written ``path``, and a full disk stops the
-    run in one line with the old file intact (torch.save to a file hid the OS error behind "unexpected pos")."""
+    run in one line naming the OS error, the old file intact (torch.save into a file words it "unexpected pos").
+    Test: tests/test_scripts.py::test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_previous_checkpoint."""
     buffer, tmp = io.BytesIO(), f"{path}.tmp{os.getpid()}"
     torch.save(obj, buffer)
     try:
@@ -1076,9 +1079,7 @@ class Logger:
         self.run, self.scalars, self.vectors, self.start, self.step0 = run, {}, {}, run.step, run.step
         self.clock, self.pace, self.evals = time.perf_counter(), [0.0, 0], [0.0, 0]  # pace, evals: seconds, count
         self.moved = move_earlier_run(run.run_dir) if run.rank == 0 and not resumed else ""
-        purge = (
-            run.step + 1 if resumed else None
-        )  # TensorBoard hides the earlier events of these steps on (a lost run's)
+        purge = run.step + 1 if resumed else None  # TensorBoard hides a lost run's events from this step on
         self.writer = SummaryWriter(run.run_dir, purge_step=purge) if run.rank == 0 else None
         if self.writer is not None and not resumed:  # the flags with the values resolved at start
             table = {**asdict(run.args), **backbone_meta(run)["data"], "amp_flag": run.amp_flag}
