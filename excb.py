@@ -16,8 +16,9 @@ assignments, all-reduced over processes, so balancing is explicit, global and in
 
 Sections marked "shared" are textually identical in supervised_baseline.py, simsiam_rwsam.py,
 msn_prior.py and excb.py (tests/test_skeleton.py enforces it): diff two scripts to see the method.
-Reading order: the flags, the method's algorithm (train_step), the training loop, the method's parts, and the
-shared plumbing last. docs/excb.md has the logged metrics and the implementation notes.
+Reading order: the flags with their recipes (RECIPES) and ranges (RANGES), the method's interface and algorithm
+(train_step), the training loop, the method's parts, and the shared plumbing last.
+docs/excb.md has the logged metrics and the implementation notes.
 """
 
 # ============================================================ shared: imports
@@ -183,6 +184,31 @@ RANGES |= dict(kmeans_samples="[1, inf)", kmeans_iters="[1, inf)", kmeans_restar
 
 
 # ============================================================ method: algorithm
+# The method's interface: what the shared sections call here, and what each must return (a new method defines all):
+#   METHOD                           str: the run name's prefix and the method that checkpoint.pt and backbone.pt name
+#   Args (method: arguments)         the method's flags, with epochs, batch_size, lr, weight_decay, warmup_epochs,
+#                                    vit_layers, vit_dim, vit_heads, patch_size among them (the shared code reads them)
+#   RECIPES                          {name: (one-line description, {flag: value})}: what --recipe NAME applies
+#   RANGES                           {flag: "[lo, hi)"}: the interval of every numeric flag of the method
+#   check_args(args, data)           None; raises RunError or BackboneError for flags that cannot work with the data
+#   train_transform(args, data)      image -> a view or a list of views (batch[0]); its set_epoch(epoch), if any, is
+#                                    called with each item's epoch
+#   Model(args, data)                nn.Module with .backbone_spec (build_backbone's {"arch", "arch_kwargs"}) and
+#                                    .export_prefix (the state-dict prefix of the backbone that backbone.pt holds)
+#   make_optimizer(args, model, lr)  the optimizer at peak lr (scaled to the global batch); a param group with
+#                                    "weight_decay_schedule": KEY takes schedules()[KEY] as its weight decay each step
+#   schedules(args, step, total_steps, steps_per_epoch)
+#                                    {"lr_scale": float (x each group's peak lr), other keys: floats}: run.schedule,
+#                                    which train_step reads, each key logged as charts/<key>
+#   on_epoch_start(run, epoch)       None; before an epoch's first step (not on a resume inside an epoch: what it
+#                                    sets must be in the model's state dict)
+#   train_step(run, batch)           one optimisation step on batch = [views, labels, indices] (on the device); returns
+#                                    {"loss": scalar tensor (a non-finite one stops the run), ...}, no host sync; keys
+#                                    starting with "loss" are averaged over the log interval, the rest feed diagnostics
+#   diagnostics(run, out)            {chart name: tensor} from train_step's output at log steps, on every rank (it may
+#                                    all-reduce): scalars as charts, vectors as histograms
+#   run: the RunState (shared: runtime); the shared helpers: optimizer_step, cosine, warmup_cosine, run.autocast,
+#   run.train_model (the model as the step calls it), run.to_device, run.schedule (this step's schedules)
 METHOD = "excb"
 BOOST = 1.01  # the official code multiplies each row's largest balanced score by this before the softmax
 
@@ -234,14 +260,16 @@ def excb_loss(targets: torch.Tensor, student_scores: torch.Tensor, student_temp:
     return -(targets * F.log_softmax(student_scores.float() / student_temp, dim=1)).sum(dim=1).mean()
 
 
-def train_step(run: Run, batch) -> dict[str, torch.Tensor]:
+def train_step(run: RunState, batch) -> dict[str, torch.Tensor]:
     """One ExCB step (Maniadis Metaxas et al. 2024, Sec. 3) on two global views [B, 3, H, W] and M local views
     [B, 3, h, w] of B images; returns the loss and what ``diagnostics`` needs (no host sync).
 
     1. teacher scores z [2B, K] of the global views (cosines to the teacher's centroids, no gradient)
     2. targets q = excb_targets(z, s): balanced by the cluster-size estimate s (--no-balancing: s uniform)
-    3. student scores of every view; L = mean over the pairs (teacher view t, student view v != t) of
-       excb_loss(q_t, student_v)
+    3. student scores; L = the mean, over the teacher's global views t, of excb_loss(q_t, scores) for: the student
+       projector's scores of the other global view, and, with the predictor (default), the predictor's scores of
+       every view, global view t itself included (as the official code), centroids detached; with --no-predictor,
+       the projector's scores of every local view instead
     4. optimizer step on L (scheduled lr and weight decay)
     5. teacher <- m teacher + (1 - m) student (EMA, m scheduled from --teacher-momentum to 1)
     6. s <- m_s s + (1 - m_s) histogram of argmax q (all-reduced): step t's targets use s up to step t-1
@@ -258,7 +286,7 @@ def train_step(run: Run, batch) -> dict[str, torch.Tensor]:
         sizes = model.sizes if args.balancing else torch.ones_like(model.sizes)
         targets = excb_targets(teacher_scores, sizes, args.teacher_temp)
     with run.autocast():  # 3
-        projected, predicted = run.ddp_model(global_views, local_views)
+        projected, predicted = run.train_model(global_views, local_views)
     projected, predicted = projected.float(), (predicted.float() if predicted is not None else None)
     losses = []
     for view, target in enumerate(targets.chunk(2)):
@@ -283,7 +311,7 @@ def train_step(run: Run, batch) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def diagnostics(run: Run, out: dict) -> dict[str, torch.Tensor]:
+def diagnostics(run: RunState, out: dict) -> dict[str, torch.Tensor]:
     """The charts of a log step, from ``train_step``'s output: cluster usage (in use, entropy, sorted relative
     sizes), the confidences of teacher and student, agreement of the two views, what balancing changed, and the
     teacher cone: the norm of the global batch's mean unit teacher projection (0 for spread features, 1 when every
@@ -320,7 +348,7 @@ def train(args: Args) -> str:
     world_size, rank, local_rank = launch_env()
     # SIGINT, SIGTERM and SIGHUP (a closed terminal; torchrun forwards them), from the first line on: before this
     # process's first step there is nothing to save, so the run stops at once (``Stopped``); after it they are noted,
-    # and the run stops at the first step where every rank knows of one (``sync``), after a checkpoint
+    # and the run stops at the first step where every rank knows of one (``agreed_stop``), after a checkpoint
     signals, stops, stepped = [], (signal.SIGINT, signal.SIGTERM, signal.SIGHUP), False
 
     def on_signal(signum: int, _) -> None:
@@ -360,10 +388,10 @@ def train(args: Args) -> str:
     torch.backends.cudnn.benchmark = not args.deterministic
     model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world_size > 1 else model
-    ddp_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    ddp_model = torch.compile(ddp_model) if args.compile else ddp_model
+    train_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    train_model = torch.compile(train_model) if args.compile else train_model
     optimizer = make_optimizer(args, model, args.lr * global_batch / 256)  # linear scaling rule, global batch
-    run = Run(args, model, ddp_model, optimizer, data, train_set, device, steps_per_epoch, run_dir, amp_flag)
+    run = RunState(args, model, train_model, optimizer, data, train_set, device, steps_per_epoch, run_dir, amp_flag)
     ckpt = from_rank0(lambda: read_checkpoint(ckpt_path), rank)  # rank 0's run folder alone decides: all ranks
     if resumed := ckpt is not None:  # resume from its checkpoint, or none does (a per-node --output-dir works)
         load_checkpoint(run, ckpt, ckpt_path)
@@ -385,13 +413,13 @@ def train(args: Args) -> str:
     if monitor is not None and not resumed:
         logger.say(monitor.description)  # the step-0 evaluation can take minutes: never silent
         logger.write(monitor)
-    first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss
+    first_nonfinite_step = torch.full((), 2**62, dtype=torch.long, device=device)  # 2**62: no non-finite loss yet
     while run.step < run.stop_step:
         epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
         sampler.set_epoch(epoch, skip=done_in_epoch * args.batch_size)
         if done_in_epoch == 0:
             on_epoch_start(run, epoch)
-        for batch in fetch(loader, run, ckpt_path):
+        for batch in batches(loader, run, ckpt_path):
             random.seed(f"{args.seed} {rank} {run.step}")  # the step's draws (drop path, noise) are a function of
             torch.manual_seed(random.getrandbits(63))  # seed, rank and step alone: a resume draws what the run drew
             batch = [[run.to_device(v) for v in x] if isinstance(x, list) else run.to_device(x) for x in batch]
@@ -400,15 +428,15 @@ def train(args: Args) -> str:
             set_schedules(run)  # this step's lr, weight decay and the method's scheduled values
             out = train_step(run, batch)
             run.step, stepped = run.step + 1, True
-            first_bad = torch.where(torch.isfinite(out["loss"]), first_bad, run.step)
+            first_nonfinite_step = torch.where(torch.isfinite(out["loss"]), first_nonfinite_step, run.step)
             logger.accumulate({k: v for k, v in out.items() if k.startswith("loss")})
-            # this step's decisions; every rank takes the same ones (sync: one all-reduce at log and save steps)
+            # this step's decisions; every rank takes the same ones (agreed_stop: one all-reduce at log and save steps)
             last, end_of_epoch = run.step == run.stop_step, run.step % steps_per_epoch == 0
             log_now = run.step % args.log_every == 0 or run.step == logger.start + 1 or last or end_of_epoch
             save_now = run.step % args.checkpoint_every == 0 or last or end_of_epoch
             eval_now = monitor is not None and (last or run.step % (args.eval_every * steps_per_epoch) == 0)
-            sync_now = log_now or save_now or signals and world_size == 1  # alone, a signal needs no agreement
-            signum = sync(run, first_bad, signals, ckpt_path) if sync_now else 0
+            agree_now = log_now or save_now or signals and world_size == 1  # alone, a signal needs no agreement
+            signum = agreed_stop(run, first_nonfinite_step, signals, ckpt_path) if agree_now else 0
             if log_now:
                 logger.accumulate({**diagnostics(run, out), **{f"charts/{k}": v for k, v in run.schedule.items()}})
                 logger.write(monitor if eval_now else None)
@@ -441,8 +469,9 @@ def check_args(args: Args, data: lt_data.LTData) -> None:
 
 
 def local_size(args: Args, data: lt_data.LTData) -> int:
-    """Local crop size: 96 px at ImageNet sizes (official ExCB/DINO: 224/96), half the image at CIFAR sizes (32/16);
-    for a ViT rounded down to a multiple of the patch (Fashion-MNIST's 28 px with patch 4: 12, not 14)."""
+    """--local-size's value, the local crop size: as given, else 96 px at ImageNet sizes (official ExCB/DINO: 224/96)
+    and half the image (at least 8 px) at CIFAR sizes (32/16), for a ViT rounded down to a multiple of the patch
+    (Fashion-MNIST's 28 px with patch 4: 12, not 14)."""
     size = args.local_size or (max(8, data.image_size // 2) if data.image_size < 112 else 96)
     patch = (args.patch_size or (4 if data.image_size < 64 else 16)) if args.arch.startswith("vit") else 1
     return size if args.local_size else max(patch, size // patch * patch)
@@ -461,7 +490,7 @@ def excb_backbone_spec(args: Args, data: lt_data.LTData) -> dict:
     )
 
 
-def crop_scale(args: Args, epoch: int) -> float:
+def crop_split(args: Args, epoch: int) -> float:
     """The crop-scale split s of an epoch: cosine from --crop-scale[0] to --crop-scale[1] over --epochs (official)."""
     return cosine(*args.crop_scale, epoch / max(args.epochs, 1))
 
@@ -472,7 +501,7 @@ def train_transform(args: Args, data: lt_data.LTData):
 
 class ExcbCrops:
     """Two global crops at scale (s, 1), then --num-local-crops local crops at (0.05, s) (official ExCB/DINO
-    multi-crop, no blur below 96 px). s follows ``crop_scale``: every sample carries its epoch
+    multi-crop, no blur below 96 px). s follows ``crop_split``: every sample carries its epoch
     (lt_data.ResumableSampler), so persistent workers and resumed runs use the right s."""
 
     def __init__(self, args: Args, data: lt_data.LTData):
@@ -482,7 +511,7 @@ class ExcbCrops:
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            s = crop_scale(self.args, epoch)
+            s = crop_split(self.args, epoch)
             self.crops = lt_data.MultiCrop(
                 *self.sizes,
                 2,
@@ -580,7 +609,7 @@ def _mlp(dims: list[int], bn: bool = True, act: type[nn.Module] = nn.ReLU) -> nn
 
 def make_optimizer(args: Args, model: Model, lr: float) -> torch.optim.Optimizer:
     """SGD momentum 0.9 (ResNets) or AdamW (ViTs), as the official configs; weight decay on weight matrices only,
-    on the weight_decay schedule (the centroids on their own). Fused kernels (one pass)."""
+    on the weight_decay schedule (the centroids on their own). Fused kernels (one pass; SGD unfused under fp16)."""
     decay, no_decay, centroids = model.parameter_groups()
     groups = [
         {"params": decay, "weight_decay": args.weight_decay, "weight_decay_schedule": "weight_decay"},
@@ -596,7 +625,7 @@ def schedules(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> 
     """The official schedules: lr_scale (x the peak lr) a linear warm-up over --warmup-epochs, then a per-step
     cosine from 1 to 1e-4; weight_decay a cosine from --weight-decay to --final-weight-decay; the centroids'
     weight decay x(1 + 9c), c a cosine 1 -> 0; teacher_momentum a cosine from --teacher-momentum to 1; crop_scale
-    (per epoch, applied by the data workers: ``crop_scale``)."""
+    the epoch's crop-scale split s (``crop_split``; logged only: the data workers' ``ExcbCrops`` apply it)."""
     progress = step / max(total_steps, 1)
     decaying = cosine(1.0, 0.0, progress)
     weight_decay = cosine(args.weight_decay, args.final_weight_decay, progress)
@@ -605,11 +634,11 @@ def schedules(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> 
         "weight_decay": weight_decay,
         "centroid_weight_decay": weight_decay * (1 + 9 * decaying),
         "teacher_momentum": cosine(args.teacher_momentum, 1.0, progress),
-        "crop_scale": crop_scale(args, step // steps_per_epoch),
+        "crop_scale": crop_split(args, step // steps_per_epoch),
     }
 
 
-def on_epoch_start(run: Run, epoch: int) -> None:
+def on_epoch_start(run: RunState, epoch: int) -> None:
     """Before epoch 0: k-means initialisation of the centroids (once; the flag is in the checkpoint)."""
     if run.args.kmeans_init and not bool(run.model.centroids_initialised):
         init_centroids(run)
@@ -620,7 +649,7 @@ KMEANS_CHUNK = 256  # images per forward pass of the k-means embedding (train-mo
 
 
 @torch.no_grad()
-def init_centroids(run: Run) -> None:
+def init_centroids(run: RunState) -> None:
     """Spherical k-means on the random teacher's projector outputs, before epoch 0 (official code: the teacher
     embeds a sample of the training set, then k-means; engine/trainer.py, ``Trainer.init_centroids``); student and
     teacher centroids are both set to the result.
@@ -676,7 +705,7 @@ class KMeansChunks(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def embed_for_kmeans(run: Run, pick: list[int]) -> torch.Tensor:
+def embed_for_kmeans(run: RunState, pick: list[int]) -> torch.Tensor:
     """The random teacher's projector outputs [len(pick), --out-dim] (float32, on run.device, on every rank) of the
     training images at positions ``pick`` of run.train_set, one deterministic view each (lt_data.eval_transform),
     in the order of ``pick``.
@@ -703,13 +732,13 @@ def embed_for_kmeans(run: Run, pick: list[int]) -> torch.Tensor:
     teacher = without_sync_batchnorm(copy.deepcopy(run.model.teacher)).train()
     features = torch.zeros(max(share), args.out_dim, device=run.device)
     with StopsBetweenChunks() as stops:
-        batches = iter(loader)  # the workers start
+        chunk_stream = iter(loader)  # the workers start
         if rank == 0:
             on = f"{world} process{'es' if world > 1 else ''} x {loader.num_workers} data-loading workers"
             print(f"k-means initialisation: embedding {len(pick)} training images on {on}", flush=True)
         start = last = time.perf_counter()
         done, tenths = 0, 0
-        for x in batches:
+        for x in chunk_stream:
             stops.pass_on()  # a stop signal that came while the chunk was awaited takes effect here
             with run.autocast():
                 features[done : done + len(x)] = teacher.project(run.to_device(x)).float()
@@ -719,7 +748,7 @@ def embed_for_kmeans(run: Run, pick: list[int]) -> torch.Tensor:
                 eta = round((share[0] - done) / rate)
                 line = f"{done}/{share[0]} images on rank 0, {rate:.0f} img/s per process"
                 print(f"k-means initialisation: {line}, eta {eta // 60}m{eta % 60:02d}s", flush=True)
-    del batches, loader, teacher  # the workers end here
+    del chunk_stream, loader, teacher  # the workers end here
     gathered = [features]
     if world > 1:
         gathered = [torch.empty_like(features) for _ in range(world)]
@@ -732,8 +761,9 @@ def embed_for_kmeans(run: Run, pick: list[int]) -> torch.Tensor:
 class StopsBetweenChunks:
     """While active, a stop signal (SIGINT, SIGTERM, SIGHUP) is only noted; ``pass_on()`` hands it to the handler it
     replaced (in a run, the training loop's, which stops it; SIG_DFL: the default action) at a point the caller
-    chooses, and leaving does so at the latest. The k-means pass waits inside torch's DataLoader: a stop raised there
-    while a worker handed a chunk over (shared memory) cut the hand-over and left the worker's traceback on stderr."""
+    chooses, and leaving does so at the latest. The k-means pass waits inside torch's DataLoader, where a stop raised
+    while a worker hands a chunk over (shared memory) cuts the hand-over and leaves the worker's traceback on stderr
+    (tests/test_excb.py::test_a_stop_signal_during_the_kmeans_init_stops_the_run_at_once)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -819,10 +849,10 @@ def from_rank0(make: Callable, rank: int):
 
 
 @dataclass
-class Run:
+class RunState:  # one run's flags, model, optimizer, data, device and step: the ``run`` every function gets
     args: Args  # with --amp resolved (resolve_amp)
     model: nn.Module  # the module whose state is saved and exported
-    ddp_model: nn.Module  # what the step calls: ``model`` under DDP and torch.compile
+    train_model: nn.Module  # what train_step calls: ``model`` in DDP (several processes), then torch.compile'd
     optimizer: torch.optim.Optimizer
     data: lt_data.LTData
     train_set: Optional[lt_data.IndexedDataset] = None
@@ -849,7 +879,7 @@ class Run:
         return x.to(self.device, non_blocking=True, memory_format=layout)
 
 
-def set_schedules(run: Run) -> None:
+def set_schedules(run: RunState) -> None:
     """The method's ``schedules`` at ``run.step``: each group's lr is its peak lr x lr_scale, a group marked
     ``{"weight_decay_schedule": name}`` takes that value; ``train_step`` reads the others from ``run.schedule``."""
     run.schedule = schedules(run.args, run.step, run.total_steps, run.steps_per_epoch)
@@ -870,7 +900,7 @@ def warmup_cosine(step: int, warmup: int, total: int, end: float = 0.0) -> float
     return (step + 1) / warmup if step < warmup else cosine(1.0, end, (step - warmup) / max(total - warmup, 1))
 
 
-def optimizer_step(run: Run, loss: torch.Tensor, clip: list | tuple = (), max_norm: float = math.inf) -> torch.Tensor:
+def optimizer_step(run: RunState, loss: torch.Tensor, clip: list | tuple = (), max_norm=math.inf) -> torch.Tensor:
     """Backward (scaled for fp16) and optimizer step; clips the unscaled gradients of ``clip`` (parameters) to
     ``max_norm`` (inf: measure only) and returns their norm before clipping."""
     run.optimizer.zero_grad(set_to_none=True)
@@ -895,7 +925,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 
 def make_run_dir(run_dir: str):
     """Create and lock the run folder, so that a second start of a live run (a requeue, another terminal) is refused.
-    A POSIX lock (lockf) dies with this process; an flock lived on in its orphaned DataLoader workers. Keep it open."""
+    lockf, not flock: a POSIX lock dies with this process, an flock with its last orphaned DataLoader worker. Keep it
+    open (tests/test_scripts.py::test_the_same_run_started_twice_is_refused_while_the_first_lives)."""
     lock = None
     try:
         os.makedirs(run_dir, exist_ok=True)
@@ -913,7 +944,8 @@ def make_run_dir(run_dir: str):
 
 def atomic_save(obj, path: str) -> None:
     """Write a temporary file, fsync, rename: a crash never leaves a half-written ``path``, and a full disk stops the
-    run in one line with the old file intact (torch.save to a file hid the OS error behind "unexpected pos")."""
+    run in one line naming the OS error, the old file intact (torch.save into a file words it "unexpected pos").
+    Test: tests/test_scripts.py::test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_previous_checkpoint."""
     buffer, tmp = io.BytesIO(), f"{path}.tmp{os.getpid()}"
     torch.save(obj, buffer)
     try:
@@ -938,7 +970,7 @@ RESUMABLE_FLAGS = (
 ).split()
 
 
-def backbone_meta(run: Run) -> dict:
+def backbone_meta(run: RunState) -> dict:
     """What linear_probe.py needs to rebuild the backbone and its data."""
     data_args = {f.name: getattr(run.args, f.name) for f in fields(lt_data.DataArgs)}
     data_args.update(image_size=run.data.image_size, imbalance_ratio=lt_data.resolved_ratio(run.args))
@@ -946,7 +978,7 @@ def backbone_meta(run: Run) -> dict:
     return {**run.model.backbone_spec, "prefix": prefix, "method": METHOD, "data": data_args, "step": run.step}
 
 
-def training_set(run: Run) -> dict:
+def training_set(run: RunState) -> dict:
     """What defines the training set, saved in the checkpoint: its size, classes, and a fingerprint of its (image,
     label) list (file paths relative to --data-dir, else indices), so a resume refuses a changed set."""
     t = run.train_set
@@ -955,13 +987,13 @@ def training_set(run: Run) -> dict:
     return {"images": len(t), "classes": run.data.num_classes, "sha1": hashlib.sha1(repr(items).encode()).hexdigest()}
 
 
-def non_finite_stop(run: Run, path: str) -> str:
+def non_finite_stop(run: RunState, path: str) -> str:
     kept = f"the last good checkpoint {path} (step {run.checkpoint_step}) is untouched"
     kept = kept if run.checkpoint_step >= 0 else "no checkpoint was written"
     return f"stopping, {kept}. Try a lower --lr or --amp none"
 
 
-def save_checkpoint(run: Run, path: str) -> None:
+def save_checkpoint(run: RunState, path: str) -> None:
     """A collective call. Refuses (RunError) a non-finite model or optimizer state: one fused pass, one host sync."""
     state = [*run.model.state_dict().values(), *(t for s in run.optimizer.state.values() for t in s.values())]
     floats = [t for t in state if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
@@ -990,7 +1022,7 @@ def read_checkpoint(path: str) -> Optional[dict]:
         raise RunError(f"cannot resume from {path} ({why}); move it away to start afresh") from None
 
 
-def load_checkpoint(run: Run, ckpt: dict, path: str) -> None:
+def load_checkpoint(run: RunState, ckpt: dict, path: str) -> None:
     if not isinstance(ckpt, dict) or ckpt.get("format") != linear_probe.CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a checkpoint of these scripts; move it away to start afresh")
     old, new = ckpt["args"], asdict(run.args)
@@ -1035,8 +1067,8 @@ def move_earlier_run(run_dir: str) -> str:
     return f"; the earlier run's {len(files)} files (no checkpoint) moved to {aside}"
 
 
-def export_backbone(run: Run, path: str) -> None:
-    """The backbone in plain torchvision layout (strict=True); finite, as the last step's checkpoint refused others."""
+def export_backbone(run: RunState, path: str) -> None:
+    """The backbone in build_backbone's layout (strict=True); finite, as the last step's checkpoint refused others."""
     state = run.backbone.state_dict()
     atomic_save({"format": linear_probe.EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
 
@@ -1046,13 +1078,11 @@ class Logger:
     (no host sync); ``write`` logs their means since the last write, the last vectors' histograms, a kNN monitor's
     top-1 (%) if given one, and a progress line whose images/s and ETA leave the monitor's time out."""
 
-    def __init__(self, run: Run, resumed: bool):
+    def __init__(self, run: RunState, resumed: bool):
         self.run, self.scalars, self.vectors, self.start, self.step0 = run, {}, {}, run.step, run.step
         self.clock, self.pace, self.evals = time.perf_counter(), [0.0, 0], [0.0, 0]  # pace, evals: seconds, count
         self.moved = move_earlier_run(run.run_dir) if run.rank == 0 and not resumed else ""
-        purge = (
-            run.step + 1 if resumed else None
-        )  # TensorBoard hides the earlier events of these steps on (a lost run's)
+        purge = run.step + 1 if resumed else None  # TensorBoard hides a lost run's events from this step on
         self.writer = SummaryWriter(run.run_dir, purge_step=purge) if run.rank == 0 else None
         if self.writer is not None and not resumed:  # the flags with the values resolved at start
             table = {**asdict(run.args), **backbone_meta(run)["data"], "amp_flag": run.amp_flag}
@@ -1135,10 +1165,10 @@ def worker_died(e: BaseException) -> Optional[str]:
         return f"a data-loading worker died ({why}); run the same command to resume"
 
 
-def fetch(loader, run: Run, ckpt_path: str):
+def batches(loader, run: RunState, ckpt_path: str):
     """The loader's batches. A worker that dies, or an image that cannot be read, while a batch is fetched (between
-    steps: the model is consistent) leaves a checkpoint; ``main`` reports it, and a worker that died mid-step, in one
-    line."""
+    steps: the model is consistent) leaves a checkpoint in a one-process run (save_checkpoint is a collective call);
+    ``main`` reports it, and a worker that died mid-step, in one line."""
     try:
         yield from loader  # what the loop's body raises is not raised here
     except Exception as e:
@@ -1148,10 +1178,10 @@ def fetch(loader, run: Run, ckpt_path: str):
         raise
 
 
-def sync(run: Run, first_bad: torch.Tensor, signals: list[int], ckpt_path: str) -> int:
+def agreed_stop(run: RunState, first_nonfinite_step: torch.Tensor, signals: list[int], ckpt_path: str) -> int:
     """At log and checkpoint steps (and at a signal, alone): one all-reduce tells every rank the first step with a
-    non-finite loss, which stops the run, and a stop signal any rank got, which it returns."""
-    flags = torch.stack([first_bad, torch.full_like(first_bad, -(signals or [0])[0])])
+    non-finite loss, which stops the run, and a stop signal any rank got, which it returns (0: none)."""
+    flags = torch.stack([first_nonfinite_step, torch.full_like(first_nonfinite_step, -(signals or [0])[0])])
     if run.world_size > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     bad, signum = flags.tolist()

@@ -15,8 +15,9 @@ prototypes and the anchor assignment is trained to match the sharpened (and Sink
 
 Sections marked "shared" are textually identical in supervised_baseline.py, simsiam_rwsam.py,
 msn_prior.py and excb.py (tests/test_skeleton.py enforces it): diff two scripts to see the method.
-Reading order: the flags, the method's algorithm (train_step), the training loop, the method's parts, and the
-shared plumbing last. docs/msn_prior.md has the logged metrics and the implementation notes.
+Reading order: the flags with their recipes (RECIPES) and ranges (RANGES), the method's interface and algorithm
+(train_step), the training loop, the method's parts, and the shared plumbing last.
+docs/msn_prior.md has the logged metrics and the implementation notes.
 """
 
 # ============================================================ shared: imports
@@ -177,6 +178,31 @@ RANGES |= dict(num_prototypes="[2, inf)", head_hidden="[1, inf)", head_out="[1, 
 
 
 # ============================================================ method: algorithm
+# The method's interface: what the shared sections call here, and what each must return (a new method defines all):
+#   METHOD                           str: the run name's prefix and the method that checkpoint.pt and backbone.pt name
+#   Args (method: arguments)         the method's flags, with epochs, batch_size, lr, weight_decay, warmup_epochs,
+#                                    vit_layers, vit_dim, vit_heads, patch_size among them (the shared code reads them)
+#   RECIPES                          {name: (one-line description, {flag: value})}: what --recipe NAME applies
+#   RANGES                           {flag: "[lo, hi)"}: the interval of every numeric flag of the method
+#   check_args(args, data)           None; raises RunError or BackboneError for flags that cannot work with the data
+#   train_transform(args, data)      image -> a view or a list of views (batch[0]); its set_epoch(epoch), if any, is
+#                                    called with each item's epoch
+#   Model(args, data)                nn.Module with .backbone_spec (build_backbone's {"arch", "arch_kwargs"}) and
+#                                    .export_prefix (the state-dict prefix of the backbone that backbone.pt holds)
+#   make_optimizer(args, model, lr)  the optimizer at peak lr (scaled to the global batch); a param group with
+#                                    "weight_decay_schedule": KEY takes schedules()[KEY] as its weight decay each step
+#   schedules(args, step, total_steps, steps_per_epoch)
+#                                    {"lr_scale": float (x each group's peak lr), other keys: floats}: run.schedule,
+#                                    which train_step reads, each key logged as charts/<key>
+#   on_epoch_start(run, epoch)       None; before an epoch's first step (not on a resume inside an epoch: what it
+#                                    sets must be in the model's state dict)
+#   train_step(run, batch)           one optimisation step on batch = [views, labels, indices] (on the device); returns
+#                                    {"loss": scalar tensor (a non-finite one stops the run), ...}, no host sync; keys
+#                                    starting with "loss" are averaged over the log interval, the rest feed diagnostics
+#   diagnostics(run, out)            {chart name: tensor} from train_step's output at log steps, on every rank (it may
+#                                    all-reduce): scalars as charts, vectors as histograms
+#   run: the RunState (shared: runtime); the shared helpers: optimizer_step, cosine, warmup_cosine, run.autocast,
+#   run.train_model (the model as the step calls it), run.to_device, run.schedule (this step's schedules)
 METHOD = "msn"
 
 
@@ -248,7 +274,7 @@ def msn_terms(
         target = F.normalize(target_emb.float(), dim=1)
         q = F.softmax(target @ protos.t() / target_temp, dim=1)  # [B, K]
         if sinkhorn_iters > 0:
-            q = sinkhorn(q, sinkhorn_iters, sinkhorn_marginals)
+            q = sinkhorn_knopp(q, sinkhorn_iters, sinkhorn_marginals)
         q_rep = q.repeat(num_views, 1)  # view-major, matches anchor rows
     cross_entropy = -(q_rep * log_p).sum(dim=1).mean()
     p_mean = global_mean(log_p.exp().mean(dim=0))  # mean over the global batch
@@ -265,7 +291,7 @@ def msn_terms(
 
 
 @torch.no_grad()
-def sinkhorn(q: torch.Tensor, iters: int = 3, marginals: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sinkhorn_knopp(q: torch.Tensor, iters: int = 3, marginals: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sinkhorn-Knopp on target probabilities q [B, K] over the global batch (MSN, Eq. 3 of the ECCV paper and
     its code): alternately give every prototype k the mass marginals[k] (default 1/K; a prior [K] summing to 1)
     and every sample the mass 1/B_global; rows of the result sum to 1. Prototype sums are all-reduced across
@@ -291,13 +317,13 @@ def sinkhorn(q: torch.Tensor, iters: int = 3, marginals: Optional[torch.Tensor] 
     return Q.t()
 
 
-def train_step(run: Run, batch) -> dict[str, torch.Tensor]:
+def train_step(run: RunState, batch) -> dict[str, torch.Tensor]:
     """One MSN / PMSN step (Assran et al. 2022, Sec. 3; 2023, Sec. 4) on the views of B images: view 0 the target
     (unmasked), view 1 the anchor (masked), views 2.. the focal anchors; returns the losses and what
     ``diagnostics`` needs (no host sync).
 
-    1. anchor embeddings of the masked anchor and focal views (through DDP); target embeddings of view 0 by the
-       EMA target encoder (no gradient)
+    1. anchor embeddings of the masked anchor and focal views (run.train_model: under DDP, and torch.compile with
+       --compile); target embeddings of view 0 by the EMA target encoder (no gradient)
     2. L = CE(sharpened, Sinkhorn-balanced targets, anchor predictions) + lambda KL(p_mean || prior)  (msn_loss)
     3. AdamW step, the gradients of encoder and head clipped to --clip-grad (scheduled lr and weight decay)
     4. target <- m target + (1 - m) online (EMA, m scheduled from --ema-momentum to 1)
@@ -305,7 +331,7 @@ def train_step(run: Run, batch) -> dict[str, torch.Tensor]:
     views, _, indices = batch
     args, model = run.args, run.model
     with run.autocast():
-        anchor, prototypes = run.ddp_model(views[1:], indices, run.step)  # 1
+        anchor, prototypes = run.train_model(views[1:], indices, run.step)  # 1
         target = model.target_forward(views[0])
     terms = msn_terms(
         anchor,
@@ -332,7 +358,7 @@ def train_step(run: Run, batch) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def diagnostics(run: Run, out: dict) -> dict[str, torch.Tensor]:
+def diagnostics(run: RunState, out: dict) -> dict[str, torch.Tensor]:
     """The charts of a log step, from ``train_step``'s output: prototype usage against the prior (KLs both ways,
     entropy, prototypes in use, sorted usage), target and anchor sharpness, the gradient norm."""
     p_mean, prior, q, log_p = out["p_mean"], run.model.prior, out["q"], out["log_p"]
@@ -364,7 +390,7 @@ def train(args: Args) -> str:
     world_size, rank, local_rank = launch_env()
     # SIGINT, SIGTERM and SIGHUP (a closed terminal; torchrun forwards them), from the first line on: before this
     # process's first step there is nothing to save, so the run stops at once (``Stopped``); after it they are noted,
-    # and the run stops at the first step where every rank knows of one (``sync``), after a checkpoint
+    # and the run stops at the first step where every rank knows of one (``agreed_stop``), after a checkpoint
     signals, stops, stepped = [], (signal.SIGINT, signal.SIGTERM, signal.SIGHUP), False
 
     def on_signal(signum: int, _) -> None:
@@ -404,10 +430,10 @@ def train(args: Args) -> str:
     torch.backends.cudnn.benchmark = not args.deterministic
     model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world_size > 1 else model
-    ddp_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    ddp_model = torch.compile(ddp_model) if args.compile else ddp_model
+    train_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    train_model = torch.compile(train_model) if args.compile else train_model
     optimizer = make_optimizer(args, model, args.lr * global_batch / 256)  # linear scaling rule, global batch
-    run = Run(args, model, ddp_model, optimizer, data, train_set, device, steps_per_epoch, run_dir, amp_flag)
+    run = RunState(args, model, train_model, optimizer, data, train_set, device, steps_per_epoch, run_dir, amp_flag)
     ckpt = from_rank0(lambda: read_checkpoint(ckpt_path), rank)  # rank 0's run folder alone decides: all ranks
     if resumed := ckpt is not None:  # resume from its checkpoint, or none does (a per-node --output-dir works)
         load_checkpoint(run, ckpt, ckpt_path)
@@ -429,13 +455,13 @@ def train(args: Args) -> str:
     if monitor is not None and not resumed:
         logger.say(monitor.description)  # the step-0 evaluation can take minutes: never silent
         logger.write(monitor)
-    first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss
+    first_nonfinite_step = torch.full((), 2**62, dtype=torch.long, device=device)  # 2**62: no non-finite loss yet
     while run.step < run.stop_step:
         epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
         sampler.set_epoch(epoch, skip=done_in_epoch * args.batch_size)
         if done_in_epoch == 0:
             on_epoch_start(run, epoch)
-        for batch in fetch(loader, run, ckpt_path):
+        for batch in batches(loader, run, ckpt_path):
             random.seed(f"{args.seed} {rank} {run.step}")  # the step's draws (drop path, noise) are a function of
             torch.manual_seed(random.getrandbits(63))  # seed, rank and step alone: a resume draws what the run drew
             batch = [[run.to_device(v) for v in x] if isinstance(x, list) else run.to_device(x) for x in batch]
@@ -444,15 +470,15 @@ def train(args: Args) -> str:
             set_schedules(run)  # this step's lr, weight decay and the method's scheduled values
             out = train_step(run, batch)
             run.step, stepped = run.step + 1, True
-            first_bad = torch.where(torch.isfinite(out["loss"]), first_bad, run.step)
+            first_nonfinite_step = torch.where(torch.isfinite(out["loss"]), first_nonfinite_step, run.step)
             logger.accumulate({k: v for k, v in out.items() if k.startswith("loss")})
-            # this step's decisions; every rank takes the same ones (sync: one all-reduce at log and save steps)
+            # this step's decisions; every rank takes the same ones (agreed_stop: one all-reduce at log and save steps)
             last, end_of_epoch = run.step == run.stop_step, run.step % steps_per_epoch == 0
             log_now = run.step % args.log_every == 0 or run.step == logger.start + 1 or last or end_of_epoch
             save_now = run.step % args.checkpoint_every == 0 or last or end_of_epoch
             eval_now = monitor is not None and (last or run.step % (args.eval_every * steps_per_epoch) == 0)
-            sync_now = log_now or save_now or signals and world_size == 1  # alone, a signal needs no agreement
-            signum = sync(run, first_bad, signals, ckpt_path) if sync_now else 0
+            agree_now = log_now or save_now or signals and world_size == 1  # alone, a signal needs no agreement
+            signum = agreed_stop(run, first_nonfinite_step, signals, ckpt_path) if agree_now else 0
             if log_now:
                 logger.accumulate({**diagnostics(run, out), **{f"charts/{k}": v for k, v in run.schedule.items()}})
                 logger.write(monitor if eval_now else None)
@@ -485,8 +511,9 @@ def check_args(args: Args, data: lt_data.LTData) -> None:
 
 
 def focal_size(args: Args, data: lt_data.LTData) -> int:
-    """--focal-size, by default half the image below 112 px (CIFAR: 16), else 96 (MSN at 224), rounded down to a
-    multiple of the patch (Fashion-MNIST's 28 px with patch 4: 12, not 14, which the ViT cannot tile)."""
+    """--focal-size's value, the focal crops' side: as given, else half the image below 112 px (CIFAR: 16) or 96 (MSN
+    at 224), rounded down to a multiple of the patch, at least one (Fashion-MNIST's 28 px with patch 4: 12, not 14,
+    which the ViT cannot tile)."""
     patch = args.patch_size or (4 if data.image_size < 64 else 16)
     return args.focal_size or max(patch, (data.image_size // 2 if data.image_size < 112 else 96) // patch * patch)
 
@@ -606,7 +633,7 @@ def schedules(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> 
     }
 
 
-def on_epoch_start(run: Run, epoch: int) -> None:
+def on_epoch_start(run: RunState, epoch: int) -> None:
     """Nothing per epoch: every schedule is a function of the step."""
 
 
@@ -676,10 +703,10 @@ def from_rank0(make: Callable, rank: int):
 
 
 @dataclass
-class Run:
+class RunState:  # one run's flags, model, optimizer, data, device and step: the ``run`` every function gets
     args: Args  # with --amp resolved (resolve_amp)
     model: nn.Module  # the module whose state is saved and exported
-    ddp_model: nn.Module  # what the step calls: ``model`` under DDP and torch.compile
+    train_model: nn.Module  # what train_step calls: ``model`` in DDP (several processes), then torch.compile'd
     optimizer: torch.optim.Optimizer
     data: lt_data.LTData
     train_set: Optional[lt_data.IndexedDataset] = None
@@ -706,7 +733,7 @@ class Run:
         return x.to(self.device, non_blocking=True, memory_format=layout)
 
 
-def set_schedules(run: Run) -> None:
+def set_schedules(run: RunState) -> None:
     """The method's ``schedules`` at ``run.step``: each group's lr is its peak lr x lr_scale, a group marked
     ``{"weight_decay_schedule": name}`` takes that value; ``train_step`` reads the others from ``run.schedule``."""
     run.schedule = schedules(run.args, run.step, run.total_steps, run.steps_per_epoch)
@@ -727,7 +754,7 @@ def warmup_cosine(step: int, warmup: int, total: int, end: float = 0.0) -> float
     return (step + 1) / warmup if step < warmup else cosine(1.0, end, (step - warmup) / max(total - warmup, 1))
 
 
-def optimizer_step(run: Run, loss: torch.Tensor, clip: list | tuple = (), max_norm: float = math.inf) -> torch.Tensor:
+def optimizer_step(run: RunState, loss: torch.Tensor, clip: list | tuple = (), max_norm=math.inf) -> torch.Tensor:
     """Backward (scaled for fp16) and optimizer step; clips the unscaled gradients of ``clip`` (parameters) to
     ``max_norm`` (inf: measure only) and returns their norm before clipping."""
     run.optimizer.zero_grad(set_to_none=True)
@@ -752,7 +779,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 
 def make_run_dir(run_dir: str):
     """Create and lock the run folder, so that a second start of a live run (a requeue, another terminal) is refused.
-    A POSIX lock (lockf) dies with this process; an flock lived on in its orphaned DataLoader workers. Keep it open."""
+    lockf, not flock: a POSIX lock dies with this process, an flock with its last orphaned DataLoader worker. Keep it
+    open (tests/test_scripts.py::test_the_same_run_started_twice_is_refused_while_the_first_lives)."""
     lock = None
     try:
         os.makedirs(run_dir, exist_ok=True)
@@ -770,7 +798,8 @@ def make_run_dir(run_dir: str):
 
 def atomic_save(obj, path: str) -> None:
     """Write a temporary file, fsync, rename: a crash never leaves a half-written ``path``, and a full disk stops the
-    run in one line with the old file intact (torch.save to a file hid the OS error behind "unexpected pos")."""
+    run in one line naming the OS error, the old file intact (torch.save into a file words it "unexpected pos").
+    Test: tests/test_scripts.py::test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_previous_checkpoint."""
     buffer, tmp = io.BytesIO(), f"{path}.tmp{os.getpid()}"
     torch.save(obj, buffer)
     try:
@@ -795,7 +824,7 @@ RESUMABLE_FLAGS = (
 ).split()
 
 
-def backbone_meta(run: Run) -> dict:
+def backbone_meta(run: RunState) -> dict:
     """What linear_probe.py needs to rebuild the backbone and its data."""
     data_args = {f.name: getattr(run.args, f.name) for f in fields(lt_data.DataArgs)}
     data_args.update(image_size=run.data.image_size, imbalance_ratio=lt_data.resolved_ratio(run.args))
@@ -803,7 +832,7 @@ def backbone_meta(run: Run) -> dict:
     return {**run.model.backbone_spec, "prefix": prefix, "method": METHOD, "data": data_args, "step": run.step}
 
 
-def training_set(run: Run) -> dict:
+def training_set(run: RunState) -> dict:
     """What defines the training set, saved in the checkpoint: its size, classes, and a fingerprint of its (image,
     label) list (file paths relative to --data-dir, else indices), so a resume refuses a changed set."""
     t = run.train_set
@@ -812,13 +841,13 @@ def training_set(run: Run) -> dict:
     return {"images": len(t), "classes": run.data.num_classes, "sha1": hashlib.sha1(repr(items).encode()).hexdigest()}
 
 
-def non_finite_stop(run: Run, path: str) -> str:
+def non_finite_stop(run: RunState, path: str) -> str:
     kept = f"the last good checkpoint {path} (step {run.checkpoint_step}) is untouched"
     kept = kept if run.checkpoint_step >= 0 else "no checkpoint was written"
     return f"stopping, {kept}. Try a lower --lr or --amp none"
 
 
-def save_checkpoint(run: Run, path: str) -> None:
+def save_checkpoint(run: RunState, path: str) -> None:
     """A collective call. Refuses (RunError) a non-finite model or optimizer state: one fused pass, one host sync."""
     state = [*run.model.state_dict().values(), *(t for s in run.optimizer.state.values() for t in s.values())]
     floats = [t for t in state if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
@@ -847,7 +876,7 @@ def read_checkpoint(path: str) -> Optional[dict]:
         raise RunError(f"cannot resume from {path} ({why}); move it away to start afresh") from None
 
 
-def load_checkpoint(run: Run, ckpt: dict, path: str) -> None:
+def load_checkpoint(run: RunState, ckpt: dict, path: str) -> None:
     if not isinstance(ckpt, dict) or ckpt.get("format") != linear_probe.CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a checkpoint of these scripts; move it away to start afresh")
     old, new = ckpt["args"], asdict(run.args)
@@ -892,8 +921,8 @@ def move_earlier_run(run_dir: str) -> str:
     return f"; the earlier run's {len(files)} files (no checkpoint) moved to {aside}"
 
 
-def export_backbone(run: Run, path: str) -> None:
-    """The backbone in plain torchvision layout (strict=True); finite, as the last step's checkpoint refused others."""
+def export_backbone(run: RunState, path: str) -> None:
+    """The backbone in build_backbone's layout (strict=True); finite, as the last step's checkpoint refused others."""
     state = run.backbone.state_dict()
     atomic_save({"format": linear_probe.EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
 
@@ -903,13 +932,11 @@ class Logger:
     (no host sync); ``write`` logs their means since the last write, the last vectors' histograms, a kNN monitor's
     top-1 (%) if given one, and a progress line whose images/s and ETA leave the monitor's time out."""
 
-    def __init__(self, run: Run, resumed: bool):
+    def __init__(self, run: RunState, resumed: bool):
         self.run, self.scalars, self.vectors, self.start, self.step0 = run, {}, {}, run.step, run.step
         self.clock, self.pace, self.evals = time.perf_counter(), [0.0, 0], [0.0, 0]  # pace, evals: seconds, count
         self.moved = move_earlier_run(run.run_dir) if run.rank == 0 and not resumed else ""
-        purge = (
-            run.step + 1 if resumed else None
-        )  # TensorBoard hides the earlier events of these steps on (a lost run's)
+        purge = run.step + 1 if resumed else None  # TensorBoard hides a lost run's events from this step on
         self.writer = SummaryWriter(run.run_dir, purge_step=purge) if run.rank == 0 else None
         if self.writer is not None and not resumed:  # the flags with the values resolved at start
             table = {**asdict(run.args), **backbone_meta(run)["data"], "amp_flag": run.amp_flag}
@@ -992,10 +1019,10 @@ def worker_died(e: BaseException) -> Optional[str]:
         return f"a data-loading worker died ({why}); run the same command to resume"
 
 
-def fetch(loader, run: Run, ckpt_path: str):
+def batches(loader, run: RunState, ckpt_path: str):
     """The loader's batches. A worker that dies, or an image that cannot be read, while a batch is fetched (between
-    steps: the model is consistent) leaves a checkpoint; ``main`` reports it, and a worker that died mid-step, in one
-    line."""
+    steps: the model is consistent) leaves a checkpoint in a one-process run (save_checkpoint is a collective call);
+    ``main`` reports it, and a worker that died mid-step, in one line."""
     try:
         yield from loader  # what the loop's body raises is not raised here
     except Exception as e:
@@ -1005,10 +1032,10 @@ def fetch(loader, run: Run, ckpt_path: str):
         raise
 
 
-def sync(run: Run, first_bad: torch.Tensor, signals: list[int], ckpt_path: str) -> int:
+def agreed_stop(run: RunState, first_nonfinite_step: torch.Tensor, signals: list[int], ckpt_path: str) -> int:
     """At log and checkpoint steps (and at a signal, alone): one all-reduce tells every rank the first step with a
-    non-finite loss, which stops the run, and a stop signal any rank got, which it returns."""
-    flags = torch.stack([first_bad, torch.full_like(first_bad, -(signals or [0])[0])])
+    non-finite loss, which stops the run, and a stop signal any rank got, which it returns (0: none)."""
+    flags = torch.stack([first_nonfinite_step, torch.full_like(first_nonfinite_step, -(signals or [0])[0])])
     if run.world_size > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     bad, signum = flags.tolist()

@@ -20,8 +20,9 @@ un-augmented training images (label-free), recomputed every --reweight-every epo
 
 Sections marked "shared" are textually identical in supervised_baseline.py, simsiam_rwsam.py,
 msn_prior.py and excb.py (tests/test_skeleton.py enforces it): diff two scripts to see the method.
-Reading order: the flags, the method's algorithm (train_step), the training loop, the method's parts, and the
-shared plumbing last. docs/simsiam_rwsam.md has the logged metrics and the implementation notes.
+Reading order: the flags with their recipes (RECIPES) and ranges (RANGES), the method's interface and algorithm
+(train_step), the training loop, the method's parts, and the shared plumbing last.
+docs/simsiam_rwsam.md has the logged metrics and the implementation notes.
 """
 
 # ============================================================ shared: imports
@@ -171,6 +172,31 @@ RANGES |= dict(crop_min_scale="(0, 1]")
 
 
 # ============================================================ method: algorithm
+# The method's interface: what the shared sections call here, and what each must return (a new method defines all):
+#   METHOD                           str: the run name's prefix and the method that checkpoint.pt and backbone.pt name
+#   Args (method: arguments)         the method's flags, with epochs, batch_size, lr, weight_decay, warmup_epochs,
+#                                    vit_layers, vit_dim, vit_heads, patch_size among them (the shared code reads them)
+#   RECIPES                          {name: (one-line description, {flag: value})}: what --recipe NAME applies
+#   RANGES                           {flag: "[lo, hi)"}: the interval of every numeric flag of the method
+#   check_args(args, data)           None; raises RunError or BackboneError for flags that cannot work with the data
+#   train_transform(args, data)      image -> a view or a list of views (batch[0]); its set_epoch(epoch), if any, is
+#                                    called with each item's epoch
+#   Model(args, data)                nn.Module with .backbone_spec (build_backbone's {"arch", "arch_kwargs"}) and
+#                                    .export_prefix (the state-dict prefix of the backbone that backbone.pt holds)
+#   make_optimizer(args, model, lr)  the optimizer at peak lr (scaled to the global batch); a param group with
+#                                    "weight_decay_schedule": KEY takes schedules()[KEY] as its weight decay each step
+#   schedules(args, step, total_steps, steps_per_epoch)
+#                                    {"lr_scale": float (x each group's peak lr), other keys: floats}: run.schedule,
+#                                    which train_step reads, each key logged as charts/<key>
+#   on_epoch_start(run, epoch)       None; before an epoch's first step (not on a resume inside an epoch: what it
+#                                    sets must be in the model's state dict)
+#   train_step(run, batch)           one optimisation step on batch = [views, labels, indices] (on the device); returns
+#                                    {"loss": scalar tensor (a non-finite one stops the run), ...}, no host sync; keys
+#                                    starting with "loss" are averaged over the log interval, the rest feed diagnostics
+#   diagnostics(run, out)            {chart name: tensor} from train_step's output at log steps, on every rank (it may
+#                                    all-reduce): scalars as charts, vectors as histograms
+#   run: the RunState (shared: runtime); the shared helpers: optimizer_step, cosine, warmup_cosine, run.autocast,
+#   run.train_model (the model as the step calls it), run.to_device, run.schedule (this step's schedules)
 METHOD = "simsiam_rwsam"
 
 
@@ -247,7 +273,7 @@ def kde_weights(
     return _weights_from_log_density(log_p, alpha, max_ratio)
 
 
-def train_step(run: Run, batch) -> dict[str, torch.Tensor]:
+def train_step(run: RunState, batch) -> dict[str, torch.Tensor]:
     """One rwSAM step (Liu et al. 2022, Sec. 4) on two views x1, x2 [B, 3, H, W] of the images idx [B]; returns the
     losses and what ``diagnostics`` needs (no host sync). --sam none: plain SimSiam, one step on L(theta).
 
@@ -260,7 +286,7 @@ def train_step(run: Run, batch) -> dict[str, torch.Tensor]:
     (x1, x2), _, idx = batch
     args, model, optimizer = run.args, run.model, run.optimizer
     with run.autocast():
-        p1, p2, z1, z2 = run.ddp_model(x1, x2)
+        p1, p2, z1, z2 = run.train_model(x1, x2)
     views = {"p1": p1.detach(), "p2": p2.detach(), "z1": z1.detach(), "z2": z2.detach()}
     if args.sam == "none":
         loss = simsiam_loss(p1, p2, z1, z2)
@@ -288,7 +314,7 @@ def train_step(run: Run, batch) -> dict[str, torch.Tensor]:
         torch._foreach_add_(params, e)
     # 3.
     with run.autocast():
-        q1, q2, y1, y2 = run.ddp_model(x1, x2)
+        q1, q2, y1, y2 = run.train_model(x1, x2)
     loss = simsiam_loss(q1, q2, y1, y2)
     optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
@@ -310,7 +336,7 @@ def train_step(run: Run, batch) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def diagnostics(run: Run, out: dict) -> dict[str, torch.Tensor]:
+def diagnostics(run: RunState, out: dict) -> dict[str, torch.Tensor]:
     """The charts of a log step, from ``train_step``'s output: the spread of the projector outputs (collapse shows
     as std -> 0; 1/sqrt(D) when healthy), the first pass's unweighted loss, the ascent and the weights."""
     charts = {"charts/output_std": F.normalize(out["z1"].float(), dim=1).std(0).mean()}
@@ -336,7 +362,7 @@ def train(args: Args) -> str:
     world_size, rank, local_rank = launch_env()
     # SIGINT, SIGTERM and SIGHUP (a closed terminal; torchrun forwards them), from the first line on: before this
     # process's first step there is nothing to save, so the run stops at once (``Stopped``); after it they are noted,
-    # and the run stops at the first step where every rank knows of one (``sync``), after a checkpoint
+    # and the run stops at the first step where every rank knows of one (``agreed_stop``), after a checkpoint
     signals, stops, stepped = [], (signal.SIGINT, signal.SIGTERM, signal.SIGHUP), False
 
     def on_signal(signum: int, _) -> None:
@@ -376,10 +402,10 @@ def train(args: Args) -> str:
     torch.backends.cudnn.benchmark = not args.deterministic
     model = Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world_size > 1 else model
-    ddp_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    ddp_model = torch.compile(ddp_model) if args.compile else ddp_model
+    train_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    train_model = torch.compile(train_model) if args.compile else train_model
     optimizer = make_optimizer(args, model, args.lr * global_batch / 256)  # linear scaling rule, global batch
-    run = Run(args, model, ddp_model, optimizer, data, train_set, device, steps_per_epoch, run_dir, amp_flag)
+    run = RunState(args, model, train_model, optimizer, data, train_set, device, steps_per_epoch, run_dir, amp_flag)
     ckpt = from_rank0(lambda: read_checkpoint(ckpt_path), rank)  # rank 0's run folder alone decides: all ranks
     if resumed := ckpt is not None:  # resume from its checkpoint, or none does (a per-node --output-dir works)
         load_checkpoint(run, ckpt, ckpt_path)
@@ -401,13 +427,13 @@ def train(args: Args) -> str:
     if monitor is not None and not resumed:
         logger.say(monitor.description)  # the step-0 evaluation can take minutes: never silent
         logger.write(monitor)
-    first_bad = torch.full((), 2**62, dtype=torch.long, device=device)  # first step with a non-finite loss
+    first_nonfinite_step = torch.full((), 2**62, dtype=torch.long, device=device)  # 2**62: no non-finite loss yet
     while run.step < run.stop_step:
         epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
         sampler.set_epoch(epoch, skip=done_in_epoch * args.batch_size)
         if done_in_epoch == 0:
             on_epoch_start(run, epoch)
-        for batch in fetch(loader, run, ckpt_path):
+        for batch in batches(loader, run, ckpt_path):
             random.seed(f"{args.seed} {rank} {run.step}")  # the step's draws (drop path, noise) are a function of
             torch.manual_seed(random.getrandbits(63))  # seed, rank and step alone: a resume draws what the run drew
             batch = [[run.to_device(v) for v in x] if isinstance(x, list) else run.to_device(x) for x in batch]
@@ -416,15 +442,15 @@ def train(args: Args) -> str:
             set_schedules(run)  # this step's lr, weight decay and the method's scheduled values
             out = train_step(run, batch)
             run.step, stepped = run.step + 1, True
-            first_bad = torch.where(torch.isfinite(out["loss"]), first_bad, run.step)
+            first_nonfinite_step = torch.where(torch.isfinite(out["loss"]), first_nonfinite_step, run.step)
             logger.accumulate({k: v for k, v in out.items() if k.startswith("loss")})
-            # this step's decisions; every rank takes the same ones (sync: one all-reduce at log and save steps)
+            # this step's decisions; every rank takes the same ones (agreed_stop: one all-reduce at log and save steps)
             last, end_of_epoch = run.step == run.stop_step, run.step % steps_per_epoch == 0
             log_now = run.step % args.log_every == 0 or run.step == logger.start + 1 or last or end_of_epoch
             save_now = run.step % args.checkpoint_every == 0 or last or end_of_epoch
             eval_now = monitor is not None and (last or run.step % (args.eval_every * steps_per_epoch) == 0)
-            sync_now = log_now or save_now or signals and world_size == 1  # alone, a signal needs no agreement
-            signum = sync(run, first_bad, signals, ckpt_path) if sync_now else 0
+            agree_now = log_now or save_now or signals and world_size == 1  # alone, a signal needs no agreement
+            signum = agreed_stop(run, first_nonfinite_step, signals, ckpt_path) if agree_now else 0
             if log_now:
                 logger.accumulate({**diagnostics(run, out), **{f"charts/{k}": v for k, v in run.schedule.items()}})
                 logger.write(monitor if eval_now else None)
@@ -452,7 +478,7 @@ def check_args(args: Args, data: lt_data.LTData) -> None:
 
 def train_transform(args: Args, data: lt_data.LTData):
     """Two SimSiam views per image (RandomResizedCrop --crop-min-scale..1, flip, jitter .4/.4/.4/.1 p .8, grayscale
-    p .2)."""
+    p .2, Gaussian blur p .5 from 96 px up)."""
     return lt_data.TwoViews(lt_data.ssl_augment(data.image_size, data.mean, data.std, (args.crop_min_scale, 1.0)))
 
 
@@ -512,8 +538,9 @@ def schedules(args: Args, step: int, total_steps: int, steps_per_epoch: int) -> 
     return {"lr_scale": warmup_cosine(step, args.warmup_epochs * steps_per_epoch, total_steps)}
 
 
-def on_epoch_start(run: Run, epoch: int) -> None:
-    """--reweight kde: recompute the KDE weights at epochs warmup, warmup + every, ... (all ranks identical)."""
+def on_epoch_start(run: RunState, epoch: int) -> None:
+    """--reweight kde with a SAM step (not --sam none): recompute the KDE weights at epochs warmup, warmup + every, ...
+    (--reweight-warmup, --reweight-every; all ranks identical)."""
     args = run.args
     if args.sam == "none" or args.reweight != "kde" or epoch < args.reweight_warmup:
         return
@@ -564,12 +591,13 @@ def kde_reference_indices(n: int, kde_reference: int, seed: int, epoch: int) -> 
 
 
 @torch.no_grad()
-def backbone_features(run: Run, start: int, stop: int) -> torch.Tensor:
+def backbone_features(run: RunState, start: int, stop: int) -> torch.Tensor:
     """Eval-mode backbone features of un-augmented training images start..stop-1 [stop - start, D] (fp32).
 
     Computed in fp32 whatever --amp says: the densities go through an exponential kernel, and bf16 features
-    (3 significant digits) would shift the weights by about 1e-3 relative, enough for two processes that pick
-    different bf16 kernels to end with different weights (seen once as a non-bit-identical resume in our tests)."""
+    (3 significant digits) would shift the weights by about 1e-3 relative, enough for a resumed process that picks
+    other bf16 kernels to end with other weights than the run it resumes, and a resume that is not bit-identical
+    (tests/test_scripts.py::test_killed_run_resumes_bit_identical)."""
     data, indices = run.data, run.train_set.indices[start:stop]
     transform = lt_data.eval_transform(data.image_size, data.mean, data.std)
     dataset = lt_data.IndexedDataset(data.train_full, indices, transform)
@@ -709,10 +737,10 @@ def from_rank0(make: Callable, rank: int):
 
 
 @dataclass
-class Run:
+class RunState:  # one run's flags, model, optimizer, data, device and step: the ``run`` every function gets
     args: Args  # with --amp resolved (resolve_amp)
     model: nn.Module  # the module whose state is saved and exported
-    ddp_model: nn.Module  # what the step calls: ``model`` under DDP and torch.compile
+    train_model: nn.Module  # what train_step calls: ``model`` in DDP (several processes), then torch.compile'd
     optimizer: torch.optim.Optimizer
     data: lt_data.LTData
     train_set: Optional[lt_data.IndexedDataset] = None
@@ -739,7 +767,7 @@ class Run:
         return x.to(self.device, non_blocking=True, memory_format=layout)
 
 
-def set_schedules(run: Run) -> None:
+def set_schedules(run: RunState) -> None:
     """The method's ``schedules`` at ``run.step``: each group's lr is its peak lr x lr_scale, a group marked
     ``{"weight_decay_schedule": name}`` takes that value; ``train_step`` reads the others from ``run.schedule``."""
     run.schedule = schedules(run.args, run.step, run.total_steps, run.steps_per_epoch)
@@ -760,7 +788,7 @@ def warmup_cosine(step: int, warmup: int, total: int, end: float = 0.0) -> float
     return (step + 1) / warmup if step < warmup else cosine(1.0, end, (step - warmup) / max(total - warmup, 1))
 
 
-def optimizer_step(run: Run, loss: torch.Tensor, clip: list | tuple = (), max_norm: float = math.inf) -> torch.Tensor:
+def optimizer_step(run: RunState, loss: torch.Tensor, clip: list | tuple = (), max_norm=math.inf) -> torch.Tensor:
     """Backward (scaled for fp16) and optimizer step; clips the unscaled gradients of ``clip`` (parameters) to
     ``max_norm`` (inf: measure only) and returns their norm before clipping."""
     run.optimizer.zero_grad(set_to_none=True)
@@ -785,7 +813,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 
 def make_run_dir(run_dir: str):
     """Create and lock the run folder, so that a second start of a live run (a requeue, another terminal) is refused.
-    A POSIX lock (lockf) dies with this process; an flock lived on in its orphaned DataLoader workers. Keep it open."""
+    lockf, not flock: a POSIX lock dies with this process, an flock with its last orphaned DataLoader worker. Keep it
+    open (tests/test_scripts.py::test_the_same_run_started_twice_is_refused_while_the_first_lives)."""
     lock = None
     try:
         os.makedirs(run_dir, exist_ok=True)
@@ -803,7 +832,8 @@ def make_run_dir(run_dir: str):
 
 def atomic_save(obj, path: str) -> None:
     """Write a temporary file, fsync, rename: a crash never leaves a half-written ``path``, and a full disk stops the
-    run in one line with the old file intact (torch.save to a file hid the OS error behind "unexpected pos")."""
+    run in one line naming the OS error, the old file intact (torch.save into a file words it "unexpected pos").
+    Test: tests/test_scripts.py::test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_previous_checkpoint."""
     buffer, tmp = io.BytesIO(), f"{path}.tmp{os.getpid()}"
     torch.save(obj, buffer)
     try:
@@ -828,7 +858,7 @@ RESUMABLE_FLAGS = (
 ).split()
 
 
-def backbone_meta(run: Run) -> dict:
+def backbone_meta(run: RunState) -> dict:
     """What linear_probe.py needs to rebuild the backbone and its data."""
     data_args = {f.name: getattr(run.args, f.name) for f in fields(lt_data.DataArgs)}
     data_args.update(image_size=run.data.image_size, imbalance_ratio=lt_data.resolved_ratio(run.args))
@@ -836,7 +866,7 @@ def backbone_meta(run: Run) -> dict:
     return {**run.model.backbone_spec, "prefix": prefix, "method": METHOD, "data": data_args, "step": run.step}
 
 
-def training_set(run: Run) -> dict:
+def training_set(run: RunState) -> dict:
     """What defines the training set, saved in the checkpoint: its size, classes, and a fingerprint of its (image,
     label) list (file paths relative to --data-dir, else indices), so a resume refuses a changed set."""
     t = run.train_set
@@ -845,13 +875,13 @@ def training_set(run: Run) -> dict:
     return {"images": len(t), "classes": run.data.num_classes, "sha1": hashlib.sha1(repr(items).encode()).hexdigest()}
 
 
-def non_finite_stop(run: Run, path: str) -> str:
+def non_finite_stop(run: RunState, path: str) -> str:
     kept = f"the last good checkpoint {path} (step {run.checkpoint_step}) is untouched"
     kept = kept if run.checkpoint_step >= 0 else "no checkpoint was written"
     return f"stopping, {kept}. Try a lower --lr or --amp none"
 
 
-def save_checkpoint(run: Run, path: str) -> None:
+def save_checkpoint(run: RunState, path: str) -> None:
     """A collective call. Refuses (RunError) a non-finite model or optimizer state: one fused pass, one host sync."""
     state = [*run.model.state_dict().values(), *(t for s in run.optimizer.state.values() for t in s.values())]
     floats = [t for t in state if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
@@ -880,7 +910,7 @@ def read_checkpoint(path: str) -> Optional[dict]:
         raise RunError(f"cannot resume from {path} ({why}); move it away to start afresh") from None
 
 
-def load_checkpoint(run: Run, ckpt: dict, path: str) -> None:
+def load_checkpoint(run: RunState, ckpt: dict, path: str) -> None:
     if not isinstance(ckpt, dict) or ckpt.get("format") != linear_probe.CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a checkpoint of these scripts; move it away to start afresh")
     old, new = ckpt["args"], asdict(run.args)
@@ -925,8 +955,8 @@ def move_earlier_run(run_dir: str) -> str:
     return f"; the earlier run's {len(files)} files (no checkpoint) moved to {aside}"
 
 
-def export_backbone(run: Run, path: str) -> None:
-    """The backbone in plain torchvision layout (strict=True); finite, as the last step's checkpoint refused others."""
+def export_backbone(run: RunState, path: str) -> None:
+    """The backbone in build_backbone's layout (strict=True); finite, as the last step's checkpoint refused others."""
     state = run.backbone.state_dict()
     atomic_save({"format": linear_probe.EXPORT_FORMAT, "backbone": backbone_meta(run), "state_dict": state}, path)
 
@@ -936,13 +966,11 @@ class Logger:
     (no host sync); ``write`` logs their means since the last write, the last vectors' histograms, a kNN monitor's
     top-1 (%) if given one, and a progress line whose images/s and ETA leave the monitor's time out."""
 
-    def __init__(self, run: Run, resumed: bool):
+    def __init__(self, run: RunState, resumed: bool):
         self.run, self.scalars, self.vectors, self.start, self.step0 = run, {}, {}, run.step, run.step
         self.clock, self.pace, self.evals = time.perf_counter(), [0.0, 0], [0.0, 0]  # pace, evals: seconds, count
         self.moved = move_earlier_run(run.run_dir) if run.rank == 0 and not resumed else ""
-        purge = (
-            run.step + 1 if resumed else None
-        )  # TensorBoard hides the earlier events of these steps on (a lost run's)
+        purge = run.step + 1 if resumed else None  # TensorBoard hides a lost run's events from this step on
         self.writer = SummaryWriter(run.run_dir, purge_step=purge) if run.rank == 0 else None
         if self.writer is not None and not resumed:  # the flags with the values resolved at start
             table = {**asdict(run.args), **backbone_meta(run)["data"], "amp_flag": run.amp_flag}
@@ -1025,10 +1053,10 @@ def worker_died(e: BaseException) -> Optional[str]:
         return f"a data-loading worker died ({why}); run the same command to resume"
 
 
-def fetch(loader, run: Run, ckpt_path: str):
+def batches(loader, run: RunState, ckpt_path: str):
     """The loader's batches. A worker that dies, or an image that cannot be read, while a batch is fetched (between
-    steps: the model is consistent) leaves a checkpoint; ``main`` reports it, and a worker that died mid-step, in one
-    line."""
+    steps: the model is consistent) leaves a checkpoint in a one-process run (save_checkpoint is a collective call);
+    ``main`` reports it, and a worker that died mid-step, in one line."""
     try:
         yield from loader  # what the loop's body raises is not raised here
     except Exception as e:
@@ -1038,10 +1066,10 @@ def fetch(loader, run: Run, ckpt_path: str):
         raise
 
 
-def sync(run: Run, first_bad: torch.Tensor, signals: list[int], ckpt_path: str) -> int:
+def agreed_stop(run: RunState, first_nonfinite_step: torch.Tensor, signals: list[int], ckpt_path: str) -> int:
     """At log and checkpoint steps (and at a signal, alone): one all-reduce tells every rank the first step with a
-    non-finite loss, which stops the run, and a stop signal any rank got, which it returns."""
-    flags = torch.stack([first_bad, torch.full_like(first_bad, -(signals or [0])[0])])
+    non-finite loss, which stops the run, and a stop signal any rank got, which it returns (0: none)."""
+    flags = torch.stack([first_nonfinite_step, torch.full_like(first_nonfinite_step, -(signals or [0])[0])])
     if run.world_size > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     bad, signum = flags.tolist()

@@ -138,7 +138,9 @@ def step_seconds_per_image(a: KdeScaleArgs) -> float:
     torch.manual_seed(a.seed)
     model = ss.Model(args, data).to(memory_format=torch.channels_last)
     model.sample_weights.uniform_(0.5, 2.0)
-    run = ss.Run(args=args, model=model, ddp_model=model, optimizer=ss.make_optimizer(args, model, 0.01), data=data)
+    run = ss.RunState(
+        args=args, model=model, train_model=model, optimizer=ss.make_optimizer(args, model, 0.01), data=data
+    )
     g = torch.Generator().manual_seed(a.seed)
     views = [torch.randn(a.step_batch, 3, a.step_size, a.step_size, generator=g) for _ in range(2)]
     batch = [[v.contiguous(memory_format=torch.channels_last) for v in views], None, torch.arange(a.step_batch)]

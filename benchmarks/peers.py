@@ -150,7 +150,7 @@ def lightly_msn_step(module, run, batch, lightly_loss, power_law: bool):
 
     def step():
         with run.autocast():
-            anchor, prototypes = run.ddp_model(views[1:], indices, run.step)
+            anchor, prototypes = run.train_model(views[1:], indices, run.step)
             target = model.target_forward(views[0])
         loss = criterion(
             anchor.float(), target.float(), prototypes.float(), target_sharpen_temperature=args.target_temp

@@ -181,8 +181,8 @@ def measure_save(root: str, out_dir: str) -> dict:
     model = S.Model(args, data)
     optimizer = S.make_optimizer(args, model, args.lr)
     start = time.perf_counter()
-    run = S.Run(args, model, model, optimizer, data, train_set, torch.device("cpu"), 10, out_dir)
-    fingerprint = time.perf_counter() - start  # Run computes the training-set fingerprint once (older code: None)
+    run = S.RunState(args, model, model, optimizer, data, train_set, torch.device("cpu"), 10, out_dir)
+    fingerprint = time.perf_counter() - start  # RunState computes the training-set fingerprint once (older code: None)
     if getattr(run, "training_set", None) is None:
         fingerprint = math.nan
     os.makedirs(out_dir, exist_ok=True)

@@ -84,11 +84,11 @@ def bench_step(a: CostArgs) -> None:
         model = ss.Model(args, data).to(memory_format=torch.channels_last)
         model.sample_weights.uniform_(0.5, 2.0)
         opt = ss.make_optimizer(args, model, 0.01)
-        run = ss.Run(
+        run = ss.RunState(
             args=args,
             data=data,
             model=model,
-            ddp_model=model,
+            train_model=model,
             optimizer=opt,
         )
         model.train()

@@ -133,7 +133,7 @@ def median_time(fn: Callable, repeats: int) -> float:
 
 
 def make_run(module, args, device):
-    """The script's own Run, built the way its train() builds it (one process)."""
+    """The script's own RunState, built the way its train() builds it (one process)."""
     data = lt_data.build_data(args)
     train_set = lt_data.IndexedDataset(
         data.train_full, data.pretrain_indices(False), module.train_transform(args, data)
@@ -141,13 +141,13 @@ def make_run(module, args, device):
     torch.manual_seed(args.seed)
     model = module.Model(args, data).to(device, memory_format=torch.channels_last if args.channels_last else None)
     optimizer = module.make_optimizer(args, model, args.lr * args.batch_size / 256)
-    run = module.Run(
+    run = module.RunState(
         args=args,
         device=device,
         data=data,
         train_set=train_set,
         model=model,
-        ddp_model=model,
+        train_model=model,
         optimizer=optimizer,
         steps_per_epoch=len(train_set) // args.batch_size,
         run_dir=tempfile.mkdtemp(),

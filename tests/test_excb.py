@@ -358,9 +358,9 @@ def test_vit_option_follows_the_official_vit_recipe():
 
 def test_crop_scale_follows_the_official_cosine_and_reaches_the_workers():
     args, _ = _tiny_model(["--epochs", "10"])
-    assert [round(excb.crop_scale(args, e), 6) for e in (0, 5, 10)] == [0.26, 0.2, 0.14]
+    assert [round(excb.crop_split(args, e), 6) for e in (0, 5, 10)] == [0.26, 0.2, 0.14]
     # the official formula: min + (max - min) (1 + cos(pi e / E)) / 2
-    assert excb.crop_scale(args, 3) == pytest.approx(0.14 + 0.06 * (1 + math.cos(math.pi * 0.3)))
+    assert excb.crop_split(args, 3) == pytest.approx(0.14 + 0.06 * (1 + math.cos(math.pi * 0.3)))
     data = lt_data.build_data(args)
     ds = lt_data.IndexedDataset(data.train_full, data.lt_indices, excb.train_transform(args, data))
     sampler = lt_data.ResumableSampler(len(ds), seed=0)
@@ -371,7 +371,7 @@ def test_crop_scale_follows_the_official_cosine_and_reaches_the_workers():
         assert [v.shape[-1] for v in views] == [16, 16, 8, 8]
     # what the workers applied: the transform's scales after a sample of epoch 7
     ds[(0, 1, 7)]
-    s = excb.crop_scale(args, 7)
+    s = excb.crop_split(args, 7)
     assert ds.transform.crops.global_t.transforms[0].scale == (s, 1.0)
     assert ds.transform.crops.local_t.transforms[0].scale == (0.05, s)
 
@@ -472,7 +472,7 @@ def _init_run(extra=()):
     torch.manual_seed(0)
     model = excb.Model(args, data)
     train_set = lt_data.IndexedDataset(data.train_full, data.pretrain_indices(False), excb.train_transform(args, data))
-    return excb.Run(args, model, model, excb.make_optimizer(args, model, 0.1), data, train_set)
+    return excb.RunState(args, model, model, excb.make_optimizer(args, model, 0.1), data, train_set)
 
 
 def _init_centroids(run):

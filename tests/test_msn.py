@@ -192,16 +192,16 @@ def test_prototypes_get_gradient_target_gets_none():
 def test_sinkhorn_marginals_and_sharpening():
     g = torch.Generator().manual_seed(3)
     q = F.softmax(torch.randn(8, 4, generator=g) * 3, dim=1)
-    out = M.sinkhorn(q, 3)
+    out = M.sinkhorn_knopp(q, 3)
     torch.testing.assert_close(out.sum(1), torch.ones(8))
     np.testing.assert_allclose(out.numpy(), np_sinkhorn(q.double().numpy(), 3), atol=1e-6)
-    many = M.sinkhorn(q, 200)
+    many = M.sinkhorn_knopp(q, 200)
     torch.testing.assert_close(many.sum(0), torch.full((4,), 8 / 4), atol=1e-4, rtol=0)
     prior = M.power_law_prior(4, 1.0)  # --sinkhorn prior: the prototype sums go to B * pi_k, not B / K
-    to_prior = M.sinkhorn(q, 3, prior)
+    to_prior = M.sinkhorn_knopp(q, 3, prior)
     torch.testing.assert_close(to_prior.sum(1), torch.ones(8))
     np.testing.assert_allclose(to_prior.numpy(), np_sinkhorn(q.double().numpy(), 3, prior.double().numpy()), atol=1e-6)
-    torch.testing.assert_close(M.sinkhorn(q, 200, prior).sum(0), 8 * prior, atol=1e-4, rtol=0)
+    torch.testing.assert_close(M.sinkhorn_knopp(q, 200, prior).sum(0), 8 * prior, atol=1e-4, rtol=0)
     s = torch.randn(5, 7, generator=g)
     sharp = F.softmax(s / 0.1, 1) ** 4
     torch.testing.assert_close(sharp / sharp.sum(1, keepdim=True), F.softmax(s / 0.025, 1))
@@ -471,7 +471,7 @@ def test_sharp_targets_train_instead_of_blaming_the_lr(tmp_path, extra):
 
 def test_sinkhorn_keeps_a_prototype_without_mass_at_zero():
     q = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])  # prototype 2 has no mass at all
-    out = M.sinkhorn(q, iters=3)
+    out = M.sinkhorn_knopp(q, iters=3)
     assert torch.isfinite(out).all() and torch.allclose(out.sum(dim=1), torch.ones(2)) and (out[:, 2] == 0).all()
 
 

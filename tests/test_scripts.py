@@ -988,9 +988,10 @@ def test_resume_refuses_a_changed_recipe_like_any_changed_flag(tmp_path):
 
 @per_script
 def test_a_finished_run_frees_what_it_built_without_the_garbage_collector(tmp_path, script):
-    """When train() returns, reference counting alone frees the Run and its model: a Run whose autocast closure held
-    the Run itself lived on to interpreter exit, and with it DDP's gloo process group, whose late teardown now and
-    then aborted rank 1 of a finished torchrun run ("terminate called without an active exception", exit 1)."""
+    """When train() returns, reference counting alone frees the RunState and its model: a RunState whose autocast
+    closure held the RunState itself lived on to interpreter exit, and with it DDP's gloo process group, whose late
+    teardown now and then aborted rank 1 of a finished torchrun run ("terminate called without an active exception",
+    exit 1)."""
     import gc
 
     import tyro
@@ -1002,7 +1003,7 @@ def test_a_finished_run_frees_what_it_built_without_the_garbage_collector(tmp_pa
     gc.disable()
     try:
         module.train(args)
-        alive = [type(o).__name__ for o in gc.get_objects() if type(o) in (module.Run, module.Model)]
+        alive = [type(o).__name__ for o in gc.get_objects() if type(o) in (module.RunState, module.Model)]
     finally:
         gc.enable()
     assert alive == []

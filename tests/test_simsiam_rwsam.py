@@ -82,12 +82,12 @@ def _tiny_run(tmp_path, **overrides):
     model = ss.Model(args, data)
     lr = args.lr * args.batch_size / 256
     opt = ss.make_optimizer(args, model, lr)
-    run = ss.Run(
+    run = ss.RunState(
         args=args,
         data=data,
         train_set=train_set,
         model=model,
-        ddp_model=model,
+        train_model=model,
         optimizer=opt,
         steps_per_epoch=10,
         run_dir=str(tmp_path),

@@ -54,18 +54,18 @@ def test_marker_parser_sees_a_difference(tmp_path):
 
 
 def _fake_run(S, args, tmp_path, steps_per_epoch: int):
-    """The script's own Run over stand-ins for what the Logger reads of the model, optimizer and data: one process
+    """The script's own RunState over stand-ins for what the Logger reads of the model, optimizer and data: one process
     on the CPU, lr 0.1, a 16 px data set and a ResNet-18 backbone (the hyperparameter table's values)."""
     from types import SimpleNamespace
 
-    return S.Run(
+    return S.RunState(
         args=dataclasses.replace(args, amp="none"),
         model=SimpleNamespace(
             export_prefix="backbone.",
             backbone_spec={"arch": "resnet18", "arch_kwargs": {}},
             get_submodule=lambda name: None,  # the exported backbone, for a stand-in kNN monitor
         ),
-        ddp_model=None,
+        train_model=None,
         optimizer=SimpleNamespace(param_groups=[{"lr": 0.1}]),
         data=SimpleNamespace(image_size=16),
         steps_per_epoch=steps_per_epoch,
