@@ -66,15 +66,17 @@ RANGES |= dict(synthetic_classes="[2, inf)", synthetic_per_class="[1, inf)", syn
 
 def check_ranges(args, ranges: dict[str, str]) -> None:
     """Raise DataError, in one line naming the flag, for the first flag of ``args`` outside its interval in ``ranges``
-    (``"[1, inf)"``, ``"(0, 1]"``, ...; nan is outside every interval); None (unset) passes; each value of a tuple
-    flag is checked. The seed's range, [0, 2**32), is numpy's (the seed reaches every generator)."""
-    for name, interval in ranges.items():
+    (``"[1, inf)"``, ``"(0, 1]"``, ...; nan is outside every interval; ``"[2, inf): why"`` adds why to the message);
+    None (unset) passes; each value of a tuple flag is checked. The seed's range, [0, 2**32), is numpy's (the seed
+    reaches every generator)."""
+    for name, spec in ranges.items():
+        interval, _, why = spec.partition(": ")
         lo, hi = (float(v) for v in interval[1:-1].split(","))
         words = (f">= {lo:g}" if interval[0] == "[" else f"> {lo:g}") if hi == math.inf else f"in {interval}"
         value = getattr(args, name)
         for v in [v for v in (value if isinstance(value, tuple) else [value]) if v is not None]:
             if not ((lo < v or interval[0] == "[" and v == lo) and (v < hi or interval[-1] == "]" and v == hi)):
-                raise DataError(f"--{name.replace('_', '-')} must be {words}, got {v}")
+                raise DataError(f"--{name.replace('_', '-')} must be {words}{f' ({why})' if why else ''}, got {v}")
 
 
 def printable(text: str) -> str:

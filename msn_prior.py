@@ -170,7 +170,7 @@ RECIPES = {
 }
 
 # The range of every numeric flag of the method (validate; the shared flags': SHARED_RANGES, the data's: lt_data.RANGES)
-RANGES = dict(batch_size="[2, inf)")  # the target view goes through the head alone: its BatchNorm needs 2 images
+RANGES = dict(batch_size="[2, inf): the target head's BatchNorm needs 2 images per process")  # the target view alone
 RANGES |= dict(mask_ratio="[0, 1)", anchor_temp="(0, inf)", target_temp="(0, inf)", horizon="(0, inf)")
 RANGES |= dict(prior_tau="[0, inf)", reg_weight="[0, inf)", final_weight_decay="[0, inf)", clip_grad="[0, inf)")
 RANGES |= dict(start_lr_ratio="[0, 1]", final_lr_ratio="[0, 1]", ema_momentum="[0, 1]", num_focal="[0, inf)")

@@ -164,7 +164,9 @@ RECIPES = {
 }
 
 # The range of every numeric flag of the method (validate; the shared flags': SHARED_RANGES, the data's: lt_data.RANGES)
-RANGES = dict(batch_size="[2, inf)")  # each view's projector input is one process's batch: BatchNorm needs 2 images
+RANGES = dict(
+    batch_size="[2, inf): the projector's BatchNorm needs 2 images per process"
+)  # a view's batch: one process's
 RANGES |= dict(rho="(0, inf)", kde_bandwidth="(0, inf)", kde_alpha="(0, inf)", label_base="(0, inf)")
 RANGES |= dict(kde_max_ratio="[1, inf)", reweight_every="[1, inf)", kde_chunk_size="[1, inf)", proj_dim="[1, inf)")
 RANGES |= dict(pred_dim="[1, inf)", proj_layers="[2, inf)", reweight_warmup="[0, inf)", kde_reference="[0, inf)")

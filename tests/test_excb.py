@@ -433,7 +433,7 @@ def test_vit_ddp_step_matches_one_process_at_twice_the_batch(tmp_path):
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--crop-scale", "0.01", "0.5"], "--crop-scale values must be in (0.05, 1), got 0.01 0.5"),
+        (["--crop-scale", "0.01", "0.5"], "--crop-scale must be in (0.05, 1), got 0.01"),
         (["--arch", "vit_tiny", "--drop-path", "1.0"], "--drop-path must be in [0, 1), got 1.0"),
         (["--teacher-temp", "0"], "--teacher-temp must be > 0, got 0.0"),
         (["--kmeans-samples", "0"], "--kmeans-samples must be >= 1, got 0"),

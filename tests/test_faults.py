@@ -65,6 +65,7 @@ def test_every_numeric_flag_of_every_program_has_a_range(script):
 
 def _outside(interval: str, kind: type) -> list[str]:
     """Values just outside ``interval`` ("[1, inf)", "(0, 1]", ...) that the parser takes for a flag of ``kind``."""
+    interval = interval.partition(": ")[0]  # "[2, inf): why"
     lo, hi = (float(v) for v in interval[1:-1].split(","))
     step = 1 if kind is int else 0.5
     values = [lo - step if interval[0] == "[" else lo] if kind is float or lo == int(lo) else []

@@ -408,7 +408,7 @@ def test_batch_size_one_trains_or_is_refused_in_one_line(tmp_path, script):
     )
     if script in ("simsiam_rwsam.py", "msn_prior.py"):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
-        assert proc.stderr.strip().splitlines()[-1].endswith("needs 2 images per process, got 1")
+        assert proc.stderr.strip().splitlines()[-1].endswith("BatchNorm needs 2 images per process), got 1")
         assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
     else:
         assert proc.returncode == 0 and "done: step 1" in proc.stdout, proc.stderr

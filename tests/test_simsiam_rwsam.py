@@ -494,5 +494,5 @@ def test_projector_depth_follows_simsiam_imagenet_3_cifar_2_and_the_flag():
     assert linear_layers(*small, "--image-size", "96") == 3
     assert linear_layers(*small, "--image-size", "32", "--proj-layers", "4") == 4
     args = tyro.cli(ss.Args, args=[*small, "--image-size", "32", "--proj-layers", "1"])
-    with pytest.raises(ss.RunError, match="--proj-layers must be >= 2, got 1"):
-        ss.check_args(args, lt_data.build_data(args))
+    with pytest.raises(lt_data.DataError, match="--proj-layers must be >= 2, got 1"):
+        ss.validate(args)
