@@ -21,7 +21,7 @@ import torch
 
 import linear_probe
 import lt_data
-from conftest import ARCH_CHANGE, ROOT, TINY_ARGS, run_script, run_torchrun, script_env
+from conftest import ARCH_CHANGE, HANG_GUARD, ROOT, TINY_ARGS, run_script, run_torchrun, script_env
 
 SCRIPTS = [s for s in TINY_ARGS if (ROOT / s).exists()]
 per_script = pytest.mark.parametrize("script", SCRIPTS)
@@ -114,7 +114,7 @@ def test_interrupted_run_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig
         if " step 3/" in line:
             os.killpg(proc.pid, signum) if to_group else proc.send_signal(signum)
             break
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=HANG_GUARD)
     assert proc.returncode == 128 + signum, out + err
     assert "Traceback" not in err and err.strip() == "", err
     last = out.strip().splitlines()[-1]
@@ -816,7 +816,7 @@ def test_a_killed_data_loading_worker_stops_the_run_in_one_line_and_it_resumes(t
             if " step 3/" in line:
                 os.kill(_children(proc.pid)[0], signal.SIGKILL)
                 break
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=HANG_GUARD)
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     assert proc.returncode == 2, out + err
