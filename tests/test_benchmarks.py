@@ -45,6 +45,24 @@ def test_native_bf16_is_the_scripts_rule_unless_overridden(monkeypatch):
     assert native_bf16() is False
 
 
+@pytest.mark.parametrize("name", ["gpu_check.py", "step_cost.py"])
+def test_benchmark_rates_keep_three_significant_digits(name, monkeypatch):
+    """A slow run's rate (bf16 emulated on a CPU without it: a fraction of an image per second) printed as 0 img/s,
+    and the smoke test took it for a failure."""
+    spec = importlib.util.spec_from_file_location(name[:-3], ROOT / "benchmarks" / name)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    assert [module.rate(x) for x in (0.04123, 0.4, 2.5, 26.31, 260.4, 12345.6)] == [
+        "0.0412",
+        "0.400",
+        "2.50",
+        "26.3",
+        "260",
+        "12346",
+    ]
+
+
 def test_step_cost_prints_a_row_per_method_and_precision(tmp_path):
     """One row per method and precision (bf16 only where the CPU computes it natively: emulated, it is ~10x slower
     than fp32), its figures positive; step / limit >= step / (limit + optimizer) by construction (no timing race)."""
