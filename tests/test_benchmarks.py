@@ -63,6 +63,7 @@ def test_benchmark_rates_keep_three_significant_digits(name, monkeypatch):
     ]
 
 
+@pytest.mark.slow
 def test_step_cost_prints_a_row_per_method_and_precision(tmp_path):
     """One row per method and precision (bf16 only where the CPU computes it natively: emulated, it is ~10x slower
     than fp32), its figures positive; step / limit >= step / (limit + optimizer) by construction (no timing race)."""
@@ -167,6 +168,7 @@ def _import_benchmark(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_gap_table_states_each_claim_with_its_interval_and_verdict(tmp_path):
     out = run_benchmark("gap_table.py", *_gap_tiny(tmp_path), cwd=tmp_path)
     gap_dir = tmp_path / "runs" / "claims"
@@ -293,6 +295,7 @@ RECIPES_TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_recipes_compares_each_method_with_its_random_backbone(tmp_path):
     out = run_benchmark("recipes.py", *RECIPES_TINY, cwd=tmp_path)
     rec_dir = tmp_path / "runs" / "recipes"
@@ -332,6 +335,7 @@ def test_recipes_bad_input_one_clear_line(tmp_path, extra, message):
     _fails_in_one_line("recipes.py", [*RECIPES_TINY, *extra], message, tmp_path)
 
 
+@pytest.mark.slow
 def test_make_imagefolder_writes_a_seeded_class_subset(tmp_path):
     import gzip
 
@@ -389,6 +393,7 @@ def test_make_imagefolder_reads_mnist_5k_rows_of_784_pixels(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_feature_cone_is_the_mean_pairwise_cosine_of_the_random_backbone(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import feature_cone
@@ -421,6 +426,7 @@ def test_feature_cone_is_the_mean_pairwise_cosine_of_the_random_backbone(tmp_pat
     )
 
 
+@pytest.mark.slow
 def test_excb_usage_reports_the_teacher_assignments(tmp_path):
     from conftest import TINY_ARGS, run_script
 
@@ -474,6 +480,8 @@ PARITY_TINY = [
     "0",
     "--num-workers",
     "0",
+    "--amp",
+    NATIVE_AMP,  # the benchmark's default, bf16, is emulated (slow) on a CPU without it
 ]
 
 
@@ -489,6 +497,7 @@ def _check_parity_curves(out: str, result: dict, implementations: tuple[str, ...
         assert "| 9 | " in out and f"{impl}: final kNN top-1 {curve[-1][1]:.2f} +- 0.00" in out
 
 
+@pytest.mark.slow
 def test_simsiam_parity_ours_writes_curves_and_resumes_by_skipping(tmp_path):
     out = run_benchmark("simsiam_parity.py", *PARITY_TINY, "--which", "ours", cwd=tmp_path)
     result = json.loads((tmp_path / "runs" / "parity" / "parity.json").read_text())
@@ -525,6 +534,7 @@ def test_simsiam_parity_ours_writes_curves_and_resumes_by_skipping(tmp_path):
         (["--which", "lightly"], "lightly is not installed: pip install -r benchmarks/requirements.txt"),
     ],
 )
+@pytest.mark.slow
 def test_simsiam_parity_bad_input_one_clear_line(tmp_path, extra, message):
     (tmp_path / "lightly").mkdir()  # a lightly that fails to import, whether or not the real one is installed
     (tmp_path / "lightly" / "__init__.py").write_text("raise ImportError('not here')\n")
@@ -619,6 +629,7 @@ def _gpu_check(tmp_path, *flags: str, timeout: int = HANG_GUARD) -> subprocess.C
     )
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_mode_runs_every_script_end_to_end(tmp_path):
     """benchmarks/gpu_check.sh --device cpu --modes bf16 (fp32 on a CPU without native bf16): every script through its
     own command line, then step_cost's step / limit, then the four checks (--deterministic ViT with focal crops,
@@ -627,8 +638,9 @@ def test_gpu_check_smoke_mode_runs_every_script_end_to_end(tmp_path):
     test; the check's fp16 mode by the next test.)"""
     proc = _gpu_check(tmp_path, "--modes", NATIVE_MODE, "compile", "--amp", NATIVE_AMP)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    modes_table = proc.stdout.split("step / limit")[0]  # step_cost's rows below have the same first columns
     rows = re.findall(
-        r"^\| (supervised|simsiam|msn|excb) \| (bf16|fp16|compile|fp32) \| ([\d.]+) \|", proc.stdout, re.M
+        r"^\| (supervised|simsiam|msn|excb) \| (bf16|fp16|compile|fp32) \| ([\d.]+) \|", modes_table, re.M
     )
     # no --compile in the CPU smoke mode, though asked for
     assert [(m, a) for m, a, _ in rows] == [(m, NATIVE_MODE) for m in ("supervised", "simsiam", "msn", "excb")]
@@ -655,6 +667,7 @@ def test_gpu_check_smoke_mode_runs_every_script_end_to_end(tmp_path):
     assert proc.stdout.rstrip().endswith("gpu_check: all runs finished")
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_each_mode_it_is_given(tmp_path):
     """--modes bf16 fp16 (fp32 fp16 without native bf16): one row per mode, in order, the fp16 run with its
     GradScaler (the script's own --amp)."""
@@ -775,6 +788,8 @@ def test_peers_benchmark_compares_ours_and_lightly(tmp_path):
         "32",
         "--pipeline-images",
         "2",
+        "--amp",
+        NATIVE_AMP,
         cwd=tmp_path,
     )
     result = json.loads((tmp_path / "peers.json").read_text())["results"]
