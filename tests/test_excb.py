@@ -498,6 +498,7 @@ def _kmeans_init_worker(rank, world, init_file, samples, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # torchrun, 2 processes: 116 s on 2 shared cores
 def test_kmeans_init_on_two_gloo_processes_equals_one_process(tmp_path):
     """Each process embeds every other chunk of 256 images through its DataLoader; the gathered features, and so the
     centroids, are bit for bit those of one process embedding the chunks in turn without a DataLoader (by hand
