@@ -634,6 +634,7 @@ def _from_run(metavar: str):
     return tyro.conf.arg(metavar=metavar, help_behavior_hint="(default: the pre-training run's)")
 
 
+@lt_data.help_from_docstrings
 @dataclass
 class ProbeArgs:
     """Linear-probe, kNN and few-shot evaluation of a frozen backbone. Data flags you do not pass are

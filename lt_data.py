@@ -24,19 +24,23 @@ sample's position in the pre-training set (0..N-1), so per-example weights can b
 
 from __future__ import annotations
 
+import ast
 import errno
 import gc
 import gzip
+import inspect
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import stat
 import sys
+import textwrap
 import zlib
 from dataclasses import dataclass
-from typing import Annotated, Callable, Literal, Optional, Sequence, get_args
+from typing import Annotated, Callable, Literal, Optional, Sequence, get_args, get_type_hints
 
 import numpy as np
 import torch
@@ -137,6 +141,24 @@ def resolved_later(hint: str, metavar: str):
     return tyro.conf.arg(metavar=metavar, help_behavior_hint=f"(default: {hint})")
 
 
+def help_from_docstrings(cls):
+    """Class decorator: each flag's attribute docstring reaches --help as flowing text, whatever its line breaks.
+
+    tyro 1.0.17 joins a docstring's lines before it dedents them, and keeps a line break before any line that does not
+    start with a letter: every indented continuation line became a hard break in --help, mid-sentence. This gives tyro
+    the same text through its public API, ``tyro.conf.arg(help=...)``, as paragraphs (a blank line in a docstring
+    still separates two) of single-spaced words, merged with the field's other ``tyro.conf.arg`` settings."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    hints = get_type_hints(cls, include_extras=True)
+    for field, doc in zip(body, body[1:]):
+        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
+            paragraphs = (" ".join(p.split()) for p in re.split(r"\n\s*\n", str(doc.value.value)))
+            text = "\n\n".join(p for p in paragraphs if p)
+            cls.__annotations__[field.target.id] = Annotated[hints[field.target.id], tyro.conf.arg(help=text)]
+    return cls
+
+
+@help_from_docstrings
 @dataclass
 class DataArgs:
     """Data flags shared by every training script and the probe."""

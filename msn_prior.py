@@ -53,6 +53,7 @@ from linear_probe import BackboneError, KNNMonitor, backbone_spec, build_backbon
 
 
 # ============================================================ shared: arguments
+@lt_data.help_from_docstrings
 @dataclass
 class Args(lt_data.DataArgs):
     recipe: Optional[str] = None  # named flag values (RECIPES, listed above), applied before the command line's flags

@@ -5,11 +5,12 @@ Runs each training script as a user would (its own command line, synthetic image
   bf16     --amp bf16
   fp16     --amp fp16 (with its GradScaler)
   compile  --amp bf16 --compile
+  fp32     --amp none (for a CPU without native bf16, where torch emulates bf16 about 10x slower than fp32)
 and prints, per script and mode: images/s of the last log interval (the full loop, data pipeline included), peak
 GPU memory (from the script's progress line), seconds to the first progress line (start-up plus the first step;
 compile minus bf16 is the first-step compile time), and then benchmarks/step_cost.py's step / limit at the same
-size in bf16 (the step against the forward and backward passes the method needs). Then four checks, each a row with
-pass or FAILED, its seconds and what it saw:
+size in bf16 (--amp none: fp32; the step against the forward and backward passes the method needs). Then four
+checks, each a row with pass or FAILED, its seconds and what it saw (in bf16; --amp none: fp32):
   deterministic  msn_prior.py --arch vit_tiny --deterministic: a ViT with focal crops smaller than the image (their
                  position embeddings are interpolated), under torch.use_deterministic_algorithms
   kmeans         excb.py with its k-means initialisation of the centroids (--kmeans-samples 2048), which the mode
@@ -50,7 +51,12 @@ SCRIPTS = {
     "msn": ("msn_prior.py", []),
     "excb": ("excb.py", ["--no-kmeans-init"]),
 }
-MODES = {"bf16": ["--amp", "bf16"], "fp16": ["--amp", "fp16"], "compile": ["--amp", "bf16", "--compile"]}
+MODES = {
+    "bf16": ["--amp", "bf16"],
+    "fp16": ["--amp", "fp16"],
+    "compile": ["--amp", "bf16", "--compile"],
+    "fp32": ["--amp", "none"],
+}
 CHECKS = ("deterministic", "kmeans", "resume", "probe")
 PROGRESS = re.compile(r"step (\d+)/\d+ loss ([-0-9.naif]+).*\| ([0-9.]+) img/s(?: \| ([0-9.]+) GiB)?")
 
@@ -64,8 +70,10 @@ class GpuCheckArgs:
     """cuda: the check at --image-size; cpu: the smoke mode (16 px, batch 8, 3 steps, bf16 and fp16 only)"""
     methods: tuple[Literal["supervised", "simsiam", "msn", "excb"], ...] = ("supervised", "simsiam", "msn", "excb")
     """training scripts to run"""
-    modes: tuple[Literal["bf16", "fp16", "compile"], ...] = ("bf16", "fp16", "compile")
+    modes: tuple[Literal["bf16", "fp16", "compile", "fp32"], ...] = ("bf16", "fp16", "compile")
     """precision modes per script"""
+    amp: Literal["bf16", "none"] = "bf16"
+    """autocast of step_cost and the checks; none: fp32 (a CPU without native bf16 emulates bf16, about 10x slower)"""
     checks: tuple[Literal["deterministic", "kmeans", "resume", "probe"], ...] = CHECKS
     """end-to-end checks after the modes (probe needs resume); --checks with no value: none"""
     image_size: Optional[int] = None
@@ -77,7 +85,7 @@ class GpuCheckArgs:
     num_workers: Optional[int] = None
     """DataLoader workers per run (default: 8 on cuda, 0 on cpu)"""
     step_cost: bool = True
-    """also run benchmarks/step_cost.py (step / limit) in bf16 at the same size"""
+    """also run benchmarks/step_cost.py (step / limit) in --amp at the same size"""
     timeout: Optional[int] = None
     """seconds after which a run is killed and counted as failed (default: 300 on cuda, no limit on cpu, where a shared
     machine may take minutes)"""
@@ -132,6 +140,11 @@ def run(
         why = f"killed after the {timeout:.0f} s timeout" if timed_out else str(proc.returncode)
         print(f"gpu_check: FAILED ({why}): {' '.join(cmd)}", file=sys.stderr, flush=True)
     return result
+
+
+def rate(x: float) -> str:
+    """A rate to 3 significant digits (260, 26.3, 0.0412): a slow run (bf16 emulated on a CPU) does not print as 0."""
+    return f"{x:.{max(0, 2 - math.floor(math.log10(x)))}f}" if x > 0 and math.isfinite(x) else f"{x:.0f}"
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -207,7 +220,7 @@ def main(args: GpuCheckArgs) -> list[dict]:
                     }
                 )
                 print(
-                    f"{method} {mode}: {float(images_per_s):.0f} img/s, "
+                    f"{method} {mode}: {rate(float(images_per_s))} img/s, "
                     f"{memory + ' GiB' if memory else 'no GPU memory'}, first progress line after {r.first:.1f} s",
                     flush=True,
                 )
@@ -215,7 +228,8 @@ def main(args: GpuCheckArgs) -> list[dict]:
             "\n| script | mode | img/s (loop) | peak GPU memory (GiB) | first progress line (s) | compile time (s) |\n"
             "|---|---|---|---|---|---|"
         )
-        first_bf16 = {r["method"]: r["first_progress_s"] for r in rows if r["mode"] == "bf16" and r["ok"]}
+        first = {(r["method"], r["mode"]): r["first_progress_s"] for r in rows if r["ok"]}
+        first_bf16 = {method: s for (method, mode), s in first.items() if mode == "bf16"}
         for r in rows:
             if not r["ok"]:
                 print(f"| {r['method']} | {r['mode']} | FAILED | - | - | |")
@@ -226,14 +240,14 @@ def main(args: GpuCheckArgs) -> list[dict]:
                 else None
             )
             print(
-                f"| {r['method']} | {r['mode']} | {r['images_per_s']:.0f} | "
+                f"| {r['method']} | {r['mode']} | {rate(r['images_per_s'])} | "
                 f"{r['peak_gib'] if r['peak_gib'] is not None else '-'} | {r['first_progress_s']:.1f} | "
                 f"{'' if compile_s is None else f'{compile_s:.1f}'} |"
             )
         if args.step_cost:
             cmd = [
                 *(sys.executable, os.path.join(ROOT, "benchmarks", "step_cost.py"), "--methods", *args.methods),
-                *("--amp", "bf16", "--batch-size", str(batch), "--image-size", str(size)),
+                *("--amp", args.amp, "--batch-size", str(batch), "--image-size", str(size)),
                 *(
                     "--repeats",
                     "3" if cuda else "1",
@@ -245,11 +259,14 @@ def main(args: GpuCheckArgs) -> list[dict]:
             ]
             r = run(cmd, env, timeout)
             if r.ok and "| method" in r.text:
-                print("\nstep / limit (benchmarks/step_cost.py, bf16):\n" + r.text[r.text.index("| method") :], end="")
+                head = f"\nstep / limit (benchmarks/step_cost.py, {args.amp}):\n"
+                print(head + r.text[r.text.index("| method") :], end="")
             else:
                 failed.append("step_cost")
-                print(f"\nstep / limit (benchmarks/step_cost.py, bf16): FAILED, {why_failed(r)}")
-        checks = run_checks(args, command, env, timeout, first_bf16, out, workers, per_class, steps, cuda)
+                print(f"\nstep / limit (benchmarks/step_cost.py, {args.amp}): FAILED, {why_failed(r)}")
+        mode = "bf16" if args.amp == "bf16" else "fp32"  # the checks' precision, as a mode row
+        first_same = {method: s for (method, m), s in first.items() if m == mode}
+        checks = run_checks(args, command, env, timeout, first_same, out, workers, per_class, steps, cuda)
     if checks:
         print("\n| check | result | time (s) | detail |\n|---|---|---|---|")
         for c in checks:
@@ -262,7 +279,7 @@ def main(args: GpuCheckArgs) -> list[dict]:
     return rows + checks
 
 
-def run_checks(args, command, env, timeout, first_bf16, out, workers, per_class, steps, cuda) -> list[dict]:
+def run_checks(args, command, env, timeout, first_same, out, workers, per_class, steps, cuda) -> list[dict]:
     """The --checks rows: {"check", "ok", "seconds", "detail"}."""
     checks = []
 
@@ -274,7 +291,7 @@ def run_checks(args, command, env, timeout, first_bf16, out, workers, per_class,
         # a ViT's focal crops are smaller than the image: their position embeddings are resized (bicubic), whose
         # backward must have a deterministic kernel under torch.use_deterministic_algorithms
         tiny = [] if cuda else ["--vit-layers", "2", "--num-focal", "2", "--num-prototypes", "16"]
-        flags = ("--arch", "vit_tiny", *tiny, "--deterministic", "--amp", "bf16")
+        flags = ("--arch", "vit_tiny", *tiny, "--deterministic", "--amp", args.amp)
         r = run(command("msn_prior.py", *flags, run_name="det", max_steps=min(steps, 5)), env, timeout)
         progress = PROGRESS.findall(r.text)
         ok = r.ok and bool(progress)
@@ -290,7 +307,7 @@ def run_checks(args, command, env, timeout, first_bf16, out, workers, per_class,
         images = 4 * per_class
         clusters = min(1024, images // 2)  # excb.py's default K, fewer than the images (k-means needs more)
         tiny = [] if cuda else ["--hidden-dim", "64", "--out-dim", "32", "--num-local-crops", "2"]
-        flags = ("--kmeans-samples", "2048", "--num-clusters", str(clusters), *tiny)
+        flags = ("--kmeans-samples", "2048", "--num-clusters", str(clusters), *tiny, "--amp", args.amp)
         cmd = command("excb.py", *flags, run_name="km", max_steps=min(steps, 5))
         r = run(cmd, env, timeout)
         ok, detail = r.ok, why_failed(r)
@@ -299,11 +316,11 @@ def run_checks(args, command, env, timeout, first_bf16, out, workers, per_class,
 
             state = torch.load(os.path.join(out, "km", "checkpoint.pt"), map_location="cpu", weights_only=True)
             ok = bool(state["model"]["centroids_initialised"])
-            without = first_bf16.get("excb")
+            without = first_same.get("excb")
             detail = (
                 f"excb.py k-means init of {clusters} centroids on {min(images, 2048)} images: "
                 f"first progress line after {r.first:.1f} s"
-                + (f" (bf16 without k-means: {without:.1f} s)" if without is not None else "")
+                + (f" ({args.amp} without k-means: {without:.1f} s)" if without is not None else "")
                 if ok
                 else "the checkpoint says the centroids were not initialised"
             )
@@ -311,7 +328,7 @@ def run_checks(args, command, env, timeout, first_bf16, out, workers, per_class,
 
     if "resume" in args.checks or "probe" in args.checks:
         total = max(8, min(steps, 10))  # enough that the signal arrives before the end, even on a busy CPU
-        cmd = command("simsiam_rwsam.py", "--amp", "bf16", run_name="resume", max_steps=total)
+        cmd = command("simsiam_rwsam.py", "--amp", args.amp, run_name="resume", max_steps=total)
         stop = lambda proc: proc.send_signal(signal.SIGTERM)  # as `kill PID` does: the process, not its workers
         first = run(cmd, env, timeout, ok_codes=(128 + signal.SIGTERM,), on_progress=stop)
         stopped = re.search(r"interrupted at step (\d+); checkpoint saved", first.text)

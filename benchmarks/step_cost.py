@@ -16,6 +16,7 @@ Prints a markdown table of medians, the ratio step / limit and step / (limit + o
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 import statistics
@@ -117,6 +118,11 @@ class BenchArgs:
     """steps of the full-loop run (its images/s excludes the first log interval)"""
     num_workers: int = 2
     """DataLoader workers of the pipeline and loop measurements"""
+
+
+def rate(x: float) -> str:
+    """A rate to 3 significant digits (260, 26.3, 0.0412): a slow run (bf16 emulated on a CPU) does not print as 0."""
+    return f"{x:.{max(0, 2 - math.floor(math.log10(x)))}f}" if x > 0 and math.isfinite(x) else f"{x:.0f}"
 
 
 def median_time(fn: Callable, repeats: int) -> float:
@@ -242,8 +248,8 @@ def main(args: BenchArgs) -> None:
             rows.append((method, amp, t_limit, t_opt, t_step, loop, pipe))
             print(
                 f"{method} {amp}: limit {t_limit * 1e3:.0f} ms, optimizer {t_opt * 1e3:.1f} ms, step "
-                f"{t_step * 1e3:.0f} ms, ratio {t_step / t_limit:.3f}; loop {loop:.0f} img/s; pipeline "
-                f"{pipe:.0f} img/s",
+                f"{t_step * 1e3:.0f} ms, ratio {t_step / t_limit:.3f}; loop {rate(loop)} img/s; pipeline "
+                f"{rate(pipe)} img/s",
                 flush=True,
             )
     print(
@@ -253,8 +259,8 @@ def main(args: BenchArgs) -> None:
     for method, amp, t_limit, t_opt, t_step, loop, pipe in rows:
         model_rate = args.batch_size / t_step
         print(
-            f"| {method} | {amp} | {t_step / t_limit:.3f} | {t_step / (t_limit + t_opt):.3f} | {model_rate:.0f} | "
-            f"{loop:.0f} | {pipe:.0f} | {pipe / model_rate:.2f} |"
+            f"| {method} | {amp} | {t_step / t_limit:.3f} | {t_step / (t_limit + t_opt):.3f} | {rate(model_rate)} | "
+            f"{rate(loop)} | {rate(pipe)} | {pipe / model_rate:.2f} |"
         )
 
 

@@ -19,6 +19,26 @@ sys.path.insert(0, str(ROOT))
 # core spin against each other)
 THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
+# The one time limit of the tests' subprocess runs and waits: a hang guard, not a speed check. Generous, so that a
+# slow or busy machine (2 cores, a CPU without native bf16, pytest-xdist neighbours) never hits it; the tests assert
+# behaviour, never speed. (gpu_check's --timeout test keeps its 1 s limit: there the timeout is the behaviour.)
+HANG_GUARD = 3600
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (x86: AVX512-BF16 or AMX; Arm: the BF16 extension): the scripts' own
+    ``--amp auto`` rule. SSL_TEST_NO_BF16=1 answers False, to run the tests as on a CPU without it (there torch
+    emulates bf16, about 10x slower than fp32)."""
+    if os.environ.get("SSL_TEST_NO_BF16", "") not in ("", "0"):
+        return False
+    from supervised_baseline import resolve_amp
+
+    return resolve_amp("auto", torch.device("cpu")) == "bf16"
+
+
+# --amp for tests that train in "the fast precision" and do not test a precision: bf16 where native, else fp32
+NATIVE_AMP = "bf16" if native_bf16() else "none"
+
 # A tiny synthetic long-tailed set: 4 classes, 32 images of the head class, 16 px. Steps take milliseconds.
 TINY_DATA = [
     "--dataset",
@@ -120,7 +140,7 @@ def run_script(
     *args: str,
     cwd,
     env: dict | None = None,
-    timeout: float = 600,
+    timeout: float = HANG_GUARD,
     check: bool = True,
     seams: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
@@ -144,7 +164,7 @@ def run_torchrun(
     cwd,
     nproc: int = 2,
     env: dict | None = None,
-    timeout: float = 600,
+    timeout: float = HANG_GUARD,
     seams: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node N script.py ARGS`` on CPU (gloo), one thread per process."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import excb
 import lt_data
-from conftest import ROOT, TINY_ARGS, run_script, script_env
+from conftest import HANG_GUARD, ROOT, TINY_ARGS, run_script, script_env
 
 # ------------------------------------------------------------------ balancing operator
 
@@ -498,6 +498,7 @@ def _kmeans_init_worker(rank, world, init_file, samples, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # torchrun, 2 processes: 116 s on 2 shared cores
 def test_kmeans_init_on_two_gloo_processes_equals_one_process(tmp_path):
     """Each process embeds every other chunk of 256 images through its DataLoader; the gathered features, and so the
     centroids, are bit for bit those of one process embedding the chunks in turn without a DataLoader (by hand
@@ -644,7 +645,7 @@ def test_a_stop_signal_during_the_kmeans_init_stops_the_run_at_once(tmp_path, si
             os.killpg(proc.pid, signum) if to_group else proc.send_signal(signum)
             break
     try:
-        out, err = proc.communicate(timeout=600)  # a hang guard: it stops once the chunk it is embedding is done
+        out, err = proc.communicate(timeout=HANG_GUARD)  # it stops once the chunk it is embedding is done
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
@@ -675,7 +676,7 @@ def test_init_cost_benchmark_reports_the_embedding_rate_of_each_run(tmp_path):
     closing line of the pass."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "excb_init_cost.py"), "--sizes", "8", "--samples", "257"]
     cmd += ["--workers", "0", "--processes", "1", "--threads", "1"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=HANG_GUARD)
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 8 px")]
     assert len(rows) == 1 and re.fullmatch(r"\| 8 px \| 0 \| 1 \| [1-9]\d* \|", rows[0]), proc.stdout

@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 import linear_probe as lp
-from conftest import ROOT, TINY_DATA, run_script, script_env
+from conftest import HANG_GUARD, ROOT, TINY_DATA, run_script, script_env
 
 
 def _clusters(n_per_class, classes=4, dim=16, spread=0.1, seed=0):
@@ -577,7 +577,7 @@ def test_probe_piped_into_head_ends_quietly_with_its_json_on_disk(tiny_supervise
     proc.stdout.close()  # head -n 1 exits
     try:
         err = proc.stderr.read()
-        proc.wait(timeout=120)
+        proc.wait(timeout=HANG_GUARD)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("the probe did not end after its reader closed the pipe")

@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 import lt_data
-from conftest import ROOT, run_script, script_env, write_cifar, write_fashion_mnist, write_idx
+from conftest import HANG_GUARD, ROOT, run_script, script_env, write_cifar, write_fashion_mnist, write_idx
 
 # ------------------------------------------------------------------ counts against the field's table
 
@@ -508,16 +508,16 @@ for batch in lt_data.make_loader(Pids(), 4, 2):
         text=True,
     )
     try:
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=HANG_GUARD)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         for p in tmp_path.iterdir():
             os.kill(int(p.name), signal.SIGKILL) if not _gone(int(p.name)) else None
-        pytest.fail("the process did not exit within 60 s of the error")
+        pytest.fail(f"the process did not exit within {HANG_GUARD} s of the error")
     assert proc.returncode == 1 and "an error in the user's loop" in err
     workers = [int(p.name) for p in tmp_path.iterdir()]
     assert workers
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + HANG_GUARD
     while not all(_gone(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert all(_gone(pid) for pid in workers), "a DataLoader worker outlived its main process"

@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from conftest import ROOT, script_env
+from conftest import HANG_GUARD, ROOT, script_env
 
 
 def test_probe_scale_prints_a_row_per_size_device_and_code(tmp_path):
@@ -17,7 +17,7 @@ def test_probe_scale_prints_a_row_per_size_device_and_code(tmp_path):
         env=script_env(threads=1),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()

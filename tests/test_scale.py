@@ -13,7 +13,7 @@ from collections import Counter
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY_ARGS, run_script, run_torchrun, script_env, with_seams
+from conftest import HANG_GUARD, ROOT, TINY_ARGS, run_script, run_torchrun, script_env, with_seams
 
 SCRIPT = "supervised_baseline.py"  # the shared loop's behaviour; the other scripts share it textually
 
@@ -63,7 +63,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_nodes(tmp_path, *args, timeout=300):
+def _two_nodes(tmp_path, *args, timeout=HANG_GUARD):
     """Two torchrun "nodes" of one process each on 127.0.0.1 (static rendezvous), each with its own --output-dir
     (a run folder on each node's local disk); returns both CompletedProcess-like (returncode, stdout, stderr)."""
     port, procs = _free_port(), []
@@ -135,7 +135,7 @@ def test_ctrl_c_during_the_step_0_monitor_is_one_line_and_leaves_nothing_behind(
         if line.startswith("kNN monitor"):  # the monitor says what it embeds, then embeds it
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
             break
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=HANG_GUARD)
     assert proc.returncode == 130, "".join(lines) + out + err
     assert err == "", err
     assert out.strip() == "interrupted (SIGINT) before the first step: nothing to save; run the same command to go on"
@@ -159,7 +159,7 @@ def test_scale_benchmark_prints_its_table(tmp_path):
         capture_output=True,
         text=True,
         env=script_env(),
-        timeout=600,
+        timeout=HANG_GUARD,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]

@@ -21,7 +21,7 @@ import torch
 
 import linear_probe
 import lt_data
-from conftest import ARCH_CHANGE, ROOT, TINY_ARGS, run_script, run_torchrun, script_env
+from conftest import ARCH_CHANGE, HANG_GUARD, ROOT, TINY_ARGS, run_script, run_torchrun, script_env
 
 SCRIPTS = [s for s in TINY_ARGS if (ROOT / s).exists()]
 per_script = pytest.mark.parametrize("script", SCRIPTS)
@@ -114,7 +114,7 @@ def test_interrupted_run_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig
         if " step 3/" in line:
             os.killpg(proc.pid, signum) if to_group else proc.send_signal(signum)
             break
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=HANG_GUARD)
     assert proc.returncode == 128 + signum, out + err
     assert "Traceback" not in err and err.strip() == "", err
     last = out.strip().splitlines()[-1]
@@ -418,6 +418,38 @@ def test_batch_size_one_trains_or_is_refused_in_one_line(tmp_path, script):
 def test_unknown_dataset_is_refused_by_the_parser(tmp_path, script):
     proc = run_script(script, "--dataset", "mnist", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "mnist" in proc.stderr
+
+
+@pytest.mark.parametrize("script", [*SCRIPTS, "linear_probe.py", "lt_data.py"])
+def test_help_breaks_lines_only_where_the_terminal_is_full(tmp_path, script):
+    """--help at 200 columns: a flag's help is one paragraph, wrapped only where the next word would not fit. tyro
+    1.0.17 kept every source line break of a multi-line attribute docstring ("imagenet-lt (split" / "files over an
+    image root)"); lt_data.help_from_docstrings hands tyro the reflowed text."""
+    env = {**script_env(), "COLUMNS": "200"}
+    out = run_script(script, "--help", cwd=tmp_path, env=env).stdout
+    boxed = [line for line in out.splitlines() if line.startswith("│") and line.rstrip().endswith("│")]
+    assert boxed, out
+    flags, width = 0, len(boxed[0]) - 4  # "│ " ... " │": the room inside the box
+    for i, line in enumerate(boxed):
+        text = line[1:-1].rstrip()
+        if not text.startswith(" -"):  # a flag's entry: its line, then its help indented below (or beside it)
+            continue
+        flags += 1
+        help_lines = []
+        for later in boxed[i + 1 :]:
+            body = later[1:-1].rstrip()
+            if not body.strip() or body.startswith(" -") or not body.startswith("   "):
+                break
+            help_lines.append(body)
+        indent = len(help_lines[0]) - len(help_lines[0].lstrip()) if help_lines else 0
+        if help_lines and len(text) > indent and text[indent - 1] == " " and text[indent] != " ":
+            help_lines.insert(0, text)  # the compact layout: the help starts beside the flag
+        for first, second in zip(help_lines, help_lines[1:]):
+            # a wrap: the next word would have overflowed the line (10 columns of slack for the box's padding)
+            assert len(first) + 1 + len(second.split()[0]) > width - 10, (
+                f"{script}: {text.split()[0]} breaks mid-sentence at {first.strip()[-40:]!r} / {second.strip()[:40]!r}"
+            )
+    assert flags >= 10, out
 
 
 @per_script
@@ -784,7 +816,7 @@ def test_a_killed_data_loading_worker_stops_the_run_in_one_line_and_it_resumes(t
             if " step 3/" in line:
                 os.kill(_children(proc.pid)[0], signal.SIGKILL)
                 break
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=HANG_GUARD)
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     assert proc.returncode == 2, out + err
