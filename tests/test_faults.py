@@ -141,11 +141,19 @@ def test_vit_sizes_below_one_are_refused_by_the_backbone_builder_too():
         ({"WORLD_SIZE": "two"}, "WORLD_SIZE=two"),
     ],
 )
-def test_a_partial_torchrun_environment_is_named_in_one_line(tmp_path, script, env, shown):
-    """WORLD_SIZE left in a shell, without torchrun: init_process_group's traceback ("RANK expected") before."""
-    proc = run_script(script, *TINY_ARGS[script], cwd=tmp_path, env={**script_env(), **env}, check=False)
-    err = proc.stderr.strip()
-    assert proc.returncode == 2 and err.count("\n") == 0, err
+def test_a_partial_torchrun_environment_is_named_in_one_line(tmp_path, monkeypatch, capsys, script, env, shown):
+    """WORLD_SIZE left in a shell, without torchrun: init_process_group's traceback ("RANK expected") before.
+    In-process, through the script's main."""
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [script, *TINY_ARGS[script]])
+    with pytest.raises(SystemExit) as exit_:
+        _module(script).main()
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.count("\n") == 0, err
     assert f"a partial torchrun environment ({shown}): launch with torchrun, or unset these variables" in err
     assert os.listdir(tmp_path) == []
 
@@ -232,14 +240,16 @@ def test_a_data_dir_named_with_bytes_that_are_not_utf8_trains_logs_and_probes(tm
 
 
 @per_script
-def test_an_output_dir_that_is_not_utf8_is_refused_before_any_work(tmp_path, script):
+def test_an_output_dir_that_is_not_utf8_is_refused_before_any_work(tmp_path, monkeypatch, capsys, script):
     """TensorBoard's event writer encodes its folder as UTF-8 (it raised after the run folder was made): refused
-    in one line, the name escaped."""
-    proc = run_script(script, *TINY_ARGS[script], "--output-dir", os.fsdecode(b"r\xe9"), cwd=tmp_path, check=False)
-    assert proc.returncode == 2
-    assert (
-        proc.stderr.strip() == f"{script}: error: --output-dir r\\xe9 is not UTF-8, which TensorBoard cannot write to"
-    )
+    in one line, the name escaped. In-process, through the script's main."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [script, *TINY_ARGS[script], "--output-dir", os.fsdecode(b"r\xe9")])
+    with pytest.raises(SystemExit) as exit_:
+        _module(script).main()
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2
+    assert err == f"{script}: error: --output-dir r\\xe9 is not UTF-8, which TensorBoard cannot write to"
     assert os.listdir(tmp_path) == []
 
 

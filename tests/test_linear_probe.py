@@ -539,10 +539,11 @@ def test_probe_refuses_an_image_size_the_vit_patches_do_not_tile(tmp_path, size)
         "linear_probe.py", str(backbone), "--image-size", size, "--num-workers", "0", cwd=tmp_path, check=False
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert (
-        proc.stderr.strip()
-        == f"linear_probe.py: error: --image-size {size} is not a multiple of the ViT's patch size 4"
-    )
+    expected = {
+        "2": "--image-size must be >= 8, got 2",
+        "18": "--image-size 18 is not a multiple of the ViT's patch size 4",
+    }
+    assert proc.stderr.strip() == f"linear_probe.py: error: {expected[size]}"
 
 
 def test_probe_output_that_cannot_be_written_is_refused_before_any_work(tiny_supervised_run, tmp_path):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import signal
 import subprocess
@@ -634,12 +636,27 @@ def test_fashion_mnist_is_found_where_debian_installs_it(tmp_path, monkeypatch):
 
 
 def _cli_error(tmp_path, *args) -> str:
-    """``python lt_data.py ARGS`` must fail with exit code 2 and one line, no traceback; returns the line."""
-    proc = run_script("lt_data.py", *args, cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lt_data.py: error: "), proc.stderr
+    """``python lt_data.py ARGS`` must fail with exit code 2 and one line, no traceback; returns the line. In-process
+    (its ``main``, what the command runs: no interpreter and torch start per case); a traceback fails the test."""
+    err, cwd = io.StringIO(), os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+            lt_data.main([str(a) for a in args])
+    finally:
+        os.chdir(cwd)
+    lines = err.getvalue().strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("lt_data.py: error: "), err.getvalue()
     return lines[0][len("lt_data.py: error: ") :]
+
+
+def test_a_bad_data_file_through_the_real_command_line(tmp_path):
+    """The in-process cases above, once through ``python lt_data.py``: exit code 2, one line on stderr."""
+    write_fashion_mnist(tmp_path, 2, 1, gz=False)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"not an idx file")
+    proc = run_script("lt_data.py", "--dataset", "fashion-mnist", "--data-dir", ".", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("lt_data.py: error: ")
+    assert "train-images-idx3-ubyte is not an IDX file" in proc.stderr, proc.stderr
 
 
 def _split_files(tmp_path, train_counts=(3, 2), val_counts=(1, 1)) -> list[str]:
