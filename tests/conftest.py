@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import subprocess
@@ -274,3 +275,28 @@ def tiny_supervised_run(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(min(2, THREADS))
+
+
+# What starts a Python process of its own (a script, torchrun, a benchmark): seconds each (a torch import alone took
+# 5 s on a 2-core Xeon), so such a test is ``slow`` whether or not it is marked: ``-m "not slow"`` keeps the tests
+# that run in-process (README, Set-up).
+PROCESS_STARTERS = {"run_script", "run_torchrun", "subprocess", "Popen", "check_output"}
+PROCESS_FIXTURES = {"tiny_supervised_run"}
+
+
+def _starts_processes(fn, module, depth: int = 3) -> bool:
+    """Whether ``fn`` names a process starter, directly or through the module's functions it calls (``depth``)."""
+    names = set(getattr(fn, "__code__", None) and fn.__code__.co_names or ())
+    if names & PROCESS_STARTERS:
+        return True
+    helpers = [getattr(module, n) for n in names if inspect.isfunction(getattr(module, n, None))]
+    return depth > 0 and any(_starts_processes(h, module, depth - 1) for h in helpers if h is not fn)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is not None and (
+            PROCESS_FIXTURES & set(item.fixturenames) or _starts_processes(fn, inspect.getmodule(fn))
+        ):
+            item.add_marker(pytest.mark.slow)
