@@ -167,6 +167,24 @@ class ViT(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.encoder.ln(self.encoder.layers(self.tokens(x, keep)))[:, 0]
+
+    def readout(self, x: torch.Tensor, n_last_blocks: int = 1, avgpool_patchtokens: bool = False) -> torch.Tensor:
+        """DINO's linear-evaluation features (Caron et al. 2021, Sec. 4.1; its eval_linear.py): the class tokens of
+        the last ``n_last_blocks`` blocks, each after the final LayerNorm, concatenated [B, n D], and with
+        ``avgpool_patchtokens`` the mean patch token of the last block (after the LayerNorm) after them
+        [B, (n + 1) D]. DINO reads ViT-S/16 with n 4, ViT-B with n 1 and the mean patch token; n 1 alone is
+        ``forward``."""
+        x, blocks, outs = self.tokens(x), list(self.encoder.layers), []
+        for i, block in enumerate(blocks):
+            x = block(x)
+            if i >= len(blocks) - n_last_blocks:
+                outs.append(self.encoder.ln(x))
+        return torch.cat([o[:, 0] for o in outs] + ([outs[-1][:, 1:].mean(1)] if avgpool_patchtokens else []), -1)
+
+    def tokens(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The input of the first block [B, 1 + patches, D]: the class token, then the (kept) patch embeddings, each
+        with its position embedding."""
         n = x.shape[0]
         x = self.conv_proj(x)
         h, w = x.shape[-2:]
@@ -182,9 +200,21 @@ class ViT(nn.Module):
         x = x + pos_patch
         if keep is not None:
             x = torch.gather(x, 1, keep[:, :, None].expand(-1, -1, x.shape[-1]))
-        x = torch.cat([(self.class_token + pos_cls).expand(n, -1, -1), x], dim=1)
-        x = self.encoder.ln(self.encoder.layers(x))
-        return x[:, 0]
+        return torch.cat([(self.class_token + pos_cls).expand(n, -1, -1), x], dim=1)
+
+
+NO_READOUT = {"n_last_blocks": 1, "avgpool_patchtokens": False}  # the class token the ViT outputs
+
+
+class DinoReadout(nn.Module):
+    """A ViT whose forward is its ``readout`` (DINO's features for linear evaluation) with fixed arguments."""
+
+    def __init__(self, vit: ViT, n_last_blocks: int, avgpool_patchtokens: bool):
+        super().__init__()
+        self.vit, self.n_last_blocks, self.avgpool_patchtokens = vit, n_last_blocks, avgpool_patchtokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit.readout(x, self.n_last_blocks, self.avgpool_patchtokens)
 
 
 _BICUBIC: dict[tuple, torch.Tensor] = {}  # (size, out, device) -> bicubic_matrix's matrix
@@ -691,6 +721,11 @@ class ProbeArgs:
     """few-shot probes: examples per class, e.g. --shots 100 50"""
     few_shot_seeds: int = 3
     """random subsets averaged per few-shot probe"""
+    n_last_blocks: int = 1
+    """ViTs: the features are the class tokens of the last this many blocks, concatenated (DINO's linear evaluation:
+    4 for ViT-S, 1 for ViT-B; Caron et al. 2021, eval_linear.py); 1: the class token the backbone outputs"""
+    avgpool_patchtokens: bool = False
+    """ViTs: append the mean patch token of the last block to the features (DINO's linear evaluation of ViT-B)"""
     random_init: bool = False
     """probe a randomly initialised backbone of the same architecture instead (a floor for the numbers)"""
     raw_pixels: bool = False
@@ -713,7 +748,7 @@ class ProbeArgs:
 # The range of every numeric flag of the probe beside lt_data.RANGES' data flags (lt_data.check_ranges).
 RANGES = dict(epochs="[1, inf)", lr="(0, inf)", batch_size="[1, inf)", weight_decay="[0, inf)", knn_k="[1, inf)")
 RANGES |= dict(knn_temperature="(0, inf)", shots="[1, inf)", few_shot_seeds="[1, inf)", seed="[0, 4294967296)")
-RANGES |= dict(extract_batch_size="[1, inf)", num_workers="[0, inf)")
+RANGES |= dict(extract_batch_size="[1, inf)", num_workers="[0, inf)", n_last_blocks="[1, inf)")
 
 DATA_FIELDS = [f.name for f in dataclasses.fields(lt_data.DataArgs) if f.name not in ("balanced_twin", "download")]
 
@@ -738,6 +773,15 @@ def run_probe(args: ProbeArgs) -> dict:
     if args.random_init:
         torch.manual_seed(args.seed)
         model = build_backbone(meta["arch"], **meta["arch_kwargs"])
+    dino = args.n_last_blocks != 1 or args.avgpool_patchtokens
+    if dino and (meta["arch"] != "vit" or args.raw_pixels):
+        what = "the raw pixels have none" if args.raw_pixels else f"a {meta['arch']} has none"
+        raise ProbeError(f"--n-last-blocks and --avgpool-patchtokens read a ViT's tokens; {what}")
+    if dino and args.n_last_blocks > meta["arch_kwargs"]["num_layers"]:
+        layers = meta["arch_kwargs"]["num_layers"]
+        raise ProbeError(f"--n-last-blocks {args.n_last_blocks} exceeds the ViT's {layers} blocks")
+    if dino:  # the same readout for a --random-init floor
+        model = DinoReadout(model, args.n_last_blocks, args.avgpool_patchtokens)
     if args.raw_pixels:  # the linear probe standardises every pixel; kNN compares the normalised images
         model = nn.Flatten()
     data_args = resolve_data_args(args, meta)
@@ -793,6 +837,10 @@ def run_probe(args: ProbeArgs) -> dict:
         "dataset": data_args.dataset,
         "pretrain_dataset": meta.get("data", {}).get("dataset"),
         "train_on": trained_on,  # what the probe trained on: an ImageFolder used as is is not balanced
+        "readout": {"n_last_blocks": args.n_last_blocks, "avgpool_patchtokens": args.avgpool_patchtokens}
+        if meta["arch"] == "vit" and not args.raw_pixels
+        else None,  # DINO's for ViTs (n 1 without the mean patch token: the class token the backbone outputs)
+        "feature_dim": train_f.shape[1],
         "num_train": len(train_f),
         "num_test": len(test_f),
         "groups": groups,
@@ -808,7 +856,10 @@ def markdown(res: dict) -> str:
         f"probe of {'the raw pixels of ' if res['raw_pixels'] else ''}{res['checkpoint']} ({res['method']}"
         f"{', random init' if res['random_init'] else ''}) "
         f"on {res['dataset']}: {res['num_train']} training / {res['num_test']} test images, "
-        f"probe trained on the {res['train_on']} set",
+        f"probe trained on the {res['train_on']} set"
+        + (
+            f"; DINO's readout: {res['feature_dim']}-d features" if res.get("readout") not in (None, NO_READOUT) else ""
+        ),
         "",
         "| probe | top-1 | many | medium | few | std(groups) |",
         "|---|---|---|---|---|---|",
@@ -848,14 +899,21 @@ def check_writable(path: str, what: str = "the results") -> None:
 
 
 def output_path(args: ProbeArgs) -> str:
-    """Where the JSON goes: --output, else probe_<dataset>[_random|_pixels].json beside the checkpoint, <dataset>
-    being the probe's --dataset or the pre-training run's (read from the checkpoint, which run_probe then reuses)."""
+    """Where the JSON goes: --output, else probe_<dataset><variant>.json beside the checkpoint, <dataset> being the
+    probe's --dataset or the pre-training run's (read from the checkpoint, which run_probe then reuses)."""
     if args.output:
         return args.output
     meta = _load(args.checkpoint, keep=True)["backbone"]
     dataset = resolve_data_args(args, meta).dataset
-    floor = "_random" if args.random_init else "_pixels" if args.raw_pixels else ""
-    return os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"probe_{dataset}{floor}.json")
+    return os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"probe_{dataset}{variant(args)}.json")
+
+
+def variant(args: ProbeArgs) -> str:
+    """A probe's suffix in file names and TensorBoard tags: DINO's readout (_last<n>, _last<n>avg) and the floor
+    (_random, _pixels); empty for the backbone's own features."""
+    dino = args.n_last_blocks != 1 or args.avgpool_patchtokens
+    readout = f"_last{args.n_last_blocks}{'avg' if args.avgpool_patchtokens else ''}" if dino else ""
+    return readout + ("_random" if args.random_init else "_pixels" if args.raw_pixels else "")
 
 
 def _strict(value):
@@ -882,12 +940,12 @@ def write_results(res: dict, out: str) -> None:
         raise ProbeError(f"cannot write {out}: {lt_data.os_reason(out, e)}") from None
 
 
-def log_tensorboard(res: dict, folder: str, floor: str) -> None:
+def log_tensorboard(res: dict, folder: str, suffix: str) -> None:
     """The numbers into the run's TensorBoard (``folder``): groups without classes (None) are skipped."""
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(folder) as w:
-        tag = f"probe/{res['dataset']}{floor}"
+        tag = f"probe/{res['dataset']}{suffix}"
         for name in ("linear", "knn"):
             for key in ("top1", "many", "medium", "few", "group_std"):
                 value = res[name].get(key)
@@ -922,7 +980,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 )
             check_writable(events, "TensorBoard events")
         res = run_probe(args)
-        floor = "_random" if args.random_init else "_pixels" if args.raw_pixels else ""
+        suffix = variant(args)
         print(markdown(res))  # the numbers on the screen first: a failed write loses nothing
         write_results(res, out)
     except (ProbeError, BackboneError, lt_data.DataError) as e:  # also a DataError re-raised by a DataLoader worker
@@ -931,7 +989,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"wrote {out}")
     if args.tensorboard:
         try:
-            log_tensorboard(res, events, floor)
+            log_tensorboard(res, events, suffix)
         except Exception as e:  # the results are written: say so, in one line
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(

@@ -917,3 +917,50 @@ def test_probe_damaged_backbone_file_is_one_line_naming_it(tiny_supervised_run, 
     _damaged(path, case)
     message = _probe_error(tmp_path, str(path), "--output", str(tmp_path / "p.json"), "--num-workers", "0")
     assert message.startswith(words.format(path)), message
+
+
+def test_dino_readout_is_the_class_tokens_of_the_last_blocks_and_the_mean_patch_token():
+    """DINO's linear-evaluation features, against torchvision's ViT with forward hooks on its blocks (an independent
+    computation): n 1 alone is the backbone's output; n 2 with the mean patch token is [cls_2, cls_3, mean_3]."""
+    kw = lp.vit_kwargs("vit_tiny", 16, layers=3, heads=2, dim=32)
+    vit = lp.build_backbone("vit", **kw).eval()
+    tv = torchvision.models.VisionTransformer(**kw)
+    tv.heads = torch.nn.Identity()
+    tv.load_state_dict(vit.state_dict(), strict=True)
+    tv.eval()
+    outputs = []
+    for block in tv.encoder.layers:
+        block.register_forward_hook(lambda m, i, o: outputs.append(o))
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        final = tv(x)
+        normed = [tv.encoder.ln(o) for o in outputs]
+        expected = torch.cat([normed[1][:, 0], normed[2][:, 0], normed[2][:, 1:].mean(1)], -1)
+        torch.testing.assert_close(vit.readout(x, 2, True), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vit.readout(x, 3), torch.cat([n[:, 0] for n in normed], -1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vit.readout(x), final, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lp.DinoReadout(vit, 2, True)(x), vit.readout(x, 2, True))
+
+
+def test_probe_reads_a_vit_the_dino_way_and_records_it(tmp_path):
+    """--n-last-blocks 2 --avgpool-patchtokens: 3 x 16-d features, recorded in the JSON, its own file name; refused
+    beyond the ViT's blocks and for what has no tokens."""
+    vit = ["--arch", "vit_tiny", "--vit-layers", "2", "--vit-dim", "16", "--vit-heads", "2", "--patch-size", "4"]
+    fast = ["--batch-size", "8", "--max-steps", "1", "--num-workers", "0", "--eval-every", "0", "--run-name", "v"]
+    run_script("supervised_baseline.py", *TINY_DATA, *vit, *fast, cwd=tmp_path)
+    run = tmp_path / "runs" / "v"
+    probe = [str(run), "--epochs", "1", "--num-workers", "0"]
+    out = run_script("linear_probe.py", *probe, "--n-last-blocks", "2", "--avgpool-patchtokens", cwd=tmp_path).stdout
+    assert "DINO's readout: 48-d features" in out
+    res = json.loads((run / "probe_synthetic_last2avg.json").read_text())
+    assert res["readout"] == {"n_last_blocks": 2, "avgpool_patchtokens": True} and res["feature_dim"] == 48
+    plain = json.loads(
+        (run_script("linear_probe.py", *probe, cwd=tmp_path), run / "probe_synthetic.json")[1].read_text()
+    )
+    assert plain["readout"] == {"n_last_blocks": 1, "avgpool_patchtokens": False} and plain["feature_dim"] == 16
+    for flags, message in (
+        (["--n-last-blocks", "3"], "--n-last-blocks 3 exceeds the ViT's 2 blocks"),
+        (["--n-last-blocks", "2", "--raw-pixels"], "read a ViT's tokens; the raw pixels have none"),
+    ):
+        proc = run_script("linear_probe.py", *probe, *flags, cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().endswith(message), proc.stderr
