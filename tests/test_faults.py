@@ -275,6 +275,7 @@ def test_a_fresh_start_moves_the_earlier_run_s_files_aside_and_says_so(tmp_path,
     run = tmp_path / "runs" / "f"
     (run / "checkpoint.pt").rename(tmp_path / "old.pt")
     (run / "probe_synthetic.json").write_text("{}")  # a probe of the earlier backbone
+    (run / "train.log").write_text("the launcher's log, written while the run starts\n")  # not the run's: it stays
     out = run_script(script, *args, "--lr", "0.01", cwd=tmp_path).stdout
     first = out.splitlines()[0]
     assert first.endswith(
@@ -287,7 +288,9 @@ def test_a_fresh_start_moves_the_earlier_run_s_files_aside_and_says_so(tmp_path,
         and moved[1].startswith("events.out.tfevents.")
         and moved[2:] == ["probe_synthetic.json"]
     )
-    assert sorted(os.listdir(run)) == sorted([".lock", "backbone.pt", "checkpoint.pt", "earlier_1", *_events(run)])
+    assert sorted(os.listdir(run)) == sorted(
+        [".lock", "backbone.pt", "checkpoint.pt", "earlier_1", "train.log", *_events(run)]
+    )
     again = run_script(script, *args, "--lr", "0.01", "--max-steps", "3", cwd=tmp_path).stdout  # a resume moves nothing
     assert "resuming at step 2" in again and "moved" not in again and not (run / "earlier_2").exists()
 
