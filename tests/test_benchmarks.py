@@ -148,6 +148,8 @@ def _gap_tiny(tmp_path) -> list[str]:
         "0",
         "--jobs",
         "2",
+        "--extension",
+        "1",
         "--seeds",
         "1",
         "2",
@@ -168,6 +170,14 @@ def _import_benchmark(name: str):
     return module
 
 
+DINO_VIT_S = {"n_last_blocks": 4, "avgpool_patchtokens": False}  # DINO's eval_linear.py for ViT-S
+
+
+def _split_counts(path, targets) -> list[int]:
+    idx = [int(i) for i in path.read_text().split()]
+    return torch.bincount(torch.tensor([targets[i] for i in idx]), minlength=max(targets) + 1).tolist()
+
+
 @pytest.mark.slow
 def test_gap_table_states_each_claim_with_its_interval_and_verdict(tmp_path):
     out = run_benchmark("gap_table.py", *_gap_tiny(tmp_path), cwd=tmp_path)
@@ -175,20 +185,37 @@ def test_gap_table_states_each_claim_with_its_interval_and_verdict(tmp_path):
     result = json.loads((gap_dir / "gap_table.json").read_text())
     table = result["table"]
     assert set(table) == {"supervised", "simsiam", "random init", "raw pixels"}
+    # each seed its own long-tailed subset and class order (an index file), the same for every row of the seed
+    import lt_data
+
+    args = lt_data.DataArgs(dataset="synthetic", synthetic_classes=4, synthetic_per_class=24, image_size=16)
+    targets = lt_data.build_data(args).train_full.targets
+    counts = {s: _split_counts(gap_dir / "splits" / f"lt_s{s}.txt", targets) for s in (1, 2)}
+    assert sorted(counts[1]) == sorted(counts[2]) == sorted(lt_data.long_tail_counts(24, 4, 4.0))
+    assert counts[1] != counts[2] and result["long_tailed_class_counts"] == {str(s): c for s, c in counts.items()}
     # every number is a probe's JSON: each run probed in domain and on the ImageFolder, with --seed = seed - 1
     for row in ("supervised", "simsiam"):
         for pretrain, suffix in (("long-tailed", "lt"), ("balanced", "twin")):
             for s in (1, 2):
+                run = table[row][pretrain][str(s)]
+                assert run["run"] == f"{row}_{suffix}_s{s}" and run["steps"] == 2  # --extension 1: never extended
                 for domain in ("in", "ood"):
                     probe = json.loads((gap_dir / f"{row}_{suffix}_s{s}" / f"probe_{domain}.json").read_text())
-                    assert table[row][pretrain][str(s)][domain] == probe
+                    assert run[domain] == probe and probe["readout"] == DINO_VIT_S  # DINO's for ViT-S
                     assert probe["dataset"] == ("synthetic" if domain == "in" else "imagefolder")
                     assert set(probe["few_shot"]) == {"10", "100"} and not probe["random_init"]
                 assert f"{row}_{suffix}_s{s}/backbone.pt --seed {s - 1} " in out
+                ckpt = torch.load(gap_dir / f"{row}_{suffix}_s{s}" / "checkpoint.pt", weights_only=True)
+                assert ckpt["args"]["index_file"] == str(gap_dir / "splits" / f"lt_s{s}.txt")
+                assert ckpt["args"]["split_seed"] == s and ckpt["args"]["balanced_twin"] == (pretrain == "balanced")
+                # many / medium / few follow the seed's own order: "few" is its smallest classes
+                few = sorted(range(4), key=lambda c: (counts[s][c], -c))[:1]
+                assert run["in"]["linear"]["few"] == pytest.approx(run["in"]["linear"]["per_class"][few[0]])
     for floor, slug, flag in (("random init", "random", "random_init"), ("raw pixels", "pixels", "raw_pixels")):
         for s in (1, 2):
             probe = json.loads((gap_dir / f"{slug}_ood_s{s}.json").read_text())
             assert table[floor]["floor"][str(s)]["ood"] == probe and probe[flag]
+            assert probe["readout"] == (DINO_VIT_S if floor == "random init" else None)
 
     # the claim: supervised's relative gap minus SimSiam's, per seed, with a 95% t-interval (df 1: t = 12.706)
     def gap(row, s, domain):
@@ -196,27 +223,43 @@ def test_gap_table_states_each_claim_with_its_interval_and_verdict(tmp_path):
         return 100 * (bal - lt) / bal
 
     claim = result["claims"][0]
-    for domain in ("in", "ood"):
+    for domain, stat in (("in", claim["primary"]), ("ood", claim["secondary"]["ood linear"])):
         diffs = [gap("supervised", s, domain) - gap("simsiam", s, domain) for s in (1, 2)]
         m, sd = _mean_std(diffs)
-        stat = claim["results"][f"{domain} linear"]["stat"]
         assert stat["per_seed"] == pytest.approx({"1": diffs[0], "2": diffs[1]})
         assert (stat["mean"], stat["low"], stat["high"]) == pytest.approx(
             (m, m - 12.706 * sd / math.sqrt(2), m + 12.706 * sd / math.sqrt(2))
         )
-        expected = "confirmed" if stat["low"] > 0 else "refuted" if stat["high"] < 0 else "not resolved at this budget"
-        assert claim["results"][f"{domain} linear"]["verdict"] == expected
-    assert claim["verdict"] == claim["results"]["in linear"]["verdict"]
-    assert "ood minus in, linear" in claim["results"]
+    # the verdict from the primary measure alone, unless a run it rests on is still learning (--extension 1: no
+    # second chance); the secondary measures carry no verdict
+    low, high = claim["primary"]["low"], claim["primary"]["high"]
+    learning = [
+        f"{r} {p} s{s}"
+        for r in ("supervised", "simsiam")
+        for p, runs in table[r].items()
+        for s, run in runs.items()
+        if not run["level"]["levelled"]
+    ]
+    assert claim["still_learning"] == learning
+    assert claim["verdict"] == (
+        "not resolved: still learning"
+        if learning
+        else "confirmed"
+        if low > 0
+        else "refuted"
+        if high < 0
+        else "not resolved at this budget"
+    )
+    assert "in linear" not in claim["secondary"] and "ood minus in, linear" in claim["secondary"]
+    assert all("verdict" not in s for s in claim["secondary"].values())
     # the monitor of every run, read back from its events: before training, then at the end
-    assert set(result["levelled"]) == {
-        f"{r} {p}" for r in ("supervised", "simsiam") for p in ("long-tailed", "balanced")
-    }
-    for per_seed in result["levelled"].values():
-        for v in per_seed.values():
-            assert v["from_step"] == 0 and v["levelled"] == (v["gain"] < 0.5)
+    for row in ("supervised", "simsiam"):
+        for runs in table[row].values():
+            for v in (r["level"] for r in runs.values()):
+                assert v["from_step"] == 0 and v["levelled"] == (v["gain_per_fifth"] < 0.5)
     report = (gap_dir / "claims.md").read_text()
     assert "| supervised | long-tailed | " in report and "- **supervised-vs-ssl**: " in report and report in out + "\n"
+    assert "Secondary measures: 8 intervals, descriptive only" in report
     # a rerun trains and probes nothing and gives the same JSON
     outputs = sorted(gap_dir.glob("**/*.pt")) + sorted(gap_dir.glob("**/*probe_*.json"))
     assert len(outputs) == 8 * 2 + 8 * 2 and not list(gap_dir.glob("**/*.part"))
@@ -229,24 +272,175 @@ def test_gap_table_states_each_claim_with_its_interval_and_verdict(tmp_path):
             assert (gap_dir / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_gap_table_verdicts_follow_the_interval():
+@pytest.mark.slow
+def test_gap_table_excb_claim_is_the_interaction_with_its_no_balancing_control(tmp_path):
+    """ExCB's claim: (batch B with - without balancing) - (4B with - without), per seed, from the probes' JSONs;
+    the 4x rows at 4x the batch over the same images, momenta matched per image; the controls with --no-balancing."""
+    args = _gap_tiny(tmp_path)
+    args[1] = "excb-batch"
+    args[args.index("--extra=--max-steps 2 --batch-size 8")] = "--extra=--max-steps 2"
+    args[args.index("--synthetic-per-class") + 1] = "300"  # a long-tailed set of 683 images: 2 batches of 256
+    run_benchmark("gap_table.py", *args, cwd=tmp_path)
+    gap_dir = tmp_path / "runs" / "claims"
+    result = json.loads((gap_dir / "gap_table.json").read_text())
+    top1 = {
+        (row, s): json.loads((gap_dir / f"{row}_lt_s{s}" / "probe_in.json").read_text())["linear"]["top1"]
+        for row in ("excb", "excb_nobal", "excb_4x", "excb_4x_nobal")
+        for s in (1, 2)
+    }
+    for row, (batch, teacher, balancing) in {
+        "excb": (64, 0.99, True),
+        "excb_nobal": (64, 0.99, False),
+        "excb_4x": (256, 0.96, True),
+        "excb_4x_nobal": (256, 0.96, False),
+    }.items():
+        a = torch.load(gap_dir / f"{row}_lt_s1" / "checkpoint.pt", weights_only=True)["args"]
+        assert (a["batch_size"], a["teacher_momentum"], a["balancing"]) == (batch, teacher, balancing)
+        assert a["train_steps"] == (1200 if batch == 64 else 300)  # the same images seen
+    claim = result["claims"][0]
+    diffs = [top1["excb", s] - top1["excb_nobal", s] - (top1["excb_4x", s] - top1["excb_4x_nobal", s]) for s in (1, 2)]
+    m, sd = _mean_std(diffs)
+    half = 12.706 * sd / math.sqrt(2)
+    assert (claim["primary"]["mean"], claim["primary"]["low"], claim["primary"]["high"]) == pytest.approx(
+        (m, m - half, m + half)
+    )
+    verdict = "confirmed" if m - half > -1 else "refuted" if m + half < -1 else "not resolved at this budget"
+    assert claim["verdict"] == ("not resolved: still learning" if claim["still_learning"] else verdict)
+    assert claim["still_learning"] == [
+        f"{row} long-tailed s{s}"
+        for row in ("excb", "excb_nobal", "excb_4x", "excb_4x_nobal")
+        for s in ("1", "2")
+        if not result["table"][row]["long-tailed"][s]["level"]["levelled"]
+    ]
+    plain = [top1["excb", s] - top1["excb_4x", s] for s in (1, 2)]  # the plain batch comparison, beside it
+    assert claim["secondary"]["excb - excb_4x, in linear"]["per_seed"] == pytest.approx(dict(zip("12", plain)))
+
+
+@pytest.mark.slow
+def test_gap_table_gpu_preset_runs_end_to_end_on_the_cpu_with_tiny_steps(tmp_path):
+    """--preset gpu: each script's cifar10-lt recipe (ResNet-18 for supervised / SimSiam, the ViT-S for MSN / PMSN)
+    on the chosen data at 28 px, the preset's epochs; a random-init floor per architecture, the ViTs read out with
+    DINO's last 4 class tokens, the ResNets with their pooled feature."""
+    args = _gap_tiny(tmp_path)
+    args[args.index("--image-size") : args.index("--image-size") + 2] = []
+    args[args.index("--seeds") :] = ["--seeds", "1"]
+    run_benchmark("gap_table.py", "--preset", "gpu", *args[:2], "pmsn", *args[2:], cwd=tmp_path)
+    gap_dir = tmp_path / "runs" / "claims"
+    result = json.loads((gap_dir / "gap_table.json").read_text())
+    assert set(result["table"]) == {
+        "supervised", "simsiam", "msn", "pmsn", "random init (resnet18)", "random init (vit)", "raw pixels"
+    }  # fmt: skip
+    for run, arch, epochs, readout in (
+        ("supervised_lt_s1", "resnet18", 8, None),
+        ("simsiam_twin_s1", "resnet18", 32, None),
+        ("pmsn_lt_s1", "vit_small", 32, DINO_VIT_S),
+    ):
+        a = torch.load(gap_dir / run / "checkpoint.pt", weights_only=True)["args"]
+        assert (a["arch"], a["image_size"], a["epochs"], a["dataset"]) == (arch, 28, epochs, "synthetic")
+        probe = json.loads((gap_dir / run / "probe_in.json").read_text())
+        assert probe["readout"] == readout  # None: the backbone's own feature
+    for slug, readout in (("random_resnet18", None), ("random_vit", DINO_VIT_S)):
+        assert json.loads((gap_dir / f"{slug}_in_s1.json").read_text())["readout"] == readout
+    assert [c["verdict"] for c in result["claims"]] == ["not resolved (fewer than 2 seeds)"] * 2
+
+
+@pytest.mark.slow
+def test_claims_estimate_counts_each_row_s_passes():
+    """benchmarks/claims_estimate.py on every row of the GPU preset: SimSiam's image is two views of the same
+    ResNet-18 pass as supervised's one, rwSAM's twice SimSiam's (SAM), the ExCB rows all alike; per-claim minutes."""
+    out = run_benchmark("claims_estimate.py", "--dataset", "synthetic", "--images", "5", cwd=ROOT)
+    runs, claims = (
+        {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in part.splitlines()[2:] if line.startswith("| ")}
+        for part in out.strip().split("\n\n")[-2:]
+    )
+    gflop = {row: float(cells[1]) for row, cells in runs.items()}
+    assert set(gflop) == set(_import_benchmark("gap_table").PRESETS["gpu"].rows)
+    assert gflop["simsiam"] == pytest.approx(2 * gflop["supervised"], rel=0.01)
+    assert gflop["rwsam"] == pytest.approx(2 * gflop["simsiam"], rel=0.01)
+    assert len({gflop[r] for r in ("excb", "excb_4x", "excb_nobal", "excb_4x_nobal")}) == 1
+    assert list(claims) == ["supervised-vs-ssl", "rwsam", "pmsn", "excb-batch"]
+
+
+def test_gap_table_rules_on_independent_numbers():
     """Independent numbers: 1, 2, 3 have mean 2, sd 1, and a 95% t-interval of 2 -+ 4.303 / sqrt(3)."""
     gap = _import_benchmark("gap_table")
     ci = gap.mean_ci([1.0, 2.0, 3.0])
     assert (ci["low"], ci["high"]) == pytest.approx((2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)))
     superiority = gap.Claim("c", "s", "x", "a", "b", "acc")
-    non_inferiority = gap.Claim("n", "s", "x", "a", "b", "acc", threshold=-1.0)
+    non_inferiority = gap.Claim("n", "s", "x", "a", "b", "acc", threshold=-1.0, refute_below=-1.0)
     stat = lambda low, high: {"low": low, "high": high}  # noqa: E731
     assert gap.verdict(superiority, stat(0.1, 2.0)) == "confirmed"
     assert gap.verdict(superiority, stat(-3.0, -0.1)) == "refuted"
     assert gap.verdict(superiority, stat(-0.5, 0.5)) == "not resolved at this budget"
     assert gap.verdict(non_inferiority, stat(-0.5, 0.5)) == "confirmed"
     assert gap.verdict(non_inferiority, stat(-1.5, 0.5)) == "not resolved at this budget"
-    assert gap.verdict(non_inferiority, stat(-1.5, -0.2)) == "refuted"
+    assert gap.verdict(non_inferiority, stat(-3.0, -1.2)) == "refuted"
     assert gap.verdict(superiority, {"low": None}) == "not resolved (fewer than 2 seeds)"
-    curve = [(0, 60.0), (100, 70.0), (200, 72.0), (300, 72.3)]  # 80% of 300 is 240: from step 200
-    assert gap.levelled(curve) == {"gain": pytest.approx(0.3), "from_step": 200, "final": 72.3, "levelled": True}
-    assert not gap.levelled([(0, 60.0), (100, 70.0)])["levelled"]  # +10 from step 0
+    # levelled off: the gain over the last window, per 20% of the run. 80% of 300 is 240: from step 200, a window
+    # of a third of the run, so +0.8 there is +0.48 per fifth (levelled); +0.9 is +0.54 (not)
+    level = gap.levelled([(0, 60.0), (100, 70.0), (200, 72.0), (300, 72.8)])
+    assert level == {
+        "gain": pytest.approx(0.8),
+        "from_step": 200,
+        "steps": 300,
+        "final": 72.8,
+        "gain_per_fifth": pytest.approx(0.48),
+        "levelled": True,
+    }
+    assert not gap.levelled([(0, 60.0), (100, 70.0), (200, 72.0), (300, 72.9)])["levelled"]
+    assert not gap.levelled([(0, 60.0)])["levelled"]
+    # an interaction: (a - b) - (c - d) per seed, over the seeds all four rows have
+    acc = lambda v: {"long-tailed": {s: {"in": {"linear": {"top1": x}}} for s, x in v.items()}}  # noqa: E731
+    table = {
+        "a": acc({"1": 80.0, "2": 81.0, "3": 79.0}),
+        "b": acc({"1": 78.0, "2": 80.0, "3": 78.5}),
+        "c": acc({"1": 70.0, "2": 71.0}),
+        "d": acc({"1": 69.0, "2": 71.5}),
+    }
+    assert gap.paired(table, ("a", "b", "c", "d"), "acc", "in")["per_seed"] == {"1": 1.0, "2": 1.5}
+
+
+def test_gap_table_extends_a_run_that_has_not_levelled_off_once(monkeypatch, tmp_path):
+    """A run still learning is trained afresh with --extension times its steps (a new run, its schedules
+    re-planned); the longer run is the one probed and reported. A claim resting on a run still learning after the
+    extension is "not resolved: still learning", whatever its interval."""
+    gap = _import_benchmark("gap_table")
+    curves = {
+        "simsiam_lt_s1": [(0, 50.0), (800, 70.0), (1000, 74.0)],  # +4 over the last fifth: still learning
+        "simsiam_lt_s1_x2": [(0, 50.0), (1600, 75.0), (2000, 75.1)],  # levelled
+        "simsiam_twin_s1": [(0, 50.0), (800, 70.0), (1000, 74.0)],
+        "simsiam_twin_s1_x2": [(0, 50.0), (1600, 72.0), (2000, 75.0)],  # still learning at the cap
+    }
+    trained, probed = [], []
+
+    def pretrain(script, flags, data, output_dir, name, seed, workers):
+        trained.append((name, flags))
+        return os.path.join(output_dir, name, "backbone.pt")
+
+    monkeypatch.setattr(gap, "pretrain_run", pretrain)
+    monkeypatch.setattr(gap, "monitor_curve", lambda run_dir: curves[os.path.basename(run_dir)])
+    top1 = {"top1": 80.0}
+    result = {"linear": top1, "knn": top1, "few_shot": {"10": top1, "100": top1}}
+    monkeypatch.setattr(gap, "probe", lambda backbone, out, *a, **k: probed.append(out) or result)
+    args = gap.GapArgs(output_dir=str(tmp_path))
+    lt = gap.train_and_probe(args, "simsiam", "long-tailed", 1, [])
+    assert [name for name, _ in trained] == ["simsiam_lt_s1", "simsiam_lt_s1_x2"]
+    assert trained[1][1][-2:] == ["--train-steps", "2000"] and trained[1][1][:-2] == trained[0][1]
+    assert lt["run"] == "simsiam_lt_s1_x2" and lt["steps"] == 2000 and lt["level"]["levelled"]
+    assert probed == [str(tmp_path / "simsiam_lt_s1_x2" / f"probe_{d}.json") for d in ("in", "ood")]
+    twin = gap.train_and_probe(args, "simsiam", "balanced", 1, [])
+    assert len(trained) == 4 and not twin["level"]["levelled"]  # extended once, no more
+    rwsam = dict(lt, level={"levelled": True})
+    table = {"simsiam": {"long-tailed": {"1": lt, "2": lt}, "balanced": {"1": twin, "2": twin}}}
+    table["rwsam"] = {"long-tailed": {"1": rwsam, "2": rwsam}, "balanced": {"1": rwsam, "2": rwsam}}
+    claim = gap.evaluate_claim(table, next(c for c in gap.CLAIMS if c.name == "rwsam"))
+    assert claim["verdict"] == "not resolved: still learning" and claim["still_learning"] == [
+        "simsiam balanced s1",
+        "simsiam balanced s2",
+    ]
+    curves["simsiam_twin_s2"] = curves["simsiam_twin_s1"]  # --extension 1: never extended
+    still = gap.train_and_probe(gap.GapArgs(output_dir=str(tmp_path), extension=1), "simsiam", "balanced", 2, [])
+    assert still["run"] == "simsiam_twin_s2" and len(trained) == 5 and not still["level"]["levelled"]
 
 
 @pytest.mark.parametrize(
@@ -256,6 +450,7 @@ def test_gap_table_verdicts_follow_the_interval():
         (["--seeds", "1", "1"], "--seeds must be one or more distinct seeds >= 1, got [1, 1]"),
         (["--seeds", "0"], "--seeds must be one or more distinct seeds >= 1, got [0]"),
         (["--train-steps", "0"], "--train-steps must be >= 1, got 0"),
+        (["--extension", "0"], "--extension must be >= 1, got 0"),
         (["--ood-dir", "missing"], "benchmarks/make_imagefolder.py mnist-5k"),
     ],
 )
