@@ -238,7 +238,7 @@ class GapArgs:
     """the levelled-off rule's cap: a run that has not levelled off is trained afresh once with this many times
     its steps; 1: never"""
     train_steps: Optional[int] = None
-    """replaces every run's --train-steps (short checks)"""
+    """replaces every run's --train-steps (short checks; the 4x-batch ExCB rows then see 4x the images)"""
     extra: str = ""
     """extra flags passed to every training script (after the recipe's), e.g. --extra="--amp none" """
     jobs: int = 1
