@@ -20,7 +20,6 @@ forward of 15,000 images an epoch) and a start; a probe its extraction (70,000 i
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import statistics
 import sys
@@ -36,6 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 sys.path.insert(0, ROOT)
 import gap_table  # noqa: E402  (the preset, its rows and claims)
 from recipes import RECIPES  # noqa: E402
+from step_cost import load_script  # noqa: E402  (a training script as a module)
 
 import lt_data  # noqa: E402
 
@@ -68,14 +68,6 @@ class EstimateArgs:
     """images timed through each train_transform"""
 
 
-def load(script: str):
-    spec = importlib.util.spec_from_file_location(script[:-3], os.path.join(ROOT, script))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def measure(row: str, args: EstimateArgs) -> dict:
     """GFLOP per training image, ms per image per core, epochs and the backbone's forward GFLOP at full size."""
     preset = gap_table.PRESETS["gpu"]
@@ -83,7 +75,7 @@ def measure(row: str, args: EstimateArgs) -> dict:
     script, recipe = RECIPES[method]
     recipe = [preset.recipe if i and recipe[i - 1] == "--recipe" else f for i, f in enumerate(recipe)]
     data_flags = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--image-size", "28"]
-    module = load(script)
+    module = load_script(script)
     run = module.parse_args([*recipe, *preset.rows[row].flags, *data_flags, "--imbalance-ratio", "100"])
     data = lt_data.build_data(run)
     model = module.Model(run, data)
