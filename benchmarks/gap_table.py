@@ -260,22 +260,32 @@ def run_name(row: str, pretrain: str, seed: int) -> str:
 
 
 def split_file(args: GapArgs, seed: int, targets: list[int]) -> str:
-    """Seed ``seed``'s long-tailed subset as an --index-file (<output-dir>/splits/lt_s<seed>.txt, written once):
-    the exp profile's counts (lt_data.long_tail_counts, n_max the smallest class) given to the classes in a seeded
-    random order, then a seeded choice of each class's images (lt_data.select_per_class)."""
+    """Seed ``seed``'s long-tailed subset as an --index-file (<output-dir>/splits/lt_s<seed>.txt): the exp
+    profile's counts (lt_data.long_tail_counts, n_max the smallest class) given to the classes in a seeded random
+    order, then a seeded choice of each class's images (lt_data.select_per_class). Written once; a file that holds
+    another subset (another data set or ratio in the same --output-dir) stops the run with one line."""
     path = os.path.abspath(os.path.join(args.output_dir, "splits", f"lt_s{seed}.txt"))
-    if not os.path.exists(path):
-        num_classes = max(targets) + 1
-        available = lt_data.class_histogram(targets, num_classes)
-        sizes = lt_data.long_tail_counts(min(available), num_classes, args.imbalance_ratio)
-        order = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed)).tolist()
-        counts = [0] * num_classes
-        for rank, c in enumerate(order):  # the rank-th largest size goes to class order[rank]
-            counts[c] = sizes[rank]
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".part", "w") as f:
-            f.write("\n".join(map(str, lt_data.select_per_class(targets, counts, seed))) + "\n")
-        os.replace(path + ".part", path)
+    num_classes = max(targets) + 1
+    sizes = lt_data.long_tail_counts(
+        min(lt_data.class_histogram(targets, num_classes)), num_classes, args.imbalance_ratio
+    )
+    order = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed)).tolist()
+    counts = [0] * num_classes
+    for rank, c in enumerate(order):  # the rank-th largest size goes to class order[rank]
+        counts[c] = sizes[rank]
+    text = "\n".join(map(str, lt_data.select_per_class(targets, counts, seed))) + "\n"
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() != text:
+                fail(
+                    f"{path} holds another long-tailed subset (another data set or --imbalance-ratio); "
+                    "use another --output-dir"
+                )
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".part", "w") as f:
+        f.write(text)
+    os.replace(path + ".part", path)
     return path
 
 

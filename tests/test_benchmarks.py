@@ -400,6 +400,24 @@ def test_gap_table_rules_on_independent_numbers():
     assert gap.paired(table, ("a", "b", "c", "d"), "acc", "in")["per_seed"] == {"1": 1.0, "2": 1.5}
 
 
+def test_gap_table_split_files_are_the_seed_s_and_refuse_another_subset(tmp_path, capsys):
+    """Seed s's split: the exp profile's sizes in a seeded class order, written once; the same command finds the
+    same file, another --imbalance-ratio in the same --output-dir is refused in one line (its runs would train on
+    the old subset: --index-file replaces the construction)."""
+    gap = _import_benchmark("gap_table")
+    targets = [c for c in range(5) for _ in range(40)]
+    args = gap.GapArgs(output_dir=str(tmp_path), imbalance_ratio=10.0)
+    path = gap.split_file(args, 3, targets)
+    counts = gap.split_counts(path, targets)
+    order = torch.randperm(5, generator=torch.Generator().manual_seed(3)).tolist()  # class of each size rank
+    assert [counts[c] for c in order] == [40, 22, 12, 7, 4]  # int(40 * 10 ** (-i / 4)), in the seed's order
+    assert gap.split_file(args, 3, targets) == path and gap.split_counts(path, targets) == counts
+    with pytest.raises(SystemExit) as e:
+        gap.split_file(gap.GapArgs(output_dir=str(tmp_path), imbalance_ratio=5.0), 3, targets)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "holds another long-tailed subset" in err
+
+
 def test_gap_table_extends_a_run_that_has_not_levelled_off_once(monkeypatch, tmp_path):
     """A run still learning is trained afresh with --extension times its steps (a new run, its schedules
     re-planned); the longer run is the one probed and reported. A claim resting on a run still learning after the
