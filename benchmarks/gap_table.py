@@ -18,8 +18,9 @@ probed the same way: the same architecture at random init and the raw pixels.
 Levelled off, with a consequence: each run's online kNN monitor (whole test set, every epoch) is read back from its
 TensorBoard events; the run has levelled off when its gain over its last window (from its last evaluation at or
 before 80% of the steps to the end), scaled to 20% of the run, is under LEVEL_POINTS. A run that has not is trained
-afresh with --extension times its steps (its schedules re-planned), once; that run replaces it. A claim resting on a
-run still learning at this cap is "not resolved: still learning".
+afresh with --extension times its steps (its schedules re-planned), once, with the runs of its budget group at that
+seed (a row's two sets; PMSN with MSN; the ExCB rows: a difference a claim takes keeps one budget); the longer runs
+replace them. A claim resting on a run still learning at this cap is "not resolved: still learning".
 
 Verdicts come from each claim's pre-registered primary measure alone (in-domain linear top-1): a per-seed paired
 difference with its 95% t-interval over seeds, confirmed when the interval lies on the claim's side of its threshold,
@@ -64,11 +65,14 @@ import lt_data  # noqa: E402  (the data sets the scripts accept)
 @dataclass(frozen=True)
 class Row:
     """A row: a method of benchmarks/recipes.py (its script and variant flag), flags after the preset's recipe,
-    and the pre-training sets it is trained on."""
+    the pre-training sets it is trained on, and its budget group: the runs of a seed whose difference a claim takes
+    directly (a row's long-tailed and balanced runs; the rows of an accuracy claim) are extended together, so
+    they keep one budget (None: the method's name)."""
 
     method: str
     flags: tuple[str, ...] = ()
     sets: tuple[str, ...] = ("long-tailed",)
+    group: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,11 @@ def excb_rows(batch: int, base: tuple[str, ...], large: tuple[str, ...], teacher
     four += ["--size-momentum", f"{1 - 4 * (1 - sizes):.3f}"]
     rows = {"excb": Row("excb", base), "excb_4x": Row("excb", (*base, *large, *four))}
     return rows | {f"{name}_nobal": Row("excb", (*row.flags, "--no-balancing")) for name, row in rows.items()}
+
+
+def group(row: Row) -> str:
+    """The row's budget group: PMSN with MSN (their claim's difference), each other method its own."""
+    return row.group or {"pmsn": "msn"}.get(row.method, row.method)
 
 
 BOTH = ("long-tailed", "balanced")
@@ -295,29 +304,43 @@ def split_counts(path: str, targets: list[int]) -> list[int]:
         return lt_data.class_histogram([targets[int(i)] for i in f.read().split()], max(targets) + 1)
 
 
-def train_and_probe(args: GapArgs, row: str, pretrain: str, seed: int, data: list[str]) -> dict:
-    """Pre-train one run (unless its backbone.pt exists), extend it once if it has not levelled off, and probe the
-    final run in and out of domain: {domain: probe JSON, "run": its folder name, "steps", "level": levelled()}."""
+def flags_of(args: GapArgs, row: str, pretrain: str) -> tuple[str, list[str]]:
+    """The training script of a row and its flags: the preset's recipe, the monitor, the row's, --extra's."""
     preset = PRESETS[args.preset]
     spec = preset.rows[row]
     script, recipe = RECIPES[spec.method]
     recipe = [preset.recipe if i and recipe[i - 1] == "--recipe" else f for i, f in enumerate(recipe)]
     steps = ["--train-steps", str(args.train_steps)] if args.train_steps else []
     flags = [*recipe, *MONITOR, *spec.flags, *steps, *shlex.split(args.extra)]
-    flags += ["--balanced-twin"] if pretrain == "balanced" else []
+    return script, flags + (["--balanced-twin"] if pretrain == "balanced" else [])
+
+
+def train(args: GapArgs, row: str, pretrain: str, seed: int, data: list[str]) -> dict:
+    """Pre-train one run (unless its backbone.pt exists): {"run": its folder name, "steps", "level": levelled()}."""
+    script, flags = flags_of(args, row, pretrain)
     name = run_name(row, pretrain, seed)
     backbone = pretrain_run(script, flags, data, args.output_dir, name, seed, args.num_workers)
     level = levelled(monitor_curve(os.path.dirname(backbone)))
-    if not level["levelled"] and args.extension > 1 and level["steps"]:  # the rule's one extension, re-planned
-        name += f"_x{args.extension}"
-        longer = [*flags, "--train-steps", str(args.extension * level["steps"])]
+    return {"run": name, "steps": level["steps"], "level": level}
+
+
+def extend_and_probe(args: GapArgs, row: str, pretrain: str, seed: int, data: list[str], base, group_runs) -> dict:
+    """The levelled-off rule's consequence, then the probes: when a run of the budget group (``group_runs``: the
+    futures of train() of the group's runs at this seed) has not levelled off, every run of the group is trained
+    afresh once with --extension times its own steps (its schedules re-planned; <run>_x<extension>), and that run
+    replaces it. The final run is probed in and out of domain: {domain: probe JSON, "run", "steps", "level"}."""
+    run = base.result()
+    if args.extension > 1 and not all(r.result()["level"]["levelled"] for r in group_runs):
+        script, flags = flags_of(args, row, pretrain)
+        name = f"{run['run']}_x{args.extension}"
+        longer = [*flags, "--train-steps", str(args.extension * run["steps"])]
         backbone = pretrain_run(script, longer, data, args.output_dir, name, seed, args.num_workers)
         level = levelled(monitor_curve(os.path.dirname(backbone)))
-    arch = preset.arch[spec.method]
-    out = lambda d: os.path.join(args.output_dir, name, f"probe_{d}.json")  # noqa: E731
-    return {d: probe_domain(args, backbone, out(d), seed, d, arch) for d in DOMAINS} | dict(
-        run=name, steps=level["steps"], level=level
-    )
+        run = {"run": name, "steps": level["steps"], "level": level}
+    backbone = os.path.join(args.output_dir, run["run"], "backbone.pt")
+    arch = PRESETS[args.preset].arch[PRESETS[args.preset].rows[row].method]
+    out = lambda d: os.path.join(args.output_dir, run["run"], f"probe_{d}.json")  # noqa: E731
+    return {d: probe_domain(args, backbone, out(d), seed, d, arch) for d in DOMAINS} | run
 
 
 def probe_domain(args: GapArgs, backbone: str, out: str, seed: int, domain: str, arch: str, floor: str = "") -> dict:
@@ -480,12 +503,18 @@ def main(args: GapArgs) -> dict:
     data = {s: [*data_flags(args), "--index-file", path, "--split-seed", str(s)] for s, path in splits.items()}
 
     claims = [c for c in CLAIMS if c.name in args.claims]
-    table, done, result, tasks, floor_tasks = {}, [], {}, {}, {}
+    table, done, result, base, tasks, floor_tasks = {}, [], {}, {}, {}, {}
     with ThreadPoolExecutor(args.jobs) as pool:  # everything queued in claim order; a claim's report waits for its rows
         for claim in claims:
             keys = [(r, p, s) for s in args.seeds for r in dict.fromkeys(claim.rows) for p in preset.rows[r].sets]
-            for key in keys:
-                tasks[key] = tasks.get(key) or pool.submit(train_and_probe, args, *key, data[key[2]])
+            keys = [k for k in keys if k not in tasks]
+            for key in keys:  # the runs first, then (FIFO: a task waits only on tasks already started) the rule
+                base[key] = pool.submit(train, args, *key, data[key[2]])
+            for r, p, s in keys:
+                grouped = [
+                    f for (r2, p2, s2), f in base.items() if s2 == s and group(preset.rows[r2]) == group(preset.rows[r])
+                ]
+                tasks[(r, p, s)] = pool.submit(extend_and_probe, args, r, p, s, data[s], base[(r, p, s)], grouped)
             for r, _, s in keys:  # the floors of each architecture, once, with a trained run's data flags
                 arch = preset.arch[preset.rows[r].method]
                 if (arch, s) not in floor_tasks:

@@ -418,16 +418,22 @@ def test_gap_table_split_files_are_the_seed_s_and_refuse_another_subset(tmp_path
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "holds another long-tailed subset" in err
 
 
-def test_gap_table_extends_a_run_that_has_not_levelled_off_once(monkeypatch, tmp_path):
+def test_gap_table_extends_a_budget_group_that_has_not_levelled_off_once(monkeypatch, tmp_path):
     """A run still learning is trained afresh with --extension times its steps (a new run, its schedules
-    re-planned); the longer run is the one probed and reported. A claim resting on a run still learning after the
-    extension is "not resolved: still learning", whatever its interval."""
+    re-planned), and so is every run of its budget group at that seed (a row's long-tailed and balanced runs; PMSN
+    with MSN; the four ExCB rows), so a difference a claim takes keeps one budget; the longer runs are the ones
+    probed and reported. A claim resting on a run still learning after the extension is "not resolved: still
+    learning", whatever its interval."""
+    from concurrent.futures import Future
+
     gap = _import_benchmark("gap_table")
     curves = {
         "simsiam_lt_s1": [(0, 50.0), (800, 70.0), (1000, 74.0)],  # +4 over the last fifth: still learning
+        "simsiam_twin_s1": [(0, 50.0), (800, 74.0), (1000, 74.1)],  # levelled, but its group is not
         "simsiam_lt_s1_x2": [(0, 50.0), (1600, 75.0), (2000, 75.1)],  # levelled
-        "simsiam_twin_s1": [(0, 50.0), (800, 70.0), (1000, 74.0)],
         "simsiam_twin_s1_x2": [(0, 50.0), (1600, 72.0), (2000, 75.0)],  # still learning at the cap
+        "simsiam_lt_s2": [(0, 50.0), (800, 74.0), (1000, 74.1)],
+        "simsiam_twin_s2": [(0, 50.0), (800, 74.0), (1000, 74.2)],
     }
     trained, probed = [], []
 
@@ -435,30 +441,59 @@ def test_gap_table_extends_a_run_that_has_not_levelled_off_once(monkeypatch, tmp
         trained.append((name, flags))
         return os.path.join(output_dir, name, "backbone.pt")
 
-    monkeypatch.setattr(gap, "pretrain_run", pretrain)
-    monkeypatch.setattr(gap, "monitor_curve", lambda run_dir: curves[os.path.basename(run_dir)])
     top1 = {"top1": 80.0}
     result = {"linear": top1, "knn": top1, "few_shot": {"10": top1, "100": top1}}
+    monkeypatch.setattr(gap, "pretrain_run", pretrain)
+    monkeypatch.setattr(gap, "monitor_curve", lambda run_dir: curves[os.path.basename(run_dir)])
     monkeypatch.setattr(gap, "probe", lambda backbone, out, *a, **k: probed.append(out) or result)
+
+    def done(value):
+        future = Future()
+        future.set_result(value)
+        return future
+
+    def seed(s: int, args) -> dict:
+        base = {p: done(gap.train(args, "simsiam", p, s, [])) for p in ("long-tailed", "balanced")}
+        return {p: gap.extend_and_probe(args, "simsiam", p, s, [], f, list(base.values())) for p, f in base.items()}
+
     args = gap.GapArgs(output_dir=str(tmp_path))
-    lt = gap.train_and_probe(args, "simsiam", "long-tailed", 1, [])
-    assert [name for name, _ in trained] == ["simsiam_lt_s1", "simsiam_lt_s1_x2"]
-    assert trained[1][1][-2:] == ["--train-steps", "2000"] and trained[1][1][:-2] == trained[0][1]
+    s1 = seed(1, args)
+    names = [name for name, _ in trained]
+    assert names == ["simsiam_lt_s1", "simsiam_twin_s1", "simsiam_lt_s1_x2", "simsiam_twin_s1_x2"]
+    assert trained[2][1] == [*trained[0][1], "--train-steps", "2000"]  # the same command, twice the steps
+    assert trained[3][1] == [*trained[1][1], "--train-steps", "2000"]
+    lt, twin = s1["long-tailed"], s1["balanced"]
     assert lt["run"] == "simsiam_lt_s1_x2" and lt["steps"] == 2000 and lt["level"]["levelled"]
-    assert probed == [str(tmp_path / "simsiam_lt_s1_x2" / f"probe_{d}.json") for d in ("in", "ood")]
-    twin = gap.train_and_probe(args, "simsiam", "balanced", 1, [])
-    assert len(trained) == 4 and not twin["level"]["levelled"]  # extended once, no more
+    assert twin["run"] == "simsiam_twin_s1_x2" and not twin["level"]["levelled"]  # extended once, no more
+    assert probed == [
+        str(tmp_path / f"simsiam_{x}_s1_x2" / f"probe_{d}.json") for x in ("lt", "twin") for d in ("in", "ood")
+    ]
+    s2 = seed(2, args)  # a levelled group: not extended
+    assert [name for name, _ in trained[4:]] == ["simsiam_lt_s2", "simsiam_twin_s2"]
+    assert s2["balanced"]["run"] == "simsiam_twin_s2"
     rwsam = dict(lt, level={"levelled": True})
-    table = {"simsiam": {"long-tailed": {"1": lt, "2": lt}, "balanced": {"1": twin, "2": twin}}}
+    table = {
+        "simsiam": {"long-tailed": {"1": lt, "2": s2["long-tailed"]}, "balanced": {"1": twin, "2": s2["balanced"]}}
+    }
     table["rwsam"] = {"long-tailed": {"1": rwsam, "2": rwsam}, "balanced": {"1": rwsam, "2": rwsam}}
     claim = gap.evaluate_claim(table, next(c for c in gap.CLAIMS if c.name == "rwsam"))
-    assert claim["verdict"] == "not resolved: still learning" and claim["still_learning"] == [
-        "simsiam balanced s1",
-        "simsiam balanced s2",
-    ]
-    curves["simsiam_twin_s2"] = curves["simsiam_twin_s1"]  # --extension 1: never extended
-    still = gap.train_and_probe(gap.GapArgs(output_dir=str(tmp_path), extension=1), "simsiam", "balanced", 2, [])
-    assert still["run"] == "simsiam_twin_s2" and len(trained) == 5 and not still["level"]["levelled"]
+    assert claim["verdict"] == "not resolved: still learning" and claim["still_learning"] == ["simsiam balanced s1"]
+    curves["simsiam_lt_s3"] = curves["simsiam_twin_s3"] = curves["simsiam_lt_s1"]  # --extension 1: never extended
+    s3 = seed(3, gap.GapArgs(output_dir=str(tmp_path), extension=1))
+    assert s3["balanced"]["run"] == "simsiam_twin_s3" and len(trained) == 8 and not s3["balanced"]["level"]["levelled"]
+    # the budget groups: a row's own sets; PMSN with MSN; the four ExCB rows
+    rows = gap.PRESETS["cpu"].rows
+    assert {r: gap.group(rows[r]) for r in rows} == {
+        "supervised": "supervised",
+        "simsiam": "simsiam",
+        "rwsam": "rwsam",
+        "msn": "msn",
+        "pmsn": "msn",
+        "excb": "excb",
+        "excb_4x": "excb",
+        "excb_nobal": "excb",
+        "excb_4x_nobal": "excb",
+    }
 
 
 @pytest.mark.parametrize(
