@@ -1059,8 +1059,7 @@ def move_earlier_run(run_dir: str) -> str:
     """On a fresh start in a folder that holds an earlier run's files but no checkpoint (moved away, or the run died
     before its first): move them to ``earlier_<n>/`` (TensorBoard shows it as a run of its own), and say so. Only
     what a run and its probes write (events, backbone.pt, probe JSONs): a log the launcher writes there stays."""
-    ours = lambda f: f.startswith(("events.out.tfevents.", "probe_")) or f == "backbone.pt"  # noqa: E731
-    files = [f for f in sorted(os.listdir(run_dir)) if ours(f) and os.path.isfile(os.path.join(run_dir, f))]
+    files = [f for f in sorted(os.listdir(run_dir)) if f.startswith(("events.out.tfevents.", "probe_", "backbone.pt"))]
     if not files:
         return ""
     aside = next(p for n in range(1, 2**31) if not os.path.exists(p := os.path.join(run_dir, f"earlier_{n}")))
