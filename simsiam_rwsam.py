@@ -946,9 +946,8 @@ def load_checkpoint(run: RunState, ckpt: dict, path: str) -> None:
 
 
 def move_earlier_run(run_dir: str) -> str:
-    """On a fresh start in a folder that holds an earlier run's files but no checkpoint (moved away, or the run died
-    before its first): move them to ``earlier_<n>/`` (TensorBoard shows it as a run of its own), and say so. Only
-    what a run and its probes write (events, backbone.pt, probe JSONs): a log the launcher writes there stays."""
+    """On a fresh start in a folder with an earlier run's files (events, backbone.pt, probe JSONs; not a launcher's
+    log) but no checkpoint: move them to ``earlier_<n>/`` (a run of its own in TensorBoard), and say so."""
     files = [f for f in sorted(os.listdir(run_dir)) if f.startswith(("events.out.tfevents.", "probe_", "backbone.pt"))]
     if not files:
         return ""
