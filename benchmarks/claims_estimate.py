@@ -111,7 +111,17 @@ def measure(row: str, args: EstimateArgs) -> dict:
     }
 
 
+RANGES = dict(achieved_tflops="(0, inf)", workers="[1, inf)", startup_s="[0, inf)", probe_s="[0, inf)")
+RANGES |= dict(jobs="[1, inf)", seeds="[1, inf)", images="[1, inf)")
+
+
 def main(args: EstimateArgs) -> None:
+    try:
+        lt_data.check_ranges(args, RANGES)
+        lt_data.build_data(lt_data.DataArgs(dataset=args.dataset, data_dir=args.data_dir, image_size=28))
+    except lt_data.DataError as e:
+        print(f"claims_estimate.py: error: {lt_data.error_line(e)}", file=sys.stderr)
+        sys.exit(2)
     preset = gap_table.PRESETS["gpu"]
     rate = args.achieved_tflops * 1e3  # GFLOP/s
     cost, lines = {}, []

@@ -361,6 +361,18 @@ def test_claims_estimate_counts_each_row_s_passes():
     assert list(claims) == ["supervised-vs-ssl", "rwsam", "pmsn", "excb-batch"]
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--workers", "0"], "--workers"),
+        (["--achieved-tflops", "0"], "--achieved-tflops"),
+        (["--data-dir", "nope"], "nope"),
+    ],
+)
+def test_claims_estimate_bad_input_one_clear_line(tmp_path, extra, message):
+    _fails_in_one_line("claims_estimate.py", extra, message, tmp_path)
+
+
 def test_gap_table_rules_on_independent_numbers():
     """Independent numbers: 1, 2, 3 have mean 2, sd 1, and a 95% t-interval of 2 -+ 4.303 / sqrt(3)."""
     gap = _import_benchmark("gap_table")
