@@ -213,6 +213,8 @@ CLAIMS = [
         also=(("excb", "excb_4x"), ("excb", "excb_nobal"), ("excb_4x", "excb_4x_nobal")),
     ),
 ]
+# the range of every numeric flag (lt_data.check_ranges; the data flags' are lt_data.RANGES, checked by build_data)
+RANGES = dict(extension="[1, inf)", train_steps="[1, inf)", jobs="[1, inf)", num_workers="[0, inf)")
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
 
 
@@ -316,27 +318,27 @@ def flags_of(args: GapArgs, row: str, pretrain: str) -> tuple[str, list[str]]:
 
 
 def train(args: GapArgs, row: str, pretrain: str, seed: int, data: list[str]) -> dict:
-    """Pre-train one run (unless its backbone.pt exists): {"run": its folder name, "steps", "level": levelled()}."""
+    """Pre-train one run (unless its backbone.pt exists): {"run": its folder name, "level": levelled()}."""
     script, flags = flags_of(args, row, pretrain)
     name = run_name(row, pretrain, seed)
     backbone = pretrain_run(script, flags, data, args.output_dir, name, seed, args.num_workers)
     level = levelled(monitor_curve(os.path.dirname(backbone)))
-    return {"run": name, "steps": level["steps"], "level": level}
+    return {"run": name, "level": level}
 
 
 def extend_and_probe(args: GapArgs, row: str, pretrain: str, seed: int, data: list[str], base, group_runs) -> dict:
     """The levelled-off rule's consequence, then the probes: when a run of the budget group (``group_runs``: the
     futures of train() of the group's runs at this seed) has not levelled off, every run of the group is trained
     afresh once with --extension times its own steps (its schedules re-planned; <run>_x<extension>), and that run
-    replaces it. The final run is probed in and out of domain: {domain: probe JSON, "run", "steps", "level"}."""
+    replaces it. The final run is probed in and out of domain: {domain: probe JSON, "run", "level"}."""
     run = base.result()
     if args.extension > 1 and not all(r.result()["level"]["levelled"] for r in group_runs):
         script, flags = flags_of(args, row, pretrain)
         name = f"{run['run']}_x{args.extension}"
-        longer = [*flags, "--train-steps", str(args.extension * run["steps"])]
+        longer = [*flags, "--train-steps", str(args.extension * run["level"]["steps"])]
         backbone = pretrain_run(script, longer, data, args.output_dir, name, seed, args.num_workers)
         level = levelled(monitor_curve(os.path.dirname(backbone)))
-        run = {"run": name, "steps": level["steps"], "level": level}
+        run = {"run": name, "level": level}
     backbone = os.path.join(args.output_dir, run["run"], "backbone.pt")
     arch = PRESETS[args.preset].arch[PRESETS[args.preset].rows[row].method]
     out = lambda d: os.path.join(args.output_dir, run["run"], f"probe_{d}.json")  # noqa: E731
@@ -482,14 +484,10 @@ def main(args: GapArgs) -> dict:
         fail(f"unknown claim {unknown[0]!r}; choose from {', '.join(names)}" if unknown else "give --claims")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 1:
         fail(f"--seeds must be one or more distinct seeds >= 1, got {list(args.seeds)}")
-    for flag, value in (("--train-steps", args.train_steps), ("--extension", args.extension), ("--jobs", args.jobs)):
-        if value is not None and value < 1:
-            fail(f"{flag} must be >= 1, got {value}")
-    if args.num_workers < 0:
-        fail(f"--num-workers must be >= 0, got {args.num_workers}")
     preset = PRESETS[args.preset]
     args.image_size = args.image_size or preset.image_size
-    try:  # the training set's labels (the split files); checks both data sets before hours of training
+    try:  # the flags' ranges; the training set's labels (the split files); both data sets before hours of training
+        lt_data.check_ranges(args, RANGES)
         targets = list(lt_data.build_data(data_args(args)).train_full.targets)
         lt_data.build_data(lt_data.DataArgs(dataset="imagefolder", data_dir=args.ood_dir, image_size=args.image_size))
     except lt_data.DataError as e:
@@ -512,7 +510,7 @@ def main(args: GapArgs) -> dict:
                 base[key] = pool.submit(train, args, *key, data[key[2]])
             for r, p, s in keys:
                 grouped = [
-                    f for (r2, p2, s2), f in base.items() if s2 == s and group(preset.rows[r2]) == group(preset.rows[r])
+                    f for (r2, _, s2), f in base.items() if s2 == s and group(preset.rows[r2]) == group(preset.rows[r])
                 ]
                 tasks[(r, p, s)] = pool.submit(extend_and_probe, args, r, p, s, data[s], base[(r, p, s)], grouped)
             for r, _, s in keys:  # the floors of each architecture, once, with a trained run's data flags

@@ -198,7 +198,9 @@ def test_gap_table_states_each_claim_with_its_interval_and_verdict(tmp_path):
         for pretrain, suffix in (("long-tailed", "lt"), ("balanced", "twin")):
             for s in (1, 2):
                 run = table[row][pretrain][str(s)]
-                assert run["run"] == f"{row}_{suffix}_s{s}" and run["steps"] == 2  # --extension 1: never extended
+                assert (
+                    run["run"] == f"{row}_{suffix}_s{s}" and run["level"]["steps"] == 2
+                )  # --extension 1: never extended
                 for domain in ("in", "ood"):
                     probe = json.loads((gap_dir / f"{row}_{suffix}_s{s}" / f"probe_{domain}.json").read_text())
                     assert run[domain] == probe and probe["readout"] == DINO_VIT_S  # DINO's for ViT-S
@@ -475,7 +477,7 @@ def test_gap_table_extends_a_budget_group_that_has_not_levelled_off_once(monkeyp
     assert trained[2][1] == [*trained[0][1], "--train-steps", "2000"]  # the same command, twice the steps
     assert trained[3][1] == [*trained[1][1], "--train-steps", "2000"]
     lt, twin = s1["long-tailed"], s1["balanced"]
-    assert lt["run"] == "simsiam_lt_s1_x2" and lt["steps"] == 2000 and lt["level"]["levelled"]
+    assert lt["run"] == "simsiam_lt_s1_x2" and lt["level"]["steps"] == 2000 and lt["level"]["levelled"]
     assert twin["run"] == "simsiam_twin_s1_x2" and not twin["level"]["levelled"]  # extended once, no more
     assert probed == [
         str(tmp_path / f"simsiam_{x}_s1_x2" / f"probe_{d}.json") for x in ("lt", "twin") for d in ("in", "ood")
