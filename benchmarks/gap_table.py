@@ -618,9 +618,10 @@ def markdown(table: dict, claims: list[dict]) -> str:
 
 
 def figures(table: dict, curves: dict, counts: dict, out_dir: str) -> None:
-    """monitor_curves.png: kNN monitor against steps, one line per row and set (mean over seeds); gap_figure.png:
-    per-class linear top-1 against the class's count in its seed's long-tailed set, for the rows with a balanced
-    twin (mean over seeds of the class of each size rank)."""
+    """monitor_curves.png: kNN monitor against steps, one line per row and set (mean over seeds, up to the shortest
+    seed's last step; tab20's colours: no two of up to 20 lines share one, consecutive lines pair a hue, dark then
+    light); gap_figure.png: per-class linear top-1 against the class's count in its seed's long-tailed set, for the
+    rows with a balanced twin (mean over seeds of the class of each size rank)."""
     try:
         import matplotlib
 
@@ -630,6 +631,7 @@ def figures(table: dict, curves: dict, counts: dict, out_dir: str) -> None:
         print("figures skipped: matplotlib is not installed (pip install -r benchmarks/requirements.txt)")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     for name, per_seed in curves.items():
         pts = [c for c in per_seed.values() if c]
         if pts:
@@ -641,7 +643,11 @@ def figures(table: dict, curves: dict, counts: dict, out_dir: str) -> None:
                 ms=3,
                 label=name,
             )
-    ax.set(xlabel="training step", ylabel="kNN monitor top-1 (%), mean over seeds", title="online kNN monitor")
+    ax.set(
+        xlabel="training step",
+        ylabel="kNN monitor top-1 (%), mean over seeds",
+        title="online kNN monitor (to the shortest seed's end)",
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "monitor_curves.png"), dpi=120)
